@@ -1,0 +1,51 @@
+"""Errors a user can meet. Each carries enough context to be printed as one line that says what to do."""
+
+from __future__ import annotations
+
+
+class EdgeccError(Exception):
+    """Base of every error edgecc raises on bad input; the CLI prints it as one line, exit status 1."""
+
+    def __init__(self, message: str, *, hint: str | None = None, where: str | None = None):
+        self.message = message
+        self.hint = hint
+        self.where = where
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class ModelLoadError(EdgeccError):
+    """The model file is missing, unreadable, not ONNX, or refers to data it may not read."""
+
+
+class UnsupportedOpError(EdgeccError):
+    """One or more ops are outside edgecc's op set (all of them are listed at once)."""
+
+
+class ShapeError(EdgeccError):
+    """Shape or dtype inference failed, or a dimension is dynamic and not bound."""
+
+
+class OpAttributeError(EdgeccError):
+    """An attribute is missing or out of range."""
+
+
+class VerificationError(EdgeccError):
+    """The IR breaks an invariant (cycle, dangling value, type mismatch)."""
+
+
+class PassError(EdgeccError):
+    """A pass failed, or a pipeline names an unknown pass or option."""
+
+
+class IRParseError(EdgeccError):
+    """The textual IR could not be parsed."""
+
+
+class InputError(EdgeccError):
+    """Inputs given to run() do not match the model's inputs."""

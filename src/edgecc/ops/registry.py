@@ -1,0 +1,163 @@
+"""The op registry: every op edgecc knows, each described in one place.
+
+An `OpDef` holds an op's schema (input/output arity, attributes with defaults), its shape/dtype inference,
+its NumPy reference, whether constant folding may evaluate it, and its fusion kind. Passes read this
+metadata instead of testing op names, so adding an op never touches a pass.
+
+The IR uses each op in its newest form (opset 18 and later: axes, pads, splits, scales as inputs); the
+front end lifts older models to that form with onnx's version converter before import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgecc.errors import OpAttributeError, ShapeError
+from edgecc.ir.types import TensorType
+
+REQUIRED = object()
+"""Marks an attribute with no default: the node must set it."""
+
+ATTR_KINDS = ("int", "float", "string", "ints", "floats", "strings", "tensor")
+
+
+@dataclass(frozen=True)
+class AttrSpec:
+    """An attribute: its kind, its default (None = optional and absent, REQUIRED = must be given)."""
+
+    kind: str
+    default: Any = None
+
+    def __post_init__(self):
+        if self.kind not in ATTR_KINDS:
+            raise ValueError(f"unknown attribute kind {self.kind!r}")
+
+
+@dataclass
+class Call:
+    """One application of an op, as seen by inference (`inputs` are TensorTypes) or by the reference
+    (`inputs` are arrays). `values` holds inputs whose value is known at compile time (constants)."""
+
+    op: str
+    inputs: list
+    attrs: dict[str, Any]
+    num_outputs: int = 1
+    values: list = field(default_factory=list)
+    where: str = ""
+
+    def value(self, index: int):
+        """The compile-time value of input `index`, or None if it is only known at run time."""
+        if index < len(self.values):
+            return self.values[index]
+        return None
+
+    def input(self, index: int):
+        return self.inputs[index] if index < len(self.inputs) else None
+
+    def fail(self, message: str, hint: str | None = None):
+        raise ShapeError(message, hint=hint, where=self.where or f"op {self.op}")
+
+    def bad_attr(self, message: str, hint: str | None = None):
+        raise OpAttributeError(message, hint=hint, where=self.where or f"op {self.op}")
+
+
+InferFn = Callable[[Call], Sequence[TensorType]]
+ReferenceFn = Callable[[Call], Sequence[np.ndarray]]
+
+
+@dataclass
+class OpDef:
+    """Everything edgecc knows about one op."""
+
+    name: str
+    infer: InferFn
+    reference: ReferenceFn
+    attrs: dict[str, AttrSpec] = field(default_factory=dict)
+    inputs: tuple[int, int] = (1, 1)
+    outputs: tuple[int, int] = (1, 1)
+    foldable: bool = True
+    kind: str = "opaque"
+    commutative: bool = False
+    doc: str = ""
+
+    def complete_attrs(self, given: dict[str, Any], where: str = "") -> dict[str, Any]:
+        """The node's attributes with defaults filled in; unknown or missing required ones are errors."""
+        unknown = sorted(set(given) - set(self.attrs))
+        if unknown:
+            raise OpAttributeError(
+                f"attribute(s) {', '.join(unknown)} not in the schema of {self.name}",
+                hint=f"known attributes: {', '.join(sorted(self.attrs)) or 'none'}",
+                where=where or f"op {self.name}",
+            )
+        full = {}
+        for name, spec in self.attrs.items():
+            if name in given:
+                full[name] = given[name]
+            elif spec.default is REQUIRED:
+                raise OpAttributeError(f"required attribute '{name}' of {self.name} is missing",
+                                       where=where or f"op {self.name}")
+            elif spec.default is not None:
+                full[name] = spec.default
+        return full
+
+    def check_arity(self, num_inputs: int, num_outputs: int, where: str = "") -> None:
+        lo, hi = self.inputs
+        if num_inputs < lo or (hi >= 0 and num_inputs > hi):
+            raise OpAttributeError(f"{self.name} takes {_arity(self.inputs)} inputs, got {num_inputs}",
+                                   where=where or f"op {self.name}")
+        lo, hi = self.outputs
+        if num_outputs < lo or (hi >= 0 and num_outputs > hi):
+            raise OpAttributeError(f"{self.name} gives {_arity(self.outputs)} outputs, {num_outputs} requested",
+                                   where=where or f"op {self.name}")
+
+    def run_reference(self, call: Call) -> list[np.ndarray]:
+        result = self.reference(call)
+        if isinstance(result, np.ndarray):
+            result = [result]
+        return [np.asarray(r) for r in result][: call.num_outputs]
+
+    def run_infer(self, call: Call) -> list[TensorType]:
+        return list(self.infer(call))[: call.num_outputs]
+
+
+def _arity(bounds: tuple[int, int]) -> str:
+    lo, hi = bounds
+    if hi < 0:
+        return f"at least {lo}"
+    return str(lo) if lo == hi else f"{lo} to {hi}"
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+def register(opdef: OpDef) -> OpDef:
+    if opdef.name in _REGISTRY:
+        raise ValueError(f"op {opdef.name} registered twice")
+    _REGISTRY[opdef.name] = opdef
+    return opdef
+
+
+def op(name: str, *, infer: InferFn, attrs: dict[str, AttrSpec] | None = None, inputs=(1, 1), outputs=(1, 1),
+       foldable: bool = True, kind: str = "opaque", commutative: bool = False):
+    """Decorator: register the decorated NumPy reference as op `name`."""
+
+    def wrap(reference: ReferenceFn) -> ReferenceFn:
+        register(OpDef(name=name, infer=infer, reference=reference, attrs=dict(attrs or {}), inputs=tuple(inputs),
+                       outputs=tuple(outputs), foldable=foldable, kind=kind, commutative=commutative,
+                       doc=(reference.__doc__ or "").strip()))
+        return reference
+
+    return wrap
+
+
+def get(name: str, domain: str = "") -> OpDef | None:
+    if domain not in ("", "ai.onnx"):
+        return None
+    return _REGISTRY.get(name)
+
+
+def all_ops() -> dict[str, OpDef]:
+    return dict(sorted(_REGISTRY.items()))
