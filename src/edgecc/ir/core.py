@@ -118,6 +118,7 @@ class Graph:
         self.name = name
         self.inputs: list[Value] = []
         self.outputs: list[Value] = []
+        self.output_names: list[str] = []  # the names users see; values may be renamed or replaced by passes
         self.nodes: list[Node] = []
         self._names: set[str] = set()
 
@@ -181,6 +182,10 @@ class Graph:
 
     def constants(self) -> list[Value]:
         return [v for v in self.values() if v.is_const]
+
+    def add_output(self, value: Value, name: str | None = None) -> None:
+        self.outputs.append(value)
+        self.output_names.append(name or value.name)
 
     def is_output(self, value: Value) -> bool:
         return any(v is value for v in self.outputs)

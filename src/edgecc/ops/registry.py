@@ -81,6 +81,8 @@ class OpDef:
     foldable: bool = True
     kind: str = "opaque"
     commutative: bool = False
+    shape_only: bool = False
+    """The reference reads only its inputs' shapes (Shape, Size): foldable whenever the shapes are static."""
     doc: str = ""
 
     def complete_attrs(self, given: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -141,12 +143,12 @@ def register(opdef: OpDef) -> OpDef:
 
 
 def op(name: str, *, infer: InferFn, attrs: dict[str, AttrSpec] | None = None, inputs=(1, 1), outputs=(1, 1),
-       foldable: bool = True, kind: str = "opaque", commutative: bool = False):
+       foldable: bool = True, kind: str = "opaque", commutative: bool = False, shape_only: bool = False):
     """Decorator: register the decorated NumPy reference as op `name`."""
 
     def wrap(reference: ReferenceFn) -> ReferenceFn:
         register(OpDef(name=name, infer=infer, reference=reference, attrs=dict(attrs or {}), inputs=tuple(inputs),
-                       outputs=tuple(outputs), foldable=foldable, kind=kind, commutative=commutative,
+                       outputs=tuple(outputs), foldable=foldable, kind=kind, commutative=commutative, shape_only=shape_only,
                        doc=(reference.__doc__ or "").strip()))
         return reference
 

@@ -1,0 +1,203 @@
+"""The Python API: `edgecc.compile(model, ...)` -> CompiledModel.
+
+Every CLI option has a keyword argument of the same name here; the CLI is a thin layer over this module.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from edgecc.errors import EdgeccError, PassError
+from edgecc.frontend.onnx_import import import_model
+from edgecc.ir.core import Module
+from edgecc.ir.verifier import verify
+from edgecc.ops.costs import module_macs
+from edgecc.passes import PassContext, PassManager, load_pass_plugin, parse_pipeline, pipeline_for_level
+from edgecc.passes.instruments import DumpIR, PrintAfter, TimePasses
+
+SUPPORTED_TARGETS = ("host",)
+EXECUTION_NOTE = ("runs on edgecc's NumPy reference interpreter: native code generation (llvmlite backends) "
+                  "is not implemented yet")
+
+
+def parse_shape_bindings(specs: Iterable[str] | Mapping[str, Any] | None) -> dict[str, tuple[int, ...]]:
+    """`["x=1x3x224x224"]` or `{"x": (1, 3, 224, 224)}` -> {"x": (1, 3, 224, 224)}."""
+    if not specs:
+        return {}
+    if isinstance(specs, Mapping):
+        return {k: tuple(int(d) for d in v) for k, v in specs.items()}
+    result = {}
+    for spec in specs:
+        name, eq, dims = spec.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+            if not eq or not name or any(d < 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise EdgeccError(f"bad --input-shape '{spec}'", hint="write NAME=1x3x224x224") from None
+        result[name] = shape
+    return result
+
+
+@dataclass
+class CompiledModel:
+    """A compiled model: run it, inspect it, export it."""
+
+    module: Module
+    target: str
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [v.name for v in self.module.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.module.graph.output_names)
+
+    def run(self, feeds: Mapping[str, np.ndarray] | list[np.ndarray]) -> list[np.ndarray]:
+        """Run on a dict name->array (or a list in input order); returns outputs in output order."""
+        from edgecc.interpreter import run_module
+
+        return run_module(self.module, feeds)
+
+    def ir_text(self, large_constants: str = "inline") -> str:
+        from edgecc.ir.printer import print_module
+
+        return print_module(self.module, large_constants=large_constants)
+
+    def to_onnx(self):
+        from edgecc.frontend.onnx_export import export_model
+
+        return export_model(self.module)
+
+
+def _context(opt_level: int, target: str, options: dict[str, Any]) -> PassContext:
+    instruments = []
+    if options.pop("time_passes", False):
+        instruments.append(TimePasses())
+    if options.pop("print_after_all", False):
+        instruments.append(PrintAfter())
+    print_after = options.pop("print_after", None)
+    if print_after:
+        names = [print_after] if isinstance(print_after, str) else list(print_after)
+        instruments.append(PrintAfter(frozenset(n for spec in names for n in spec.split(","))))
+    dump_ir = options.pop("dump_ir", None)
+    if dump_ir:
+        instruments.append(DumpIR(dump_ir))
+    debug_rewrites = bool(options.pop("debug_rewrites", False))
+    disabled = options.pop("disable_passes", None) or ()
+    if isinstance(disabled, str):
+        disabled = disabled.split(",")
+    return PassContext(opt_level=opt_level, target=target, disabled=frozenset(disabled), instruments=instruments,
+                       verify_each=bool(options.pop("verify_each", False)), debug_rewrites=debug_rewrites,
+                       log=(lambda m: print(m, file=sys.stderr)) if debug_rewrites else None)
+
+
+def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, target: str = "host",
+             **options) -> tuple[Module, PassManager]:
+    """Run the -O pipeline (or the explicit `passes` pipeline) over `module` in place."""
+    for plugin in options.pop("load_pass_plugin", None) or ():
+        load_pass_plugin(plugin)
+    ctx = _context(opt_level, target, options)
+    if options:
+        raise EdgeccError(f"unknown option(s): {', '.join(sorted(options))}",
+                          hint="see help(edgecc.compile) for the options")
+    pipeline = parse_pipeline(passes) if passes else pipeline_for_level(opt_level)
+    manager = PassManager(pipeline, ctx)
+    manager.run(module)
+    verify(module, require_types=True, where="after optimisation")
+    return module, manager
+
+
+def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=None, passes: str | None = None,
+            **options) -> CompiledModel:
+    """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
+
+    Args:
+        model: the model to compile.
+        target: where it runs; only "host" until native code generation lands.
+        opt_level: 0..3, the named pipeline to run (see `edgecc passes`).
+        input_shapes: binds symbolic input dims, e.g. {"input": (1, 3, 224, 224)} or ["input=1x3x224x224"].
+        passes: an explicit pipeline ("infer-shapes,fold-constants,dce") instead of the -O level's.
+        **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
+            disable_passes, load_pass_plugin (list of files).
+
+    Returns:
+        A CompiledModel with .run(feeds), .input_names, .output_names and .report.
+    """
+    start = time.perf_counter()
+    if target not in SUPPORTED_TARGETS:
+        raise EdgeccError(f"target '{target}' is not available yet", where="--target",
+                          hint="native code generation for other targets is not implemented; use --target host")
+    if not 0 <= int(opt_level) <= 3:
+        raise PassError(f"unknown optimisation level {opt_level}", hint="use 0, 1, 2 or 3")
+    module = import_model(model, parse_shape_bindings(input_shapes))
+    nodes_before = len(module.graph.nodes)
+    module, manager = optimize(module, opt_level=int(opt_level), passes=passes, target=target, **options)
+    report = build_report(module, manager, nodes_before, time.perf_counter() - start, target)
+    return CompiledModel(module, target, report)
+
+
+def build_report(module: Module, manager: PassManager, nodes_before: int, seconds: float, target: str) -> dict:
+    graph = module.graph
+    weights = sum(v.const.nbytes for v in graph.constants())
+    return {
+        "model": module.name,
+        "target": target,
+        "execution": EXECUTION_NOTE,
+        "opset": module.opset,
+        "nodes_before": nodes_before,
+        "nodes_after": len(graph.nodes),
+        "macs": module_macs(graph),
+        "weights_bytes": int(weights),
+        "arena_bytes": None,
+        "arena_lower_bound_bytes": arena_lower_bound(module),
+        "memory_plan": "not planned yet: the static memory planner comes with native code generation",
+        "compile_seconds": round(seconds, 4),
+        "passes": [{"name": r.name, "changed": r.changed, "seconds": round(r.seconds, 5), "stats": r.stats}
+                   for r in manager.history],
+        "ops": _op_histogram(module),
+    }
+
+
+def _op_histogram(module: Module) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in module.graph.nodes:
+        counts[node.op] = counts.get(node.op, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def arena_lower_bound(module: Module) -> int:
+    """Peak bytes of activations alive at once in the current node order: no memory plan for this order
+    can use less (inputs and outputs included, constants excluded)."""
+    graph = module.graph
+    last_use: dict[int, int] = {}
+    for step, node in enumerate(graph.nodes):
+        for value in node.inputs:
+            if value is not None and not value.is_const:
+                last_use[value._id] = step
+    end = len(graph.nodes)
+    for value in graph.outputs:
+        last_use[value._id] = end
+    live = sum(v.type.nbytes for v in graph.inputs)
+    peak = live
+    freed_at: dict[int, int] = {}
+    for value in graph.inputs:
+        freed_at.setdefault(last_use.get(value._id, -1), 0)
+        freed_at[last_use.get(value._id, -1)] += value.type.nbytes
+    for step, node in enumerate(graph.nodes):
+        for value in node.outputs:
+            if value.type is not None:
+                live += value.type.nbytes
+                key = last_use.get(value._id, step)
+                freed_at[key] = freed_at.get(key, 0) + value.type.nbytes
+        peak = max(peak, live)
+        live -= freed_at.pop(step, 0)
+    return int(peak)
