@@ -112,7 +112,7 @@ def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, t
     pipeline = parse_pipeline(passes) if passes else pipeline_for_level(opt_level)
     manager = PassManager(pipeline, ctx)
     manager.run(module)
-    verify(module, require_types=True, where="after optimisation")
+    verify(module, where="after optimisation")
     return module, manager
 
 

@@ -2,8 +2,8 @@
 
 Every op here maps each output element to the elements at the same (broadcast) position of its inputs.
 Binary and variadic ops use ONNX multidirectional (NumPy-style) broadcasting. Float16 inputs are computed
-in float32 and rounded back to float16, so results are those of a correctly rounded float16 evaluation
-rather than of a chain of float16 roundings. Integer arithmetic wraps (two's complement), as in ONNX.
+in float32 and rounded to float16 once, at the end. Integer arithmetic wraps (two's complement), as in ONNX.
+Only the dtypes the ONNX schema allows for an op (among those edgecc supports) pass inference.
 """
 
 from __future__ import annotations
@@ -61,14 +61,13 @@ def check_same_dtype(call: Call, indices) -> None:
         call.fail(f"{call.op} needs operands of one dtype ({listed})", hint="insert a Cast so the operands agree")
 
 
-def broadcast_infer(allowed, result: DType | None = None, indices=None):
+def broadcast_infer(allowed, result: DType | None = None):
     """Inference for ops whose operands share a dtype in `allowed` and broadcast together.
 
     The result has the operands' dtype, or `result` if given (bool for comparisons)."""
 
     def infer(call: Call) -> list[TensorType]:
-        idx = range(len(call.inputs)) if indices is None else indices
-        present = [i for i in idx if call.inputs[i] is not None]
+        present = [i for i, t in enumerate(call.inputs) if t is not None]
         for i in present:
             check_dtype(call, i, allowed)
         check_same_dtype(call, present)
@@ -132,8 +131,7 @@ def _unary(name: str, allowed, attrs: dict[str, AttrSpec] | None = None, check: 
         def reference(call: Call):
             x = call.inputs[0]
             with np.errstate(all="ignore"):
-                y = fn(widen(x), call.attrs)
-            return [np.asarray(y).astype(x.dtype, copy=False)]
+                return [np.asarray(fn(widen(x), call.attrs)).astype(x.dtype, copy=False)]
 
         reference.__doc__ = fn.__doc__
         reference.__name__ = fn.__name__
@@ -339,8 +337,7 @@ def prelu(call: Call):
     """x if x >= 0 else slope * x, with slope broadcast to x's shape."""
     x, slope = call.inputs
     with np.errstate(all="ignore"):
-        y = np.where(x >= 0, widen(x), widen(x) * widen(slope))
-    return [y.astype(x.dtype, copy=False)]
+        return [np.where(x >= 0, widen(x), widen(x) * widen(slope)).astype(x.dtype, copy=False)]
 
 
 def _infer_clip(call: Call) -> list[TensorType]:
@@ -390,9 +387,9 @@ def _binary(name: str, allowed, *, result: DType | None = None, attrs: dict[str,
             a, b = call.inputs
             if widen_floats:
                 a, b = widen(a), widen(b)
+            dtype = result.numpy if result else call.inputs[0].dtype
             with np.errstate(all="ignore"):
-                y = fn(a, b, call.attrs)
-            return [np.asarray(y).astype(result.numpy if result else call.inputs[0].dtype, copy=False)]
+                return [np.asarray(fn(a, b, call.attrs)).astype(dtype, copy=False)]
 
         reference.__doc__ = fn.__doc__
         reference.__name__ = fn.__name__
@@ -529,11 +526,12 @@ def pow_(call: Call):
 def _fold(call: Call, combine: Callable, mean: bool = False) -> list[np.ndarray]:
     """Combine all inputs pairwise with `combine` (computed widened), optionally dividing by their count."""
     dtype = call.inputs[0].dtype
+    shape = broadcast_shapes(call, *(t.shape for t in call.inputs))
     with np.errstate(all="ignore"):
         y = functools.reduce(combine, [widen(t) for t in call.inputs])
         if mean:
             y = y / np.asarray(len(call.inputs), y.dtype)
-    return [np.broadcast_to(y, broadcast_shapes(call, *(t.shape for t in call.inputs))).astype(dtype)]
+        return [np.broadcast_to(y, shape).astype(dtype)]
 
 
 @op("Max", infer=broadcast_infer(NUMERIC), inputs=(1, -1), kind="elementwise", commutative=True)

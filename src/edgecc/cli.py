@@ -1,0 +1,247 @@
+"""The `edgecc` command: compile a model, run it, or show the demo.
+
+    edgecc MODEL.onnx [-O0..-O3] [--target T] [-o OUT] [--emit onnx|ir] [-p PIPELINE] [--report FILE.json]
+    edgecc run MODEL.onnx --input NAME=FILE.npy [-o outputs.npz]
+    edgecc demo
+    edgecc ops | edgecc passes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from edgecc.errors import EdgeccError
+
+SUBCOMMANDS = ("run", "demo", "ops", "passes")
+NOTE = ("note: edgecc runs models on its NumPy reference interpreter for now; native code generation "
+        "(object files, libraries, C headers) is not implemented yet")
+
+
+def _add_compile_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-O", dest="opt_level", type=int, choices=range(4), default=2, metavar="LEVEL",
+                        help="optimisation level 0-3 (-O0 ... -O3; default -O2); `edgecc passes` lists each pipeline")
+    parser.add_argument("--target", default="host", help="where the code runs (only 'host' until native code lands)")
+    parser.add_argument("-p", "--passes", metavar="PIPELINE",
+                        help="explicit pass pipeline instead of the -O level's, e.g. 'infer-shapes,fold-constants,dce'")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
+                        help="bind an input's symbolic dims, e.g. --input-shape input=1x3x224x224 (repeatable)")
+    parser.add_argument("--load-pass-plugin", action="append", default=[], metavar="FILE.py",
+                        help="import a Python file that registers passes with @edgecc.passes.register_pass")
+    parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass by name")
+    parser.add_argument("--time-passes", action="store_true", help="print the time each pass took (stderr)")
+    parser.add_argument("--print-after-all", action="store_true", help="print the IR after every pass (stderr)")
+    parser.add_argument("--print-after", action="append", default=[], metavar="NAME",
+                        help="print the IR after the named pass (stderr; repeatable)")
+    parser.add_argument("--verify-each", action="store_true", help="check IR invariants after every pass")
+    parser.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass to DIR/NN-pass.eir")
+    parser.add_argument("--debug-rewrites", action="store_true", help="say why each rewrite rule did or did not apply")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+
+
+def _compile_options(args) -> dict:
+    return dict(target=args.target, opt_level=args.opt_level, passes=args.passes, input_shapes=args.input_shape,
+                load_pass_plugin=args.load_pass_plugin, disable_passes=args.disable_pass,
+                time_passes=args.time_passes, print_after_all=args.print_after_all,
+                print_after=args.print_after or None, verify_each=args.verify_each, dump_ir=args.dump_ir,
+                debug_rewrites=args.debug_rewrites)
+
+
+def compile_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgecc",
+        description="edgecc: an ahead-of-time compiler for trained neural networks (ONNX in).\n\n"
+                    "Other commands: `edgecc run MODEL --input NAME=FILE.npy`, `edgecc demo`, `edgecc ops`, "
+                    "`edgecc passes` (each has --help).",
+        epilog=NOTE + ".\nExample: edgecc model.onnx -O3 -o build/model --emit onnx --report build/report.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="the ONNX model file")
+    parser.add_argument("-o", "--output", metavar="OUT",
+                        help="output path; the suffix (.onnx, .eir) is added when missing")
+    parser.add_argument("--emit", choices=("onnx", "ir"), default="onnx",
+                        help="what to write: the optimised model as ONNX (default) or edgecc's textual IR")
+    parser.add_argument("--report", metavar="FILE.json", help="write the compile report (MACs, bytes, passes) as JSON")
+    _add_compile_options(parser)
+    return parser
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecc run", description="Compile a model and run it on inputs from .npy files.",
+                                     epilog=NOTE + ".")
+    parser.add_argument("model", help="the ONNX model file")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                        help="an input array (repeatable); a .npz may hold all inputs by name: --input FILE.npz")
+    parser.add_argument("-o", "--output", metavar="FILE.npz", help="save outputs to an .npz instead of printing")
+    _add_compile_options(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return {"run": cmd_run, "demo": cmd_demo, "ops": cmd_ops, "passes": cmd_passes}[argv[0]](argv[1:])
+        return cmd_compile(argv)
+    except EdgeccError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"edgecc: error: {exc.one_line()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgecc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an edgecc bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"edgecc: internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)", file=sys.stderr)
+        return 1
+
+
+def _default_output(model_path: str, suffix: str) -> str:
+    stem = os.path.splitext(os.path.basename(model_path))[0]
+    return os.path.join("build", stem + ".opt" + suffix)
+
+
+def cmd_compile(argv: list[str]) -> int:
+    args = compile_parser().parse_args(argv)
+    import edgecc
+
+    compiled = edgecc.compile(args.model, **_compile_options(args))
+    suffix = ".onnx" if args.emit == "onnx" else ".eir"
+    out = args.output or _default_output(args.model, suffix)
+    if not out.endswith(suffix):
+        out += suffix
+    from edgecc.fileio import atomic_outputs, write_atomic
+
+    if args.emit == "onnx":
+        model = compiled.to_onnx()
+        write_atomic(out, lambda tmp: _save_onnx(model, tmp))
+    else:
+        from edgecc.ir.printer import print_module
+
+        side: dict = {}
+        text = print_module(compiled.module, large_constants="external", side_arrays=side)
+        paths = [out] + ([out + ".npz"] if side else [])
+        with atomic_outputs(paths) as temps:
+            with open(temps[0], "w") as f:
+                f.write(text)
+            if side:
+                with open(temps[1], "wb") as f:
+                    np.savez(f, **side)
+    if args.report:
+        write_atomic(args.report, lambda tmp: _write_json(compiled.report, tmp))
+    report = compiled.report
+    print(f"edgecc: wrote {out} ({report['nodes_before']} -> {report['nodes_after']} nodes, "
+          f"{report['macs'] / 1e6:.1f} M MACs, {report['weights_bytes'] / 1024:.1f} KiB weights, "
+          f"{report['compile_seconds']:.2f} s)")
+    print(f"edgecc: {NOTE}", file=sys.stderr)
+    return 0
+
+
+def _save_onnx(model, path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+
+
+def _write_json(data, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _load_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            name, path = "", spec
+        if not os.path.isfile(path):
+            raise EdgeccError("no such input file", where=path, hint="--input NAME=FILE.npy")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise EdgeccError(f"cannot read as .npy/.npz: {exc}", where=path) from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            feeds.update({k: data[k] for k in data.files if not name or k == name})
+        else:
+            if not name:
+                if len(input_names) != 1:
+                    raise EdgeccError(f"{path}: which input is this? the model has {', '.join(input_names)}",
+                                      hint="write --input NAME=FILE.npy")
+                name = input_names[0]
+            feeds[name] = data
+    return feeds
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
+    import edgecc
+
+    compiled = edgecc.compile(args.model, **_compile_options(args))
+    feeds = _load_inputs(args.input, compiled.input_names)
+    outputs = compiled.run(feeds)
+    print(f"edgecc: {NOTE}", file=sys.stderr)
+    if args.output:
+        from edgecc.fileio import write_atomic
+
+        def save(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **dict(zip(compiled.output_names, outputs)))
+
+        write_atomic(args.output, save)
+        print(f"edgecc: wrote {len(outputs)} output(s) to {args.output}")
+    else:
+        with np.printoptions(precision=5, threshold=20, edgeitems=3):
+            for name, array in zip(compiled.output_names, outputs):
+                print(f"{name}: {array.dtype} {list(array.shape)}\n{array}")
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edgecc demo",
+                                     description="Compile the small CNN shipped with edgecc at -O3 for the host, run it, "
+                                                 "and check the result against onnx's reference implementation.")
+    parser.add_argument("--debug", action="store_true")
+    parser.parse_args(argv)
+    from edgecc.demo import run_demo
+
+    return run_demo()
+
+
+def cmd_ops(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="edgecc ops", description="List the ops edgecc supports.").parse_args(argv)
+    from edgecc.ops import all_ops
+
+    ops = all_ops()
+    print(f"{len(ops)} ops (ai.onnx domain, opset 6 to {_max_opset()}):")
+    print(" ".join(ops))
+    return 0
+
+
+def cmd_passes(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="edgecc passes", description="List passes and the -O pipelines.").parse_args(argv)
+    from edgecc.passes import OPT_PIPELINES, all_passes
+
+    for name, cls in all_passes().items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"  {name:18s} {summary}")
+    print()
+    for level, pipeline in OPT_PIPELINES.items():
+        print(f"  -O{level}: {pipeline}")
+    return 0
+
+
+def _max_opset() -> int:
+    import onnx.defs
+
+    return onnx.defs.onnx_opset_version()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

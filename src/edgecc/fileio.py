@@ -1,0 +1,34 @@
+"""Output files are written whole or not at all: to a temporary name beside the target, then renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: list[str]) -> Iterator[list[str]]:
+    """Yield temporary paths for `paths`; on success rename all of them into place, on error remove them."""
+    temps = []
+    try:
+        for path in paths:
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            temps.append(tmp)
+        yield temps
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+        temps = []
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    with atomic_outputs([path]) as (tmp,):
+        write(tmp)

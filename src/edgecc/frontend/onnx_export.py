@@ -1,0 +1,79 @@
+"""edgecc IR → ONNX, so an optimised graph opens in Netron and runs in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgecc.frontend.attributes import python_to_attribute
+from edgecc.frontend.onnx_import import CANONICAL_OPSET
+from edgecc.ir.core import Module, Value
+from edgecc.ops import get
+
+
+def export_model(module: Module) -> onnx.ModelProto:
+    """Build a ModelProto with the module's graph; opset is the module's (at least the canonical 18)."""
+    graph = module.graph
+    names: dict[int, str] = {}
+    taken: set[str] = set()
+
+    def claim(value: Value, preferred: str) -> str:
+        name = preferred
+        i = 1
+        while name in taken:
+            name = f"{preferred}_{i}"
+            i += 1
+        taken.add(name)
+        names[value._id] = name
+        return name
+
+    # Graph inputs and outputs keep their user-visible names; everything else keeps its IR name if free.
+    taken.update(v.name for v in graph.inputs)
+    for value in graph.inputs:
+        names[value._id] = value.name
+    output_slots = {}
+    for value, out_name in zip(graph.outputs, graph.output_names):
+        producer_ok = value.producer is not None and value._id not in output_slots and value._id not in names
+        if producer_ok and out_name not in taken:
+            output_slots[value._id] = out_name
+            taken.add(out_name)
+            names[value._id] = out_name
+    taken.update(graph.output_names)
+
+    initializers, nodes = [], []
+    for value in graph.constants():
+        claim(value, value.name or "const")
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(value.const), names[value._id]))
+    for node in graph.nodes:
+        for value in node.outputs:
+            if value._id not in names:
+                claim(value, value.name or "v")
+        opdef = get(node.op, node.domain)
+        attrs = [python_to_attribute(k, v, opdef.attrs[k].kind if opdef and k in opdef.attrs else None)
+                 for k, v in sorted(node.attrs.items())]
+        proto = helper.make_node(node.op, [names[v._id] if v is not None else "" for v in node.inputs],
+                                 [names[v._id] for v in node.outputs], name=node.name or None,
+                                 domain=node.domain or None)
+        proto.attribute.extend(attrs)
+        nodes.append(proto)
+    # Outputs that are inputs, constants, or repeated need an Identity to carry their own name.
+    for value, out_name in zip(graph.outputs, graph.output_names):
+        if names.get(value._id) != out_name:
+            nodes.append(helper.make_node("Identity", [names[value._id]], [out_name], name=f"output_{out_name}"))
+
+    def info(name: str, value: Value):
+        return helper.make_tensor_value_info(name, value.type.dtype.onnx, list(value.type.shape))
+
+    inputs = [info(v.name, v) for v in graph.inputs]
+    outputs = [info(n, v) for v, n in zip(graph.outputs, graph.output_names)]
+    value_info = [info(names[v._id], v) for n in graph.nodes for v in n.outputs
+                  if v.type is not None and names[v._id] not in graph.output_names]
+    onnx_graph = helper.make_graph(nodes, graph.name, inputs, outputs, initializers, value_info=value_info)
+    model = helper.make_model(onnx_graph, producer_name="edgecc",
+                              opset_imports=[helper.make_opsetid("", max(module.opset, CANONICAL_OPSET))])
+    model.ir_version = min(model.ir_version, 10)
+    for key, val in sorted(module.metadata.items()):
+        if key != "producer":
+            model.metadata_props.add(key=key, value=str(val))
+    return model
