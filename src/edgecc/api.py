@@ -117,7 +117,7 @@ def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, t
 
 
 def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=None, passes: str | None = None,
-            **options) -> CompiledModel:
+            constant_inputs=None, **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
     Args:
@@ -125,6 +125,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         target: where it runs; only "host" until native code generation lands.
         opt_level: 0..3, the named pipeline to run (see `edgecc passes`).
         input_shapes: binds symbolic input dims, e.g. {"input": (1, 3, 224, 224)} or ["input=1x3x224x224"].
+        constant_inputs: {name: array}: specialise the model on these input values (they stop being inputs).
         passes: an explicit pipeline ("infer-shapes,fold-constants,dce") instead of the -O level's.
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
@@ -138,7 +139,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
                           hint="native code generation for other targets is not implemented; use --target host")
     if not 0 <= int(opt_level) <= 3:
         raise PassError(f"unknown optimisation level {opt_level}", hint="use 0, 1, 2 or 3")
-    module = import_model(model, parse_shape_bindings(input_shapes))
+    module = import_model(model, parse_shape_bindings(input_shapes), constant_inputs)
     nodes_before = len(module.graph.nodes)
     module, manager = optimize(module, opt_level=int(opt_level), passes=passes, target=target, **options)
     report = build_report(module, manager, nodes_before, time.perf_counter() - start, target)

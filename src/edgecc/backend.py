@@ -7,10 +7,16 @@ import onnx
 from onnx.backend.base import Backend, BackendRep
 
 from edgecc.api import compile as compile_model
+from edgecc.errors import ShapeError
 
 
 class EdgeccRep(BackendRep):
-    """A prepared model. Models with symbolic input dims are compiled on first run, with the feeds' shapes."""
+    """A prepared model, compiled for static shapes.
+
+    Models with symbolic input dims are compiled on first run with the feeds' shapes. Models whose output
+    shapes depend on an integer input's value (a Reshape shape, TopK's k, Reduce axes fed as graph inputs)
+    are specialised on those values: the integer inputs become constants, and new values recompile.
+    """
 
     def __init__(self, model: onnx.ModelProto, options: dict):
         self._model = model
@@ -18,8 +24,14 @@ class EdgeccRep(BackendRep):
         self._compiled = {}
         self._initializers = {i.name for i in model.graph.initializer}
         self._input_names = [vi.name for vi in model.graph.input if vi.name not in self._initializers]
+        self._specialise = False
         if not self._has_symbolic_inputs():
-            self._compiled[None] = compile_model(model, **options)
+            try:
+                self._compiled[None] = compile_model(model, **options)
+            except ShapeError as exc:
+                if "compile time" not in str(exc):
+                    raise
+                self._specialise = True
 
     def _has_symbolic_inputs(self) -> bool:
         for vi in self._model.graph.input:
@@ -38,14 +50,23 @@ class EdgeccRep(BackendRep):
                 inputs = [inputs]
             feeds = dict(zip(self._input_names, inputs))
         if None in self._compiled:
-            compiled = self._compiled[None]
-        else:
-            key = tuple((n, tuple(np.shape(feeds[n]))) for n in self._input_names)
-            if key not in self._compiled:
-                shapes = {n: s for n, s in key}
-                self._compiled[key] = compile_model(self._model, input_shapes=shapes, **self._options)
-            compiled = self._compiled[key]
-        return tuple(compiled.run(feeds))
+            return tuple(self._compiled[None].run(feeds))
+        frozen = {n: np.asarray(feeds[n]) for n in self._input_names
+                  if self._specialise and np.asarray(feeds[n]).dtype in (np.int32, np.int64)}
+        key = tuple((n, tuple(np.shape(feeds[n])), frozen[n].tobytes() if n in frozen else None)
+                    for n in self._input_names)
+        if key not in self._compiled:
+            shapes = {n: tuple(np.shape(feeds[n])) for n in self._input_names if n not in frozen}
+            try:
+                self._compiled[key] = compile_model(self._model, input_shapes=shapes, constant_inputs=frozen,
+                                                    **self._options)
+            except ShapeError as exc:
+                if "compile time" not in str(exc) or self._specialise:
+                    raise
+                self._specialise = True
+                return self.run(feeds)
+        compiled = self._compiled[key]
+        return tuple(compiled.run({n: v for n, v in feeds.items() if n not in frozen}))
 
 
 class EdgeccBackend(Backend):

@@ -143,17 +143,23 @@ def _value_type(vi: onnx.ValueInfoProto, bound: Mapping[str, tuple[int, ...]], w
     return TensorType(dtype, tuple(dims))
 
 
-def import_model(source, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Module:
-    """Read an ONNX model (path, ModelProto or onnx_graphsurgeon Graph) and build an IR Module."""
+def import_model(source, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 constant_inputs: Mapping[str, np.ndarray] | None = None) -> Module:
+    """Read an ONNX model (path, ModelProto or onnx_graphsurgeon Graph) and build an IR Module.
+
+    `constant_inputs` specialises the model: those graph inputs become constants with the given values
+    (for inputs such as Reshape shapes or TopK's k that static shapes need at compile time).
+    """
     label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<model>"
     model, _ = read_model(source)
     check_supported(model, label)
     model = lift_opset(model, label)
+    check_supported(model, label)  # lifting may introduce ops of its own
     opset = max(default_opset(model), CANONICAL_OPSET)
-    return _build_module(model, dict(input_shapes or {}), label, opset)
+    return _build_module(model, dict(input_shapes or {}), label, opset, dict(constant_inputs or {}))
 
 
-def _build_module(model: ModelProto, input_shapes: dict, where: str, opset: int) -> Module:
+def _build_module(model: ModelProto, input_shapes: dict, where: str, opset: int, frozen: dict) -> Module:
     onnx_graph = model.graph
     graph = Graph(onnx_graph.name or "main")
     graph.reserve_names([i.name for i in onnx_graph.initializer])
@@ -176,7 +182,16 @@ def _build_module(model: ModelProto, input_shapes: dict, where: str, opset: int)
     for vi in onnx_graph.input:
         if vi.name in initializer_names:
             continue  # an initializer listed as input (IR < 4): treated as a constant
-        value = Value(vi.name, _value_type(vi, input_shapes, where))
+        expected = _value_type(vi, {**input_shapes, **{k: np.shape(v) for k, v in frozen.items()}}, where)
+        if vi.name in frozen:
+            array = np.asarray(frozen[vi.name])
+            if array.dtype != expected.dtype.numpy:
+                raise ShapeError(f"constant input '{vi.name}' has dtype {array.dtype}, the model expects "
+                                 f"{expected.dtype.name}", where=where)
+            scope[vi.name] = Value(vi.name, const=array)
+            graph.reserve_names([vi.name])
+            continue
+        value = Value(vi.name, expected)
         graph.reserve_names([vi.name])
         graph.inputs.append(value)
         scope[vi.name] = value

@@ -28,7 +28,7 @@ def node_macs(node: Node) -> int:
         x, w = ins[0], ins[1]
         return _prod(x.shape) * _prod(w.shape[1:])
     if op in ("MatMul", "MatMulInteger", "Gemm", "QLinearMatMul"):
-        a = ins[3] if op == "QLinearMatMul" else ins[0]
+        a = ins[0]
         k = a.shape[-1] if op != "Gemm" or not node.attrs.get("transA", 0) else a.shape[0]
         return _prod(outs[0].shape) * int(k)
     return 0

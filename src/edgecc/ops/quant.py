@@ -64,7 +64,7 @@ def expand_quant_param(value: np.ndarray | None, shape: tuple[int, ...], axis: i
     if value is None:
         return None
     value = np.asarray(value)
-    if value.size == 1 and not (block_size and value.ndim == len(shape) and value.ndim > 0 and shape[axis] > 1):
+    if value.size == 1:  # per tensor (a single block is the same thing)
         return value.reshape(())
     if block_size:
         value = np.repeat(value, block_size, axis=axis)
@@ -109,12 +109,15 @@ def _granularity(call: Call, x: TensorType, scale: TensorType, zero_point: Tenso
     return ax
 
 
+def _onnx_name(code: int) -> str:
+    return TensorProto.DataType.Name(code) if code in TensorProto.DataType.values() else str(code)
+
+
 def _onnx_dtype(call: Call, code: int, what: str) -> DType:
     try:
         return DType.from_onnx(code)
     except KeyError:
-        name = TensorProto.DataType.Name(code) if code in TensorProto.DataType.values() else str(code)
-        call.fail(f"{what} {name} is not supported by edgecc",
+        call.fail(f"{what} {_onnx_name(code)} is not supported by edgecc",
                   hint="edgecc quantises to int8, uint8 or int16 and computes in float32/float16")
 
 
@@ -127,8 +130,7 @@ def _quantize_out_dtype(call: Call, zero_point_dtype: DType | None) -> DType:
     if zero_point_dtype is not None:
         out = zero_point_dtype
         if code and code != out.onnx:
-            call.bad_attr(f"output_dtype {TensorProto.DataType.Name(code) if code in TensorProto.DataType.values() else code} "
-                          f"disagrees with the zero point's type {out.name}",
+            call.bad_attr(f"output_dtype {_onnx_name(code)} disagrees with the zero point's type {out.name}",
                           hint="drop output_dtype or make them match")
     elif code:
         out = _onnx_dtype(call, code, "quantised type")
