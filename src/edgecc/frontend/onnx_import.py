@@ -33,10 +33,11 @@ def read_model(source, *, label: str | None = None) -> tuple[ModelProto, str | N
     """Load a ModelProto from a path, bytes or proto; returns (model, folder for external data)."""
     if isinstance(source, ModelProto):
         return source, None
-    if hasattr(source, "export") and hasattr(source, "nodes"):  # onnx_graphsurgeon.Graph
+    if type(source).__module__.startswith("onnx_graphsurgeon"):
         import onnx_graphsurgeon as gs
 
-        return gs.export_onnx(source), None
+        if isinstance(source, gs.Graph):
+            return gs.export_onnx(source), None
     path = os.fspath(source)
     if not os.path.exists(path):
         raise ModelLoadError("no such file", where=path, hint="check the path to the .onnx model")
