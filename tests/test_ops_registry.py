@@ -38,8 +38,9 @@ ONNX_REFERENCE_WRONG = re.compile(
 statistics, MaxPool with asymmetric pads or SAME_LOWER, grouped ConvTranspose, Pad with negative pads,
 Resize with negative axes. The spec-derived data shipped with the case decides there."""
 
-TRAINING_ONLY = re.compile(r"test_training_dropout(?!_zero_ratio)")
-"""Training-mode Dropout with ratio > 0 is random: edgecc rejects it with a clear error (checked below)."""
+TRAINING_ONLY = re.compile(r"test_training_dropout(?!_zero_ratio)|test_batchnorm_.*_training_mode")
+"""Training-mode Dropout with ratio > 0 is random, and training-mode BatchNormalization updates statistics:
+edgecc compiles inference graphs and rejects both with a clear error (checked below)."""
 
 
 def _to_array(x):
@@ -102,12 +103,20 @@ def _check_case(case) -> None:
                 assert [t.shape for t in blind] == [o.shape for o in outputs], case.name
             except EdgeccError as exc:
                 assert "compile time" in str(exc), f"{case.name}: {exc}"
-    _check_text_roundtrip(model)
+    inputs, _ = case.data_sets[0]
+    _check_text_roundtrip(model, {vi.name: _to_array(x) for vi, x in zip(model.graph.input, inputs)})
 
 
-def _check_text_roundtrip(model: onnx.ModelProto) -> None:
-    module = import_model(model)
-    PassManager(parse_pipeline("infer-shapes")).run(module)
+def _check_text_roundtrip(model: onnx.ModelProto, feeds: dict) -> None:
+    try:
+        module = import_model(model)
+        PassManager(parse_pipeline("infer-shapes")).run(module)
+    except EdgeccError as exc:
+        assert "compile time" in str(exc), exc
+        # axes / k / shapes fed as graph inputs: specialise on their values, as the ONNX backend does
+        ints = {k: v for k, v in feeds.items() if v.dtype in (np.int32, np.int64)}
+        module = import_model(model, constant_inputs=ints)
+        PassManager(parse_pipeline("infer-shapes")).run(module)
     text = print_module(module)
     assert print_module(parse_module(text)) == text
 
@@ -128,12 +137,15 @@ def test_op_against_references(op_name):
         _check_case(case)
 
 
-def test_training_dropout_is_rejected_clearly():
-    case = next(c for c in _cases_by_op()["Dropout"] if TRAINING_ONLY.match(c.name))
-    node = case.model.graph.node[0]
-    inputs, _ = case.data_sets[0]
-    with pytest.raises(EdgeccError, match="training"):
-        run_node(node, _node_inputs(case.model, inputs), constant_inputs=True)
+@pytest.mark.parametrize("op_name", ["Dropout", "BatchNormalization"])
+def test_training_mode_is_rejected_clearly(op_name):
+    cases = [c for c in _cases_by_op()[op_name] if TRAINING_ONLY.match(c.name)]
+    assert cases
+    for case in cases:
+        node = case.model.graph.node[0]
+        inputs, _ = case.data_sets[0]
+        with pytest.raises(EdgeccError, match="training"):
+            run_node(node, _node_inputs(case.model, inputs), num_outputs=len(node.output), constant_inputs=True)
 
 
 @pytest.mark.parametrize("op_name", OPS)
@@ -151,5 +163,7 @@ def test_op_attributes_match_onnx_schema(op_name):
         ours = opdef.attrs[name].default
         if isinstance(theirs, np.ndarray):
             np.testing.assert_array_equal(np.asarray(ours), theirs)
+        elif isinstance(theirs, float):  # ONNX stores float attributes as float32
+            assert np.float32(ours) == np.float32(theirs), f"{op_name}.{name}: default {ours!r}, ONNX says {theirs!r}"
         else:
             assert ours == theirs, f"{op_name}.{name}: default {ours!r}, ONNX says {theirs!r}"

@@ -1,8 +1,8 @@
 """Convolutions: Conv, ConvTranspose, ConvInteger, QLinearConv, and the window geometry shared with pooling.
 
-All N-d convolutions run through one core, `conv_core`: the (zero-)padded input is cut into windows with
-`sliding_window_view`, the windows are laid out as an im2col matrix per group, and one batched matmul per call
-does the arithmetic. Float convolutions accumulate in float32 (float16 inputs are widened and the result is
+All N-d convolutions run through one core, `conv_core`: the (zero-)padded input is laid out as an im2col
+matrix per group (one strided-slice copy per kernel tap), and one batched matmul per call does the
+arithmetic. Float convolutions accumulate in float32 (float16 inputs are widened and the result is
 narrowed back); the integer ops accumulate exactly (float64 BLAS when the sum provably fits in 53 bits, which
 is always the case for 8-bit operands of realistic size, otherwise an int64 matmul).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
@@ -170,20 +169,14 @@ def conv_core(x: np.ndarray, w: np.ndarray, window: Window, group: int, acc_dtyp
     x = x.astype(work, copy=False)
     w = w.astype(work, copy=False)
     xp = pad_spatial(x, window.pads_begin, window.needed_end_pads(x.shape[2:]))
-    spatial_axes = tuple(range(2, 2 + nsp))
-    if all(k == 1 for k in window.kernel):
-        win = xp[(slice(None), slice(None), *(slice(0, (o - 1) * s + 1, s)
-                                                for o, s in zip(window.out, window.strides)))]
-        win = win.reshape(n_batch, group, cg, *window.out)
-        cols = win.reshape(n_batch, group, cg, -1)
+    if taps == 1 and xp.shape[2:] == tuple(window.out):
+        cols = xp.reshape(n_batch, group, cg, -1)  # 1x1 convolution: the input already is the matrix
     else:
-        win = sliding_window_view(xp, window.extents, axis=spatial_axes)
-        win = win[(slice(None), slice(None),
-                   *(slice(0, (o - 1) * s + 1, s) for o, s in zip(window.out, window.strides)),
-                   *(slice(None, None, d) for d in window.dilations))]
-        win = win.reshape(n_batch, group, cg, *window.out, *window.kernel)
-        perm = (0, 1, 2, *range(3 + nsp, 3 + 2 * nsp), *range(3, 3 + nsp))
-        cols = win.transpose(perm).reshape(n_batch, group, cg * taps, -1)  # im2col (the one copy)
+        # im2col, one strided-slice copy per kernel tap (much faster than copying a transposed window view)
+        cols = np.empty((n_batch, channels, *window.kernel, *window.out), work)
+        for tap, sl in window_slices(window):
+            cols[(slice(None), slice(None), *tap)] = xp[sl]
+        cols = cols.reshape(n_batch, group, cg * taps, -1)
     y = np.matmul(w.reshape(group, mg, cg * taps), cols)  # (N, group, M/group, P)
     y = y.reshape(n_batch, m_out, *window.out)
     if integer:
@@ -436,6 +429,9 @@ def conv_integer(call: Call):
 
 def _infer_qlinear_conv(call: Call) -> list[TensorType]:
     x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp = (call.input(i) for i in range(8))
+    for t, name in ((x_scale, "x_scale"), (w_scale, "w_scale"), (y_scale, "y_scale"), (y_zp, "y_zero_point")):
+        if t is None:
+            call.fail(f"QLinearConv input {name} is missing", hint="it is required (it fixes the output scale/type)")
     _check_qtype(call, x, "x")
     _check_qtype(call, w, "w")
     _check_qtype(call, y_zp, "y_zero_point")

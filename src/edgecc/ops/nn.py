@@ -14,7 +14,7 @@ from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
 from edgecc.ops import conv as _conv  # noqa: F401  (registers the convolutions)
 from edgecc.ops.common import normalize_axis, tensor
-from edgecc.ops.conv import AUTO_PADS, Window, pad_spatial, window_geometry, window_slices
+from edgecc.ops.conv import Window, pad_spatial, window_geometry, window_slices
 from edgecc.ops.registry import REQUIRED, AttrSpec, Call, op
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,6 +161,9 @@ def global_max_pool(call: Call):
 # Normalisation
 # ----------------------------------------------------------------------------------------------------------------
 
+F32_1E_5 = float(np.float32(1e-5))
+"""ONNX stores float attribute defaults as float32: 1e-5 is 9.999999747378752e-06."""
+
 
 def _require_float(call: Call, t: TensorType, name: str) -> None:
     if not t.dtype.is_float:
@@ -198,7 +201,7 @@ def _infer_batch_norm(call: Call) -> list[TensorType]:
 
 
 @op("BatchNormalization", infer=_infer_batch_norm, inputs=(5, 5), outputs=(1, 3), kind="norm",
-    attrs={"epsilon": AttrSpec("float", 1e-5), "momentum": AttrSpec("float", 0.9),
+    attrs={"epsilon": AttrSpec("float", F32_1E_5), "momentum": AttrSpec("float", float(np.float32(0.9))),
            "training_mode": AttrSpec("int", 0)})
 def batch_normalization(call: Call):
     """Inference batch normalisation with the running statistics, per channel (axis 1):
@@ -223,7 +226,7 @@ def _infer_instance_norm(call: Call) -> list[TensorType]:
 
 
 @op("InstanceNormalization", infer=_infer_instance_norm, inputs=(3, 3), kind="norm",
-    attrs={"epsilon": AttrSpec("float", 1e-5)})
+    attrs={"epsilon": AttrSpec("float", F32_1E_5)})
 def instance_normalization(call: Call):
     """Normalise each (n, c) slice over its spatial axes: (x - mean) / sqrt(var + epsilon) * scale[c] + B[c]
     (population variance)."""
@@ -267,7 +270,7 @@ def _infer_layer_norm(call: Call) -> list[TensorType]:
 
 
 @op("LayerNormalization", infer=_infer_layer_norm, inputs=(2, 3), outputs=(1, 3), kind="norm",
-    attrs={"axis": AttrSpec("int", -1), "epsilon": AttrSpec("float", 1e-5), "stash_type": AttrSpec("int", 1)})
+    attrs={"axis": AttrSpec("int", -1), "epsilon": AttrSpec("float", F32_1E_5), "stash_type": AttrSpec("int", 1)})
 def layer_normalization(call: Call):
     """Normalise over axes [axis, rank): Normalized = (X - Mean) * InvStdDev computed in float32 (stash_type 1)
     and cast to X's dtype, then Y = Normalized * Scale + B. Optional outputs Mean and InvStdDev = 1 /
@@ -296,8 +299,8 @@ def _infer_lrn(call: Call) -> list[TensorType]:
 
 
 @op("LRN", infer=_infer_lrn, kind="norm",
-    attrs={"alpha": AttrSpec("float", 1e-4), "beta": AttrSpec("float", 0.75), "bias": AttrSpec("float", 1.0),
-           "size": AttrSpec("int", REQUIRED)})
+    attrs={"alpha": AttrSpec("float", float(np.float32(1e-4))), "beta": AttrSpec("float", 0.75),
+           "bias": AttrSpec("float", 1.0), "size": AttrSpec("int", REQUIRED)})
 def lrn(call: Call):
     """Local response normalisation across channels: y = x / (bias + alpha / size * square_sum) ** beta, where
     square_sum sums x**2 over channels [c - floor((size-1)/2), c + ceil((size-1)/2)] clipped to the tensor."""
@@ -313,6 +316,3 @@ def lrn(call: Call):
     scale = np.float32(call.attrs["bias"]) + np.float32(call.attrs["alpha"] / size) * square_sum
     y = x.astype(np.float32) / scale ** np.float32(call.attrs["beta"])
     return [y.astype(x.dtype, copy=False)]
-
-
-__all__ = ["AUTO_PADS", "pool_window"]
