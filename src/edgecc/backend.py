@@ -14,9 +14,13 @@ class EdgeccRep(BackendRep):
     """A prepared model, compiled for static shapes.
 
     Models with symbolic input dims are compiled on first run with the feeds' shapes. Models whose output
-    shapes depend on an integer input's value (a Reshape shape, TopK's k, Reduce axes fed as graph inputs)
-    are specialised on those values: the integer inputs become constants, and new values recompile.
+    shapes depend on an input's value (a Reshape shape, TopK's k, Reduce axes, Resize scales, Range bounds
+    fed as graph inputs) are specialised on the values of their small inputs: those become constants, and
+    new values recompile.
     """
+
+    SPECIALISE_MAX_ELEMENTS = 64
+    """Inputs up to this size are shape parameters (axes, k, scales, bounds), not data: specialise on them."""
 
     def __init__(self, model: onnx.ModelProto, options: dict):
         self._model = model
@@ -52,7 +56,7 @@ class EdgeccRep(BackendRep):
         if None in self._compiled:
             return tuple(self._compiled[None].run(feeds))
         frozen = {n: np.asarray(feeds[n]) for n in self._input_names
-                  if self._specialise and np.asarray(feeds[n]).dtype in (np.int32, np.int64)}
+                  if self._specialise and np.asarray(feeds[n]).size <= self.SPECIALISE_MAX_ELEMENTS}
         key = tuple((n, tuple(np.shape(feeds[n])), frozen[n].tobytes() if n in frozen else None)
                     for n in self._input_names)
         if key not in self._compiled:

@@ -99,15 +99,28 @@ def check_supported(model: ModelProto, where: str) -> None:
 
 
 def lift_opset(model: ModelProto, where: str) -> ModelProto:
+    """Lift a model older than opset 18 with onnx's version converter, then repair what it gets wrong."""
     opset = default_opset(model)
     if opset >= CANONICAL_OPSET:
         return model
+    # Upsample (opset 7-9) and Resize-10 sample at asymmetric coordinates, rounding down for nearest; the
+    # converter maps them to Resize with the default half_pixel mode, which moves every sample.
+    legacy_resize_outputs = {n.output[0] for n in model.graph.node
+                             if n.op_type == "Upsample" or (n.op_type == "Resize" and opset < 11)}
     try:
-        return version_converter.convert_version(model, CANONICAL_OPSET)
+        lifted = version_converter.convert_version(model, CANONICAL_OPSET)
     except Exception as exc:  # the converter raises plain RuntimeError/ValueError with C++ text
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot lift opset {opset} to {CANONICAL_OPSET}: {first}", where=where,
                              hint=f"re-export the model at opset {CANONICAL_OPSET} or newer") from None
+    for node in lifted.graph.node:
+        if node.op_type == "Resize" and node.output[0] in legacy_resize_outputs:
+            keep = [a for a in node.attribute if a.name not in ("coordinate_transformation_mode", "nearest_mode")]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+            node.attribute.append(onnx.helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+            node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
+    return lifted
 
 
 def _value_type(vi: onnx.ValueInfoProto, bound: Mapping[str, tuple[int, ...]], where: str) -> TensorType:

@@ -132,7 +132,7 @@ class _ToTree(Transformer):
         return ("return", [o for o in outputs if o is not None])
 
     def graph_input(self, ref, ttype):
-        return (ref[1], ttype)
+        return ("input", ref[1], ttype)
 
     def constant(self, sym, literal, ttype):
         return ("const", sym[1], literal, ttype)
@@ -182,10 +182,11 @@ class _Builder:
         graph = Graph(sym[1])
         scope: dict[str, Value] = {}
         index = 0
-        while index < len(items) and (items[index] is None or isinstance(items[index], tuple)):
+        while index < len(items) and (items[index] is None or (isinstance(items[index], tuple)
+                                                                  and items[index][0] == "input")):
             item = items[index]
             if item is not None:
-                name, ttype = item
+                _, name, ttype = item
                 scope[name] = graph.add_input(name, ttype)
             index += 1
         for item in items[index:]:

@@ -55,3 +55,22 @@ def evaluate_node(node: Node, arrays: list[np.ndarray | None], where: str = "") 
     attrs = opdef.complete_attrs(node.attrs, where=label)
     call = Call(node.op, list(arrays), attrs, len(node.outputs), where=label)
     return opdef.run_reference(call)
+
+
+def compile_time_inputs(node: Node, known: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray | None] | None:
+    """The node's inputs as arrays if all are known at compile time (constants, `known` values, or, for
+    ops that read only shapes, a zero-strided stand-in of the right shape); None if any is not."""
+    shape_only = opdef_of(node).shape_only
+    arrays: list[np.ndarray | None] = []
+    for value in node.inputs:
+        if value is None:
+            arrays.append(None)
+        elif value.is_const:
+            arrays.append(value.const)
+        elif known is not None and value._id in known:
+            arrays.append(known[value._id])
+        elif shape_only and value.type is not None:
+            arrays.append(np.broadcast_to(np.zeros((), value.type.dtype.numpy), value.type.shape))
+        else:
+            return None
+    return arrays

@@ -3,8 +3,8 @@ tiling, splitting, triangular masks, cumulative sums and resizing (Resize, Upsam
 
 Ops whose output shape depends on an input's *value* (Reshape's shape, Slice's starts, Pad's pads, Resize's
 scales, ...) read it with `call.value(i)` during inference and fail when it is only known at run time. Each
-op's inference and reference share one "plan" function, so the shape inference gives is the shape the
-reference produces.
+op's inference and reference share one "plan" function, so inference always predicts the shape the reference
+produces.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ from edgecc.ops.registry import REQUIRED, AttrSpec, Call, op
 # ----------------------------------------------------------------------------------------------------------
 
 _CONSTANT_HINT = "make it a constant (initializer), or bind the model's dynamic dims so it can be folded"
+
+
+def _dense(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous, writable array (copying views such as transposes and broadcasts). Unlike
+    np.ascontiguousarray it keeps 0-d arrays 0-d."""
+    return np.array(array, order="C", copy=None)
 
 
 def _shape(call: Call, index: int) -> tuple[int, ...]:
@@ -74,12 +80,6 @@ def _ints(call: Call, index: int, what: str, *, rank1: bool = True) -> list[int]
     _require_int(call, index, what, rank1=rank1)
     value = _known(call, index, what)
     return None if value is None else [int(v) for v in value.reshape(-1)]
-
-
-def _scalar_int(call: Call, index: int, what: str) -> int | None:
-    _require_int(call, index, what, scalar=True)
-    value = _known(call, index, what)
-    return None if value is None else int(value.reshape(-1)[0])
 
 
 def _same_dtype(call: Call, indices, what: str = "inputs") -> DType:
@@ -147,7 +147,8 @@ def _constant_value(call: Call) -> np.ndarray:
     try:
         DType.from_numpy(value.dtype)
     except KeyError as e:
-        call.fail(f"Constant value has dtype {value.dtype}, which edgecc does not support", hint=str(e.args[0]))
+        call.bad_attr(f"Constant value has dtype {value.dtype}, which edgecc does not support",
+                      hint=str(e.args[0]))
     return value
 
 
@@ -213,7 +214,7 @@ def _infer_shape(call: Call):
     return [tensor(DType.int64, (end - start,))]
 
 
-@op("Shape", infer=_infer_shape, attrs={"start": AttrSpec("int", 0), "end": AttrSpec("int")})
+@op("Shape", infer=_infer_shape, attrs={"start": AttrSpec("int", 0), "end": AttrSpec("int")}, shape_only=True)
 def shape(call: Call):
     """The input's dims as a 1-D int64 tensor, optionally only axes start..end (negative counts from the back;
     both clamped to [0, rank]; empty when start >= end)."""
@@ -221,7 +222,7 @@ def shape(call: Call):
     return [np.array(_shape(call, 0)[start:end], dtype=np.int64)]
 
 
-@op("Size", infer=lambda call: [tensor(DType.int64, ())])
+@op("Size", infer=lambda call: [tensor(DType.int64, ())], shape_only=True)
 def size(call: Call):
     """The number of elements of the input, as an int64 scalar."""
     return [np.array(np.asarray(call.inputs[0]).size, dtype=np.int64)]
@@ -274,7 +275,10 @@ def reshape(call: Call):
 
 def _flatten_plan(call: Call) -> tuple[int, int]:
     in_shape = _shape(call, 0)
-    axis = normalize_axis(call, call.attrs["axis"], len(in_shape), allow_end=True)
+    rank, axis = len(in_shape), call.attrs["axis"]
+    if not -rank <= axis <= rank:
+        call.bad_attr(f"Flatten axis {axis} is out of range for a rank-{rank} tensor", hint=f"use -{rank}..{rank}")
+    axis = axis + rank if axis < 0 else axis
     return (int(np.prod(in_shape[:axis], dtype=np.int64)), int(np.prod(in_shape[axis:], dtype=np.int64)))
 
 
@@ -338,7 +342,7 @@ def _infer_transpose(call: Call):
 @op("Transpose", infer=_infer_transpose, attrs={"perm": AttrSpec("ints")}, kind="layout")
 def transpose(call: Call):
     """Permutes the axes: output axis i is input axis perm[i] (default: reversed order)."""
-    return [np.ascontiguousarray(np.transpose(call.inputs[0], _perm(call)))]
+    return [_dense(np.transpose(call.inputs[0], _perm(call)))]
 
 
 def _depth_space_plan(call: Call, to_space: bool):
@@ -371,7 +375,7 @@ def depth_to_space(call: Call):
         t = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
     else:
         t = x.reshape(n, c // (b * b), b, b, h, w).transpose(0, 1, 4, 2, 5, 3)
-    return [np.ascontiguousarray(t).reshape(out_shape)]
+    return [t.reshape(out_shape)]
 
 
 @op("SpaceToDepth", infer=lambda call: _first_type(call, _depth_space_plan(call, False)[2]),
@@ -384,7 +388,7 @@ def space_to_depth(call: Call):
     n, c, h, w = x.shape
     t = x.reshape(n, c, h // b, b, w // b, b)
     t = t.transpose(0, 3, 5, 1, 2, 4) if mode == "DCR" else t.transpose(0, 1, 3, 5, 2, 4)
-    return [np.ascontiguousarray(t).reshape(out_shape)]
+    return [t.reshape(out_shape)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -457,7 +461,7 @@ def split(call: Call):
     (ceil(dim / n) each, the last one smaller) for n = `num_outputs` or the node's output count."""
     axis, sizes = _split_plan(call)
     bounds = np.cumsum(sizes)[:-1]
-    return [np.ascontiguousarray(p) for p in np.split(call.inputs[0], bounds, axis=axis)]
+    return [_dense(p) for p in np.split(call.inputs[0], bounds, axis=axis)]
 
 
 def _slice_plan(call: Call) -> tuple[slice, ...]:
@@ -501,7 +505,7 @@ def slice_(call: Call):
     """NumPy-style strided slice: per listed axis (default all, in order) from starts to ends (exclusive) by
     steps (default 1, negative walks backwards). Negative starts/ends count from the back; both are clamped
     to the dim ([0, dim] forwards, [0, dim-1] and [-1, dim-1] backwards)."""
-    return [np.ascontiguousarray(call.inputs[0][_slice_plan(call)])]
+    return [_dense(call.inputs[0][_slice_plan(call)])]
 
 
 def _gather_plan(call: Call) -> int:
@@ -584,7 +588,7 @@ def _expand_plan(call: Call) -> tuple[int, ...]:
 @op("Expand", infer=lambda call: _first_type(call, _expand_plan(call)), inputs=(2, 2))
 def expand(call: Call):
     """Broadcasts the input against the `shape` input (NumPy rules; the result may be larger than shape)."""
-    return [np.ascontiguousarray(np.broadcast_to(call.inputs[0], _expand_plan(call)))]
+    return [_dense(np.broadcast_to(call.inputs[0], _expand_plan(call)))]
 
 
 def _tile_plan(call: Call) -> list[int]:
@@ -607,7 +611,7 @@ _PAD_MODES = ("constant", "reflect", "edge", "wrap")
 
 
 def _pad_plan(call: Call):
-    """Per axis (crop_before, crop_after, pad_before, pad_after): negative pads crop, positive pads add."""
+    """Mode, per-axis (begin, end) pads (negative = crop) and the output shape."""
     in_shape = _shape(call, 0)
     rank = len(in_shape)
     mode = _choice(call, "mode", _PAD_MODES)
@@ -622,17 +626,18 @@ def _pad_plan(call: Call):
                       hint="give constant_value the data's dtype")
         if int(np.prod(_shape(call, 2), dtype=np.int64)) > 1:
             call.fail(f"Pad constant_value must be a scalar, got shape {list(_shape(call, 2))}")
-    plan = [(0, 0, 0, 0)] * rank
+    plan = [(0, 0)] * rank
     for i, axis in enumerate(axes):
         begin, end = pads[i], pads[len(axes) + i]
-        kept = in_shape[axis] + min(begin, 0) + min(end, 0)
-        if kept < 0:
-            call.fail(f"Pad crops {-min(begin, 0) - min(end, 0)} elements from axis {axis} of size {in_shape[axis]}")
-        if kept == 0 and mode != "constant" and (begin > 0 or end > 0):
-            call.fail(f"Pad mode {mode!r} cannot pad axis {axis}, which is empty",
-                      hint="use mode='constant'")
-        plan[axis] = (max(-begin, 0), max(-end, 0), max(begin, 0), max(end, 0))
-    out = tuple(d - cb - ca + pb + pa for d, (cb, ca, pb, pa) in zip(in_shape, plan))
+        dim = in_shape[axis]
+        if dim + begin + end < 0:
+            call.fail(f"Pad pads ({begin}, {end}) remove more than the {dim} elements of axis {axis}")
+        kept = dim + min(begin, 0) + min(end, 0)
+        if mode != "constant" and kept <= 0 and (begin > 0 or end > 0):
+            call.fail(f"Pad mode {mode!r} has no elements left to pad axis {axis} from (size {dim}, "
+                      f"pads {begin}, {end})", hint="use mode='constant', or crop less")
+        plan[axis] = (begin, end)
+    out = tuple(d + b + e for d, (b, e) in zip(in_shape, plan))
     return mode, plan, out
 
 
@@ -641,17 +646,21 @@ def _pad_plan(call: Call):
 def pad(call: Call):
     """Pads (or, for negative pads, crops) each listed axis (default all) at its beginning and end. pads =
     [x1_begin, x2_begin, ..., x1_end, x2_end, ...]. Crops apply first, then the padding of the cropped data:
-    `constant` with constant_value (default 0/False), `reflect` (mirror without repeating the edge),
-    `edge` (repeat the edge), `wrap` (periodic)."""
-    mode, plan, _ = _pad_plan(call)
+    `constant` with constant_value (default 0/False; the output is then the window of the data extended with
+    constants, so a crop may even reach past the data), `reflect` (mirror without repeating the edge,
+    repeatedly like numpy.pad when a pad exceeds the dim), `edge` (repeat the edge), `wrap` (periodic)."""
+    mode, plan, out_shape = _pad_plan(call)
     x = call.inputs[0]
-    x = x[tuple(slice(cb, d - ca) for d, (cb, ca, _, _) in zip(x.shape, plan))]
-    widths = [(pb, pa) for (_, _, pb, pa) in plan]
-    if mode == "constant":
+    if mode == "constant":  # output[i] = x[i - begin] where that is inside x, else constant_value
         value = call.input(2)
         value = x.dtype.type(0) if value is None or np.asarray(value).size == 0 else np.asarray(value).reshape(-1)[0]
-        return [np.pad(x, widths, mode="constant", constant_values=value)]
-    return [np.pad(x, widths, mode=mode)]
+        y = np.full(out_shape, value, dtype=x.dtype)
+        src = tuple(slice(max(-b, 0), max(d + min(e, 0), 0)) for d, (b, e) in zip(x.shape, plan))
+        dst = tuple(slice(max(b, 0), max(b, 0) + max(s.stop - s.start, 0)) for (b, _), s in zip(plan, src))
+        y[dst] = x[src]
+        return [y]
+    x = x[tuple(slice(max(-b, 0), d - max(-e, 0)) for d, (b, e) in zip(x.shape, plan))]
+    return [np.pad(x, [(max(b, 0), max(e, 0)) for b, e in plan], mode=mode)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -764,12 +773,12 @@ def cumsum(call: Call):
     if call.attrs["reverse"]:
         x = np.flip(x, axis)
     y = np.cumsum(x, axis=axis, dtype=acc)
-    if call.attrs["exclusive"]:
+    if call.attrs["exclusive"] and y.shape[axis]:
         y = np.roll(y, 1, axis=axis)
         y[(slice(None),) * axis + (0,)] = 0
     if call.attrs["reverse"]:
         y = np.flip(y, axis)
-    return [np.ascontiguousarray(y.astype(call.inputs[0].dtype, copy=False))]
+    return [_dense(y.astype(call.inputs[0].dtype, copy=False))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -866,6 +875,8 @@ def _source_coords(coord: str, p: _AxisResize, in_len: int) -> tuple[np.ndarray,
     """x_original for every output index along one axis (float64), and for tf_crop_and_resize the mask of
     outputs that fall outside the input (they get extrapolation_value)."""
     x = np.arange(p.out_len, dtype=np.float64)
+    # length_resized is scale * length_original, fractional when it comes from a scale (as in the ONNX
+    # conformance data; onnxruntime uses the integer output length instead).
     s, width = p.scale, p.out_width
     if coord == "half_pixel":
         return (x + 0.5) / s - 0.5, None
@@ -875,11 +886,11 @@ def _source_coords(coord: str, p: _AxisResize, in_len: int) -> tuple[np.ndarray,
     if coord == "pytorch_half_pixel":  # the spec gives 0 for a length-1 output (onnx.reference uses -0.5)
         return ((x + 0.5) / s - 0.5) if width > 1 else np.zeros_like(x), None
     if coord == "align_corners":
-        return (x * (in_len - 1) / (width - 1)) if width != 1 and p.out_len > 1 else np.zeros_like(x), None
+        return (x * (in_len - 1) / (width - 1)) if width != 1 else np.zeros_like(x), None
     if coord == "asymmetric":
         return x / s, None
     start, end = p.roi  # tf_crop_and_resize
-    if width != 1 and p.out_len > 1:
+    if width != 1:
         src = start * (in_len - 1) + x * (end - start) * (in_len - 1) / (width - 1)
     else:
         src = np.full_like(x, 0.5 * (start + end) * (in_len - 1))
@@ -951,7 +962,7 @@ def _resample(x: np.ndarray, mode: str, coord: str, plans, attrs) -> np.ndarray:
             y = np.zeros(shape, dtype=y.dtype)
             continue
         src, extrapolated = _source_coords(coord, p, in_len)
-        if mode == "nearest":
+        if mode == "nearest":  # exclude_outside cannot apply: the nearest element is clamped into the input
             y = np.take(y, _nearest_index(src, attrs["nearest_mode"], in_len), axis=p.axis)
         else:
             matrix = _interpolation_matrix(src, in_len, mode, p.scale, attrs)
@@ -965,7 +976,7 @@ def _resample(x: np.ndarray, mode: str, coord: str, plans, attrs) -> np.ndarray:
     if np.issubdtype(out_dtype, np.integer) and y.dtype != out_dtype:
         info = np.iinfo(out_dtype)
         y = np.clip(np.round(y), info.min, info.max)
-    return np.ascontiguousarray(y.astype(out_dtype, copy=False))
+    return _dense(y.astype(out_dtype, copy=False))
 
 
 _RESIZE_ATTRS = {

@@ -14,18 +14,22 @@ from edgecc.passes.rewrite import RewriteRule, apply_rules, const_of, forward, r
 RESHAPE_LIKE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
-class RemoveIdentity(RewriteRule):
-    name, roots = "remove-identity", ("Identity",)
-
-    def check(self, node, graph):
-        return None
+class ForwardInputRule(RewriteRule):
+    """Base of rules that delete a node by letting its readers read its first input instead."""
 
     def rewrite(self, node, graph):
         forward(graph, node, 0, node.inputs[0])
         remove_if_dead(graph, node)
 
 
-class RemoveInferenceDropout(RewriteRule):
+class RemoveIdentity(ForwardInputRule):
+    name, roots = "remove-identity", ("Identity",)
+
+    def check(self, node, graph):
+        return None
+
+
+class RemoveInferenceDropout(ForwardInputRule):
     """Dropout in inference mode is the identity; its mask (all true) must be unused."""
 
     name, roots = "remove-inference-dropout", ("Dropout",)
@@ -38,12 +42,8 @@ class RemoveInferenceDropout(RewriteRule):
             return "the mask output is used"
         return None
 
-    def rewrite(self, node, graph):
-        forward(graph, node, 0, node.inputs[0])
-        remove_if_dead(graph, node)
 
-
-class RemoveNoopReshape(RewriteRule):
+class RemoveNoopReshape(ForwardInputRule):
     """Reshape/Flatten/Squeeze/Unsqueeze/Expand whose output shape equals its input shape."""
 
     name, roots = "remove-noop-reshape", RESHAPE_LIKE + ("Expand",)
@@ -53,10 +53,6 @@ class RemoveNoopReshape(RewriteRule):
         if src is None or dst is None or src != dst:
             return "the shape changes"
         return None
-
-    def rewrite(self, node, graph):
-        forward(graph, node, 0, node.inputs[0])
-        remove_if_dead(graph, node)
 
 
 class MergeReshapes(RewriteRule):
@@ -78,17 +74,13 @@ class MergeReshapes(RewriteRule):
         replace_with_new_node(graph, node, "Reshape", [source, shape], {})
 
 
-class RemoveNoopTranspose(RewriteRule):
+class RemoveNoopTranspose(ForwardInputRule):
     name, roots = "remove-noop-transpose", ("Transpose",)
 
     def check(self, node, graph):
         rank = node.inputs[0].type.rank
         perm = node.attrs.get("perm", list(reversed(range(rank))))
         return None if list(perm) == list(range(rank)) else "the permutation is not the identity"
-
-    def rewrite(self, node, graph):
-        forward(graph, node, 0, node.inputs[0])
-        remove_if_dead(graph, node)
 
 
 class MergeTransposes(RewriteRule):
@@ -106,17 +98,13 @@ class MergeTransposes(RewriteRule):
         replace_with_new_node(graph, node, "Transpose", [inner.inputs[0]], {"perm": [int(p1[i]) for i in p2]})
 
 
-class RemoveNoopCast(RewriteRule):
+class RemoveNoopCast(ForwardInputRule):
     name, roots = "remove-noop-cast", ("Cast",)
 
     def check(self, node, graph):
         if node.inputs[0].type != node.outputs[0].type:
             return "the dtype changes"
         return None
-
-    def rewrite(self, node, graph):
-        forward(graph, node, 0, node.inputs[0])
-        remove_if_dead(graph, node)
 
 
 class SubConstantToAdd(RewriteRule):

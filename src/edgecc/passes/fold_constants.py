@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgecc.ir.core import Module, Value
-from edgecc.ops.apply import evaluate_node, opdef_of
+from edgecc.ops.apply import compile_time_inputs, evaluate_node, opdef_of
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 
@@ -43,21 +43,11 @@ class FoldConstantsPass(Pass):
                 continue
             if any(v.type is None or v.type.size > self.max_elements for v in node.outputs):
                 continue
-            arrays = []
-            for value in node.inputs:
-                if value is None:
-                    arrays.append(None)
-                elif value.is_const:
-                    arrays.append(value.const)
-                elif opdef.shape_only and value.type is not None:
-                    arrays.append(np.broadcast_to(np.zeros((), value.type.dtype.numpy), value.type.shape))
-                else:
-                    break
-            else:
-                results = evaluate_node(node, arrays)
-                for old, array in zip(node.outputs, results):
-                    const = Value(graph.unique_name(old.name), const=np.ascontiguousarray(array))
-                    graph.replace_all_uses(old, const)
-                graph.remove_node(node)
-                folded += 1
+            arrays = compile_time_inputs(node)
+            if arrays is None:
+                continue
+            for old, array in zip(node.outputs, evaluate_node(node, arrays)):
+                graph.replace_all_uses(old, Value(graph.unique_name(old.name), const=np.array(array, order="C")))
+            graph.remove_node(node)
+            folded += 1
         return PassResult(folded > 0, {"nodes-folded": folded})

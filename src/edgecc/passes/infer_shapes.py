@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgecc.ir.core import Module
-from edgecc.ops.apply import evaluate_node, infer_node, opdef_of
+from edgecc.ops.apply import compile_time_inputs, evaluate_node, infer_node, opdef_of
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 
@@ -50,19 +50,9 @@ class InferShapesPass(Pass):
         opdef = opdef_of(node)
         if not opdef.foldable or any(v.type.size > self.max_propagated_elements for v in node.outputs):
             return
-        arrays = []
-        for value in node.inputs:
-            if value is None:
-                arrays.append(None)
-            elif value.is_const:
-                arrays.append(value.const)
-            elif value._id in known:
-                arrays.append(known[value._id])
-            elif opdef.shape_only:
-                # Shape/Size read only the input's shape: a zero-strided stand-in costs no memory.
-                arrays.append(np.broadcast_to(np.zeros((), value.type.dtype.numpy), value.type.shape))
-            else:
-                return
+        arrays = compile_time_inputs(node, known)
+        if arrays is None:
+            return
         if any(a is not None and a.size > self.max_propagated_elements and not opdef.shape_only for a in arrays):
             return
         for value, array in zip(node.outputs, evaluate_node(node, arrays)):
