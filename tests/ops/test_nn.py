@@ -343,10 +343,24 @@ def test_batch_normalization_float16_and_training_mode():
     (expected,) = run(n, [x.astype(np.float16).astype(np.float32)] + p)
     assert y.dtype == np.float16
     np.testing.assert_allclose(y.astype(np.float32), expected, **F16)
-    with pytest.raises(OpAttributeError, match="training_mode"):
-        run_node(node("BatchNormalization", ["x", "s", "b", "m", "v"], training_mode=1), [x] + p)
     with pytest.raises(ShapeError, match="training mode"):
         run_node(node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"]), [x] + p)
+
+
+def test_batch_normalization_training_mode_from_the_spec():
+    """Training mode: batch statistics (population variance) normalise X, running stats are updated with
+    momentum. Expected values from the ONNX spec's formulas in float64 (onnx.reference does the same)."""
+    x, s, b, m = randn(3, 2, 4, 4), randn(2), randn(2), randn(2)
+    v = rng.uniform(0.5, 2, 2).astype(np.float32)
+    n = node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], training_mode=1, momentum=0.8)
+    (y, rm, rv), _ = run_node(n, [x, s, b, m, v])
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3))
+    bshape = (1, 2, 1, 1)
+    expected = (x64 - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + 1e-5) * s.reshape(bshape) + b.reshape(bshape)
+    np.testing.assert_allclose(y, expected, **F32)
+    np.testing.assert_allclose(rm, m * 0.8 + mean * 0.2, **F32)
+    np.testing.assert_allclose(rv, v * 0.8 + var * 0.2, **F32)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5), (1, 2, 4, 4), (1, 2, 2, 3, 2)])

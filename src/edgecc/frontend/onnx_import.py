@@ -107,6 +107,8 @@ def lift_opset(model: ModelProto, where: str) -> ModelProto:
     # converter maps them to Resize with the default half_pixel mode, which moves every sample.
     legacy_resize_outputs = {n.output[0] for n in model.graph.node
                              if n.op_type == "Upsample" or (n.op_type == "Resize" and opset < 11)}
+    if opset < 7:
+        model = _per_channel_prelu_slopes(model)
     try:
         lifted = version_converter.convert_version(model, CANONICAL_OPSET)
     except Exception as exc:  # the converter raises plain RuntimeError/ValueError with C++ text
@@ -121,6 +123,35 @@ def lift_opset(model: ModelProto, where: str) -> ModelProto:
             node.attribute.append(onnx.helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
             node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
     return lifted
+
+
+def _per_channel_prelu_slopes(model: ModelProto) -> ModelProto:
+    """PRelu before opset 7 applies a 1-D slope of length C per channel (axis 1); from opset 7 on it
+    broadcasts numpy-style from the right. Reshape such slopes to C x 1 x ... so the meaning survives."""
+    if not any(n.op_type == "PRelu" for n in model.graph.node):
+        return model
+    model = ModelProto.FromString(model.SerializeToString())
+    prelus = [n for n in model.graph.node if n.op_type == "PRelu"]
+    listed_as_inputs = {vi.name for vi in model.graph.input}
+    inits = {i.name: i for i in model.graph.initializer}
+    try:
+        ranks = {vi.name: len(vi.type.tensor_type.shape.dim)
+                 for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    except Exception:  # shape inference is only a hint here
+        ranks = {}
+    ranks.update({vi.name: len(vi.type.tensor_type.shape.dim) for vi in model.graph.input})
+    for node in prelus:
+        x, slope = node.input[0], node.input[1]
+        rank = ranks.get(x, 0)
+        if slope not in inits or rank <= 2 or len(inits[slope].dims) != 1 or inits[slope].dims[0] <= 1:
+            continue
+        array = numpy_helper.to_array(inits[slope]).reshape((-1,) + (1,) * (rank - 2))
+        new_name = f"{slope}_per_channel_{node.output[0]}"
+        model.graph.initializer.append(numpy_helper.from_array(array, new_name))
+        if slope in listed_as_inputs:  # IR < 4 models list initializers as graph inputs too
+            model.graph.input.append(onnx.helper.make_tensor_value_info(new_name, inits[slope].data_type, array.shape))
+        node.input[1] = new_name
+    return model
 
 
 def _value_type(vi: onnx.ValueInfoProto, bound: Mapping[str, tuple[int, ...]], where: str) -> TensorType:

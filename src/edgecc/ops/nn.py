@@ -186,10 +186,7 @@ def _per_channel(v: np.ndarray, rank: int) -> np.ndarray:
 
 def _infer_batch_norm(call: Call) -> list[TensorType]:
     x = call.inputs[0]
-    if call.attrs["training_mode"] != 0:
-        call.bad_attr("BatchNormalization with training_mode=1 is not supported (edgecc compiles inference only)",
-                      hint="export the model in eval/inference mode")
-    if call.num_outputs > 1:
+    if call.num_outputs > 1 and call.attrs["training_mode"] == 0:
         call.fail("BatchNormalization outputs running_mean / running_var exist only in training mode",
                   hint="export the model in eval/inference mode")
     _require_float(call, x, "X")
@@ -197,23 +194,33 @@ def _infer_batch_norm(call: Call) -> list[TensorType]:
         call.fail("X must have rank >= 1 (N x C x D1 ...)")
     channels = x.shape[1] if x.rank >= 2 else 1
     _check_channel_vectors(call, ("scale", "B", "input_mean", "input_var"), 1, channels)
-    return [x]
+    return [x, call.inputs[3], call.inputs[4]]
 
 
 @op("BatchNormalization", infer=_infer_batch_norm, inputs=(5, 5), outputs=(1, 3), kind="norm",
     attrs={"epsilon": AttrSpec("float", F32_1E_5), "momentum": AttrSpec("float", float(np.float32(0.9))),
            "training_mode": AttrSpec("int", 0)})
 def batch_normalization(call: Call):
-    """Inference batch normalisation with the running statistics, per channel (axis 1):
-    Y = (X - input_mean) / sqrt(input_var + epsilon) * scale + B. (training_mode=1 is rejected.)"""
-    if call.attrs["training_mode"] != 0:
-        call.bad_attr("BatchNormalization with training_mode=1 is not supported (edgecc compiles inference only)",
-                      hint="export the model in eval/inference mode")
+    """Batch normalisation per channel (axis 1): Y = (X - mean) / sqrt(var + epsilon) * scale + B.
+
+    Inference (training_mode=0) uses the running statistics input_mean / input_var. Training mode uses the
+    batch's own mean and population variance, and also returns the updated running statistics
+    input * momentum + batch * (1 - momentum)."""
     x, scale, bias, mean, var = call.inputs
     rank = x.ndim
+    xf = x.astype(np.float32, copy=False)
+    extra = []
+    if call.attrs["training_mode"]:
+        axes = tuple(i for i in range(rank) if i != 1)
+        batch_mean = xf.mean(axis=axes)
+        batch_var = np.square(xf - _per_channel(batch_mean, rank)).mean(axis=axes)
+        momentum = np.float32(call.attrs["momentum"])
+        extra = [(mean.astype(np.float32) * momentum + batch_mean * (1 - momentum)).astype(mean.dtype),
+                 (var.astype(np.float32) * momentum + batch_var * (1 - momentum)).astype(var.dtype)]
+        mean, var = batch_mean, batch_var
     a = _per_channel(scale, rank) / np.sqrt(_per_channel(var, rank) + np.float32(call.attrs["epsilon"]))
-    y = (x.astype(np.float32, copy=False) - _per_channel(mean, rank)) * a + _per_channel(bias, rank)
-    return [y.astype(x.dtype, copy=False)]
+    y = (xf - _per_channel(mean, rank)) * a + _per_channel(bias, rank)
+    return [y.astype(x.dtype, copy=False), *extra]
 
 
 def _infer_instance_norm(call: Call) -> list[TensorType]:
