@@ -118,3 +118,18 @@ def test_pass_reference_is_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (root / "docs" / "passes.md").read_text() == module.render()
+
+
+def test_installed_plugin_from_entry_point_group(monkeypatch):
+    """Installed packages register passes through the `edgecc.passes` entry-point group."""
+    from importlib.metadata import EntryPoint
+
+    import edgecc.passes.registry as registry
+
+    monkeypatch.syspath_prepend(str(PLUGIN.parent))
+    fake = EntryPoint("remove-neutral-arithmetic", "remove_neutral_arithmetic:RemoveNeutralArithmeticPass",
+                      "edgecc.passes")
+    monkeypatch.setattr(registry, "entry_points", lambda group: [fake] if group == "edgecc.passes" else [])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry, "_PASSES", dict(registry._PASSES))
+    assert registry.get_pass_class("remove-neutral-arithmetic").name == "remove-neutral-arithmetic"

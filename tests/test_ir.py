@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgecc.errors import IRParseError, VerificationError
-from edgecc.ir import DType, Graph, Module, Node, TensorType, Value
+from edgecc.ir import Builder, DType, Graph, Module, Node, TensorType, Value
 from edgecc.ir.parser import parse_module
 from edgecc.ir.printer import print_module
 from edgecc.ir.verifier import verify
@@ -93,3 +93,20 @@ def test_use_lists_follow_edits():
     other = graph.constant(np.zeros(3, np.float32))
     add.set_input(0, other)
     assert x.uses == [] and other.uses == [(add, 0)]
+
+
+def test_builder_builds_a_runnable_module():
+    from edgecc.interpreter import run_module
+    from edgecc.passes import PassManager, parse_pipeline
+
+    b = Builder()
+    x = b.input("x", DType.float32, (2, 3))
+    scale = b.constant(np.full((3,), 2.0, np.float32), "scale")
+    _, second = b.op("Split", b.op("Mul", x, scale), b.constant(np.array([1, 2], np.int64)), num_outputs=2, axis=1)
+    b.output(b.op("Relu", second), "y")
+    module = b.module()
+    PassManager(parse_pipeline("infer-shapes")).run(module)
+    verify(module, require_types=True)
+    data = np.arange(-3, 3, dtype=np.float32).reshape(2, 3)
+    (y,) = run_module(module, {"x": data})
+    np.testing.assert_array_equal(y, np.maximum(data[:, 1:] * 2, 0))
