@@ -21,9 +21,11 @@ from edgecc.ops.costs import module_macs
 from edgecc.passes import PassContext, PassManager, load_pass_plugin, parse_pipeline, pipeline_for_level
 from edgecc.passes.instruments import DumpIR, PrintAfter, TimePasses
 
-SUPPORTED_TARGETS = ("host",)
-EXECUTION_NOTE = ("runs on edgecc's NumPy reference interpreter: native code generation (llvmlite backends) "
-                  "is not implemented yet")
+EXECUTION_NOTES = {
+    "reference": "runs on edgecc's NumPy reference interpreter",
+    "native": "runs as native code generated with llvmlite",
+}
+RUNTIMES = tuple(EXECUTION_NOTES)
 
 
 def parse_shape_bindings(specs: Iterable[str] | Mapping[str, Any] | None) -> dict[str, tuple[int, ...]]:
@@ -52,6 +54,9 @@ class CompiledModel:
     module: Module
     target: str
     report: dict[str, Any] = field(default_factory=dict)
+    native: Any = None
+    """The generated code (edgecc.backends.native.NativeCode) when runtime='native'."""
+    _runner: Any = None
 
     @property
     def input_names(self) -> list[str]:
@@ -63,9 +68,15 @@ class CompiledModel:
 
     def run(self, feeds: Mapping[str, np.ndarray] | list[np.ndarray]) -> list[np.ndarray]:
         """Run on a dict name->array (or a list in input order); returns outputs in output order."""
-        from edgecc.interpreter import run_module
+        from edgecc.interpreter import check_feeds, run_module
 
-        return run_module(self.module, feeds)
+        if self.native is None:
+            return run_module(self.module, feeds)
+        if self._runner is None:
+            from edgecc.backends.native import NativeRunner
+
+            self._runner = NativeRunner(self.module, self.native)
+        return self._runner.run(check_feeds(self.module, feeds))
 
     def ir_text(self, large_constants: str = "inline") -> str:
         from edgecc.ir.printer import print_module
@@ -117,7 +128,7 @@ def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, t
 
 
 def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=None, passes: str | None = None,
-            constant_inputs=None, **options) -> CompiledModel:
+            constant_inputs=None, runtime: str = "reference", **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
     Args:
@@ -126,6 +137,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         opt_level: 0..3, the named pipeline to run (see `edgecc passes`).
         input_shapes: binds symbolic input dims, e.g. {"input": (1, 3, 224, 224)} or ["input=1x3x224x224"].
         constant_inputs: {name: array}: specialise the model on these input values (they stop being inputs).
+        runtime: "reference" (the NumPy interpreter; every op) or "native" (llvmlite code for `target`; ops
+            without a native kernel yet are reported as an error naming them).
         passes: an explicit pipeline ("infer-shapes,fold-constants,dce") instead of the -O level's.
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
@@ -134,33 +147,49 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         A CompiledModel with .run(feeds), .input_names, .output_names and .report.
     """
     start = time.perf_counter()
-    if target not in SUPPORTED_TARGETS:
-        raise EdgeccError(f"target '{target}' is not available yet", where="--target",
-                          hint="native code generation for other targets is not implemented; use --target host")
+    if runtime not in RUNTIMES:
+        raise EdgeccError(f"unknown runtime '{runtime}'", hint=f"use one of {', '.join(RUNTIMES)}")
+    from edgecc.backends.targets import resolve_target
+
+    resolved = resolve_target(target)
+    if runtime == "reference" and not resolved.is_native:
+        raise EdgeccError(f"target '{target}' needs the native runtime", where="--target",
+                          hint="the reference interpreter runs on this machine only; add --runtime native")
     if not 0 <= int(opt_level) <= 3:
         raise PassError(f"unknown optimisation level {opt_level}", hint="use 0, 1, 2 or 3")
     module = import_model(model, parse_shape_bindings(input_shapes), constant_inputs)
     nodes_before = len(module.graph.nodes)
     module, manager = optimize(module, opt_level=int(opt_level), passes=passes, target=target, **options)
-    report = build_report(module, manager, nodes_before, time.perf_counter() - start, target)
-    return CompiledModel(module, target, report)
+    native = None
+    if runtime == "native":
+        from edgecc.backends.native import generate
+
+        # Code generation needs every compile-time value folded and a memory plan.
+        PassManager(parse_pipeline("infer-shapes,fold-constants,dce,plan-memory"),
+                    PassContext(verify_each=manager.ctx.verify_each)).run(module)
+        native = generate(module, resolved, module.name)
+    report = build_report(module, manager, nodes_before, time.perf_counter() - start, target, runtime)
+    return CompiledModel(module, target, report, native)
 
 
-def build_report(module: Module, manager: PassManager, nodes_before: int, seconds: float, target: str) -> dict:
+def build_report(module: Module, manager: PassManager, nodes_before: int, seconds: float, target: str,
+                 runtime: str) -> dict:
     graph = module.graph
     weights = sum(v.const.nbytes for v in graph.constants())
+    plan = module.memory_plan
     return {
         "model": module.name,
         "target": target,
-        "execution": EXECUTION_NOTE,
+        "runtime": runtime,
+        "execution": EXECUTION_NOTES[runtime],
         "opset": module.opset,
         "nodes_before": nodes_before,
         "nodes_after": len(graph.nodes),
         "macs": module_macs(graph),
         "weights_bytes": int(weights),
-        "arena_bytes": None,
-        "arena_lower_bound_bytes": arena_lower_bound(module),
-        "memory_plan": "not planned yet: the static memory planner comes with native code generation",
+        "arena_bytes": plan.arena_bytes if plan else None,
+        "arena_lower_bound_bytes": plan.lower_bound_bytes if plan else arena_lower_bound(module),
+        "intermediates_bytes": plan.unplanned_bytes if plan else None,
         "compile_seconds": round(seconds, 4),
         "passes": [{"name": r.name, "changed": r.changed, "seconds": round(r.seconds, 5), "stats": r.stats}
                    for r in manager.history],

@@ -1,6 +1,12 @@
-"""edgecc as an ONNX backend (onnx.backend.base.Backend), so onnx's own backend test runner drives it."""
+"""edgecc as an ONNX backend (onnx.backend.base.Backend), so onnx's own backend test runner drives it.
+
+`prepare(model, target=..., runtime=...)` takes compile options; without them the environment variables
+EDGECC_TARGET (default host) and EDGECC_RUNTIME (reference or native; default reference) decide.
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import onnx
@@ -24,6 +30,9 @@ class EdgeccRep(BackendRep):
 
     def __init__(self, model: onnx.ModelProto, options: dict):
         self._model = model
+        options = dict(options)
+        options.setdefault("runtime", os.environ.get("EDGECC_RUNTIME", "reference"))
+        options.setdefault("target", os.environ.get("EDGECC_TARGET", "host"))
         self._options = options
         self._compiled = {}
         self._initializers = {i.name for i in model.graph.initializer}

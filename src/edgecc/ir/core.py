@@ -216,3 +216,4 @@ class Module:
         self.opset = opset
         self.name = name
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.memory_plan = None  # set by the plan-memory pass (edgecc.passes.plan_memory.MemoryPlan)

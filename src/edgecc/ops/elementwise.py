@@ -16,49 +16,13 @@ import numpy as np
 from edgecc.errors import UnsupportedOpError
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
-from edgecc.ops.common import broadcast_shapes
+from edgecc.ops.common import (ANY, BOOL, FLOAT, NUMERIC, SIGNED, broadcast_shapes, check_dtype, check_same_dtype,
+                               compute_dtype, widen)
 from edgecc.ops.registry import REQUIRED, AttrSpec, Call, op
 
 # --------------------------------------------------------------------------------------------------------------
-# dtype groups (restricted to the dtypes edgecc supports) and shared helpers
+# Shared helpers (the dtype groups and checks are in edgecc.ops.common)
 # --------------------------------------------------------------------------------------------------------------
-
-FLOAT = frozenset({DType.float32, DType.float16})
-SIGNED = frozenset({DType.int8, DType.int16, DType.int32, DType.int64})
-INTEGER = SIGNED | {DType.uint8}
-NUMERIC = FLOAT | INTEGER
-BOOL = frozenset({DType.bool})
-ANY = NUMERIC | BOOL
-
-_ORDER = list(DType)
-
-
-def _names(dtypes) -> str:
-    return ", ".join(d.name for d in sorted(dtypes, key=_ORDER.index))
-
-
-def check_dtype(call: Call, index: int, allowed, role: str | None = None) -> DType:
-    """Fail unless input `index` has one of the `allowed` dtypes; return its dtype."""
-    dtype = call.inputs[index].dtype
-    if dtype not in allowed:
-        if allowed <= FLOAT:
-            hint = "insert a Cast to float32 before it"
-        elif allowed == BOOL:
-            hint = "compare with zero (Equal/Not) or Cast to bool first"
-        else:
-            hint = f"insert a Cast to one of: {_names(allowed)}"
-        call.fail(f"{call.op} {role or f'input {index}'} has dtype {dtype.name}; it accepts {_names(allowed)}",
-                  hint=hint)
-    return dtype
-
-
-def check_same_dtype(call: Call, indices) -> None:
-    """Fail unless the present inputs at `indices` share one dtype."""
-    present = [(i, call.inputs[i]) for i in indices if i < len(call.inputs) and call.inputs[i] is not None]
-    dtypes = {t.dtype for _, t in present}
-    if len(dtypes) > 1:
-        listed = ", ".join(f"input {i} is {t.dtype.name}" for i, t in present)
-        call.fail(f"{call.op} needs operands of one dtype ({listed})", hint="insert a Cast so the operands agree")
 
 
 def broadcast_infer(allowed, result: DType | None = None):
@@ -75,15 +39,6 @@ def broadcast_infer(allowed, result: DType | None = None):
         return [TensorType(result or call.inputs[present[0]].dtype, shape)]
 
     return infer
-
-
-def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype references compute in: float16 is widened to float32, everything else is kept."""
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
-
-
-def widen(x: np.ndarray) -> np.ndarray:
-    return x.astype(compute_dtype(x.dtype), copy=False)
 
 
 def erf(x: np.ndarray) -> np.ndarray:
@@ -441,52 +396,25 @@ def _mod(a, b, attrs):
     return np.fmod(a, b) if attrs["fmod"] == 1 else np.mod(a, b)
 
 
-@_binary("And", BOOL, result=DType.bool, commutative=True)
-def _and(a, b, attrs):
-    """Logical A and B (bool tensors, broadcast)."""
-    return np.logical_and(a, b)
+def _bool_binary(name: str, allowed, ufunc: np.ufunc, doc: str, *, commutative: bool = False) -> None:
+    """Register `name` as the broadcasting `ufunc(a, b)` with a bool result (logic and comparisons), applied to
+    the operands at their own dtype."""
+
+    def fn(a, b, attrs):
+        return ufunc(a, b)
+
+    fn.__name__, fn.__doc__ = "_" + ufunc.__name__.removeprefix("logical_"), doc
+    _binary(name, allowed, result=DType.bool, commutative=commutative, widen_floats=False)(fn)
 
 
-@_binary("Or", BOOL, result=DType.bool, commutative=True)
-def _or(a, b, attrs):
-    """Logical A or B (bool tensors, broadcast)."""
-    return np.logical_or(a, b)
-
-
-@_binary("Xor", BOOL, result=DType.bool, commutative=True)
-def _xor(a, b, attrs):
-    """Logical A xor B (bool tensors, broadcast)."""
-    return np.logical_xor(a, b)
-
-
-@_binary("Equal", ANY, result=DType.bool, commutative=True, widen_floats=False)
-def _equal(a, b, attrs):
-    """A == B elementwise (bool result, broadcast)."""
-    return np.equal(a, b)
-
-
-@_binary("Greater", NUMERIC, result=DType.bool, widen_floats=False)
-def _greater(a, b, attrs):
-    """A > B elementwise (bool result, broadcast)."""
-    return np.greater(a, b)
-
-
-@_binary("GreaterOrEqual", NUMERIC, result=DType.bool, widen_floats=False)
-def _greater_equal(a, b, attrs):
-    """A >= B elementwise (bool result, broadcast)."""
-    return np.greater_equal(a, b)
-
-
-@_binary("Less", NUMERIC, result=DType.bool, widen_floats=False)
-def _less(a, b, attrs):
-    """A < B elementwise (bool result, broadcast)."""
-    return np.less(a, b)
-
-
-@_binary("LessOrEqual", NUMERIC, result=DType.bool, widen_floats=False)
-def _less_equal(a, b, attrs):
-    """A <= B elementwise (bool result, broadcast)."""
-    return np.less_equal(a, b)
+_bool_binary("And", BOOL, np.logical_and, "Logical A and B (bool tensors, broadcast).", commutative=True)
+_bool_binary("Or", BOOL, np.logical_or, "Logical A or B (bool tensors, broadcast).", commutative=True)
+_bool_binary("Xor", BOOL, np.logical_xor, "Logical A xor B (bool tensors, broadcast).", commutative=True)
+_bool_binary("Equal", ANY, np.equal, "A == B elementwise (bool result, broadcast).", commutative=True)
+_bool_binary("Greater", NUMERIC, np.greater, "A > B elementwise (bool result, broadcast).")
+_bool_binary("GreaterOrEqual", NUMERIC, np.greater_equal, "A >= B elementwise (bool result, broadcast).")
+_bool_binary("Less", NUMERIC, np.less, "A < B elementwise (bool result, broadcast).")
+_bool_binary("LessOrEqual", NUMERIC, np.less_equal, "A <= B elementwise (bool result, broadcast).")
 
 
 # Pow: base and exponent may differ in dtype -------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
-from edgecc.ops.common import normalize_axis, normalize_axes, tensor
+from edgecc.ops.common import normalize_axis, normalize_axes, tensor, widen
 from edgecc.ops.registry import AttrSpec, Call, op
 
 _REDUCE_ATTRS = {"keepdims": AttrSpec("int", 1), "noop_with_empty_axes": AttrSpec("int", 0)}
@@ -83,11 +83,6 @@ def _reduction(name: str, allowed: tuple[DType, ...] = _NUMERIC):
     return wrap
 
 
-def _wide(x: np.ndarray) -> np.ndarray:
-    """float16 is accumulated in float32; other types at their own width."""
-    return x.astype(np.float32) if x.dtype == np.float16 else x
-
-
 def _sum(x, axes, keepdims):
     if axes is None:
         return x
@@ -97,13 +92,13 @@ def _sum(x, axes, keepdims):
 @_reduction("ReduceSum")
 def reduce_sum(x, axes, keepdims):
     """Sum over `axes` (all axes when absent; identity with noop_with_empty_axes). Integers wrap."""
-    return _sum(_wide(x), axes, keepdims)
+    return _sum(widen(x), axes, keepdims)
 
 
 @_reduction("ReduceSumSquare")
 def reduce_sum_square(x, axes, keepdims):
     """Sum of squares over `axes` (squares only, with noop_with_empty_axes and no axes)."""
-    w = _wide(x)
+    w = widen(x)
     return _sum(w * w, axes, keepdims)
 
 
@@ -111,7 +106,7 @@ def reduce_sum_square(x, axes, keepdims):
 def reduce_l2(x, axes, keepdims):
     """sqrt(sum(x^2)) over `axes` (|x| with noop_with_empty_axes and no axes). Integer inputs are reduced in
     float64 and the result truncated to the input type."""
-    w = x.astype(np.float64) if x.dtype.kind in "iu" else _wide(x)
+    w = x.astype(np.float64) if x.dtype.kind in "iu" else widen(x)
     return np.sqrt(_sum(w * w, axes, keepdims))
 
 
@@ -120,7 +115,7 @@ def reduce_mean(x, axes, keepdims):
     """Arithmetic mean over `axes` (NaN for an empty set). Integer means are computed in float64 and truncated."""
     if axes is None:
         return x
-    w = x.astype(np.float64) if x.dtype.kind in "iu" else _wide(x)
+    w = x.astype(np.float64) if x.dtype.kind in "iu" else widen(x)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.mean(w, axis=axes, keepdims=keepdims, dtype=w.dtype)
 
@@ -130,7 +125,7 @@ def reduce_prod(x, axes, keepdims):
     """Product over `axes` (1 for an empty set). Integers wrap."""
     if axes is None:
         return x
-    w = _wide(x)
+    w = widen(x)
     return np.prod(w, axis=axes, keepdims=keepdims, dtype=w.dtype)
 
 
@@ -146,22 +141,25 @@ def _highest(dtype: np.dtype):
     return np.inf if dtype.kind == "f" else np.iinfo(dtype).max
 
 
+def _extremum(ufunc: np.ufunc, identity, x, axes, keepdims):
+    """`ufunc` (np.maximum or np.minimum) reduced over `axes` from `identity(x.dtype)`, which an empty set gives."""
+    if axes is None:
+        return x
+    return ufunc.reduce(x, axis=axes, keepdims=keepdims, initial=identity(x.dtype))
+
+
 @_reduction("ReduceMax", _MINMAX)
 def reduce_max(x, axes, keepdims):
     """Maximum over `axes`; -inf (floats), the type's minimum (integers) or False for an empty set.
     NaN propagates."""
-    if axes is None:
-        return x
-    return np.maximum.reduce(x, axis=axes, keepdims=keepdims, initial=_lowest(x.dtype))
+    return _extremum(np.maximum, _lowest, x, axes, keepdims)
 
 
 @_reduction("ReduceMin", _MINMAX)
 def reduce_min(x, axes, keepdims):
     """Minimum over `axes`; +inf (floats), the type's maximum (integers) or True for an empty set.
     NaN propagates."""
-    if axes is None:
-        return x
-    return np.minimum.reduce(x, axis=axes, keepdims=keepdims, initial=_highest(x.dtype))
+    return _extremum(np.minimum, _highest, x, axes, keepdims)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
 """Tensor and shape-manipulation ops: constants, shape queries, reshapes, slicing and gathering, padding,
-tiling, splitting, triangular masks, cumulative sums and resizing (Resize, Upsample).
+tiling, splitting, triangular masks and cumulative sums (resizing, Resize and Upsample, is in resize.py).
 
-Ops whose output shape depends on an input's *value* (Reshape's shape, Slice's starts, Pad's pads, Resize's
-scales, ...) read it with `call.value(i)` during inference and fail when it is only known at run time. Each
-op's inference and reference share one "plan" function, so inference always predicts the shape the reference
-produces.
+Ops whose output shape depends on an input's *value* (Reshape's shape, Slice's starts, Pad's pads, ...) read it
+with `call.value(i)` during inference and fail when it is only known at run time. Each op's inference and
+reference share one "plan" function, so inference always predicts the shape the reference produces.
 """
 
 from __future__ import annotations
@@ -15,103 +14,20 @@ import numpy as np
 
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
-from edgecc.ops.common import normalize_axis, tensor
+from edgecc.ops.common import (attr_choice, checked_axes, dense, first_type, has_input, input_dtype,
+                               input_shape, known_ints, known_value, normalize_axis, require_int, tensor)
 from edgecc.ops.registry import REQUIRED, AttrSpec, Call, op
 
 # ----------------------------------------------------------------------------------------------------------
-# Helpers shared by the ops of this file (inference sees TensorTypes, the reference sees arrays).
+# Helpers of this file (the shared ones, in edgecc.ops.common, see TensorTypes and arrays alike)
 # ----------------------------------------------------------------------------------------------------------
 
-_CONSTANT_HINT = "make it a constant (initializer), or bind the model's dynamic dims so it can be folded"
-
-
-def _dense(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous, writable array (copying views such as transposes and broadcasts). Unlike
-    np.ascontiguousarray it keeps 0-d arrays 0-d."""
-    return np.array(array, order="C", copy=None)
-
-
-def _shape(call: Call, index: int) -> tuple[int, ...]:
-    """Shape of input `index`, in inference (TensorType) and in the reference (array) alike."""
-    x = call.inputs[index]
-    return tuple(x.shape)
-
-
-def _dtype(call: Call, index: int) -> DType:
-    x = call.inputs[index]
-    return x.dtype if isinstance(x, TensorType) else DType.from_numpy(np.asarray(x).dtype)
-
-
-def _present(call: Call, index: int) -> bool:
-    return call.input(index) is not None
-
-
-def _known(call: Call, index: int, what: str) -> np.ndarray | None:
-    """The value of input `index`: None if the (optional) input is omitted; in inference, fails when it is
-    present but only known at run time."""
-    x = call.input(index)
-    if x is None:
-        return None
-    if isinstance(x, TensorType):
-        value = call.value(index)
-        if value is None:
-            call.fail(f"{call.op}'s {what} (input {index}) must be known at compile time", hint=_CONSTANT_HINT)
-        return np.asarray(value)
-    return np.asarray(x)
-
-
-def _require_int(call: Call, index: int, what: str, *, rank1: bool = False, scalar: bool = False) -> None:
-    """Index-like inputs must be int32/int64 (1-D or a scalar where the schema says so)."""
-    if not _present(call, index):
-        return
-    dtype = _dtype(call, index)
-    if dtype not in (DType.int32, DType.int64):
-        call.fail(f"{call.op}'s {what} (input {index}) must be int64 (or int32), got {dtype.name}",
-                  hint="insert a Cast to int64")
-    shape = _shape(call, index)
-    if rank1 and len(shape) != 1:
-        call.fail(f"{call.op}'s {what} (input {index}) must be a 1-D tensor, got shape {list(shape)}")
-    if scalar and int(np.prod(shape, dtype=np.int64)) != 1:
-        call.fail(f"{call.op}'s {what} (input {index}) must hold a single value, got shape {list(shape)}")
-
-
-def _ints(call: Call, index: int, what: str, *, rank1: bool = True) -> list[int] | None:
-    """A known index-like input as a list of ints (None if omitted)."""
-    _require_int(call, index, what, rank1=rank1)
-    value = _known(call, index, what)
-    return None if value is None else [int(v) for v in value.reshape(-1)]
-
-
 def _same_dtype(call: Call, indices, what: str = "inputs") -> DType:
-    dtypes = [_dtype(call, i) for i in indices if _present(call, i)]
+    dtypes = [input_dtype(call, i) for i in indices if has_input(call, i)]
     if len(set(dtypes)) > 1:
         call.fail(f"{call.op}'s {what} have different dtypes: {', '.join(d.name for d in dtypes)}",
                   hint="insert a Cast so they agree")
     return dtypes[0]
-
-
-def _axes(call: Call, axes, rank: int, what: str = "axes") -> list[int]:
-    """Normalise possibly negative axes against `rank`, rejecting out-of-range and repeated ones."""
-    result = []
-    for a in axes:
-        if not -rank <= a < rank:
-            call.bad_attr(f"{what} value {a} is out of range for a rank-{rank} tensor",
-                          hint=f"use -{rank}..{rank - 1}")
-        result.append(a + rank if a < 0 else a)
-    if len(set(result)) != len(result):
-        call.bad_attr(f"{what} {list(axes)} repeat an axis")
-    return result
-
-
-def _first_type(call: Call, shape) -> list[TensorType]:
-    return [tensor(_dtype(call, 0), shape)]
-
-
-def _choice(call: Call, name: str, allowed) -> str:
-    value = call.attrs[name]
-    if value not in allowed:
-        call.bad_attr(f"{name}={value!r} is not supported", hint=f"use one of {', '.join(map(repr, allowed))}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,8 +84,8 @@ def constant(call: Call):
 
 
 def _constant_of_shape_plan(call: Call):
-    _require_int(call, 0, "shape", rank1=True)
-    dims = _ints(call, 0, "shape")
+    require_int(call, 0, "shape", rank1=True)
+    dims = known_ints(call, 0, "shape")
     if any(d < 0 for d in dims):
         call.fail(f"ConstantOfShape's shape {dims} has a negative dimension", hint="all dims must be >= 0")
     value = call.attrs.get("value")
@@ -199,7 +115,7 @@ def constant_of_shape(call: Call):
 
 
 def _shape_range(call: Call) -> tuple[int, int]:
-    rank = len(_shape(call, 0))
+    rank = len(input_shape(call, 0))
 
     def clamp(axis: int) -> int:
         return min(max(axis + rank if axis < 0 else axis, 0), rank)
@@ -219,7 +135,7 @@ def shape(call: Call):
     """The input's dims as a 1-D int64 tensor, optionally only axes start..end (negative counts from the back;
     both clamped to [0, rank]; empty when start >= end)."""
     start, end = _shape_range(call)
-    return [np.array(_shape(call, 0)[start:end], dtype=np.int64)]
+    return [np.array(input_shape(call, 0)[start:end], dtype=np.int64)]
 
 
 @op("Size", infer=lambda call: [tensor(DType.int64, ())], shape_only=True)
@@ -233,9 +149,9 @@ def size(call: Call):
 # ----------------------------------------------------------------------------------------------------------
 
 def _reshape_plan(call: Call) -> tuple[int, ...]:
-    in_shape = _shape(call, 0)
-    _require_int(call, 1, "shape", rank1=True)
-    requested = _ints(call, 1, "shape")
+    in_shape = input_shape(call, 0)
+    require_int(call, 1, "shape", rank1=True)
+    requested = known_ints(call, 1, "shape")
     allowzero = call.attrs["allowzero"]
     if requested.count(-1) > 1:
         call.fail(f"Reshape's shape {requested} has more than one -1", hint="at most one dim may be inferred")
@@ -265,7 +181,7 @@ def _reshape_plan(call: Call) -> tuple[int, ...]:
     return tuple(out)
 
 
-@op("Reshape", infer=lambda call: _first_type(call, _reshape_plan(call)), inputs=(2, 2),
+@op("Reshape", infer=lambda call: first_type(call, _reshape_plan(call)), inputs=(2, 2),
     attrs={"allowzero": AttrSpec("int", 0)}, kind="layout")
 def reshape(call: Call):
     """The data with a new shape from the int64 `shape` input: one dim may be -1 (inferred), a 0 copies the
@@ -274,7 +190,7 @@ def reshape(call: Call):
 
 
 def _flatten_plan(call: Call) -> tuple[int, int]:
-    in_shape = _shape(call, 0)
+    in_shape = input_shape(call, 0)
     rank, axis = len(in_shape), call.attrs["axis"]
     if not -rank <= axis <= rank:
         call.bad_attr(f"Flatten axis {axis} is out of range for a rank-{rank} tensor", hint=f"use -{rank}..{rank}")
@@ -282,7 +198,7 @@ def _flatten_plan(call: Call) -> tuple[int, int]:
     return (int(np.prod(in_shape[:axis], dtype=np.int64)), int(np.prod(in_shape[axis:], dtype=np.int64)))
 
 
-@op("Flatten", infer=lambda call: _first_type(call, _flatten_plan(call)), attrs={"axis": AttrSpec("int", 1)},
+@op("Flatten", infer=lambda call: first_type(call, _flatten_plan(call)), attrs={"axis": AttrSpec("int", 1)},
     kind="layout")
 def flatten(call: Call):
     """2-D view of the input: dims before `axis` multiply into rows, the rest into columns."""
@@ -290,11 +206,11 @@ def flatten(call: Call):
 
 
 def _squeeze_plan(call: Call) -> tuple[int, ...]:
-    in_shape = _shape(call, 0)
-    axes = _ints(call, 1, "axes")
+    in_shape = input_shape(call, 0)
+    axes = known_ints(call, 1, "axes")
     if not axes:  # omitted (or empty, as onnxruntime reads it): drop every 1-dim
         return tuple(d for d in in_shape if d != 1)
-    axes = _axes(call, axes, len(in_shape))
+    axes = checked_axes(call, axes, len(in_shape))
     for a in axes:
         if in_shape[a] != 1:
             call.fail(f"Squeeze axis {a} has size {in_shape[a]}, not 1 (input shape {list(in_shape)})",
@@ -302,29 +218,29 @@ def _squeeze_plan(call: Call) -> tuple[int, ...]:
     return tuple(d for i, d in enumerate(in_shape) if i not in axes)
 
 
-@op("Squeeze", infer=lambda call: _first_type(call, _squeeze_plan(call)), inputs=(1, 2), kind="layout")
+@op("Squeeze", infer=lambda call: first_type(call, _squeeze_plan(call)), inputs=(1, 2), kind="layout")
 def squeeze(call: Call):
     """Removes the 1-sized dims listed in the `axes` input (all 1-sized dims when axes is omitted)."""
     return [np.reshape(call.inputs[0], _squeeze_plan(call))]
 
 
 def _unsqueeze_plan(call: Call) -> tuple[int, ...]:
-    in_shape = _shape(call, 0)
-    axes = _ints(call, 1, "axes")
+    in_shape = input_shape(call, 0)
+    axes = known_ints(call, 1, "axes")
     out_rank = len(in_shape) + len(axes)
-    axes = set(_axes(call, axes, out_rank))
+    axes = set(checked_axes(call, axes, out_rank))
     rest = iter(in_shape)
     return tuple(1 if i in axes else next(rest) for i in range(out_rank))
 
 
-@op("Unsqueeze", infer=lambda call: _first_type(call, _unsqueeze_plan(call)), inputs=(2, 2), kind="layout")
+@op("Unsqueeze", infer=lambda call: first_type(call, _unsqueeze_plan(call)), inputs=(2, 2), kind="layout")
 def unsqueeze(call: Call):
     """Inserts 1-sized dims at the positions in `axes` (indices into the output, negative from the back)."""
     return [np.reshape(call.inputs[0], _unsqueeze_plan(call))]
 
 
 def _perm(call: Call) -> list[int]:
-    rank = len(_shape(call, 0))
+    rank = len(input_shape(call, 0))
     perm = call.attrs.get("perm")
     if perm is None:
         return list(range(rank))[::-1]
@@ -335,24 +251,24 @@ def _perm(call: Call) -> list[int]:
 
 
 def _infer_transpose(call: Call):
-    in_shape = _shape(call, 0)
-    return _first_type(call, [in_shape[p] for p in _perm(call)])
+    in_shape = input_shape(call, 0)
+    return first_type(call, [in_shape[p] for p in _perm(call)])
 
 
 @op("Transpose", infer=_infer_transpose, attrs={"perm": AttrSpec("ints")}, kind="layout")
 def transpose(call: Call):
     """Permutes the axes: output axis i is input axis perm[i] (default: reversed order)."""
-    return [_dense(np.transpose(call.inputs[0], _perm(call)))]
+    return [dense(np.transpose(call.inputs[0], _perm(call)))]
 
 
 def _depth_space_plan(call: Call, to_space: bool):
-    in_shape = _shape(call, 0)
+    in_shape = input_shape(call, 0)
     if len(in_shape) != 4:
         call.fail(f"{call.op} needs a rank-4 NCHW input, got shape {list(in_shape)}")
     b = call.attrs["blocksize"]
     if b < 1:
         call.bad_attr(f"blocksize must be >= 1, got {b}")
-    mode = _choice(call, "mode", ("DCR", "CRD"))
+    mode = attr_choice(call, "mode", ("DCR", "CRD"))
     n, c, h, w = in_shape
     if to_space:
         if c % (b * b):
@@ -363,7 +279,7 @@ def _depth_space_plan(call: Call, to_space: bool):
     return mode, b, (n, c * b * b, h // b, w // b)
 
 
-@op("DepthToSpace", infer=lambda call: _first_type(call, _depth_space_plan(call, True)[2]),
+@op("DepthToSpace", infer=lambda call: first_type(call, _depth_space_plan(call, True)[2]),
     attrs={"blocksize": AttrSpec("int", REQUIRED), "mode": AttrSpec("string", "DCR")})
 def depth_to_space(call: Call):
     """Moves channel blocks into blocksize x blocksize spatial tiles (NCHW). DCR: channels are ordered
@@ -378,7 +294,7 @@ def depth_to_space(call: Call):
     return [t.reshape(out_shape)]
 
 
-@op("SpaceToDepth", infer=lambda call: _first_type(call, _depth_space_plan(call, False)[2]),
+@op("SpaceToDepth", infer=lambda call: first_type(call, _depth_space_plan(call, False)[2]),
     attrs={"blocksize": AttrSpec("int", REQUIRED), "mode": AttrSpec("string", "DCR")})
 def space_to_depth(call: Call):
     """Moves blocksize x blocksize spatial tiles into channels (NCHW), the inverse of DepthToSpace with the
@@ -396,7 +312,7 @@ def space_to_depth(call: Call):
 # ----------------------------------------------------------------------------------------------------------
 
 def _concat_plan(call: Call) -> tuple[int, tuple[int, ...]]:
-    shapes = [_shape(call, i) for i in range(len(call.inputs))]
+    shapes = [input_shape(call, i) for i in range(len(call.inputs))]
     _same_dtype(call, range(len(call.inputs)))
     rank = len(shapes[0])
     if rank == 0:
@@ -411,7 +327,7 @@ def _concat_plan(call: Call) -> tuple[int, tuple[int, ...]]:
     return axis, tuple(out)
 
 
-@op("Concat", infer=lambda call: _first_type(call, _concat_plan(call)[1]), inputs=(1, -1),
+@op("Concat", infer=lambda call: first_type(call, _concat_plan(call)[1]), inputs=(1, -1),
     attrs={"axis": AttrSpec("int", REQUIRED)})
 def concat(call: Call):
     """Joins the inputs along `axis` (they agree on every other dim)."""
@@ -420,11 +336,11 @@ def concat(call: Call):
 
 
 def _split_plan(call: Call) -> tuple[int, list[int]]:
-    in_shape = _shape(call, 0)
+    in_shape = input_shape(call, 0)
     axis = normalize_axis(call, call.attrs["axis"], len(in_shape))
     dim = in_shape[axis]
     n = call.num_outputs
-    split = _ints(call, 1, "split")
+    split = known_ints(call, 1, "split")
     num_outputs = call.attrs.get("num_outputs")
     if split is not None and num_outputs is not None:
         call.bad_attr("Split takes either the split input or the num_outputs attribute, not both")
@@ -449,8 +365,8 @@ def _split_plan(call: Call) -> tuple[int, list[int]]:
 
 def _infer_split(call: Call):
     axis, sizes = _split_plan(call)
-    in_shape = list(_shape(call, 0))
-    dtype = _dtype(call, 0)
+    in_shape = list(input_shape(call, 0))
+    dtype = input_dtype(call, 0)
     return [tensor(dtype, in_shape[:axis] + [s] + in_shape[axis + 1:]) for s in sizes]
 
 
@@ -461,22 +377,22 @@ def split(call: Call):
     (ceil(dim / n) each, the last one smaller) for n = `num_outputs` or the node's output count."""
     axis, sizes = _split_plan(call)
     bounds = np.cumsum(sizes)[:-1]
-    return [_dense(p) for p in np.split(call.inputs[0], bounds, axis=axis)]
+    return [dense(p) for p in np.split(call.inputs[0], bounds, axis=axis)]
 
 
 def _slice_plan(call: Call) -> tuple[slice, ...]:
-    in_shape = _shape(call, 0)
+    in_shape = input_shape(call, 0)
     rank = len(in_shape)
-    starts = _ints(call, 1, "starts")
-    ends = _ints(call, 2, "ends")
-    axes = _ints(call, 3, "axes")
-    steps = _ints(call, 4, "steps")
+    starts = known_ints(call, 1, "starts")
+    ends = known_ints(call, 2, "ends")
+    axes = known_ints(call, 3, "axes")
+    steps = known_ints(call, 4, "steps")
     axes = list(range(len(starts))) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
     if not len(starts) == len(ends) == len(axes) == len(steps):
         call.fail(f"Slice's starts, ends, axes and steps have different lengths "
                   f"({len(starts)}, {len(ends)}, {len(axes)}, {len(steps)})")
-    axes = _axes(call, axes, rank)
+    axes = checked_axes(call, axes, rank)
     slices = [slice(None)] * rank
     for start, end, axis, step in zip(starts, ends, axes, steps):
         dim = in_shape[axis]
@@ -496,8 +412,8 @@ def _slice_plan(call: Call) -> tuple[slice, ...]:
 
 
 def _infer_slice(call: Call):
-    in_shape = _shape(call, 0)
-    return _first_type(call, [len(range(d)[s]) for d, s in zip(in_shape, _slice_plan(call))])
+    in_shape = input_shape(call, 0)
+    return first_type(call, [len(range(d)[s]) for d, s in zip(in_shape, _slice_plan(call))])
 
 
 @op("Slice", infer=_infer_slice, inputs=(3, 5))
@@ -505,14 +421,14 @@ def slice_(call: Call):
     """NumPy-style strided slice: per listed axis (default all, in order) from starts to ends (exclusive) by
     steps (default 1, negative walks backwards). Negative starts/ends count from the back; both are clamped
     to the dim ([0, dim] forwards, [0, dim-1] and [-1, dim-1] backwards)."""
-    return [_dense(call.inputs[0][_slice_plan(call)])]
+    return [dense(call.inputs[0][_slice_plan(call)])]
 
 
 def _gather_plan(call: Call) -> int:
-    in_shape = _shape(call, 0)
+    in_shape = input_shape(call, 0)
     if not in_shape:
         call.fail(f"{call.op} needs data of rank >= 1, got a scalar")
-    _require_int(call, 1, "indices")
+    require_int(call, 1, "indices")
     return normalize_axis(call, call.attrs["axis"], len(in_shape))
 
 
@@ -526,11 +442,11 @@ def _checked_indices(call: Call, indices: np.ndarray, dim: int) -> np.ndarray:
 
 def _infer_gather(call: Call):
     axis = _gather_plan(call)
-    in_shape = _shape(call, 0)
+    in_shape = input_shape(call, 0)
     indices = call.value(1)
     if indices is not None:
         _checked_indices(call, indices, in_shape[axis])
-    return _first_type(call, in_shape[:axis] + _shape(call, 1) + in_shape[axis + 1:])
+    return first_type(call, in_shape[:axis] + input_shape(call, 1) + in_shape[axis + 1:])
 
 
 @op("Gather", infer=_infer_gather, inputs=(2, 2), attrs={"axis": AttrSpec("int", 0)})
@@ -544,7 +460,7 @@ def gather(call: Call):
 
 def _gather_elements_plan(call: Call) -> int:
     axis = _gather_plan(call)
-    data_shape, idx_shape = _shape(call, 0), _shape(call, 1)
+    data_shape, idx_shape = input_shape(call, 0), input_shape(call, 1)
     if len(idx_shape) != len(data_shape) or any(
             i > d for k, (i, d) in enumerate(zip(idx_shape, data_shape)) if k != axis):
         call.fail(f"GatherElements indices {list(idx_shape)} do not fit data {list(data_shape)}",
@@ -556,8 +472,8 @@ def _infer_gather_elements(call: Call):
     axis = _gather_elements_plan(call)
     indices = call.value(1)
     if indices is not None:
-        _checked_indices(call, indices, _shape(call, 0)[axis])
-    return _first_type(call, _shape(call, 1))
+        _checked_indices(call, indices, input_shape(call, 0)[axis])
+    return first_type(call, input_shape(call, 1))
 
 
 @op("GatherElements", infer=_infer_gather_elements, inputs=(2, 2), attrs={"axis": AttrSpec("int", 0)})
@@ -576,8 +492,8 @@ def gather_elements(call: Call):
 # ----------------------------------------------------------------------------------------------------------
 
 def _expand_plan(call: Call) -> tuple[int, ...]:
-    target = _ints(call, 1, "shape")
-    in_shape = _shape(call, 0)
+    target = known_ints(call, 1, "shape")
+    in_shape = input_shape(call, 0)
     try:
         return tuple(np.broadcast_shapes(in_shape, tuple(target)))
     except ValueError:
@@ -585,22 +501,22 @@ def _expand_plan(call: Call) -> tuple[int, ...]:
                   hint="aligned from the right, each pair of dims must be equal or one of them 1")
 
 
-@op("Expand", infer=lambda call: _first_type(call, _expand_plan(call)), inputs=(2, 2))
+@op("Expand", infer=lambda call: first_type(call, _expand_plan(call)), inputs=(2, 2))
 def expand(call: Call):
     """Broadcasts the input against the `shape` input (NumPy rules; the result may be larger than shape)."""
-    return [_dense(np.broadcast_to(call.inputs[0], _expand_plan(call)))]
+    return [dense(np.broadcast_to(call.inputs[0], _expand_plan(call)))]
 
 
 def _tile_plan(call: Call) -> list[int]:
-    repeats = _ints(call, 1, "repeats")
-    in_shape = _shape(call, 0)
+    repeats = known_ints(call, 1, "repeats")
+    in_shape = input_shape(call, 0)
     if len(repeats) != len(in_shape) or any(r < 0 for r in repeats):
         call.fail(f"Tile repeats {repeats} do not match a rank-{len(in_shape)} input",
                   hint="give one non-negative repeat count per input dim")
     return repeats
 
 
-@op("Tile", infer=lambda call: _first_type(call, [d * r for d, r in zip(_shape(call, 0), _tile_plan(call))]),
+@op("Tile", infer=lambda call: first_type(call, [d * r for d, r in zip(input_shape(call, 0), _tile_plan(call))]),
     inputs=(2, 2))
 def tile(call: Call):
     """Repeats the input repeats[i] times along each axis i (like numpy.tile, without broadcasting)."""
@@ -612,20 +528,20 @@ _PAD_MODES = ("constant", "reflect", "edge", "wrap")
 
 def _pad_plan(call: Call):
     """Mode, per-axis (begin, end) pads (negative = crop) and the output shape."""
-    in_shape = _shape(call, 0)
+    in_shape = input_shape(call, 0)
     rank = len(in_shape)
-    mode = _choice(call, "mode", _PAD_MODES)
-    pads = _ints(call, 1, "pads")
-    axes = _ints(call, 3, "axes")
-    axes = list(range(rank)) if axes is None else _axes(call, axes, rank)
+    mode = attr_choice(call, "mode", _PAD_MODES)
+    pads = known_ints(call, 1, "pads")
+    axes = known_ints(call, 3, "axes")
+    axes = list(range(rank)) if axes is None else checked_axes(call, axes, rank)
     if len(pads) != 2 * len(axes):
         call.fail(f"Pad has {len(pads)} pads for {len(axes)} axes", hint="give a begin and an end pad per axis")
-    if _present(call, 2):
-        if _dtype(call, 2) != _dtype(call, 0):
-            call.fail(f"Pad constant_value is {_dtype(call, 2).name} but data is {_dtype(call, 0).name}",
+    if has_input(call, 2):
+        if input_dtype(call, 2) != input_dtype(call, 0):
+            call.fail(f"Pad constant_value is {input_dtype(call, 2).name} but data is {input_dtype(call, 0).name}",
                       hint="give constant_value the data's dtype")
-        if int(np.prod(_shape(call, 2), dtype=np.int64)) > 1:
-            call.fail(f"Pad constant_value must be a scalar, got shape {list(_shape(call, 2))}")
+        if int(np.prod(input_shape(call, 2), dtype=np.int64)) > 1:
+            call.fail(f"Pad constant_value must be a scalar, got shape {list(input_shape(call, 2))}")
     plan = [(0, 0)] * rank
     for i, axis in enumerate(axes):
         begin, end = pads[i], pads[len(axes) + i]
@@ -641,7 +557,7 @@ def _pad_plan(call: Call):
     return mode, plan, out
 
 
-@op("Pad", infer=lambda call: _first_type(call, _pad_plan(call)[2]), inputs=(2, 4),
+@op("Pad", infer=lambda call: first_type(call, _pad_plan(call)[2]), inputs=(2, 4),
     attrs={"mode": AttrSpec("string", "constant")})
 def pad(call: Call):
     """Pads (or, for negative pads, crops) each listed axis (default all) at its beginning and end. pads =
@@ -675,9 +591,10 @@ def _range_plan(call: Call):
     if dtype not in _RANGE_DTYPES:
         call.fail(f"Range does not take {dtype.name}", hint="use float32, float16, int16, int32 or int64")
     for i, name in enumerate(("start", "limit", "delta")):
-        if int(np.prod(_shape(call, i), dtype=np.int64)) != 1:
-            call.fail(f"Range's {name} must be a scalar, got shape {list(_shape(call, i))}")
-    start, limit, delta = (_known(call, i, name).reshape(-1)[0] for i, name in enumerate(("start", "limit", "delta")))
+        if int(np.prod(input_shape(call, i), dtype=np.int64)) != 1:
+            call.fail(f"Range's {name} must be a scalar, got shape {list(input_shape(call, i))}")
+    start, limit, delta = (known_value(call, i, name).reshape(-1)[0]
+                           for i, name in enumerate(("start", "limit", "delta")))
     if dtype.is_float:
         stash = call.attrs["stash_type"]
         if dtype == DType.float16 and stash not in (1, 11):
@@ -714,9 +631,9 @@ def range_(call: Call):
 
 
 def _trilu_plan(call: Call) -> int | None:
-    if len(_shape(call, 0)) < 2:
-        call.fail(f"Trilu needs a rank >= 2 input, got shape {list(_shape(call, 0))}")
-    _require_int(call, 1, "k", scalar=True)
+    if len(input_shape(call, 0)) < 2:
+        call.fail(f"Trilu needs a rank >= 2 input, got shape {list(input_shape(call, 0))}")
+    require_int(call, 1, "k", scalar=True)
     if isinstance(call.inputs[0], TensorType):
         return None  # k does not change the shape; the reference reads it
     k = call.input(1)
@@ -745,16 +662,16 @@ _CUMSUM_DTYPES = (DType.float32, DType.float16, DType.int32, DType.int64)
 
 
 def _cumsum_plan(call: Call) -> int | None:
-    dtype = _dtype(call, 0)
+    dtype = input_dtype(call, 0)
     if dtype not in _CUMSUM_DTYPES:
         call.fail(f"CumSum does not take {dtype.name}", hint="Cast to float32, float16, int32 or int64")
-    rank = len(_shape(call, 0))
+    rank = len(input_shape(call, 0))
     if rank == 0:
         call.fail("CumSum needs an input of rank >= 1")
-    _require_int(call, 1, "axis", scalar=True)
+    require_int(call, 1, "axis", scalar=True)
     if isinstance(call.inputs[0], TensorType) and call.value(1) is None:
         return None  # the axis does not change the shape; the reference reads it
-    return normalize_axis(call, int(_known(call, 1, "axis").reshape(-1)[0]), rank)
+    return normalize_axis(call, int(known_value(call, 1, "axis").reshape(-1)[0]), rank)
 
 
 def _infer_cumsum(call: Call):
@@ -778,256 +695,4 @@ def cumsum(call: Call):
         y[(slice(None),) * axis + (0,)] = 0
     if call.attrs["reverse"]:
         y = np.flip(y, axis)
-    return [_dense(y.astype(call.inputs[0].dtype, copy=False))]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Resize and Upsample
-# ----------------------------------------------------------------------------------------------------------
-
-_RESIZE_MODES = ("nearest", "linear", "cubic")
-_COORD_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
-                "tf_crop_and_resize")
-_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
-_ASPECT_POLICIES = ("stretch", "not_larger", "not_smaller")
-
-
-class _AxisResize:
-    """How one axis is resized: output length, scale, fractional output length, and ROI (start, end)."""
-
-    def __init__(self, axis: int, out_len: int, scale: float, out_width: float, roi: tuple[float, float]):
-        self.axis, self.out_len, self.scale, self.out_width, self.roi = axis, out_len, scale, out_width, roi
-
-
-def _resize_plan(call: Call, *, scales_input: int, sizes_input: int | None, roi_input: int | None):
-    """Validated attributes and the per-axis resize of Resize (and Upsample): output shape and, per resized
-    axis, scale and fractional output length."""
-    in_shape = _shape(call, 0)
-    rank = len(in_shape)
-    attrs = call.attrs
-    mode = _choice(call, "mode", _RESIZE_MODES)
-    coord = _choice(call, "coordinate_transformation_mode", _COORD_MODES)
-    _choice(call, "nearest_mode", _NEAREST_MODES)
-    policy = _choice(call, "keep_aspect_ratio_policy", _ASPECT_POLICIES)
-    if mode != "nearest" and _dtype(call, 0) == DType.bool:
-        call.fail(f"{call.op} mode {mode!r} cannot interpolate bool tensors", hint="use mode='nearest'")
-    axes = attrs.get("axes")
-    axes = list(range(rank)) if axes is None else _axes(call, list(axes), rank, "Resize axes")
-
-    def optional_values(index, what):
-        if index is None or not _present(call, index):
-            return None
-        value = _known(call, index, what)
-        return None if value.size == 0 else value.reshape(-1)  # an empty tensor means "not given"
-
-    for index, what in ((scales_input, "scales"), (roi_input, "roi")):
-        if index is not None and _present(call, index) and not _dtype(call, index).is_float:
-            call.fail(f"{call.op}'s {what} must be float, got {_dtype(call, index).name}")
-    if sizes_input is not None:
-        _require_int(call, sizes_input, "sizes")
-    scales = optional_values(scales_input, "scales")
-    sizes = optional_values(sizes_input, "sizes")
-    roi = optional_values(roi_input, "roi")
-    if (scales is None) == (sizes is None):
-        call.fail(f"{call.op} needs exactly one of scales and sizes, got {'both' if scales is not None else 'neither'}",
-                  hint="pass the other as an empty input name")
-    given = scales if scales is not None else sizes
-    if len(given) != len(axes):
-        call.fail(f"{call.op} has {len(given)} {'scales' if scales is not None else 'sizes'} for {len(axes)} axes",
-                  hint="give one value per input dim, or per entry of the axes attribute")
-    if coord == "tf_crop_and_resize":
-        if roi is None or len(roi) != 2 * len(axes):
-            call.fail(f"tf_crop_and_resize needs an roi input of {2 * len(axes)} values "
-                      f"(starts then ends), got {0 if roi is None else len(roi)}")
-        rois = [(float(roi[i]), float(roi[len(axes) + i])) for i in range(len(axes))]
-    else:
-        rois = [(0.0, 1.0)] * len(axes)
-
-    out_shape = list(in_shape)
-    plans = []
-    if scales is not None:
-        if any(not s > 0 for s in scales):
-            call.fail(f"{call.op} scales {scales.tolist()} must all be > 0")
-        for axis, s, r in zip(axes, scales, rois):
-            s = float(s)
-            out_shape[axis] = int(math.floor(s * in_shape[axis]))
-            plans.append(_AxisResize(axis, out_shape[axis], s, s * in_shape[axis], r))
-    else:
-        sizes = [int(v) for v in sizes]
-        if any(v < 0 for v in sizes):
-            call.fail(f"{call.op} sizes {sizes} must be >= 0")
-        if any(in_shape[a] == 0 and v for a, v in zip(axes, sizes)):
-            call.fail(f"{call.op} cannot resize an empty axis to a non-zero size")
-        if policy == "stretch":
-            for axis, v, r in zip(axes, sizes, rois):
-                out_shape[axis] = v
-                plans.append(_AxisResize(axis, v, v / in_shape[axis] if in_shape[axis] else 1.0, float(v), r))
-        else:
-            ratios = [v / in_shape[a] for a, v in zip(axes, sizes) if in_shape[a]]
-            s = (min if policy == "not_larger" else max)(ratios) if ratios else 1.0
-            for axis, r in zip(axes, rois):
-                out_shape[axis] = int(math.floor(s * in_shape[axis] + 0.5))  # round half up
-                plans.append(_AxisResize(axis, out_shape[axis], s, s * in_shape[axis], r))
-    return mode, coord, tuple(out_shape), plans
-
-
-def _source_coords(coord: str, p: _AxisResize, in_len: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """x_original for every output index along one axis (float64), and for tf_crop_and_resize the mask of
-    outputs that fall outside the input (they get extrapolation_value)."""
-    x = np.arange(p.out_len, dtype=np.float64)
-    # length_resized is scale * length_original, fractional when it comes from a scale (as in the ONNX
-    # conformance data; onnxruntime uses the integer output length instead).
-    s, width = p.scale, p.out_width
-    if coord == "half_pixel":
-        return (x + 0.5) / s - 0.5, None
-    if coord == "half_pixel_symmetric":
-        offset = in_len / 2 * (1 - p.out_len / width)
-        return offset + (x + 0.5) / s - 0.5, None
-    if coord == "pytorch_half_pixel":  # the spec gives 0 for a length-1 output (onnx.reference uses -0.5)
-        return ((x + 0.5) / s - 0.5) if width > 1 else np.zeros_like(x), None
-    if coord == "align_corners":
-        return (x * (in_len - 1) / (width - 1)) if width != 1 else np.zeros_like(x), None
-    if coord == "asymmetric":
-        return x / s, None
-    start, end = p.roi  # tf_crop_and_resize
-    if width != 1:
-        src = start * (in_len - 1) + x * (end - start) * (in_len - 1) / (width - 1)
-    else:
-        src = np.full_like(x, 0.5 * (start + end) * (in_len - 1))
-    return src, (src < 0) | (src > in_len - 1)
-
-
-def _nearest_index(src: np.ndarray, nearest_mode: str, in_len: int) -> np.ndarray:
-    if nearest_mode == "round_prefer_floor":
-        idx = np.ceil(src - 0.5)
-    elif nearest_mode == "round_prefer_ceil":
-        idx = np.floor(src + 0.5)
-    elif nearest_mode == "floor":
-        idx = np.floor(src)
-    else:
-        idx = np.ceil(src)
-    return np.clip(idx, 0, in_len - 1).astype(np.intp)
-
-
-def _cubic_kernel(t: np.ndarray, a: float) -> np.ndarray:
-    """Keys' cubic convolution kernel with coefficient a."""
-    t = np.abs(t)
-    near = ((a + 2) * t - (a + 3)) * t * t + 1
-    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
-
-
-def _interpolation_matrix(src: np.ndarray, in_len: int, mode: str, scale: float, attrs) -> np.ndarray:
-    """The (out_len, in_len) matrix whose row i holds the weights output i gives each input element along
-    one axis. Taps outside the input are clamped to the edge (or dropped and the row renormalised with
-    exclude_outside); antialias stretches the kernel by 1/scale when downsampling."""
-    radius = 1 if mode == "linear" else 2
-    stretch = min(scale, 1.0) if attrs["antialias"] else 1.0
-    reach = int(math.ceil(radius / stretch))
-    taps = np.floor(src)[:, None].astype(np.int64) + np.arange(-reach, reach + 2)[None, :]
-    t = (taps - src[:, None]) * stretch
-    if mode == "linear":
-        weights = np.clip(1 - np.abs(t), 0, 1)
-    else:
-        weights = _cubic_kernel(t, attrs["cubic_coeff_a"])
-    if attrs["antialias"]:
-        weights = weights / weights.sum(axis=1, keepdims=True)
-    if attrs["exclude_outside"]:
-        weights = np.where((taps < 0) | (taps >= in_len), 0.0, weights)
-        total = weights.sum(axis=1, keepdims=True)
-        weights = weights / np.where(total == 0, 1.0, total)
-    matrix = np.zeros((len(src), in_len), dtype=np.float64)
-    rows = np.broadcast_to(np.arange(len(src))[:, None], taps.shape)
-    np.add.at(matrix, (rows, np.clip(taps, 0, in_len - 1)), weights)
-    return matrix
-
-
-def _is_identity(coord: str, p: _AxisResize, in_len: int) -> bool:
-    return (math.isclose(p.scale, 1.0) and p.out_len == in_len
-            and (coord != "tf_crop_and_resize" or (math.isclose(p.roi[0], 0.0) and math.isclose(p.roi[1], 1.0))))
-
-
-def _resample(x: np.ndarray, mode: str, coord: str, plans, attrs) -> np.ndarray:
-    """Separable resize: one 1-D resampling per axis (a gather for nearest, a matrix product otherwise)."""
-    out_dtype = x.dtype
-    y = x if mode == "nearest" else x.astype(np.float64)
-    outside = np.zeros((), dtype=bool)
-    for p in plans:
-        in_len = y.shape[p.axis]
-        if _is_identity(coord, p, in_len):
-            continue
-        if p.out_len == 0 or in_len == 0:
-            shape = list(y.shape)
-            shape[p.axis] = p.out_len
-            y = np.zeros(shape, dtype=y.dtype)
-            continue
-        src, extrapolated = _source_coords(coord, p, in_len)
-        if mode == "nearest":  # exclude_outside cannot apply: the nearest element is clamped into the input
-            y = np.take(y, _nearest_index(src, attrs["nearest_mode"], in_len), axis=p.axis)
-        else:
-            matrix = _interpolation_matrix(src, in_len, mode, p.scale, attrs)
-            y = np.moveaxis(np.tensordot(matrix, y, axes=([1], [p.axis])), 0, p.axis)
-        if extrapolated is not None:
-            shape = [1] * y.ndim
-            shape[p.axis] = p.out_len
-            outside = outside | extrapolated.reshape(shape)
-    if outside.any():
-        y = np.where(outside, np.asarray(attrs["extrapolation_value"]).astype(y.dtype), y)
-    if np.issubdtype(out_dtype, np.integer) and y.dtype != out_dtype:
-        info = np.iinfo(out_dtype)
-        y = np.clip(np.round(y), info.min, info.max)
-    return _dense(y.astype(out_dtype, copy=False))
-
-
-_RESIZE_ATTRS = {
-    "mode": AttrSpec("string", "nearest"),
-    "coordinate_transformation_mode": AttrSpec("string", "half_pixel"),
-    "nearest_mode": AttrSpec("string", "round_prefer_floor"),
-    "cubic_coeff_a": AttrSpec("float", -0.75),
-    "exclude_outside": AttrSpec("int", 0),
-    "extrapolation_value": AttrSpec("float", 0.0),
-    "antialias": AttrSpec("int", 0),
-    "axes": AttrSpec("ints"),
-    "keep_aspect_ratio_policy": AttrSpec("string", "stretch"),
-}
-
-
-def _infer_resize(call: Call):
-    return _first_type(call, _resize_plan(call, scales_input=2, sizes_input=3, roi_input=1)[2])
-
-
-@op("Resize", infer=_infer_resize, inputs=(1, 4), attrs=_RESIZE_ATTRS)
-def resize(call: Call):
-    """Resamples the input to new dims given by `scales` (out = floor(in * scale)) or `sizes` (kept to the
-    input's aspect ratio with keep_aspect_ratio_policy not_larger / not_smaller), on all axes or those in
-    `axes`. Each output coordinate maps back to the input by coordinate_transformation_mode, then takes the
-    nearest element (nearest_mode), or interpolates (bi)linearly or (bi)cubically (Keys, cubic_coeff_a),
-    optionally antialiased when downsampling and excluding taps outside the input. tf_crop_and_resize
-    samples the `roi` window and writes extrapolation_value outside the input."""
-    mode, coord, _, plans = _resize_plan(call, scales_input=2, sizes_input=3, roi_input=1)
-    return [_resample(call.inputs[0], mode, coord, plans, call.attrs)]
-
-
-def _upsample_call(call: Call) -> Call:
-    """Upsample as the Resize it is: asymmetric coordinates, nearest rounds down (floor)."""
-    mode = call.attrs["mode"]
-    if mode not in ("nearest", "linear", "bilinear"):
-        call.bad_attr(f"Upsample mode {mode!r} is not supported", hint="use 'nearest' or 'linear'")
-    attrs = {name: spec.default for name, spec in _RESIZE_ATTRS.items() if spec.default is not None}
-    attrs.update(mode="linear" if mode == "bilinear" else mode, coordinate_transformation_mode="asymmetric",
-                 nearest_mode="floor")
-    return Call("Upsample", call.inputs, attrs, call.num_outputs, values=call.values, where=call.where)
-
-
-def _infer_upsample(call: Call):
-    return _first_type(call, _resize_plan(_upsample_call(call), scales_input=1, sizes_input=None,
-                                          roi_input=None)[2])
-
-
-@op("Upsample", infer=_infer_upsample, inputs=(2, 2), attrs={"mode": AttrSpec("string", "nearest")})
-def upsample(call: Call):
-    """Deprecated Resize: out = floor(in * scales) per axis, x_original = x / scale; `nearest` takes
-    floor(x_original), `linear` interpolates (bi)linearly."""
-    call = _upsample_call(call)
-    mode, coord, _, plans = _resize_plan(call, scales_input=1, sizes_input=None, roi_input=None)
-    return [_resample(call.inputs[0], mode, coord, plans, call.attrs)]
+    return [dense(y.astype(call.inputs[0].dtype, copy=False))]

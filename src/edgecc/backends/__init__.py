@@ -1,0 +1,1 @@
+"""Native code generation: targets, the llvmlite driver, kernel lowerings, the entry emitter and runtimes."""

@@ -1,0 +1,132 @@
+"""Turns a planned IR Module into one LLVM module: weights as read-only globals, one kernel per distinct
+(op, attributes, types), and one entry function that runs the whole model with no per-op dispatch:
+
+    int32_t <name>_run(const void *const *inputs, void *const *outputs, void *arena);
+
+Inputs and outputs are the caller's buffers (in graph order); intermediates live at the memory plan's offsets in
+the caller-owned arena. The code never allocates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from llvmlite import ir
+
+from edgecc.backends.codegen import I8, I32, I64, PTR, Buffer, GlobalPool, KernelBuilder
+from edgecc.backends.kernels import get_lowering
+from edgecc.errors import EdgeccError
+from edgecc.ir.core import Module, Node, Value
+from edgecc.ops.apply import opdef_of
+from edgecc.passes.cse import _freeze
+
+
+class NoKernelError(EdgeccError):
+    """An op has no native kernel yet."""
+
+
+def symbol_name(name: str) -> str:
+    """A C identifier made from a model name."""
+    text = re.sub(r"[^0-9A-Za-z_]", "_", name) or "model"
+    return "m_" + text if text[0].isdigit() else text
+
+
+def missing_lowerings(module: Module) -> list[str]:
+    return sorted({n.op for n in module.graph.nodes if get_lowering(n.op) is None})
+
+
+class ModuleEmitter:
+    def __init__(self, module: Module, target, name: str):
+        if module.memory_plan is None:
+            raise EdgeccError("the module has no memory plan", hint="run the plan-memory pass before code generation")
+        missing = missing_lowerings(module)
+        if missing:
+            raise NoKernelError(f"no native kernel yet for op(s) {', '.join(missing)} on target {target.name}",
+                                hint="run with runtime='reference' (--runtime reference) to use the interpreter")
+        self.module = module
+        self.target = target
+        self.name = symbol_name(name)
+        self.llvm = ir.Module(name=self.name)
+        self.llvm.triple = target.triple
+        self.globals = GlobalPool(self.llvm)
+        self.kernels: dict[tuple, ir.Function] = {}
+
+    def emit(self) -> str:
+        self._entry()
+        return str(self.llvm)
+
+    # -- kernels ----------------------------------------------------------------------------------------
+    def _kernel_for(self, node: Node) -> ir.Function:
+        opdef = opdef_of(node)
+        attrs = opdef.complete_attrs(node.attrs, where=node.label)
+        const_inputs = tuple(_freeze(v.const) if v is not None and v.is_const and v.type.size <= 4096 else None
+                             for v in node.inputs)
+        key = (node.op, node.domain, tuple(sorted((k, _freeze(v)) for k, v in attrs.items())),
+               tuple(None if v is None else v.type for v in node.inputs), tuple(v.type for v in node.outputs),
+               const_inputs)
+        found = self.kernels.get(key)
+        if found is not None:
+            return found
+        present = [v for v in node.inputs if v is not None]
+        fn_type = ir.FunctionType(ir.VoidType(), [PTR] * (len(present) + len(node.outputs)))
+        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:8]
+        fn = ir.Function(self.llvm, fn_type, name=f"{self.name}_k{len(self.kernels)}_{node.op}_{digest}")
+        fn.linkage = "internal"
+        for arg in fn.args:
+            arg.add_attribute("noalias")
+        args = iter(fn.args)
+        inputs = [None if v is None else Buffer(next(args), v.type) for v in node.inputs]
+        outputs = [Buffer(next(args), v.type) for v in node.outputs]
+        kb = KernelBuilder(self.llvm, fn, node, attrs, inputs, outputs, self.target, self.globals)
+        try:
+            get_lowering(node.op)(kb)
+        except EdgeccError as exc:
+            exc.where = f"{node.label}: {exc.where}" if exc.where else node.label
+            exc.args = (exc.one_line(),)
+            raise
+        kb.b.ret_void()
+        self.kernels[key] = fn
+        return fn
+
+    # -- entry ------------------------------------------------------------------------------------------
+    def _entry(self) -> None:
+        graph = self.module.graph
+        plan = self.module.memory_plan
+        fn = ir.Function(self.llvm, ir.FunctionType(I32, [PTR, PTR, PTR]), name=f"{self.name}_run")
+        inputs_arg, outputs_arg, arena = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        pointers: dict[int, ir.Value] = {}
+
+        def slot(array_ptr, index):
+            return b.load(b.gep(array_ptr, [ir.Constant(I64, index)], source_etype=PTR), typ=PTR)
+
+        for i, value in enumerate(graph.inputs):
+            pointers[value._id] = slot(inputs_arg, i)
+        first_slot: dict[int, int] = {}
+        for j, value in enumerate(graph.outputs):
+            if value.producer is not None and value._id not in first_slot:
+                first_slot[value._id] = j
+                pointers[value._id] = slot(outputs_arg, j)
+        for value_id, offset in plan.offsets.items():
+            pointers[value_id] = b.gep(arena, [ir.Constant(I64, offset)], source_etype=I8)
+
+        def pointer(value: Value) -> ir.Value:
+            if value.is_const:
+                if value._id not in pointers:
+                    pointers[value._id] = self.globals.constant(value.const, "w")
+                return pointers[value._id]
+            return pointers[value._id]
+
+        for node in graph.nodes:
+            kernel = self._kernel_for(node)
+            args = [pointer(v) for v in node.inputs if v is not None] + [pointer(v) for v in node.outputs]
+            b.call(kernel, args)
+        # Outputs that are graph inputs, constants, or a value already written to another output slot.
+        memcpy = self.llvm.declare_intrinsic("llvm.memcpy", [PTR, PTR, I64])
+        for j, value in enumerate(graph.outputs):
+            if first_slot.get(value._id) == j:
+                continue
+            b.call(memcpy, [slot(outputs_arg, j), pointer(value), ir.Constant(I64, value.type.nbytes),
+                            ir.Constant(ir.IntType(1), 0)])
+        b.ret(ir.Constant(I32, 0))
