@@ -68,8 +68,12 @@ def test_report_fields():
 
 
 def test_unknown_target_and_option_are_clear():
-    with pytest.raises(EdgeccError, match="not available"):
+    with pytest.raises(EdgeccError, match="needs the native runtime"):
         edgecc.compile(small_mlp(batch=2), target="cortex-m4")
+    with pytest.raises(EdgeccError, match="unknown target 'pdp11'"):
+        edgecc.compile(small_mlp(batch=2), target="pdp11", runtime="native")
+    with pytest.raises(EdgeccError, match="four parts"):
+        edgecc.compile(small_mlp(batch=2), target="thumbv7em-none-eabihf", runtime="native")
     with pytest.raises(EdgeccError, match="unknown option"):
         edgecc.compile(small_mlp(batch=2), bogus=True)
 

@@ -73,9 +73,9 @@ class CompiledModel:
         if self.native is None:
             return run_module(self.module, feeds)
         if self._runner is None:
-            from edgecc.backends.native import NativeRunner
+            from edgecc.backends.native import make_runner
 
-            self._runner = NativeRunner(self.module, self.native)
+            self._runner = make_runner(self.module, self.native)
         return self._runner.run(check_feeds(self.module, feeds))
 
     def ir_text(self, large_constants: str = "inline") -> str:
@@ -87,6 +87,51 @@ class CompiledModel:
         from edgecc.frontend.onnx_export import export_model
 
         return export_model(self.module)
+
+    def artifacts(self, stem: str, emit: str = "all") -> dict[str, bytes]:
+        """The files for `-o stem`: {file name: bytes}. emit: all (object, static library, shared library
+        for hosted targets, C header), obj, asm, llvm, c-header, lib, onnx or ir."""
+        from edgecc.backends import artifacts as art
+        from edgecc.backends.llvm_driver import emit as llvm_emit
+
+        base = os.path.basename(stem)
+        if emit == "onnx":
+            return {f"{stem}.onnx": self.to_onnx().SerializeToString()}
+        if emit == "ir":
+            from edgecc.ir.printer import print_module
+
+            side: dict = {}
+            files = {f"{stem}.eir": print_module(self.module, large_constants="external", side_arrays=side).encode()}
+            if side:
+                import io
+
+                buffer = io.BytesIO()
+                np.savez(buffer, **side)
+                files[f"{stem}.eir.npz"] = buffer.getvalue()
+            return files
+        if self.native is None:
+            raise EdgeccError(f"--emit {emit} needs native code", hint="compile with --runtime native")
+        code = self.native
+        folder = os.path.dirname(stem)
+        lib = os.path.join(folder, f"lib{base}")
+        target = code.target
+        if emit == "obj":
+            return {f"{stem}.o": code.obj}
+        if emit == "asm":
+            return {f"{stem}.s": llvm_emit(code.llvm_ir, target, "asm")}
+        if emit == "llvm":
+            return {f"{stem}.ll": llvm_emit(code.llvm_ir, target, "llvm")}
+        if emit == "c-header":
+            return {f"{stem}.h": art.c_header(self.module, code.name, target).encode()}
+        if emit == "lib":
+            return {f"{lib}.a": art.static_library(code.obj, f"{base}.o", [code.entry_symbol])}
+        if emit == "all":
+            files = {f"{stem}.o": code.obj, f"{lib}.a": art.static_library(code.obj, f"{base}.o", [code.entry_symbol]),
+                     f"{stem}.h": art.c_header(self.module, code.name, target).encode()}
+            if target.hosted:
+                files[f"{lib}.so"] = art.shared_library(code.obj, target, code.entry_symbol)
+            return files
+        raise EdgeccError(f"unknown --emit '{emit}'", hint="use all, obj, asm, llvm, c-header, lib, onnx or ir")
 
 
 def _context(opt_level: int, target: str, options: dict[str, Any]) -> PassContext:
@@ -128,7 +173,8 @@ def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, t
 
 
 def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=None, passes: str | None = None,
-            constant_inputs=None, runtime: str = "reference", **options) -> CompiledModel:
+            constant_inputs=None, runtime: str = "reference", name: str | None = None, mcpu: str | None = None,
+            mattr: str | None = None, **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
     Args:
@@ -139,6 +185,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         constant_inputs: {name: array}: specialise the model on these input values (they stop being inputs).
         runtime: "reference" (the NumPy interpreter; every op) or "native" (llvmlite code for `target`; ops
             without a native kernel yet are reported as an error naming them).
+        name: C symbol prefix of the generated code (`<name>_run`); default: the model's graph name.
+        mcpu, mattr: CPU and features when `target` is an LLVM triple (or to override a preset's).
         passes: an explicit pipeline ("infer-shapes,fold-constants,dce") instead of the -O level's.
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
@@ -151,7 +199,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         raise EdgeccError(f"unknown runtime '{runtime}'", hint=f"use one of {', '.join(RUNTIMES)}")
     from edgecc.backends.targets import resolve_target
 
-    resolved = resolve_target(target)
+    resolved = resolve_target(target, mcpu, mattr)
     if runtime == "reference" and not resolved.is_native:
         raise EdgeccError(f"target '{target}' needs the native runtime", where="--target",
                           hint="the reference interpreter runs on this machine only; add --runtime native")
@@ -167,7 +215,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         # Code generation needs every compile-time value folded and a memory plan.
         PassManager(parse_pipeline("infer-shapes,fold-constants,dce,plan-memory"),
                     PassContext(verify_each=manager.ctx.verify_each)).run(module)
-        native = generate(module, resolved, module.name)
+        native = generate(module, resolved, name or module.name)
     report = build_report(module, manager, nodes_before, time.perf_counter() - start, target, runtime)
     return CompiledModel(module, target, report, native)
 

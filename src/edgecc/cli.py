@@ -19,14 +19,21 @@ import numpy as np
 from edgecc.errors import EdgeccError
 
 SUBCOMMANDS = ("run", "demo", "ops", "passes")
-NOTE = ("note: edgecc runs models on its NumPy reference interpreter for now; native code generation "
-        "(object files, libraries, C headers) is not implemented yet")
+NOTE = ("note: this run used edgecc's NumPy reference interpreter (--runtime reference); "
+        "--runtime native generates machine code")
 
 
 def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-O", dest="opt_level", type=int, choices=range(4), default=2, metavar="LEVEL",
                         help="optimisation level 0-3 (-O0 ... -O3; default -O2); `edgecc passes` lists each pipeline")
-    parser.add_argument("--target", default="host", help="where the code runs (only 'host' until native code lands)")
+    parser.add_argument("--target", default=None,
+                        help="where the code runs: host (default, or $EDGECC_TARGET), x86-64, x86-64-v3, x86-64-v4, "
+                             "armv8 (aarch64), armv8.2, armv7, cortex-m4, cortex-m55, or an LLVM triple")
+    parser.add_argument("--mcpu", help="CPU name when --target is a triple (or to override a preset's)")
+    parser.add_argument("--mattr", help="CPU features, e.g. +neon,+dotprod")
+    parser.add_argument("--runtime", choices=("reference", "native"), default="reference",
+                        help="reference: edgecc's NumPy interpreter (every op, host only; default); native: machine "
+                             "code generated with llvmlite for --target")
     parser.add_argument("-p", "--passes", metavar="PIPELINE",
                         help="explicit pass pipeline instead of the -O level's, e.g. 'infer-shapes,fold-constants,dce'")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
@@ -45,7 +52,10 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _compile_options(args) -> dict:
-    return dict(target=args.target, opt_level=args.opt_level, passes=args.passes, input_shapes=args.input_shape,
+    import os as _os
+
+    return dict(target=args.target or _os.environ.get("EDGECC_TARGET", "host"), mcpu=args.mcpu, mattr=args.mattr,
+                runtime=args.runtime, opt_level=args.opt_level, passes=args.passes, input_shapes=args.input_shape,
                 load_pass_plugin=args.load_pass_plugin, disable_passes=args.disable_pass,
                 time_passes=args.time_passes, print_after_all=args.print_after_all,
                 print_after=args.print_after or None, verify_each=args.verify_each, dump_ir=args.dump_ir,
@@ -62,9 +72,11 @@ def compile_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="the ONNX model file")
     parser.add_argument("-o", "--output", metavar="OUT",
-                        help="output path; the suffix (.onnx, .eir) is added when missing")
-    parser.add_argument("--emit", choices=("onnx", "ir"), default="onnx",
-                        help="what to write: the optimised model as ONNX (default) or edgecc's textual IR")
+                        help="output path stem: -o build/model writes build/model.o, build/libmodel.a, "
+                             "build/libmodel.so, build/model.h (native), or build/model.onnx / .eir")
+    parser.add_argument("--emit", choices=("all", "obj", "asm", "llvm", "c-header", "lib", "onnx", "ir"), default=None,
+                        help="what to write: all native artifacts (default with --runtime native), obj, asm, llvm, "
+                             "c-header, lib, the optimised model as onnx (default otherwise), or edgecc's textual ir")
     parser.add_argument("--report", metavar="FILE.json", help="write the compile report (MACs, bytes, passes) as JSON")
     _add_compile_options(parser)
     return parser
@@ -103,56 +115,42 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _default_output(model_path: str, suffix: str) -> str:
-    stem = os.path.splitext(os.path.basename(model_path))[0]
-    return os.path.join("build", stem + ".opt" + suffix)
+def _output_stem(args) -> str:
+    if args.output:
+        stem = args.output
+        for suffix in (".onnx", ".eir", ".o", ".h"):
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+        return stem
+    return os.path.join("build", os.path.splitext(os.path.basename(args.model))[0])
 
 
 def cmd_compile(argv: list[str]) -> int:
     args = compile_parser().parse_args(argv)
     import edgecc
+    from edgecc.backends.emitter import symbol_name
 
-    compiled = edgecc.compile(args.model, **_compile_options(args))
-    suffix = ".onnx" if args.emit == "onnx" else ".eir"
-    out = args.output or _default_output(args.model, suffix)
-    if not out.endswith(suffix):
-        out += suffix
-    from edgecc.fileio import atomic_outputs, write_atomic
-
-    if args.emit == "onnx":
-        model = compiled.to_onnx()
-        write_atomic(out, lambda tmp: _save_onnx(model, tmp))
-    else:
-        from edgecc.ir.printer import print_module
-
-        side: dict = {}
-        text = print_module(compiled.module, large_constants="external", side_arrays=side)
-        paths = [out] + ([out + ".npz"] if side else [])
-        with atomic_outputs(paths) as temps:
-            with open(temps[0], "w") as f:
-                f.write(text)
-            if side:
-                with open(temps[1], "wb") as f:
-                    np.savez(f, **side)
+    stem = _output_stem(args)
+    emit = args.emit or ("all" if args.runtime == "native" else "onnx")
+    compiled = edgecc.compile(args.model, name=symbol_name(os.path.basename(stem)), **_compile_options(args))
+    files = compiled.artifacts(stem, emit)
     if args.report:
-        write_atomic(args.report, lambda tmp: _write_json(compiled.report, tmp))
+        files[args.report] = (json.dumps(compiled.report, indent=2, sort_keys=True) + "\n").encode()
+    from edgecc.fileio import atomic_outputs
+
+    paths = list(files)
+    with atomic_outputs(paths) as temps:
+        for tmp, path in zip(temps, paths):
+            with open(tmp, "wb") as f:
+                f.write(files[path])
     report = compiled.report
-    print(f"edgecc: wrote {out} ({report['nodes_before']} -> {report['nodes_after']} nodes, "
-          f"{report['macs'] / 1e6:.1f} M MACs, {report['weights_bytes'] / 1024:.1f} KiB weights, "
-          f"{report['compile_seconds']:.2f} s)")
-    print(f"edgecc: {NOTE}", file=sys.stderr)
+    arena = f", arena {report['arena_bytes']:,} B" if report.get("arena_bytes") is not None else ""
+    print(f"edgecc: wrote {', '.join(p for p in paths if p != args.report)} ({report['nodes_before']} -> "
+          f"{report['nodes_after']} nodes, {report['macs'] / 1e6:.1f} M MACs, "
+          f"{report['weights_bytes'] / 1024:.1f} KiB weights{arena}, {report['compile_seconds']:.2f} s)")
+    if args.runtime == "reference":
+        print(f"edgecc: {NOTE}", file=sys.stderr)
     return 0
-
-
-def _save_onnx(model, path: str) -> None:
-    with open(path, "wb") as f:
-        f.write(model.SerializeToString())
-
-
-def _write_json(data, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def _load_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarray]:
@@ -186,7 +184,8 @@ def cmd_run(argv: list[str]) -> int:
     compiled = edgecc.compile(args.model, **_compile_options(args))
     feeds = _load_inputs(args.input, compiled.input_names)
     outputs = compiled.run(feeds)
-    print(f"edgecc: {NOTE}", file=sys.stderr)
+    if args.runtime == "reference":
+        print(f"edgecc: {NOTE}", file=sys.stderr)
     if args.output:
         from edgecc.fileio import write_atomic
 

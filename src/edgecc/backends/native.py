@@ -33,12 +33,19 @@ def generate(module: Module, target, name: str) -> NativeCode:
     return NativeCode(emitter.name, target, text, emit(text, target, "obj"))
 
 
+def make_runner(module: Module, code: NativeCode):
+    """In-process for the host (and x86 presets this CPU supports), qemu-user for foreign hosted targets."""
+    if code.target.is_native:
+        return NativeRunner(module, code)
+    from edgecc.backends.cross_runner import CrossRunner
+
+    return CrossRunner(module, code)
+
+
 class NativeRunner:
     """Runs native host code on NumPy arrays; outputs and the arena are allocated once and reused."""
 
     def __init__(self, module: Module, code: NativeCode):
-        if not code.target.is_native:
-            raise EdgeccError(f"code for target {code.target.name} cannot run in this process")
         self._fn = HostModule(code.obj, code.entry_symbol, code.target)
         self._arena = aligned_empty(max(module.memory_plan.arena_bytes, 1))
         self._outputs = [v.type for v in module.graph.outputs]
