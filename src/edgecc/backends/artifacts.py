@@ -93,6 +93,8 @@ def c_header(module: Module, name: str, target) -> str:
             dims = ", ".join(str(d) for d in value.type.shape) or "(scalar)"
             lines.append(f"/* {kind} {i}: \"{label}\", {C_TYPES[value.type.dtype.name]}[{dims}], "
                          f"{value.type.nbytes} bytes, row-major */")
+            lines.append(f"#define {name.upper()}_{kind.upper()}{i}_ELEMENTS {value.type.size}u")
+            lines.append(f"#define {name.upper()}_{kind.upper()}{i}_BYTES {value.type.nbytes}u")
     lines += [
         "",
         f"/* Run the model once. inputs[i] / outputs[i] point to the buffers described above, in that order",
