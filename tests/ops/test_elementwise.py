@@ -16,11 +16,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
-from onnx.reference import ReferenceEvaluator
 
 from edgecc.errors import OpAttributeError, ShapeError, UnsupportedOpError
 from edgecc.ir.types import TensorType
 from edgecc.ops.testing import run_node
+from oracle import assert_matches, make_node, onnx_reference
 
 OPSET = 22
 RNG = np.random.default_rng(1234)
@@ -28,45 +28,21 @@ RNG = np.random.default_rng(1234)
 TOLERANCE = {np.dtype(np.float32): (1e-5, 1e-6), np.dtype(np.float16): (2e-3, 2e-3)}
 
 
-def _node(op_type, inputs, n_outputs=1, **attrs):
-    names = ["" if x is None else f"in{i}" for i, x in enumerate(inputs)]
-    while names and names[-1] == "":
-        names.pop()
-    return helper.make_node(op_type, names, [f"out{i}" for i in range(n_outputs)], **attrs)
-
-
-def _reference(node, inputs, opset):
-    graph_inputs = [helper.make_tensor_value_info(f"in{i}", helper.np_dtype_to_tensor_dtype(x.dtype), x.shape)
-                    for i, x in enumerate(inputs) if x is not None]
-    graph_outputs = [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in node.output]
-    model = helper.make_model(helper.make_graph([node], "g", graph_inputs, graph_outputs),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    feeds = {f"in{i}": x for i, x in enumerate(inputs) if x is not None}
-    with np.errstate(all="ignore"):
-        return ReferenceEvaluator(model).run(None, feeds)
-
-
 def check(op_type, inputs, n_outputs=1, opset=OPSET, **attrs):
     """Run op_type on `inputs` (None = omitted optional input) in edgecc and in onnx.reference; compare."""
-    node = _node(op_type, inputs, n_outputs, **attrs)
-    expected = _reference(node, inputs, opset)
+    node = make_node(op_type, inputs, n_outputs, **attrs)
+    expected = onnx_reference(node, inputs, opset)
     outputs, inferred = run_node(node, inputs, constant_inputs=True)
     _, inferred_runtime = run_node(node, inputs, constant_inputs=False)
     assert len(outputs) == len(expected) == n_outputs
     for got, want, t, t_runtime in zip(outputs, expected, inferred, inferred_runtime):
-        want = np.asarray(want)
-        assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+        assert_matches(got, want, TOLERANCE)
         assert t == TensorType.of(got) == t_runtime
-        if got.dtype in TOLERANCE:
-            rtol, atol = TOLERANCE[got.dtype]
-            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=rtol, atol=atol)
-        else:
-            np.testing.assert_array_equal(got, want)
     return outputs
 
 
 def ours(op_type, inputs, n_outputs=1, constant_inputs=True, **attrs):
-    return run_node(_node(op_type, inputs, n_outputs, **attrs), inputs, constant_inputs=constant_inputs)
+    return run_node(make_node(op_type, inputs, n_outputs, **attrs), inputs, constant_inputs=constant_inputs)
 
 
 def floats(*shape, dtype=np.float32, scale=3.0):

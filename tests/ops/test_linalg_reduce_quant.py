@@ -16,60 +16,35 @@ import warnings
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
-from onnx.reference import ReferenceEvaluator
+from onnx import TensorProto
 
-import edgecc.ops  # noqa: F401
-import edgecc.ops.linalg  # noqa: F401  (registers ops until the package imports them)
-import edgecc.ops.quant  # noqa: F401
-import edgecc.ops.reduce  # noqa: F401
 from edgecc.errors import EdgeccError, OpAttributeError, ShapeError
 from edgecc.ir.types import TensorType
 from edgecc.ops.quant import quantize, requantize
 from edgecc.ops.testing import run_node
+from oracle import assert_matches, make_node, onnx_reference
 
 RNG = np.random.default_rng(0)
-
-
-def _node(op, n_inputs, n_outputs=1, **attrs):
-    ins = [f"in{i}" if i is not None else "" for i in n_inputs] if isinstance(n_inputs, list) else \
-        [f"in{i}" for i in range(n_inputs)]
-    return helper.make_node(op, ins, [f"out{i}" for i in range(n_outputs)], **attrs)
-
-
-def _reference(node, inputs, opset):
-    graph_inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(x.dtype), x.shape)
-                    for name, x in zip(node.input, inputs) if name]
-    outputs = [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in node.output]
-    model = helper.make_model(helper.make_graph([node], "g", graph_inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    feeds = {name: x for name, x in zip(node.input, inputs) if name}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ReferenceEvaluator(model).run(None, feeds)
+TOLERANCE = {np.dtype(np.float32): (1e-5, 1e-6), np.dtype(np.float16): (4e-3, 1e-3)}  # see the module docstring
 
 
 def check(op, inputs, *, opset=21, n_outputs=1, constant=True, **attrs):
     """Run op on inputs (None = omitted) through edgecc and the oracle; compare types and values."""
-    names = [None if x is None else i for i, x in enumerate(inputs)]
-    node = _node(op, names, n_outputs, **attrs)
-    present = [x for x in inputs if x is not None]
-    expected = _reference(node, present, opset)
+    node = make_node(op, inputs, n_outputs, **attrs)
+    expected = onnx_reference(node, inputs, opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got, types = run_node(node, inputs, constant_inputs=constant)
     assert len(got) == len(expected)
     for g, e, t in zip(got, expected, types):
-        e = np.asarray(e)
-        assert g.dtype == e.dtype and g.shape == e.shape, (g.dtype, g.shape, e.dtype, e.shape)
+        assert_matches(g, e, TOLERANCE)
         assert t == TensorType.of(g), (t, g.shape, g.dtype)
-        if g.dtype == np.float32:
-            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-        elif g.dtype == np.float16:
-            np.testing.assert_allclose(g.astype(np.float32), e.astype(np.float32), rtol=4e-3, atol=1e-3)
-        else:
-            np.testing.assert_array_equal(g, e)
     return got
+
+
+def ours(op, inputs, n_outputs=1, constant_inputs=False, **attrs):
+    """edgecc's outputs and inferred types for op on inputs (input values known to inference if constant_inputs)."""
+    return run_node(make_node(op, inputs, n_outputs, **attrs), inputs, constant_inputs=constant_inputs)
 
 
 def f32(*shape):
@@ -98,11 +73,11 @@ def test_gemm_float16_and_int32():
 
 def test_gemm_rejects_bad_shapes():
     with pytest.raises(ShapeError, match="inner dimensions"):
-        run_node(_node("Gemm", 2), [f32(3, 4), f32(3, 4)])
+        ours("Gemm", [f32(3, 4), f32(3, 4)])
     with pytest.raises(ShapeError, match="2-D"):
-        run_node(_node("Gemm", 2), [f32(2, 3, 4), f32(4, 4)])
+        ours("Gemm", [f32(2, 3, 4), f32(4, 4)])
     with pytest.raises(ShapeError, match="broadcast"):
-        run_node(_node("Gemm", 3), [f32(3, 4), f32(4, 5), f32(4, 5)])
+        ours("Gemm", [f32(3, 4), f32(4, 5), f32(4, 5)])
 
 
 @pytest.mark.parametrize("a_shape,b_shape", [((4,), (4,)), ((4,), (2, 4, 3)), ((2, 3, 4), (4,)),
@@ -115,9 +90,9 @@ def test_matmul_float16_int32_and_errors():
     check("MatMul", [f32(3, 64).astype(np.float16), f32(64, 2).astype(np.float16)])
     check("MatMul", [RNG.integers(-9, 9, (2, 3, 4), dtype=np.int32), RNG.integers(-9, 9, (4, 5), dtype=np.int32)])
     with pytest.raises(ShapeError, match="inner dimensions"):
-        run_node(_node("MatMul", 2), [f32(2, 3), f32(4, 2)])
+        ours("MatMul", [f32(2, 3), f32(4, 2)])
     with pytest.raises(ShapeError, match="MatMulInteger"):
-        run_node(_node("MatMul", 2), [np.ones((2, 2), np.int8), np.ones((2, 2), np.int8)])
+        ours("MatMul", [np.ones((2, 2), np.int8), np.ones((2, 2), np.int8)])
 
 
 @pytest.mark.parametrize("equation,shapes", [
@@ -138,11 +113,11 @@ def test_einsum(equation, shapes):
 def test_einsum_int32_and_errors():
     check("Einsum", [RNG.integers(-5, 5, (3, 4), dtype=np.int32)], equation="ij->j")
     with pytest.raises(EdgeccError, match="operand"):
-        run_node(_node("Einsum", 2, equation="ij->i"), [f32(2, 2), f32(2, 2)])
+        ours("Einsum", [f32(2, 2), f32(2, 2)], equation="ij->i")
     with pytest.raises(ShapeError, match="rank"):
-        run_node(_node("Einsum", 1, equation="ijk->i"), [f32(2, 2)])
+        ours("Einsum", [f32(2, 2)], equation="ijk->i")
     with pytest.raises(ShapeError, match="sizes"):
-        run_node(_node("Einsum", 2, equation="ij,jk->ik"), [f32(2, 3), f32(4, 2)])
+        ours("Einsum", [f32(2, 3), f32(4, 2)], equation="ij,jk->ik")
 
 
 @pytest.mark.parametrize("dtypes", [(np.uint8, np.uint8), (np.int8, np.uint8), (np.uint8, np.int8)])
@@ -161,7 +136,7 @@ def test_matmul_integer_per_row_1d():
     a = RNG.integers(0, 255, (3, 4), dtype=np.uint8)
     b = RNG.integers(0, 255, (4, 2), dtype=np.uint8)
     zp = np.array([1, 2, 3], np.uint8)
-    (y,), _ = run_node(_node("MatMulInteger", 3), [a, b, zp])
+    (y,), _ = ours("MatMulInteger", [a, b, zp])
     np.testing.assert_array_equal(y, (a.astype(np.int32) - zp[:, None]) @ b.astype(np.int32))
 
 
@@ -213,9 +188,9 @@ def test_softmax_stable_and_float16(op):
 
 def test_softmax_rejects_ints_and_bad_axis():
     with pytest.raises(ShapeError, match="float"):
-        run_node(_node("Softmax", 1), [np.ones((2, 2), np.int32)])
+        ours("Softmax", [np.ones((2, 2), np.int32)])
     with pytest.raises(OpAttributeError, match="axis 2"):
-        run_node(_node("Softmax", 1, axis=2), [f32(2, 2)])
+        ours("Softmax", [f32(2, 2)], axis=2)
 
 
 # ---------------------------------------------------------------------------------------------------- reduce
@@ -243,7 +218,7 @@ def test_reduce_int32_and_float16(op):
     x = RNG.integers(-4, 5, (3, 4), dtype=np.int32)
     if op == "ReduceSumSquare":
         # onnx.reference returns int64 here; the spec's output type is the input's (int32).
-        (y,), types = run_node(_node(op, 2, keepdims=0), [x, i64(1)], constant_inputs=True)
+        (y,), types = ours(op, [x, i64(1)], keepdims=0, constant_inputs=True)
         assert y.dtype == np.int32 and types[0] == TensorType.of(y)
         np.testing.assert_array_equal(y, (x * x).sum(axis=1))
     else:
@@ -256,22 +231,21 @@ def test_reduce_min_max_small_ints_and_empty_int():
         x = RNG.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, (3, 5), endpoint=True).astype(dtype)
         check("ReduceMax", [x, i64(1)], opset=20)
         check("ReduceMin", [x, None], opset=20)
-    (y,), _ = run_node(_node("ReduceMax", 2), [np.zeros((0, 2), np.int32), i64(0)], constant_inputs=True)
+    (y,), _ = ours("ReduceMax", [np.zeros((0, 2), np.int32), i64(0)], constant_inputs=True)
     np.testing.assert_array_equal(y, np.full((1, 2), np.iinfo(np.int32).min))
-    (y,), _ = run_node(_node("ReduceMin", 2, keepdims=0), [np.zeros((0, 2), np.int64), i64(0)],
-                       constant_inputs=True)
+    (y,), _ = ours("ReduceMin", [np.zeros((0, 2), np.int64), i64(0)], keepdims=0, constant_inputs=True)
     np.testing.assert_array_equal(y, np.full((2,), np.iinfo(np.int64).max))
 
 
 def test_reduce_axes_must_be_constant_and_valid():
     with pytest.raises(ShapeError, match="compile time"):
-        run_node(_node("ReduceSum", 2), [f32(2, 3), i64(1)], constant_inputs=False)
+        ours("ReduceSum", [f32(2, 3), i64(1)], constant_inputs=False)
     with pytest.raises(OpAttributeError, match="out of range"):
-        run_node(_node("ReduceSum", 2), [f32(2, 3), i64(2)], constant_inputs=True)
+        ours("ReduceSum", [f32(2, 3), i64(2)], constant_inputs=True)
     with pytest.raises(ShapeError, match="bool"):
-        run_node(_node("ReduceSum", 1), [np.ones((2,), bool)])
+        ours("ReduceSum", [np.ones((2,), bool)])
     # no axes input: needs no constants
-    _, types = run_node(_node("ReduceMean", 1, keepdims=0), [f32(2, 3)])
+    _, types = ours("ReduceMean", [f32(2, 3)], keepdims=0)
     assert types[0].shape == ()
 
 
@@ -289,16 +263,15 @@ def test_topk_ties_lower_index_first(largest, axis):
     x = RNG.integers(0, 4, (5, 6)).astype(np.float32)
     check("TopK", [x, i64(3)], axis=axis, largest=largest, n_outputs=2)
     check("TopK", [x.astype(np.int32), i64(x.shape[axis])], axis=axis, largest=largest, n_outputs=2)
-    (v, i), _ = run_node(_node("TopK", 2, 2, largest=largest), [np.array([2, 5, 5, 2], np.float32), i64(2)],
-                         constant_inputs=True)
+    (v, i), _ = ours("TopK", [np.array([2, 5, 5, 2], np.float32), i64(2)], 2, largest=largest, constant_inputs=True)
     np.testing.assert_array_equal(i, [1, 2] if largest else [0, 3])
 
 
 def test_topk_k_checks():
     with pytest.raises(ShapeError, match="compile time"):
-        run_node(_node("TopK", 2, 2), [f32(3, 4), i64(2)], constant_inputs=False)
+        ours("TopK", [f32(3, 4), i64(2)], 2, constant_inputs=False)
     with pytest.raises(ShapeError, match="out of range"):
-        run_node(_node("TopK", 2, 2), [f32(3, 4), i64(5)], constant_inputs=True)
+        ours("TopK", [f32(3, 4), i64(5)], 2, constant_inputs=True)
 
 
 # ---------------------------------------------------------------------------------------------------- quant
@@ -328,15 +301,15 @@ def test_quantize_per_axis_blocked_and_attrs():
 
 def test_quantize_errors():
     with pytest.raises(ShapeError, match="INT4"):
-        run_node(_node("QuantizeLinear", 2, output_dtype=TensorProto.INT4), [f32(4), np.float32(1)])
+        ours("QuantizeLinear", [f32(4), np.float32(1)], output_dtype=TensorProto.INT4)
     with pytest.raises(ShapeError, match="int32"):
-        run_node(_node("QuantizeLinear", 2, output_dtype=TensorProto.INT32), [f32(4), np.float32(1)])
+        ours("QuantizeLinear", [f32(4), np.float32(1)], output_dtype=TensorProto.INT32)
     with pytest.raises(OpAttributeError, match="output_dtype"):
-        run_node(_node("QuantizeLinear", 3, output_dtype=TensorProto.INT8), [f32(4), np.float32(1), np.uint8(0)])
+        ours("QuantizeLinear", [f32(4), np.float32(1), np.uint8(0)], output_dtype=TensorProto.INT8)
     with pytest.raises(ShapeError, match="per-axis"):
-        run_node(_node("QuantizeLinear", 2, axis=0), [f32(3, 4), np.float32([1, 2])])
+        ours("QuantizeLinear", [f32(3, 4), np.float32([1, 2])], axis=0)
     with pytest.raises(OpAttributeError, match="block_size"):
-        run_node(_node("QuantizeLinear", 2, axis=1, block_size=3), [f32(3, 8), np.ones((3, 4), np.float32)])
+        ours("QuantizeLinear", [f32(3, 8), np.ones((3, 4), np.float32)], axis=1, block_size=3)
 
 
 def test_dequantize():
@@ -350,7 +323,7 @@ def test_dequantize():
     check("DequantizeLinear", [x8.astype(np.int16), np.float32(0.01), np.int16(300)],
           output_dtype=TensorProto.FLOAT16, opset=25)
     with pytest.raises(ShapeError, match="same type"):
-        run_node(_node("DequantizeLinear", 3), [x8, np.float32(0.1), np.uint8(0)])
+        ours("DequantizeLinear", [x8, np.float32(0.1), np.uint8(0)])
 
 
 @pytest.mark.parametrize("x", [RNG.standard_normal((3, 4)).astype(np.float32) * 3,
@@ -362,5 +335,5 @@ def test_dynamic_quantize_linear(x):
 
 def test_dynamic_quantize_linear_constant_input():
     """All-zero input: the spec's scale would be 0/255; edgecc (like onnxruntime) uses scale 1.0."""
-    (y, scale, zp), _ = run_node(_node("DynamicQuantizeLinear", 1, 3), [np.zeros(4, np.float32)])
+    (y, scale, zp), _ = ours("DynamicQuantizeLinear", [np.zeros(4, np.float32)], 3)
     assert scale == 1.0 and zp == 0 and not y.any()

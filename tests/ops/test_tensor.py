@@ -1,6 +1,6 @@
-"""Tensor / shape-manipulation ops (edgecc.ops.tensor) against onnx.reference.ReferenceEvaluator, plus inference
-errors and the cases where the ONNX spec and onnx.reference disagree (checked against values derived from the
-spec; onnxruntime agrees with them).
+"""Tensor / shape-manipulation ops (edgecc.ops.tensor) and Resize/Upsample (edgecc.ops.resize) against
+onnx.reference.ReferenceEvaluator, plus inference errors and the cases where the ONNX spec and onnx.reference
+disagree (checked against values derived from the spec; onnxruntime agrees with them).
 
 Each `check` builds a one-node ONNX model, runs it through onnx's reference evaluator (the oracle) and through
 edgecc's registry alone (`run_node`), and compares output dtype, shape and values, and checks that inference
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
+from onnx import numpy_helper
 
-import edgecc.ops.tensor  # noqa: F401  (registers the ops until edgecc.ops imports the module)
 from edgecc.errors import OpAttributeError, ShapeError
 from edgecc.ir.types import TensorType
 from edgecc.ops.testing import run_node
+from oracle import assert_matches, make_node, onnx_reference
 
 OPSET = 19
 RNG = np.random.default_rng(4321)
@@ -35,46 +34,19 @@ RESIZE_ATOL = 1e-5  # onnx.reference's cubic weights are a few float32 ulps off 
 I64 = np.int64
 
 
-def _node(op_type, inputs, n_outputs=1, **attrs):
-    names = ["" if x is None else f"in{i}" for i, x in enumerate(inputs)]
-    while names and names[-1] == "":
-        names.pop()
-    return helper.make_node(op_type, names, [f"out{i}" for i in range(n_outputs)], **attrs)
-
-
-def _reference(node, inputs, opset):
-    graph_inputs = [helper.make_tensor_value_info(f"in{i}", helper.np_dtype_to_tensor_dtype(x.dtype), x.shape)
-                    for i, x in enumerate(inputs) if x is not None]
-    graph_outputs = [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in node.output]
-    model = helper.make_model(helper.make_graph([node], "g", graph_inputs, graph_outputs),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    return ReferenceEvaluator(model).run(None, {f"in{i}": x for i, x in enumerate(inputs) if x is not None})
-
-
 def ours(op_type, inputs, n_outputs=1, constant_inputs=True, **attrs):
-    return run_node(_node(op_type, inputs, n_outputs, **attrs), inputs, constant_inputs=constant_inputs)
-
-
-def compare(got, want, atol=None):
-    want = np.asarray(want)
-    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
-    if got.dtype in TOLERANCE:
-        rtol, default_atol = TOLERANCE[got.dtype]
-        atol = max(default_atol, atol or 0.0)
-        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=rtol, atol=atol)
-    else:
-        np.testing.assert_array_equal(got, want)
+    return run_node(make_node(op_type, inputs, n_outputs, **attrs), inputs, constant_inputs=constant_inputs)
 
 
 def check(op_type, inputs, n_outputs=1, opset=OPSET, value_free=False, atol=None, **attrs):
     """Run op_type on `inputs` (None = omitted optional input) in edgecc and in onnx.reference; compare.
     value_free: the output shape does not depend on input values, so inference must work without them."""
-    node = _node(op_type, inputs, n_outputs, **attrs)
-    expected = _reference(node, inputs, opset)
+    node = make_node(op_type, inputs, n_outputs, **attrs)
+    expected = onnx_reference(node, inputs, opset)
     outputs, inferred = run_node(node, inputs, constant_inputs=True)
     assert len(outputs) == len(expected) == n_outputs
     for got, want, t in zip(outputs, expected, inferred):
-        compare(got, want, atol)
+        assert_matches(got, want, TOLERANCE, atol)
         assert t == TensorType.of(got)
     if value_free:
         assert run_node(node, inputs, constant_inputs=False)[1] == inferred
@@ -85,7 +57,7 @@ def spec(op_type, inputs, expected, n_outputs=1, **attrs):
     """Compare with values derived from the ONNX spec (where onnx.reference is wrong)."""
     outputs, inferred = ours(op_type, inputs, n_outputs, **attrs)
     for got, want, t in zip(outputs, expected, inferred):
-        compare(got, want)
+        assert_matches(got, want, TOLERANCE)
         assert t == TensorType.of(got)
 
 
@@ -229,7 +201,8 @@ def test_space_to_depth(mode):
     x = data(2, 3, 4, 6)
     check("SpaceToDepth", [x], opset=28, value_free=True, blocksize=2, mode=mode)
     y = ours("SpaceToDepth", [x], blocksize=2, mode=mode)[0][0]
-    compare(ours("DepthToSpace", [y], blocksize=2, mode=mode)[0][0], x)  # inverse of each other, per mode
+    # inverse of each other, per mode
+    assert_matches(ours("DepthToSpace", [y], blocksize=2, mode=mode)[0][0], x, TOLERANCE)
 
 
 def test_depth_space_errors():
@@ -451,7 +424,7 @@ def test_cumsum(exclusive, reverse, axis, dtype):
 def test_cumsum_float16_accumulates_in_float32():
     x = np.full(3000, 0.1, np.float16)
     got = ours("CumSum", [x, np.array(0, I64)])[0][0]
-    compare(got, np.cumsum(x.astype(np.float32)).astype(np.float16))
+    assert_matches(got, np.cumsum(x.astype(np.float32)).astype(np.float16), TOLERANCE)
 
 
 def test_cumsum_errors():
@@ -556,14 +529,14 @@ def test_upsample_nearest(scales):
         check("Upsample", [x, np.array(scales, np.float32)], opset=9, mode="nearest")
     # Upsample is Resize with asymmetric coordinates, nearest rounding down
     scales = np.array(scales, np.float32)
-    want = _reference(_node("Resize", [x, None, scales], coordinate_transformation_mode="asymmetric",
-                            nearest_mode="floor"), [x, None, scales], OPSET)
+    want = onnx_reference(make_node("Resize", [x, None, scales], coordinate_transformation_mode="asymmetric",
+                                    nearest_mode="floor"), [x, None, scales], OPSET)
     spec("Upsample", [x, np.array(scales, np.float32)], want, mode="nearest")
 
 
 def test_upsample_linear():
     x, scales = data(1, 1, 3, 4), np.array([1, 1, 2, 1.5], np.float32)
-    want = _reference(_node("Resize", [x, None, scales], mode="linear", coordinate_transformation_mode="asymmetric"),
-                      [x, None, scales], OPSET)
+    want = onnx_reference(make_node("Resize", [x, None, scales], mode="linear",
+                                    coordinate_transformation_mode="asymmetric"), [x, None, scales], OPSET)
     spec("Upsample", [x, scales], want, mode="linear")
     needs_value("Upsample", [x, scales], mode="linear")
