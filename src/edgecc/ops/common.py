@@ -91,29 +91,12 @@ def normalize_axes(call: Call, axes, rank: int) -> list[int]:
     return result
 
 
-def first_input(call: Call) -> TensorType:
-    return call.inputs[0]
 
 
-def same_as_input(call: Call) -> list[TensorType]:
-    """Output has the first input's type (unary elementwise ops)."""
-    return [call.inputs[0]]
 
 
-def broadcast_same_dtype(call: Call) -> list[TensorType]:
-    """Output dtype of the first input, shape broadcast over all present inputs."""
-    present = [t for t in call.inputs if t is not None]
-    dtypes = {t.dtype for t in present}
-    if len(dtypes) > 1:
-        call.fail(f"inputs have different dtypes: {', '.join(sorted(d.name for d in dtypes))}",
-                  hint="insert a Cast so the operands agree")
-    return [TensorType(present[0].dtype, broadcast_shapes(call, *(t.shape for t in present)))]
 
 
-def broadcast_to_bool(call: Call) -> list[TensorType]:
-    """Comparison/logic ops: broadcast shape, bool result."""
-    shape = broadcast_shapes(call, *(t.shape for t in call.inputs if t is not None))
-    return [TensorType(DType.bool, shape)]
 
 
 def tensor(dtype: DType, shape) -> TensorType:
