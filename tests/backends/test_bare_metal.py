@@ -1,5 +1,7 @@
-"""Bare-metal Cortex-M targets: the object links into firmware with arm-none-eabi-gcc (newlib, no OS), and the
-firmware's size is reported. The model is the one of test_native_artifacts."""
+"""Bare-metal Cortex-M targets: the object links into firmware with arm-none-eabi-gcc (newlib, no OS), the
+firmware's size is reported, and it runs under qemu-system-arm (MPS2-AN386 for Cortex-M4, MPS3-AN547 for
+Cortex-M55) with semihosting, printing outputs that must match onnxruntime (rtol 1e-6: the same float32 operations,
+one rounding each). The model is the one of test_native_artifacts."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import subprocess
 import pytest
 
 from edgecc.cli import main
-from test_native_artifacts import EXAMPLE, _model
+import numpy as np
+
+from test_native_artifacts import EXAMPLE, _expected, _model
+
+BOARDS = {"cortex-m4": ("mps2-an386", "0x00400000"), "cortex-m55": ("mps3-an547", "0x20080000")}
 
 FLAGS = {
     "cortex-m4": ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"],
@@ -34,3 +40,22 @@ def test_firmware_links_and_is_sized(tmp_path, target, capsys):
         print(f"\n{target}:\n{sizes}")
     text, data, bss = (int(v) for v in sizes.splitlines()[1].split()[:3])
     assert text > 0
+
+
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+                    reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (installed by .ci/run)")
+@pytest.mark.parametrize("target", sorted(FLAGS))
+def test_firmware_runs_under_qemu_system_arm(tmp_path, target):
+    model = _model(tmp_path / "m.onnx")
+    assert main([str(model), "--runtime", "native", "--target", target, "-o", str(tmp_path / "model")]) == 0
+    board, stack_top = BOARDS[target]
+    firmware = tmp_path / "fw.elf"
+    subprocess.run(["arm-none-eabi-gcc", *FLAGS[target], "--specs=rdimon.specs", "-O2", f"-I{tmp_path}",
+                    f"-DSTACK_TOP={stack_top}", str(EXAMPLE / "cortex-m" / "startup.c"), str(EXAMPLE / "main.c"),
+                    str(tmp_path / "libmodel.a"), "-Wl,--section-start=.vectors=0x0", "-o", str(firmware)],
+                   check=True, capture_output=True)
+    run = subprocess.run(["qemu-system-arm", "-M", board, "-cpu", target, "-nographic", "-semihosting-config",
+                          "enable=on,target=native", "-kernel", str(firmware)], capture_output=True, text=True,
+                         timeout=60)
+    got = np.array([float(v) for v in run.stdout.split()], np.float32).reshape(1, 10, 3)
+    np.testing.assert_allclose(got, _expected(model), rtol=1e-6)
