@@ -1,9 +1,11 @@
-"""ONNX backend conformance: the onnx wheel's own cases, restricted to edgecc's op set and dtypes, run
-through `edgecc.backend` by onnx's backend test runner. Outputs are compared with the data the onnx wheel
-ships (produced by onnx's reference implementations, or for the light models by onnx.reference), at the
+"""ONNX backend conformance: the onnx wheel's own cases, restricted to edgecc's op set and dtypes, run through
+`edgecc.backend` by onnx's backend test runner, once per configuration below (the reference interpreter, native
+code for the host, and native code for armv8 and armv7 under qemu-user). Outputs are compared with the data the
+onnx wheel ships (from onnx's reference implementations, or for the light models from onnx.reference), at the
 tolerances each case declares (default rtol 1e-3, atol 1e-7)."""
 
 import re
+import shutil
 import warnings
 
 import pytest
@@ -12,7 +14,7 @@ warnings.filterwarnings("ignore", category=RuntimeWarning)
 
 import onnx.backend.test  # noqa: E402
 
-import edgecc.backend  # noqa: E402
+from edgecc.backend import EdgeccBackend  # noqa: E402
 from edgecc.conformance import selected_cases  # noqa: E402
 
 _RANDOM_DROPOUT = ("training-mode Dropout with ratio > 0 draws a random mask; the expected data comes from "
@@ -25,18 +27,44 @@ KNOWN_FAILURES = {
     "test_training_dropout_mask": _RANDOM_DROPOUT,
 }
 
-runner = onnx.backend.test.BackendTest(edgecc.backend, __name__)
-for name, why in KNOWN_FAILURES.items():
-    runner.xfail("^" + re.escape(name) + "_cpu$")
-IN_SCOPE = {f"{name}_cpu" for kind_names in selected_cases().values() for name in kind_names}
+CONFIGS = [
+    # (prefix, runtime, target, marks, requirement)
+    ("Reference", "reference", "host", [], None),
+]
 
-_slow = re.compile(r"test_(bvlc_alexnet|densenet121|inception_v1|inception_v2|resnet50|shufflenet|squeezenet|"
-                   r"vgg19|zfnet512)")
-_cases = runner.test_cases
-for _case_name, _case in _cases.items():
-    for _attr in [a for a in vars(_case) if a.startswith("test_")]:
-        if _attr not in IN_SCOPE:
-            delattr(_case, _attr)  # outside the edge op set or dtypes (or a CUDA variant): not collected
-        elif _slow.match(_attr):
-            setattr(_case, _attr, pytest.mark.slow(getattr(_case, _attr)))
-globals().update(_cases)
+IN_SCOPE = {f"{name}_cpu" for kind_names in selected_cases().values() for name in kind_names}
+_SLOW_MODELS = re.compile(r"test_(bvlc_alexnet|densenet121|inception_v1|inception_v2|resnet50|shufflenet|squeezenet|"
+                          r"vgg19|zfnet512)")
+
+
+def _backend_for(runtime: str, target: str) -> type:
+    class Configured(EdgeccBackend):
+        @classmethod
+        def prepare(cls, model, device: str = "CPU", **kwargs):
+            kwargs.setdefault("runtime", runtime)
+            kwargs.setdefault("target", target)
+            return super().prepare(model, device, **kwargs)
+
+    Configured.__name__ = f"EdgeccBackend_{runtime}_{target}"
+    return Configured
+
+
+for _prefix, _runtime, _target, _marks, _tool in CONFIGS:
+    _runner = onnx.backend.test.BackendTest(_backend_for(_runtime, _target), __name__)
+    for _name in KNOWN_FAILURES:
+        _runner.xfail("^" + re.escape(_name) + "_cpu$")
+    for _case_name, _case in _runner.test_cases.items():
+        for _attr in [a for a in vars(_case) if a.startswith("test_")]:
+            if _attr not in IN_SCOPE:
+                delattr(_case, _attr)  # outside the edge op set or dtypes (or a CUDA variant): not collected
+                continue
+            func = getattr(_case, _attr)
+            for mark in _marks:
+                func = mark(func)
+            if _SLOW_MODELS.match(_attr):
+                func = pytest.mark.slow(func)
+            if _tool and shutil.which(_tool) is None:
+                func = pytest.mark.skip(reason=f"{_tool} is not installed (.ci/run installs it)")(func)
+            setattr(_case, _attr, func)
+        _case.__name__ = _case.__qualname__ = f"{_prefix}{_case_name}"
+        globals()[f"{_prefix}{_case_name}"] = _case
