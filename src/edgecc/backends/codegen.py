@@ -30,6 +30,8 @@ STORAGE = {DType.float32: F32, DType.float16: F16, DType.int8: I8, DType.uint8: 
 COMPUTE = {DType.float32: F32, DType.float16: F32, DType.int8: I8, DType.uint8: I8, DType.int16: I16,
            DType.int32: I32, DType.int64: I64, DType.bool: I1}
 UNSIGNED = {DType.uint8, DType.bool}
+KEYED_CONST_MAX = 4096
+"""Constant inputs up to this many elements are part of a kernel's identity (see KernelBuilder.const_input)."""
 
 
 def strides_of(shape: Sequence[int]) -> list[int]:
@@ -84,9 +86,14 @@ class KernelBuilder:
 
     # -- compile-time knowledge -------------------------------------------------------------------------
     def const_input(self, index: int) -> np.ndarray | None:
-        """The value of input `index` if it is a compile-time constant, else None."""
+        """The value of input `index` if it is a compile-time constant of at most KEYED_CONST_MAX elements, else
+        None. Kernels are shared between nodes whose small constant inputs are equal (the emitter keys them on
+        their content), so a lowering may build such values into its code; larger constants (weights) are only
+        ever read through their pointer, which is what lets same-shaped layers share one kernel."""
         value = self.node.input(index)
-        return value.const if value is not None and value.is_const else None
+        if value is None or not value.is_const or value.type.size > KEYED_CONST_MAX:
+            return None
+        return value.const
 
     # -- constants --------------------------------------------------------------------------------------
     def i64(self, value: int) -> ir.Constant:

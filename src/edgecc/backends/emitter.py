@@ -14,7 +14,7 @@ import re
 
 from llvmlite import ir
 
-from edgecc.backends.codegen import I8, I32, I64, PTR, Buffer, GlobalPool, KernelBuilder
+from edgecc.backends.codegen import I8, I32, I64, KEYED_CONST_MAX, PTR, Buffer, GlobalPool, KernelBuilder
 from edgecc.backends.kernels import get_lowering
 from edgecc.errors import EdgeccError
 from edgecc.ir.core import Module, Node, Value
@@ -60,7 +60,7 @@ class ModuleEmitter:
     def _kernel_for(self, node: Node) -> ir.Function:
         opdef = opdef_of(node)
         attrs = opdef.complete_attrs(node.attrs, where=node.label)
-        const_inputs = tuple(_freeze(v.const) if v is not None and v.is_const and v.type.size <= 4096 else None
+        const_inputs = tuple(_freeze(v.const) if v is not None and v.is_const and v.type.size <= KEYED_CONST_MAX else None
                              for v in node.inputs)
         key = (node.op, node.domain, tuple(sorted((k, _freeze(v)) for k, v in attrs.items())),
                tuple(None if v is None else v.type for v in node.inputs), tuple(v.type for v in node.outputs),

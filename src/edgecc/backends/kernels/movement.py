@@ -38,7 +38,7 @@ def index_table(kb: KernelBuilder, output_index: int = 0) -> tuple[np.ndarray, f
             arrays.append(None)
         elif i == 0:
             arrays.append(np.arange(1, data.type.size + 1, dtype=np.int64).reshape(data.type.shape))
-        elif value.is_const:
+        elif kb.const_input(i) is not None:
             # the fill value is applied by the kernel; in index space it is 0 (the "no source" marker)
             arrays.append(np.zeros(value.const.shape, np.int64) if FILL_INPUT.get(node.op) == i else value.const)
         else:
