@@ -22,8 +22,9 @@ from edgecc.ir.types import TensorType
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F16, F32, F64 = ir.HalfType(), ir.FloatType(), ir.DoubleType()
 PTR = ir.PointerType()
-FAST = ("fast",)
-"""Fast-math flags on float arithmetic: lets LLVM reassociate and vectorise (also on 32-bit ARM)."""
+FAST = ("reassoc", "nsz", "arcp", "contract")
+"""Float flags that let LLVM reassociate sums (so reductions vectorise) and fuse multiply-adds, without
+`nnan`/`ninf`: NaN and infinity inputs must propagate as the reference says, not become poison."""
 
 STORAGE = {DType.float32: F32, DType.float16: F16, DType.int8: I8, DType.uint8: I8, DType.int16: I16,
            DType.int32: I32, DType.int64: I64, DType.bool: I8}
@@ -82,17 +83,20 @@ class KernelBuilder:
         self.outputs = outputs
         self.target = target
         self.globals = globals_
+        self.const_reads: set[int] = set()
+        """Constant inputs whose values the lowering looked at: the kernel is only reused where they match."""
         self.b = ir.IRBuilder(function.append_basic_block("entry"))
 
     # -- compile-time knowledge -------------------------------------------------------------------------
     def const_input(self, index: int) -> np.ndarray | None:
         """The value of input `index` if it is a compile-time constant of at most KEYED_CONST_MAX elements, else
-        None. Kernels are shared between nodes whose small constant inputs are equal (the emitter keys them on
-        their content), so a lowering may build such values into its code; larger constants (weights) are only
-        ever read through their pointer, which is what lets same-shaped layers share one kernel."""
+        None. The kernel may build the value into its code: it is then reused only for nodes whose input `index`
+        holds the same value. Larger constants (weights) are only ever read through their pointer, so
+        same-shaped layers share one kernel."""
         value = self.node.input(index)
         if value is None or not value.is_const or value.type.size > KEYED_CONST_MAX:
             return None
+        self.const_reads.add(index)
         return value.const
 
     # -- constants --------------------------------------------------------------------------------------

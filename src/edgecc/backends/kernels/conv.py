@@ -1,0 +1,573 @@
+"""Convolution kernels: Conv (direct, register-blocked, explicit SIMD vectors) and ConvTranspose.
+
+Conv is computed directly from X and W (no im2col buffer: kernels get no scratch memory). The output is cut
+into tiles of MR output channels x NR consecutive output positions along the last spatial axis; the tile's
+accumulators are MR vectors of NR float32 lanes kept in registers while the kernel loops over the outer kernel
+taps (a cheap per-row bounds check), the input channels (a runtime loop) and the last-axis kernel taps
+(unrolled). Each step is one (possibly strided) vector load of input, MR broadcast weights and MR fused
+multiply-adds. The window geometry (output size, pads) comes from the reference's `window_geometry` at compile
+time; tiles that touch the padded borders are emitted separately with compile-time lane masks (only the valid
+lanes are loaded, the rest are zero), interior tiles run in a runtime loop with no checks at all. The loop
+order (output rows outside or inside the channel blocks) streams whichever of weights and input is smaller.
+Float16 is loaded, widened and accumulated in float32, and rounded once on the store.
+
+ConvTranspose uses the same tiles after splitting the last output axis by stride phase: the outputs
+o = r + s * q of phase r all take the same taps, each a stride-1 contiguous read of the input, so each phase is
+an ordinary correlation over q, stored with stride s (see `emit_transposed_conv`).
+
+The vector helpers here (`Vec`, `fmuladd`, `entry_alloca`, `lanes`) are shared with the pool and linalg kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from llvmlite import ir
+
+from edgecc.backends.codegen import COMPUTE, F32, FAST, I32, STORAGE, Buffer, KernelBuilder, strides_of
+from edgecc.backends.kernels import lowering
+from edgecc.errors import EdgeccError
+from edgecc.ir.dtypes import DType
+from edgecc.ops.conv import _transpose_geometry, kernel_from_weights, window_geometry
+from edgecc.ops.registry import Call
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def node_call(kb: KernelBuilder) -> Call:
+    """A reference-style Call over the node's input types, for reusing the reference's geometry helpers."""
+    return Call(kb.node.op, [None if buf is None else buf.type for buf in kb.inputs], dict(kb.attrs),
+                len(kb.outputs), where=kb.node.label)
+
+
+def optional_input(kb: KernelBuilder, index: int) -> Buffer | None:
+    return kb.inputs[index] if index < len(kb.inputs) else None
+
+
+def lanes(kb: KernelBuilder, bits: int = 32) -> int:
+    """Elements of `bits` bits in one SIMD register of the target."""
+    return max(1, kb.target.vector_bits // bits)
+
+
+def vector_registers(kb: KernelBuilder) -> int:
+    """SIMD registers of the target (AVX-512 and AArch64 have 32, SSE/AVX2/ARMv7 NEON 16)."""
+    if kb.target.vector_bits >= 512 or kb.target.triple.startswith(("aarch64", "arm64")):
+        return 32
+    return 16
+
+
+def choose_block(size: int, cap: int) -> int:
+    """A block size <= cap for a dimension of `size`: all of it if it fits, else a divisor of at least cap/2 (no
+    remainder block), else cap."""
+    cap = max(1, cap)
+    if size <= cap:
+        return max(1, size)
+    for d in range(cap, (cap + 1) // 2 - 1, -1):
+        if d >= 1 and size % d == 0:
+            return d
+    return cap
+
+
+def chunk_width(size: int, vl: int, max_vectors: int = 1) -> int:
+    """Tile width along a contiguous axis: at most max_vectors registers, chunks balanced and rounded to vl.
+    (One register is the default: accumulators of two registers with an odd lane count, e.g. <24 x float> on
+    AVX-512, legalise badly and ran ~10x slower; several rows of one register each do the same work well.)"""
+    if size <= 0:
+        return 1
+    cap = max_vectors * vl
+    chunks = -(-size // cap)
+    width = -(-size // chunks)
+    width = -(-width // vl) * vl
+    return max(1, min(width, size, cap))
+
+
+def entry_alloca(kb: KernelBuilder, ty: ir.Type) -> ir.Value:
+    """A stack slot at the top of the function's entry block (promoted to registers by LLVM)."""
+    block = kb.function.entry_basic_block
+    builder = ir.IRBuilder(block)
+    builder.position_at_start(block)
+    slot = builder.alloca(ty)
+    if kb.b.block is block:  # kb.b appends to the entry block: keep it at the end after the insertion above
+        kb.b.position_at_end(block)
+    return slot
+
+
+def _type_suffix(ty: ir.Type) -> str:
+    if isinstance(ty, ir.VectorType):
+        return f"v{ty.count}{_type_suffix(ty.element)}"
+    if isinstance(ty, ir.FloatType):
+        return "f32"
+    if isinstance(ty, ir.DoubleType):
+        return "f64"
+    if isinstance(ty, ir.HalfType):
+        return "f16"
+    return f"i{ty.width}"
+
+
+def intrinsic(kb: KernelBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    fn = kb.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(kb.module, ir.FunctionType(ret, args), name=name)
+    return fn
+
+
+def i32_vector(values) -> ir.Constant:
+    values = [int(v) for v in values]
+    return ir.Constant(ir.VectorType(I32, len(values)), [ir.Constant(I32, v) for v in values])
+
+
+class Vec:
+    """SIMD vectors of `dtype`'s compute type (float16 and float32 compute as f32): loads, stores, splats, FMA."""
+
+    def __init__(self, kb: KernelBuilder, dtype: DType):
+        self.kb = kb
+        self.b = kb.b
+        self.dtype = dtype
+        self.elem = COMPUTE[dtype]
+        self.is_float = dtype.is_float
+
+    def ty(self, n: int) -> ir.VectorType:
+        return ir.VectorType(self.elem, n)
+
+    def zero(self, n: int) -> ir.Constant:
+        zero = 0.0 if self.is_float else 0
+        return ir.Constant(self.ty(n), [ir.Constant(self.elem, zero)] * n)
+
+    def splat(self, value: ir.Value, n: int) -> ir.Value:
+        undef = ir.Constant(self.ty(1), ir.Undefined)
+        one = self.b.insert_element(undef, value, ir.Constant(I32, 0))
+        return self.b.shuffle_vector(one, undef, i32_vector([0] * n))
+
+    def load(self, buf: Buffer, flat: ir.Value, n: int, stride: int = 1, wide_ok: bool = False) -> ir.Value:
+        """n lanes buf[flat + j * stride], converted to the compute type. `wide_ok`: reading up to
+        flat + n * stride - 1 stays inside the buffer (lets strided loads read one full span)."""
+        b, kb = self.b, self.kb
+        st = STORAGE[buf.dtype]
+        align = buf.dtype.numpy.itemsize
+        if stride == 0:
+            return self.splat(kb.load(buf, flat), n)
+        if n == 1 or stride == 1:
+            raw = b.load(kb.element_ptr(buf, flat), typ=ir.VectorType(st, n), align=align)
+        elif stride <= 4:
+            span = n * stride if wide_ok else (n - 1) * stride + 1
+            wide = b.load(kb.element_ptr(buf, flat), typ=ir.VectorType(st, span), align=align)
+            raw = b.shuffle_vector(wide, ir.Constant(ir.VectorType(st, span), ir.Undefined),
+                                   i32_vector(j * stride for j in range(n)))
+        else:
+            raw = ir.Constant(ir.VectorType(st, n), ir.Undefined)
+            for j in range(n):
+                ptr = kb.element_ptr(buf, b.add(flat, kb.i64(j * stride)) if j else flat)
+                raw = b.insert_element(raw, b.load(ptr, typ=st, align=align), ir.Constant(I32, j))
+        return self.widen(buf.dtype, raw, n)
+
+    def widen(self, dtype: DType, raw: ir.Value, n: int) -> ir.Value:
+        if dtype is DType.float16:
+            return self.b.fpext(raw, ir.VectorType(F32, n))
+        return raw
+
+    def store(self, buf: Buffer, flat: ir.Value, value: ir.Value, n: int) -> None:
+        b = self.b
+        if buf.dtype is DType.float16:
+            value = b.fptrunc(value, ir.VectorType(STORAGE[buf.dtype], n))
+        b.store(value, self.kb.element_ptr(buf, flat), align=buf.dtype.numpy.itemsize)
+
+    def const_vector(self, values) -> ir.Constant:
+        values = list(values)
+        cast = float if self.is_float else int
+        return ir.Constant(self.ty(len(values)), [ir.Constant(self.elem, cast(v)) for v in values])
+
+    def store_strided(self, buf: Buffer, flat: ir.Value, value: ir.Value, n: int, stride: int) -> None:
+        """buf[flat + j * stride] = value[j] for the n lanes."""
+        if stride == 1:
+            self.store(buf, flat, value, n)
+            return
+        b, kb = self.b, self.kb
+        for j in range(n):
+            lane = b.extract_element(value, ir.Constant(I32, j))
+            kb.store(buf, b.add(flat, kb.i64(j * stride)) if j else flat, lane)
+
+    def place(self, value: ir.Value, count: int, first: int, n: int, fill=0) -> ir.Value:
+        """A vector of n lanes holding `value` (count lanes) at lanes first..first+count-1, `fill` elsewhere."""
+        if count == n:
+            return value
+        mask = [j - first if first <= j < first + count else count for j in range(n)]
+        return self.b.shuffle_vector(value, self.const_vector([fill] * count), i32_vector(mask))
+
+    def fma(self, a: ir.Value, x: ir.Value, acc: ir.Value) -> ir.Value:
+        """a * x + acc (llvm.fmuladd for floats, wrapping integer arithmetic otherwise)."""
+        if self.is_float:
+            return fmuladd(self.kb, a, x, acc)
+        return self.b.add(self.b.mul(a, x), acc)
+
+    def add(self, a, c):
+        return self.b.fadd(a, c, flags=FAST) if self.is_float else self.b.add(a, c)
+
+    def mul(self, a, c):
+        return self.b.fmul(a, c, flags=FAST) if self.is_float else self.b.mul(a, c)
+
+
+def fmuladd(kb: KernelBuilder, a: ir.Value, x: ir.Value, acc: ir.Value) -> ir.Value:
+    ty = acc.type
+    fn = intrinsic(kb, f"llvm.fmuladd.{_type_suffix(ty)}", ty, [ty, ty, ty])
+    return kb.b.call(fn, [a, x, acc], fastmath=FAST)
+
+
+class Accumulators:
+    """Named stack slots for loop-carried accumulators (LLVM turns them into registers)."""
+
+    def __init__(self, kb: KernelBuilder):
+        self.kb = kb
+        self._slots: dict[tuple, ir.Value] = {}
+
+    def slot(self, key, ty: ir.Type) -> ir.Value:
+        full = (key, str(ty))
+        if full not in self._slots:
+            self._slots[full] = entry_alloca(self.kb, ty)
+        return self._slots[full]
+
+    def get(self, key, ty):
+        return self.kb.b.load(self.slot(key, ty), typ=ty)
+
+    def set(self, key, value):
+        self.kb.b.store(value, self.slot(key, value.type))
+
+
+def add_i64(kb: KernelBuilder, *terms) -> ir.Value:
+    """Sum of i64 values and Python ints (constants folded)."""
+    const = sum(int(t) for t in terms if isinstance(t, (int, np.integer)))
+    acc = None
+    for t in terms:
+        if isinstance(t, (int, np.integer)):
+            continue
+        acc = t if acc is None else kb.b.add(acc, t)
+    if acc is None:
+        return kb.i64(const)
+    return kb.b.add(acc, kb.i64(const)) if const else acc
+
+
+def mul_i64(kb: KernelBuilder, value, factor: int):
+    if isinstance(value, (int, np.integer)):
+        return int(value) * factor
+    if factor == 0:
+        return 0
+    return value if factor == 1 else kb.b.mul(value, kb.i64(factor))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conv
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@lowering("Conv")
+def lower_conv(kb: KernelBuilder) -> None:
+    x, w, bias = kb.inputs[0], kb.inputs[1], optional_input(kb, 2)
+    y = kb.outputs[0]
+    if not x.dtype.is_float:
+        raise EdgeccError(f"Conv kernel needs float16 or float32 input, got {x.dtype.name}")
+    call = node_call(kb)
+    window = window_geometry(call, x.shape[2:], kernel_from_weights(call, w.shape))
+    if tuple(y.shape[2:]) != tuple(window.out):
+        raise EdgeccError(f"Conv output shape {list(y.shape)} disagrees with the window geometry {list(window.out)}")
+    if y.size == 0:
+        return
+    emit_direct_conv(kb, x, w, bias, y, window, int(kb.attrs["group"]))
+
+
+def _lane_range(ox0: int, n: int, kx: int, sx: int, dx: int, px: int, width: int) -> tuple[int, int]:
+    """Lanes j in [j0, j1) of the tile starting at output ox0 whose input ((ox0 + j) * sx + kx * dx - px) lies
+    inside [0, width)."""
+    valid = [j for j in range(n) if 0 <= (ox0 + j) * sx + kx * dx - px < width]
+    return (valid[0], valid[-1] + 1) if valid else (0, 0)
+
+
+def plan_tiles(width_out: int, nr: int, width_in: int, kw: int, sx: int, dx: int, px: int):
+    """Cut the last output axis into tiles of nr positions: (tiles [(ox0, n)], (t0, t1)), the tiles t0..t1-1
+    being full-width interior tiles (every last-axis tap reads inside the input row) run by one runtime loop;
+    the others (borders, the short last tile) are emitted statically with compile-time lane masks."""
+    ox_lo = -(-px // sx)
+    ox_hi = (width_in - 1 - (kw - 1) * dx + px) // sx + 1
+    return plan_tiles_between(width_out, nr, ox_lo, ox_hi)
+
+
+def plan_tiles_between(width_out: int, nr: int, ox_lo: int, ox_hi: int):
+    """`plan_tiles` given the interior output range [ox_lo, ox_hi) directly."""
+    tiles = [(ox0, min(nr, width_out - ox0)) for ox0 in range(0, width_out, nr)]
+    interior = [ox0 >= ox_lo and ox0 + n <= ox_hi and n == nr for ox0, n in tiles]
+    best, run = (0, 0), None
+    for t, ok in enumerate(interior + [False]):
+        if ok and run is None:
+            run = t
+        elif not ok and run is not None:
+            if t - run > best[1] - best[0]:
+                best = (run, t)
+            run = None
+    return tiles, (best if best[1] - best[0] >= 2 else (0, 0))
+
+
+def emit_tile_groups(kb: KernelBuilder, tiles, loop_tiles, nr: int, emit) -> None:
+    """Call emit(ox0, n, static, ox_last) for every tile: a runtime loop over the interior run (ox0 an i64,
+    ox_last the run's last ox0), static calls (ox0 an int) for the others."""
+    t = 0
+    while t < len(tiles):
+        if t == loop_tiles[0] and loop_tiles[1] > loop_tiles[0]:
+            count = loop_tiles[1] - loop_tiles[0]
+            first = tiles[t][0]
+            with kb.loop(count, "tile") as ti:
+                emit(add_i64(kb, mul_i64(kb, ti, nr), first), nr, False, first + (count - 1) * nr)
+            t = loop_tiles[1]
+            continue
+        ox0, n = tiles[t]
+        emit(ox0, n, True, ox0)
+        t += 1
+
+
+def strided_span_ok(ox_last: int, n: int, kx: int, sx: int, dx: int, px: int, width_in: int) -> bool:
+    """A strided load of n lanes from output ox_last on may read a full n * sx span (stays inside the row)."""
+    return (ox_last + n - 1) * sx + kx * dx - px + sx - 1 <= width_in - 1
+
+
+def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, window,
+                     group: int) -> None:
+    b = kb.b
+    vec = Vec(kb, x.dtype)
+    n_batch, channels = x.shape[:2]
+    m_out = w.shape[0]
+    cg, mg = channels // group, m_out // group
+    spatial, out, kernel = tuple(x.shape[2:]), tuple(window.out), tuple(window.kernel)
+    strides, dilations, pads = window.strides, window.dilations, window.pads_begin
+    xs, ws, ys = strides_of(x.shape), strides_of(w.shape), strides_of(y.shape)
+    width_in, width_out, kw = spatial[-1], out[-1], kernel[-1]
+    sx, dx, px = strides[-1], dilations[-1], pads[-1]
+
+    vl = lanes(kb)
+    nr = chunk_width(width_out, vl)
+    nvec = -(-nr // vl)
+    budget = vector_registers(kb) * 3 // 4
+    mr = choose_block(mg, min(16, budget // nvec))
+
+    tiles, loop_tiles = plan_tiles(width_out, nr, width_in, kw, sx, dx, px)
+
+    def wide_ok(ox_last: int, n: int, kx: int) -> bool:
+        return strided_span_ok(ox_last, n, kx, sx, dx, px, width_in)
+
+    accs = Accumulators(kb)
+
+    def emit_tile(n_idx, g_idx, oys, m0, rows: int, ox0, n: int, static: bool, ox_last: int) -> None:
+        """Accumulate and store output channels m0..m0+rows-1 at last-axis positions ox0..ox0+n-1."""
+        ty = vec.ty(n)
+        for r in range(rows):
+            if bias is not None:
+                init = vec.splat(kb.load(bias, add_i64(kb, m0, r)), n)
+            else:
+                init = vec.zero(n)
+            accs.set(("conv", r), init)
+        x_batch = add_i64(kb, mul_i64(kb, n_idx, xs[0]), mul_i64(kb, g_idx, cg * xs[1]))
+        with contextlib.ExitStack() as stack:
+            kys = [stack.enter_context(kb.loop(int(k), f"ky{a}")) for a, k in enumerate(kernel[:-1])]
+            valid = None
+            x_row, w_row = [x_batch], [mul_i64(kb, m0, ws[0])]
+            for a, ky in enumerate(kys):
+                iy = add_i64(kb, mul_i64(kb, oys[a], strides[a]), mul_i64(kb, ky, dilations[a]), -pads[a])
+                inside = b.icmp_unsigned("<", iy, kb.i64(spatial[a]))
+                valid = inside if valid is None else b.and_(valid, inside)
+                x_row.append(mul_i64(kb, iy, xs[2 + a]))
+                w_row.append(mul_i64(kb, ky, ws[2 + a]))
+            if valid is not None:
+                stack.enter_context(b.if_then(valid))
+            x_base = add_i64(kb, *x_row)
+            w_base = add_i64(kb, *w_row)
+            with kb.loop(cg, "c") as c:
+                xc = add_i64(kb, x_base, mul_i64(kb, c, xs[1]))
+                wc = add_i64(kb, w_base, mul_i64(kb, c, ws[1]))
+                values = [accs.get(("conv", r), ty) for r in range(rows)]
+                for kx in range(kw):
+                    if static:
+                        j0, j1 = _lane_range(ox0, n, kx, sx, dx, px, width_in)
+                        if j1 <= j0:
+                            continue
+                        offset = (ox0 + j0) * sx + kx * dx - px
+                        xv = vec.load(x, add_i64(kb, xc, offset), j1 - j0, sx,
+                                      wide_ok(ox0 + j0, j1 - j0, kx))
+                        xv = vec.place(xv, j1 - j0, j0, n)
+                    else:
+                        start = add_i64(kb, xc, mul_i64(kb, ox0, sx), kx * dx - px)
+                        xv = vec.load(x, start, n, sx, wide_ok(ox_last, n, kx))
+                    for r in range(rows):
+                        wv = kb.load(w, add_i64(kb, wc, r * ws[0] + kx))
+                        values[r] = vec.fma(vec.splat(wv, n), xv, values[r])
+                for r in range(rows):
+                    accs.set(("conv", r), values[r])
+        y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), *[mul_i64(kb, o, ys[2 + a]) for a, o in enumerate(oys)],
+                        ox0)
+        for r in range(rows):
+            flat = add_i64(kb, y_row, mul_i64(kb, add_i64(kb, m0, r), ys[1]))
+            vec.store(y, flat, accs.get(("conv", r), ty), n)
+
+    def emit_tiles(n_idx, g_idx, oys, m0, rows: int) -> None:
+        emit_tile_groups(kb, tiles, loop_tiles, nr, lambda ox0, n, static, ox_last: emit_tile(
+            n_idx, g_idx, oys, m0, rows, ox0, n, static, ox_last))
+
+    full_blocks, rest = divmod(mg, mr)
+    # Loop order for cache reuse: the rows outside the channel blocks re-read every weight once per output row,
+    # channel blocks outside the rows re-read the input once per block; stream whichever is smaller.
+    weights_outer = mg * cg * int(np.prod(kernel)) > cg * int(np.prod(spatial))
+
+    def channel_blocks(body) -> None:
+        if full_blocks == 1:
+            body(0, mr)
+        elif full_blocks > 1:
+            with kb.loop(full_blocks, "mb") as mb:
+                body(mul_i64(kb, mb, mr), mr)
+        if rest:
+            body(full_blocks * mr, rest)
+
+    with kb.loop(n_batch, "n") as n_idx, kb.loop(group, "g") as g_idx:
+        g_base = mul_i64(kb, g_idx, mg)
+        if weights_outer:
+            def rows_of_block(m_first, rows):
+                with kb.loop_nest(out[:-1], "oy") as oys:
+                    emit_tiles(n_idx, g_idx, oys, add_i64(kb, g_base, m_first), rows)
+
+            channel_blocks(rows_of_block)
+        else:
+            with kb.loop_nest(out[:-1], "oy") as oys:
+                channel_blocks(lambda m_first, rows: emit_tiles(n_idx, g_idx, oys, add_i64(kb, g_base, m_first),
+                                                                rows))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ConvTranspose
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@lowering("ConvTranspose")
+def lower_conv_transpose(kb: KernelBuilder) -> None:
+    x, w, bias = kb.inputs[0], kb.inputs[1], optional_input(kb, 2)
+    y = kb.outputs[0]
+    if not x.dtype.is_float:
+        raise EdgeccError(f"ConvTranspose kernel needs float16 or float32 input, got {x.dtype.name}")
+    call = node_call(kb)
+    kernel = kernel_from_weights(call, w.shape)
+    strides, dilations, begin, out = _transpose_geometry(call, x.shape[2:], kernel)
+    if tuple(y.shape[2:]) != tuple(out):
+        raise EdgeccError(f"ConvTranspose output shape {list(y.shape)} disagrees with the geometry {list(out)}")
+    if y.size == 0:
+        return
+    emit_transposed_conv(kb, x, w, bias, y, tuple(kernel), strides, dilations, begin, tuple(out),
+                         int(kb.attrs["group"]))
+
+
+def emit_transposed_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, kernel, strides,
+                         dilations, begin, out, group: int) -> None:
+    """Gather form, split by stride phase: output o (canvas position o + pad) receives x[i] * w[k] for the taps
+    with o + pad = i * s + k * d. On the last axis the outputs o = r + s * q of one phase r (0 <= r < s) all use
+    the same taps, reading i = q + c_k with c_k = (r + pad - k * d) / s: a stride-1 correlation over q with
+    contiguous input loads, computed in register tiles like Conv and stored with stride s. Outer axes check per
+    row which taps divide evenly. Each output element is written exactly once (bias when no tap reaches it)."""
+    b = kb.b
+    vec = Vec(kb, x.dtype)
+    n_batch, channels = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    cg, mg = channels // group, w.shape[1]
+    xs, ws, ys = strides_of(x.shape), strides_of(w.shape), strides_of(y.shape)
+    width_in, width_out, kw = spatial[-1], out[-1], kernel[-1]
+    sx, dx, px = strides[-1], dilations[-1], begin[-1]
+    vl = lanes(kb)
+    budget = vector_registers(kb) * 3 // 4
+    mr = choose_block(mg, min(16, budget))
+    accs = Accumulators(kb)
+
+    phases = []
+    for r in range(min(sx, width_out)):
+        taps = [(k, (r + px - k * dx) // sx) for k in range(kw) if (r + px - k * dx) % sx == 0]
+        count = len(range(r, width_out, sx))
+        nr = chunk_width(count, vl)
+        if taps:
+            q_lo = max(0, -min(c for _, c in taps))
+            q_hi = min(count, width_in - max(c for _, c in taps))
+        else:
+            q_lo, q_hi = 0, count
+        tiles, loop_tiles = plan_tiles_between(count, nr, q_lo, q_hi)
+        phases.append((r, taps, nr, tiles, loop_tiles))
+
+    def emit_tile(n_idx, g_idx, oys, m_first, rows: int, r: int, taps, q0, n: int, static: bool) -> None:
+        ty = vec.ty(n)
+        m_local = m_first  # output channel within the group
+        for rr in range(rows):
+            if bias is not None:
+                init = vec.splat(kb.load(bias, add_i64(kb, mul_i64(kb, g_idx, mg), m_local, rr)), n)
+            else:
+                init = vec.zero(n)
+            accs.set(("convt", rr), init)
+        x_batch = add_i64(kb, mul_i64(kb, n_idx, xs[0]), mul_i64(kb, g_idx, cg * xs[1]))
+        w_group = add_i64(kb, mul_i64(kb, g_idx, cg * ws[0]), mul_i64(kb, m_local, ws[1]))
+        with contextlib.ExitStack() as stack:
+            kys = [stack.enter_context(kb.loop(int(k), f"ky{a}")) for a, k in enumerate(kernel[:-1])]
+            valid = None
+            x_row, w_row = [x_batch], [w_group]
+            for a, ky in enumerate(kys):
+                t = add_i64(kb, oys[a], mul_i64(kb, ky, -dilations[a]), begin[a])
+                s = strides[a]
+                if s == 1:
+                    iy = t
+                    ok = b.icmp_unsigned("<", t, kb.i64(spatial[a]))
+                else:
+                    nonneg = b.icmp_signed(">=", t, kb.i64(0))
+                    safe = b.select(nonneg, t, kb.i64(0))
+                    iy = b.udiv(safe, kb.i64(s))
+                    whole = b.icmp_unsigned("==", b.urem(safe, kb.i64(s)), kb.i64(0))
+                    ok = b.and_(b.and_(nonneg, whole), b.icmp_unsigned("<", iy, kb.i64(spatial[a])))
+                valid = ok if valid is None else b.and_(valid, ok)
+                x_row.append(mul_i64(kb, iy, xs[2 + a]))
+                w_row.append(mul_i64(kb, ky, ws[2 + a]))
+            if valid is not None:
+                stack.enter_context(b.if_then(valid))
+            x_base = add_i64(kb, *x_row)
+            w_base = add_i64(kb, *w_row)
+            if taps:
+                with kb.loop(cg, "c") as c:
+                    xc = add_i64(kb, x_base, mul_i64(kb, c, xs[1]))
+                    wc = add_i64(kb, w_base, mul_i64(kb, c, ws[0]))
+                    values = [accs.get(("convt", rr), ty) for rr in range(rows)]
+                    for k, ck in taps:
+                        if static:
+                            ok_lanes = [j for j in range(n) if 0 <= q0 + j + ck < width_in]
+                            if not ok_lanes:
+                                continue
+                            j0, j1 = ok_lanes[0], ok_lanes[-1] + 1
+                            xv = vec.place(vec.load(x, add_i64(kb, xc, q0 + j0 + ck), j1 - j0), j1 - j0, j0, n)
+                        else:
+                            xv = vec.load(x, add_i64(kb, xc, q0, ck), n)
+                        for rr in range(rows):
+                            wv = kb.load(w, add_i64(kb, wc, rr * ws[1] + k))
+                            values[rr] = vec.fma(vec.splat(wv, n), xv, values[rr])
+                    for rr in range(rows):
+                        accs.set(("convt", rr), values[rr])
+        y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), *[mul_i64(kb, o, ys[2 + a]) for a, o in enumerate(oys)],
+                        mul_i64(kb, q0, sx), r)
+        for rr in range(rows):
+            m = add_i64(kb, mul_i64(kb, g_idx, mg), m_local, rr)
+            vec.store_strided(y, add_i64(kb, y_row, mul_i64(kb, m, ys[1])), accs.get(("convt", rr), ty), n, sx)
+
+    full_blocks, rest = divmod(mg, mr)
+
+    def channel_blocks(body) -> None:
+        if full_blocks == 1:
+            body(0, mr)
+        elif full_blocks > 1:
+            with kb.loop(full_blocks, "mb") as mb:
+                body(mul_i64(kb, mb, mr), mr)
+        if rest:
+            body(full_blocks * mr, rest)
+
+    with kb.loop(n_batch, "n") as n_idx, kb.loop(group, "g") as g_idx:
+        with kb.loop_nest(out[:-1], "oy") as oys:
+            def block(m_first, rows):
+                for r, taps, nr, tiles, loop_tiles in phases:
+                    emit_tile_groups(kb, tiles, loop_tiles, nr, lambda q0, n, static, _last: emit_tile(
+                        n_idx, g_idx, oys, m_first, rows, r, taps, q0, n, static))
+
+            channel_blocks(block)
