@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgecc
 from edgecc.backends import mathlib
-from edgecc.backends.kernels.elementwise import f32_to_i64_bits, i64_to_f32_bits
+from edgecc.backends.conversions import f32_to_i64_bits, i64_to_f32_bits
 from edgecc.backends.llvm_driver import emit
 from edgecc.backends.runtime import HostModule
 from edgecc.backends.targets import resolve_target

@@ -206,7 +206,14 @@ class KernelBuilder:
         return self.b.select(self.compare(dtype, "<", a, c), a, c)
 
     def convert(self, src: DType, dst: DType, value: ir.Value) -> ir.Value:
-        """Numeric conversion between compute types (float->int truncates toward zero, like C and NumPy)."""
+        """Numeric conversion between compute types like NumPy's astype: float->int truncates toward zero (out of
+        range and NaN handled without poison, see conversions.float_to_int)."""
+        from edgecc.backends import conversions
+
+        if src.is_float and dst.is_integer:
+            return conversions.float_to_int(self, value, dst)
+        if src is DType.int64 and dst.is_float and conversions.narrow_target(self):
+            return conversions.i64_to_f32_bits(self.b, value)
         b = self.b
         s, d = COMPUTE[src], COMPUTE[dst]
         if src.is_float and dst.is_float:
