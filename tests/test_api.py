@@ -69,7 +69,9 @@ def test_report_fields():
 
 def test_unknown_target_and_option_are_clear():
     with pytest.raises(EdgeccError, match="needs the native runtime"):
-        edgecc.compile(small_mlp(batch=2), target="cortex-m4")
+        edgecc.compile(small_mlp(batch=2), target="cortex-m4", runtime="reference")
+    with pytest.raises(EdgeccError, match="cannot run on this machine"):
+        edgecc.compile(small_mlp(batch=2), target="cortex-m4").run({"x": _x()})
     with pytest.raises(EdgeccError, match="unknown target 'pdp11'"):
         edgecc.compile(small_mlp(batch=2), target="pdp11", runtime="native")
     with pytest.raises(EdgeccError, match="four parts"):

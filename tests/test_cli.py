@@ -67,7 +67,27 @@ def test_run_prints_and_saves_outputs(tmp_path, capsys, mlp_path):
     x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     code, out, err = run_cli(capsys, "run", mlp_path, "--input", f"x={tmp_path / 'x.npy'}", "-o", tmp_path / "out.npz")
-    assert code == 0 and "interpreter" in err
+    assert code == 0, err
+    want = ort.InferenceSession(str(mlp_path)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["y"], want, rtol=1e-5, atol=1e-7)
+
+
+def test_run_with_the_reference_interpreter_says_so(tmp_path, capsys, mlp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
+    code, out, err = run_cli(capsys, "run", mlp_path, "--input", f"x={tmp_path / 'x.npy'}", "--runtime", "reference")
+    assert code == 0 and "reference interpreter" in err and "y: float32 [2, 3]" in out
+
+
+def test_run_for_armv8_under_qemu(tmp_path, capsys, mlp_path):
+    import shutil
+
+    if shutil.which("qemu-aarch64") is None or shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("needs qemu-user and gcc-aarch64-linux-gnu (installed by .ci/run)")
+    x = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, _, err = run_cli(capsys, "run", mlp_path, "--target", "armv8", "--input", f"x={tmp_path / 'x.npy'}",
+                           "-o", tmp_path / "out.npz")
+    assert code == 0, err
     want = ort.InferenceSession(str(mlp_path)).run(None, {"x": x})[0]
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["y"], want, rtol=1e-5, atol=1e-7)
 

@@ -28,8 +28,11 @@ KNOWN_FAILURES = {
 }
 
 CONFIGS = [
-    # (prefix, runtime, target, marks, requirement)
+    # (prefix, runtime, target, marks, tool the configuration needs)
     ("Reference", "reference", "host", [], None),
+    ("Native", "native", "host", [], None),
+    ("Armv8", "native", "armv8", [pytest.mark.slow], "qemu-aarch64"),
+    ("Armv7", "native", "armv7", [pytest.mark.slow], "qemu-arm"),
 ]
 
 IN_SCOPE = {f"{name}_cpu" for kind_names in selected_cases().values() for name in kind_names}

@@ -173,18 +173,19 @@ def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, t
 
 
 def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=None, passes: str | None = None,
-            constant_inputs=None, runtime: str = "reference", name: str | None = None, mcpu: str | None = None,
+            constant_inputs=None, runtime: str = "native", name: str | None = None, mcpu: str | None = None,
             mattr: str | None = None, **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
     Args:
         model: the model to compile.
-        target: where it runs; only "host" until native code generation lands.
+        target: where the code runs: "host", a preset (x86-64, x86-64-v3, x86-64-v4, armv8, armv8.2, armv7,
+            cortex-m4, cortex-m55) or an LLVM triple (with mcpu/mattr).
         opt_level: 0..3, the named pipeline to run (see `edgecc passes`).
         input_shapes: binds symbolic input dims, e.g. {"input": (1, 3, 224, 224)} or ["input=1x3x224x224"].
         constant_inputs: {name: array}: specialise the model on these input values (they stop being inputs).
-        runtime: "reference" (the NumPy interpreter; every op) or "native" (llvmlite code for `target`; ops
-            without a native kernel yet are reported as an error naming them).
+        runtime: "native" (default: machine code for `target` generated with llvmlite; run in-process for the
+            host, under qemu-user for ARM Linux targets) or "reference" (edgecc's NumPy interpreter, host only).
         name: C symbol prefix of the generated code (`<name>_run`); default: the model's graph name.
         mcpu, mattr: CPU and features when `target` is an LLVM triple (or to override a preset's).
         passes: an explicit pipeline ("infer-shapes,fold-constants,dce") instead of the -O level's.

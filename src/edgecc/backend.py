@@ -1,7 +1,7 @@
 """edgecc as an ONNX backend (onnx.backend.base.Backend), so onnx's own backend test runner drives it.
 
 `prepare(model, target=..., runtime=...)` takes compile options; without them the environment variables
-EDGECC_TARGET (default host) and EDGECC_RUNTIME (reference or native; default reference) decide.
+EDGECC_TARGET (default host) and EDGECC_RUNTIME (native or reference; default native) decide.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class EdgeccRep(BackendRep):
     def __init__(self, model: onnx.ModelProto, options: dict):
         self._model = model
         options = dict(options)
-        options.setdefault("runtime", os.environ.get("EDGECC_RUNTIME", "reference"))
+        options.setdefault("runtime", os.environ.get("EDGECC_RUNTIME", "native"))
         options.setdefault("target", os.environ.get("EDGECC_TARGET", "host"))
         self._options = options
         self._compiled = {}

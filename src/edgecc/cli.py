@@ -31,9 +31,9 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
                              "armv8 (aarch64), armv8.2, armv7, cortex-m4, cortex-m55, or an LLVM triple")
     parser.add_argument("--mcpu", help="CPU name when --target is a triple (or to override a preset's)")
     parser.add_argument("--mattr", help="CPU features, e.g. +neon,+dotprod")
-    parser.add_argument("--runtime", choices=("reference", "native"), default="reference",
-                        help="reference: edgecc's NumPy interpreter (every op, host only; default); native: machine "
-                             "code generated with llvmlite for --target")
+    parser.add_argument("--runtime", choices=("native", "reference"), default="native",
+                        help="native: machine code generated with llvmlite for --target (default); reference: "
+                             "edgecc's NumPy interpreter (host only), the oracle native code is tested against")
     parser.add_argument("-p", "--passes", metavar="PIPELINE",
                         help="explicit pass pipeline instead of the -O level's, e.g. 'infer-shapes,fold-constants,dce'")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
@@ -68,7 +68,8 @@ def compile_parser() -> argparse.ArgumentParser:
         description="edgecc: an ahead-of-time compiler for trained neural networks (ONNX in).\n\n"
                     "Other commands: `edgecc run MODEL --input NAME=FILE.npy`, `edgecc demo`, `edgecc ops`, "
                     "`edgecc passes` (each has --help).",
-        epilog=NOTE + ".\nExample: edgecc model.onnx -O3 -o build/model --emit onnx --report build/report.json",
+        epilog="Examples:\n  edgecc model.onnx -O3 --target armv8 -o build/model      (model.o, libmodel.a, libmodel.so, "
+               "model.h)\n  edgecc model.onnx -O3 --emit onnx -o build/model.opt --report build/report.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="the ONNX model file")
     parser.add_argument("-o", "--output", metavar="OUT",
@@ -83,8 +84,8 @@ def compile_parser() -> argparse.ArgumentParser:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgecc run", description="Compile a model and run it on inputs from .npy files.",
-                                     epilog=NOTE + ".")
+    parser = argparse.ArgumentParser(prog="edgecc run", description="Compile a model and run it on inputs from .npy files "
+                                     "(in-process for the host, under qemu-user for ARM Linux targets).")
     parser.add_argument("model", help="the ONNX model file")
     parser.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                         help="an input array (repeatable); a .npz may hold all inputs by name: --input FILE.npz")
@@ -204,8 +205,8 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edgecc demo",
-                                     description="Compile the small CNN shipped with edgecc at -O3 for the host, run it, "
-                                                 "and check the result against onnx's reference implementation.")
+                                     description="Compile the small CNN shipped with edgecc at -O3 to native code for the "
+                                                 "host, run it, and check the result against onnx's reference implementation.")
     parser.add_argument("--debug", action="store_true")
     parser.parse_args(argv)
     from edgecc.demo import run_demo
