@@ -1,13 +1,20 @@
-"""The real architectures in ../shared/models: import, optimise at -O0 and -O3, export back to ONNX, and still
-give onnxruntime's outputs. Also checked: edgecc's own run (reference interpreter) against onnxruntime.
+"""The real architectures in ../shared/models, end to end.
 
-Tolerance: max relative error <= 1e-5, relative to the largest magnitude of onnxruntime's output (the
-models have random weights, so some outputs are tiny; see ../shared/models/README.md). Folding BatchNorm
-into Conv weights and reordering float32 sums moves results by a few ulp of the largest activation, well
-inside that bound.
+- Import, optimise at -O0 and -O3, export back to ONNX: onnxruntime on the export gives onnxruntime's outputs on
+  the original, and so does edgecc's reference interpreter (max relative error <= 1e-5).
+- Native code for the host, the x86-64 presets (run in-process: this CPU has AVX-512) and armv8/armv7 (run
+  under qemu-user) matches onnxruntime within 1e-4; every preset, Cortex-M included, compiles.
+
+Errors are relative to the largest magnitude of onnxruntime's output (the models have random weights, so some
+outputs are tiny; see ../shared/models/README.md). 1e-5 for the interpreter and the export: the same float32
+operations up to summation order and BatchNorm folded into weights, a few ulp of the largest activation.
+1e-4 for native code: vectorised sums in another order, fused multiply-adds, and edgecc's own exp/erf/tanh
+(1-5 ulp), compounded through up to 60 layers.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import onnx
@@ -15,10 +22,16 @@ import onnxruntime as ort
 import pytest
 
 import edgecc
+from edgecc.backends.targets import PRESETS
 
 MODELS = ["mlp_mnist", "lenet5", "bert_tiny_enc", "squeezenet1_1", "shufflenet_v2_x1_0", "mobilenet_v2", "resnet18"]
 LARGE = {"squeezenet1_1", "shufflenet_v2_x1_0", "mobilenet_v2", "resnet18"}
-TOLERANCE = 1e-5
+REFERENCE_TOLERANCE = 1e-5
+NATIVE_TOLERANCE = 1e-4
+
+
+def _models(all_slow: bool = False):
+    return [pytest.param(m, marks=pytest.mark.slow) if all_slow or m in LARGE else m for m in MODELS]
 
 
 def _session(model_bytes: bytes) -> ort.InferenceSession:
@@ -32,25 +45,60 @@ def _rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual.astype(np.float64) - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
+def _case(shared_dir, name):
+    path = shared_dir / "models" / f"{name}.onnx"
+    feeds = {"input": np.load(shared_dir / "models" / f"{name}.ref.npz")["input"]}
+    (expected,) = _session(onnx.load(str(path)).SerializeToString()).run(None, feeds)
+    return str(path), feeds, expected
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize("opt_level", [0, 3])
-@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m in LARGE else m for m in MODELS])
-def test_shared_model(shared_dir, name, opt_level):
-    path = shared_dir / "models" / f"{name}.onnx"
-    ref = np.load(shared_dir / "models" / f"{name}.ref.npz")
-    feeds = {"input": ref["input"]}
-    original = onnx.load(str(path))
-    (expected,) = _session(original.SerializeToString()).run(None, feeds)
-
-    compiled = edgecc.compile(str(path), opt_level=opt_level)
+@pytest.mark.parametrize("name", _models())
+def test_import_fold_export_and_run(shared_dir, name, opt_level):
+    path, feeds, expected = _case(shared_dir, name)
+    compiled = edgecc.compile(path, opt_level=opt_level, runtime="reference")
     exported = compiled.to_onnx()
     onnx.checker.check_model(exported)
     (from_export,) = _session(exported.SerializeToString()).run(None, feeds)
-    assert _rel_error(from_export, expected) <= TOLERANCE
-
+    assert _rel_error(from_export, expected) <= REFERENCE_TOLERANCE
     (ours,) = compiled.run(feeds)
     assert ours.shape == expected.shape and ours.dtype == expected.dtype
-    assert _rel_error(ours, expected) <= TOLERANCE
+    assert _rel_error(ours, expected) <= REFERENCE_TOLERANCE
     if opt_level == 3:
         assert compiled.report["nodes_after"] <= compiled.report["nodes_before"]
         assert "BatchNormalization" not in compiled.report["ops"]
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", _models())
+def test_native_host(shared_dir, name):
+    path, feeds, expected = _case(shared_dir, name)
+    compiled = edgecc.compile(path, opt_level=3)
+    (ours,) = compiled.run(feeds)
+    assert ours.shape == expected.shape and ours.dtype == expected.dtype
+    assert _rel_error(ours, expected) <= NATIVE_TOLERANCE
+    report = compiled.report
+    assert report["arena_bytes"] <= 1.05 * report["arena_lower_bound_bytes"]
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "x86-64-v4", "armv8", "armv7"])
+@pytest.mark.parametrize("name", _models(all_slow=True))
+def test_native_presets_run(shared_dir, name, target):
+    preset = PRESETS[target]
+    if preset.qemu and shutil.which(preset.qemu) is None:
+        pytest.skip(f"{preset.qemu} is not installed (.ci/run installs qemu-user)")
+    path, feeds, expected = _case(shared_dir, name)
+    (ours,) = edgecc.compile(path, opt_level=3, target=target).run(feeds)
+    assert _rel_error(ours, expected) <= NATIVE_TOLERANCE
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("target", ["armv8.2", "cortex-m4", "cortex-m55"])
+@pytest.mark.parametrize("name", _models(all_slow=True))
+def test_native_presets_compile(shared_dir, name, target):
+    path, _, _ = _case(shared_dir, name)
+    compiled = edgecc.compile(path, opt_level=3, target=target)
+    files = compiled.artifacts("model", "obj")
+    assert files["model.o"][:4] == b"\x7fELF"
