@@ -59,3 +59,37 @@ def test_firmware_runs_under_qemu_system_arm(tmp_path, target):
                          timeout=60)
     got = np.array([float(v) for v in run.stdout.split()], np.float32).reshape(1, 10, 3)
     np.testing.assert_allclose(got, _expected(model), rtol=1e-6)
+
+
+# (target, model): the tiny shared models whose firmware fits the board's boot memory in the default layout
+# (MPS2-AN386: 4 MB at address 0; MPS3-AN547: 512 KB ITCM, too small for mlp_mnist's 941 KB of weights, which a
+# real board keeps in flash with its own linker script).
+TINY_RUNS = [("cortex-m4", "lenet5"), ("cortex-m4", "mlp_mnist"), ("cortex-m55", "lenet5")]
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+                    reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (installed by .ci/run)")
+@pytest.mark.parametrize("target, name", TINY_RUNS)
+def test_tiny_shared_models_run_on_cortex_m(shared_dir, tmp_path, target, name, capsys):
+    """Max relative error vs PyTorch's stored output <= 1e-4 (the bound of the native shared-model tests)."""
+    ref = np.load(shared_dir / "models" / f"{name}.ref.npz")
+    ref["input"].astype(np.float32).tofile(tmp_path / "input.bin")
+    assert main([str(shared_dir / "models" / f"{name}.onnx"), "-O3", "--target", target,
+                 "-o", str(tmp_path / "model")]) == 0
+    board, stack_top = BOARDS[target]
+    firmware = tmp_path / "fw.elf"
+    subprocess.run(["arm-none-eabi-gcc", *FLAGS[target], "--specs=rdimon.specs", "-O2", f"-I{tmp_path}",
+                    f"-DSTACK_TOP={stack_top}", str(EXAMPLE / "cortex-m" / "startup.c"), str(EXAMPLE / "main.c"),
+                    str(tmp_path / "libmodel.a"), "-Wl,--section-start=.vectors=0x0", "-o", str(firmware)],
+                   check=True, capture_output=True)
+    sizes = subprocess.run(["arm-none-eabi-size", str(firmware)], capture_output=True, text=True, check=True).stdout
+    with capsys.disabled():
+        print(f"\n{name} on {target}:\n{sizes}")
+    run = subprocess.run(["qemu-system-arm", "-M", board, "-cpu", target, "-nographic", "-semihosting-config",
+                          f"enable=on,target=native,arg=fw,arg={tmp_path / 'input.bin'}", "-kernel", str(firmware)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-300:] + run.stderr[-300:]
+    got = np.array([float(v) for v in run.stdout.split()], np.float32)
+    expected = ref["output"].reshape(-1)
+    assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) <= 1e-4
