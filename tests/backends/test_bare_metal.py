@@ -42,21 +42,33 @@ def test_firmware_links_and_is_sized(tmp_path, target, capsys):
     assert text > 0
 
 
+def _semihosting_firmware(folder, target: str):
+    """Link examples/c/main.c with the Cortex-M startup example and folder/libmodel.a into folder/fw.elf."""
+    firmware = folder / "fw.elf"
+    subprocess.run(["arm-none-eabi-gcc", *FLAGS[target], "--specs=rdimon.specs", "-O2", f"-I{folder}",
+                    f"-DSTACK_TOP={BOARDS[target][1]}", str(EXAMPLE / "cortex-m" / "startup.c"), str(EXAMPLE / "main.c"),
+                    str(folder / "libmodel.a"), "-Wl,--section-start=.vectors=0x0", "-o", str(firmware)],
+                   check=True, capture_output=True)
+    return firmware
+
+
+def _run_on_board(target: str, firmware, input_file=None):
+    """Boot the firmware on the target's MPS board in qemu-system-arm; main's argv[1] is `input_file`."""
+    config = "enable=on,target=native" + (f",arg=fw,arg={input_file}" if input_file else "")
+    run = subprocess.run(["qemu-system-arm", "-M", BOARDS[target][0], "-cpu", target, "-nographic",
+                          "-semihosting-config", config, "-kernel", str(firmware)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout[-300:] + run.stderr[-300:]
+    return run
+
+
 @pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
                     reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (installed by .ci/run)")
 @pytest.mark.parametrize("target", sorted(FLAGS))
 def test_firmware_runs_under_qemu_system_arm(tmp_path, target):
     model = _model(tmp_path / "m.onnx")
     assert main([str(model), "--runtime", "native", "--target", target, "-o", str(tmp_path / "model")]) == 0
-    board, stack_top = BOARDS[target]
-    firmware = tmp_path / "fw.elf"
-    subprocess.run(["arm-none-eabi-gcc", *FLAGS[target], "--specs=rdimon.specs", "-O2", f"-I{tmp_path}",
-                    f"-DSTACK_TOP={stack_top}", str(EXAMPLE / "cortex-m" / "startup.c"), str(EXAMPLE / "main.c"),
-                    str(tmp_path / "libmodel.a"), "-Wl,--section-start=.vectors=0x0", "-o", str(firmware)],
-                   check=True, capture_output=True)
-    run = subprocess.run(["qemu-system-arm", "-M", board, "-cpu", target, "-nographic", "-semihosting-config",
-                          "enable=on,target=native", "-kernel", str(firmware)], capture_output=True, text=True,
-                         timeout=60)
+    run = _run_on_board(target, _semihosting_firmware(tmp_path, target))
     got = np.array([float(v) for v in run.stdout.split()], np.float32).reshape(1, 10, 3)
     np.testing.assert_allclose(got, _expected(model), rtol=1e-6)
 
@@ -77,19 +89,11 @@ def test_tiny_shared_models_run_on_cortex_m(shared_dir, tmp_path, target, name, 
     ref["input"].astype(np.float32).tofile(tmp_path / "input.bin")
     assert main([str(shared_dir / "models" / f"{name}.onnx"), "-O3", "--target", target,
                  "-o", str(tmp_path / "model")]) == 0
-    board, stack_top = BOARDS[target]
-    firmware = tmp_path / "fw.elf"
-    subprocess.run(["arm-none-eabi-gcc", *FLAGS[target], "--specs=rdimon.specs", "-O2", f"-I{tmp_path}",
-                    f"-DSTACK_TOP={stack_top}", str(EXAMPLE / "cortex-m" / "startup.c"), str(EXAMPLE / "main.c"),
-                    str(tmp_path / "libmodel.a"), "-Wl,--section-start=.vectors=0x0", "-o", str(firmware)],
-                   check=True, capture_output=True)
+    firmware = _semihosting_firmware(tmp_path, target)
     sizes = subprocess.run(["arm-none-eabi-size", str(firmware)], capture_output=True, text=True, check=True).stdout
     with capsys.disabled():
         print(f"\n{name} on {target}:\n{sizes}")
-    run = subprocess.run(["qemu-system-arm", "-M", board, "-cpu", target, "-nographic", "-semihosting-config",
-                          f"enable=on,target=native,arg=fw,arg={tmp_path / 'input.bin'}", "-kernel", str(firmware)],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout[-300:] + run.stderr[-300:]
+    run = _run_on_board(target, firmware, tmp_path / "input.bin")
     got = np.array([float(v) for v in run.stdout.split()], np.float32)
     expected = ref["output"].reshape(-1)
     assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) <= 1e-4

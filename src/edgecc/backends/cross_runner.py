@@ -1,51 +1,73 @@
-"""Runs code for a foreign hosted target (armv8, armv7, ...) on this machine: a small C driver is linked
-statically with the model's object by the target's cross compiler and run under qemu-user with the board's
-`-cpu`, so an instruction the board lacks fails instead of passing silently."""
+"""Runs code for a foreign hosted target (armv8, armv7, ...) on this machine: a small C driver, compiled once per
+target and cached, is linked statically with the model's object by the target's cross compiler and run under
+qemu-user with the board's `-cpu`, so an instruction the board lacks fails instead of passing silently."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 import subprocess
 import tempfile
 
 import numpy as np
 
 from edgecc.backends.artifacts import require_tool
+from edgecc.backends.llvm_driver import cache_dir
 from edgecc.errors import EdgeccError
 from edgecc.ir.core import Module
 
 DRIVER = r"""
+/* edgecc's test driver: reads a header (counts and byte sizes) and the inputs from argv[1], runs the model, writes
+   the outputs to argv[2]. The model's entry is bound to edgecc_entry at link time (--defsym). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
-int32_t %(entry)s(const void *const *inputs, void *const *outputs, void *arena);
+int32_t edgecc_entry(const void *const *inputs, void *const *outputs, void *arena);
 
-static const size_t in_bytes[] = {%(in_bytes)s};
-static const size_t out_bytes[] = {%(out_bytes)s};
+static void *buffer(uint64_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
 
 int main(int argc, char **argv) {
-    if (argc != 3) { fprintf(stderr, "usage: %%s inputs.bin outputs.bin\n", argv[0]); return 2; }
-    enum { N_IN = %(n_in)d, N_OUT = %(n_out)d };
-    void *inputs[N_IN + 1], *outputs[N_OUT + 1];
+    if (argc != 3) { fprintf(stderr, "usage: %s inputs.bin outputs.bin\n", argv[0]); return 2; }
     FILE *f = fopen(argv[1], "rb");
-    if (!f) { perror(argv[1]); return 2; }
-    for (int i = 0; i < N_IN; ++i) {
-        inputs[i] = aligned_alloc(64, (in_bytes[i] + 63) / 64 * 64 + 64);
-        if (in_bytes[i] && fread(inputs[i], 1, in_bytes[i], f) != in_bytes[i]) { fprintf(stderr, "short input\n"); return 2; }
-    }
+    uint32_t counts[2];
+    uint64_t arena_bytes;
+    if (!f || fread(counts, 4, 2, f) != 2 || fread(&arena_bytes, 8, 1, f) != 1) { fprintf(stderr, "bad input\n"); return 2; }
+    uint32_t n = counts[0] + counts[1];
+    uint64_t *bytes = malloc(8 * (n + 1));
+    void **buffers = malloc(sizeof(void *) * (n + 1));
+    if (fread(bytes, 8, n, f) != n) { fprintf(stderr, "bad sizes\n"); return 2; }
+    for (uint32_t i = 0; i < n; ++i) buffers[i] = buffer(bytes[i]);
+    for (uint32_t i = 0; i < counts[0]; ++i)
+        if (bytes[i] && fread(buffers[i], 1, bytes[i], f) != bytes[i]) { fprintf(stderr, "short input\n"); return 2; }
     fclose(f);
-    for (int i = 0; i < N_OUT; ++i) outputs[i] = aligned_alloc(64, (out_bytes[i] + 63) / 64 * 64 + 64);
-    void *arena = aligned_alloc(64, %(arena)du + 64);
-    int32_t status = %(entry)s((const void *const *)inputs, outputs, arena);
-    if (status != 0) { fprintf(stderr, "model returned %%d\n", status); return 3; }
+    int32_t status = edgecc_entry((const void *const *)buffers, buffers + counts[0], buffer(arena_bytes));
+    if (status != 0) { fprintf(stderr, "model returned %d\n", status); return 3; }
     f = fopen(argv[2], "wb");
     if (!f) { perror(argv[2]); return 2; }
-    for (int i = 0; i < N_OUT; ++i) fwrite(outputs[i], 1, out_bytes[i], f);
+    for (uint32_t i = counts[0]; i < n; ++i) fwrite(buffers[i], 1, bytes[i], f);
     fclose(f);
     return 0;
 }
 """
+
+
+def _driver_object(cc: str, target) -> str:
+    """The driver compiled for `target`, cached on disk (compiling it per model would dominate test time)."""
+    key = hashlib.sha256((DRIVER + cc + target.triple).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"driver-{target.name}-{key}.o")
+    if not os.path.exists(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "driver.c")
+            with open(source, "w") as f:
+                f.write(DRIVER)
+            obj = os.path.join(tmp, "driver.o")
+            result = subprocess.run([cc, "-O2", "-c", source, "-o", obj], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise EdgeccError(f"compiling the {target.name} test driver failed: {result.stderr.strip()[-400:]}")
+            os.replace(obj, path)
+    return path
 
 
 class CrossRunner:
@@ -62,22 +84,16 @@ class CrossRunner:
         graph = module.graph
         self._in_types = [v.type for v in graph.inputs]
         self._out_types = [v.type for v in graph.outputs]
+        self._header = struct.pack(f"<IIQ{len(self._in_types) + len(self._out_types)}Q", len(self._in_types),
+                                   len(self._out_types), max(module.memory_plan.arena_bytes, 1),
+                                   *[t.nbytes for t in self._in_types + self._out_types])
         self._dir = tempfile.TemporaryDirectory(prefix="edgecc-run-")
         obj = os.path.join(self._dir.name, "model.o")
         with open(obj, "wb") as f:
             f.write(code.obj)
-        driver = os.path.join(self._dir.name, "driver.c")
-        with open(driver, "w") as f:
-            f.write(DRIVER % {
-                "entry": code.entry_symbol,
-                "in_bytes": ", ".join(str(t.nbytes) for t in self._in_types) or "0",
-                "out_bytes": ", ".join(str(t.nbytes) for t in self._out_types) or "0",
-                "n_in": len(self._in_types), "n_out": len(self._out_types),
-                "arena": max(module.memory_plan.arena_bytes, 1),
-            })
         self._exe = os.path.join(self._dir.name, "run")
-        result = subprocess.run([cc, "-O2", "-static", "-o", self._exe, driver, obj, "-lm"],
-                                capture_output=True, text=True)
+        result = subprocess.run([cc, "-static", "-o", self._exe, _driver_object(cc, target), obj,
+                                 f"-Wl,--defsym=edgecc_entry={code.entry_symbol}"], capture_output=True, text=True)
         if result.returncode != 0:
             raise EdgeccError(f"linking the {target.name} test driver failed: {result.stderr.strip()[-400:]}")
 
@@ -85,6 +101,7 @@ class CrossRunner:
         in_path = os.path.join(self._dir.name, "in.bin")
         out_path = os.path.join(self._dir.name, "out.bin")
         with open(in_path, "wb") as f:
+            f.write(self._header)
             for array in arrays:
                 f.write(np.ascontiguousarray(array).tobytes())
         command = [self._qemu] + (["-cpu", self._cpu] if self._cpu else []) + [self._exe, in_path, out_path]
@@ -92,7 +109,8 @@ class CrossRunner:
         if result.returncode != 0:
             raise EdgeccError(f"model run under {os.path.basename(self._qemu)} failed (exit {result.returncode}): "
                               f"{(result.stderr or result.stdout).strip()[-300:]}")
-        data = open(out_path, "rb").read()
+        with open(out_path, "rb") as f:
+            data = f.read()
         outputs, offset = [], 0
         for t in self._out_types:
             outputs.append(np.frombuffer(data, dtype=t.dtype.numpy, count=t.size, offset=offset).reshape(t.shape).copy())
