@@ -126,6 +126,8 @@ class ModuleEmitter:
             return pointers[value._id]
 
         for node in graph.nodes:
+            if node.outputs and all(v._id in plan.aliases for v in node.outputs):
+                continue  # an in-place view: its output already is its input's buffer
             kernel = self._kernel_for(node)
             args = [pointer(v) for v in node.inputs if v is not None] + [pointer(v) for v in node.outputs]
             b.call(kernel, args)

@@ -540,7 +540,7 @@ def cast(call: Call):
         return [call.inputs[0].astype(target.numpy)]
 
 
-@op("Identity", infer=lambda call: [call.inputs[0]], kind="elementwise")
+@op("Identity", infer=lambda call: [call.inputs[0]], kind="elementwise", aliases_input=True)
 def identity(call: Call):
     """A copy of the input."""
     return [call.inputs[0]]

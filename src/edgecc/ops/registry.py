@@ -83,6 +83,8 @@ class OpDef:
     commutative: bool = False
     shape_only: bool = False
     """The reference reads only its inputs' shapes (Shape, Size): foldable whenever the shapes are static."""
+    aliases_input: bool = False
+    """The output holds exactly input 0's bytes (Reshape and friends): the memory plan may give both one buffer."""
     doc: str = ""
 
     def complete_attrs(self, given: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -143,12 +145,14 @@ def register(opdef: OpDef) -> OpDef:
 
 
 def op(name: str, *, infer: InferFn, attrs: dict[str, AttrSpec] | None = None, inputs=(1, 1), outputs=(1, 1),
-       foldable: bool = True, kind: str = "opaque", commutative: bool = False, shape_only: bool = False):
+       foldable: bool = True, kind: str = "opaque", commutative: bool = False, shape_only: bool = False,
+       aliases_input: bool = False):
     """Decorator: register the decorated NumPy reference as op `name`."""
 
     def wrap(reference: ReferenceFn) -> ReferenceFn:
         register(OpDef(name=name, infer=infer, reference=reference, attrs=dict(attrs or {}), inputs=tuple(inputs),
                        outputs=tuple(outputs), foldable=foldable, kind=kind, commutative=commutative, shape_only=shape_only,
+                       aliases_input=aliases_input,
                        doc=(reference.__doc__ or "").strip()))
         return reference
 

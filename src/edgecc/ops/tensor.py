@@ -182,7 +182,7 @@ def _reshape_plan(call: Call) -> tuple[int, ...]:
 
 
 @op("Reshape", infer=lambda call: first_type(call, _reshape_plan(call)), inputs=(2, 2),
-    attrs={"allowzero": AttrSpec("int", 0)}, kind="layout")
+    attrs={"allowzero": AttrSpec("int", 0)}, kind="layout", aliases_input=True)
 def reshape(call: Call):
     """The data with a new shape from the int64 `shape` input: one dim may be -1 (inferred), a 0 copies the
     input's dim at that position unless allowzero=1 (then it is a real 0)."""
@@ -199,7 +199,7 @@ def _flatten_plan(call: Call) -> tuple[int, int]:
 
 
 @op("Flatten", infer=lambda call: first_type(call, _flatten_plan(call)), attrs={"axis": AttrSpec("int", 1)},
-    kind="layout")
+    kind="layout", aliases_input=True)
 def flatten(call: Call):
     """2-D view of the input: dims before `axis` multiply into rows, the rest into columns."""
     return [np.reshape(call.inputs[0], _flatten_plan(call))]
@@ -218,7 +218,7 @@ def _squeeze_plan(call: Call) -> tuple[int, ...]:
     return tuple(d for i, d in enumerate(in_shape) if i not in axes)
 
 
-@op("Squeeze", infer=lambda call: first_type(call, _squeeze_plan(call)), inputs=(1, 2), kind="layout")
+@op("Squeeze", infer=lambda call: first_type(call, _squeeze_plan(call)), inputs=(1, 2), kind="layout", aliases_input=True)
 def squeeze(call: Call):
     """Removes the 1-sized dims listed in the `axes` input (all 1-sized dims when axes is omitted)."""
     return [np.reshape(call.inputs[0], _squeeze_plan(call))]
@@ -233,7 +233,7 @@ def _unsqueeze_plan(call: Call) -> tuple[int, ...]:
     return tuple(1 if i in axes else next(rest) for i in range(out_rank))
 
 
-@op("Unsqueeze", infer=lambda call: first_type(call, _unsqueeze_plan(call)), inputs=(2, 2), kind="layout")
+@op("Unsqueeze", infer=lambda call: first_type(call, _unsqueeze_plan(call)), inputs=(2, 2), kind="layout", aliases_input=True)
 def unsqueeze(call: Call):
     """Inserts 1-sized dims at the positions in `axes` (indices into the output, negative from the back)."""
     return [np.reshape(call.inputs[0], _unsqueeze_plan(call))]

@@ -15,12 +15,16 @@ ALIGNMENT = 64
 
 @dataclass
 class MemoryPlan:
-    """Arena offsets of intermediate values (by value id), and the figures the report gives."""
+    """Arena offsets of intermediate values (by value id), and the figures the report gives.
+
+    `aliases` maps the output of an in-place op (a Reshape-like view whose input dies there) to that input: the
+    two share one buffer, and no code runs for the op."""
 
     offsets: dict[int, int] = field(default_factory=dict)
     arena_bytes: int = 0
     lower_bound_bytes: int = 0
     unplanned_bytes: int = 0
+    aliases: dict[int, int] = field(default_factory=dict)
 
     def offset_of(self, value: Value) -> int:
         return self.offsets[value._id]
@@ -48,11 +52,36 @@ def lifetimes(module: Module) -> dict[int, tuple[int, int]]:
     return life
 
 
-def plan(module: Module) -> MemoryPlan:
-    """Greedy by size: place the largest tensors first, each at the lowest offset that does not overlap a
-    placed tensor alive at the same time (best fit among the gaps)."""
-    values = intermediates(module)
+def in_place_aliases(module: Module) -> dict[int, int]:
+    """{output id: input id} for ops whose output is their input's bytes (op metadata `aliases_input`), where
+    the input is an intermediate read by no later node: the output can take over the input's buffer."""
+    from edgecc.ops import get
+
+    graph = module.graph
+    arena_values = {v._id for v in intermediates(module)}
     life = lifetimes(module)
+    aliases: dict[int, int] = {}
+    for step, node in enumerate(graph.nodes):
+        opdef = get(node.op, node.domain)
+        if opdef is None or not opdef.aliases_input or not node.inputs or node.inputs[0] is None:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if source._id in arena_values and out._id in arena_values and life[source._id][1] == step \
+                and source.type.nbytes == out.type.nbytes:
+            aliases[out._id] = aliases.get(source._id, source._id)
+    return aliases
+
+
+def plan(module: Module) -> MemoryPlan:
+    """Greedy by size: place the largest buffers first, each at the lowest offset that does not overlap a
+    placed buffer alive at the same time (best fit among the gaps). A buffer is a value, or a chain of in-place
+    views of one value (see in_place_aliases), alive from the first's definition to the last one's last use."""
+    aliases = in_place_aliases(module)
+    everything = intermediates(module)
+    values = [v for v in everything if v._id not in aliases]
+    life = lifetimes(module)
+    for member, root in aliases.items():
+        life[root] = (min(life[root][0], life[member][0]), max(life[root][1], life[member][1]))
     sizes = {v._id: _align(max(v.type.nbytes, 1)) for v in values}
     order = sorted(values, key=lambda v: (-sizes[v._id], life[v._id][0], v._id))
     placed: list[tuple[int, int, int, int]] = []  # (offset, size, first, last)
@@ -70,6 +99,8 @@ def plan(module: Module) -> MemoryPlan:
         offset = best if best is not None else cursor
         offsets[value._id] = offset
         placed.append((offset, size, first, last))
+    for member, root in aliases.items():
+        offsets[member] = offsets[root]
     arena = max((o + s for o, s, _, _ in placed), default=0)
     steps = len(module.graph.nodes)
     live = [0] * max(steps, 1)
@@ -77,7 +108,8 @@ def plan(module: Module) -> MemoryPlan:
         first, last = life[value._id]
         for step in range(first, last + 1):
             live[step] += sizes[value._id]
-    return MemoryPlan(offsets, arena, max(live, default=0), sum(sizes.values()))
+    unplanned = sum(_align(max(v.type.nbytes, 1)) for v in everything)
+    return MemoryPlan(offsets, arena, max(live, default=0), unplanned, aliases)
 
 
 @register_pass
@@ -85,8 +117,10 @@ def plan(module: Module) -> MemoryPlan:
 class PlanMemoryPass(Pass):
     """Assign each intermediate tensor an offset in one arena, reusing memory of tensors no longer alive.
 
-    Liveness comes from the current node order; tensors are placed largest first at the lowest offset that
-    overlaps no placed tensor alive at the same time (64-byte aligned). Graph inputs and outputs live in the
+    Liveness comes from the current node order. Ops whose output is their input's bytes (Reshape, Flatten,
+    Squeeze, Unsqueeze, Identity) work in place when their input dies there: output and input share one buffer
+    and the op costs nothing at run time. Buffers are placed largest first at the lowest offset that overlaps no
+    placed buffer alive at the same time (64-byte aligned). Graph inputs and outputs live in the
     caller's buffers, constants in the object's read-only data. The plan goes to `module.memory_plan`, with
     the arena size, the sum of all intermediates (what no planning costs) and the lower bound of this order
     (the most bytes alive at one step).
