@@ -307,6 +307,18 @@ def plan_tiles_between(width_out: int, nr: int, ox_lo: int, ox_hi: int):
     return tiles, (best if best[1] - best[0] >= 2 else (0, 0))
 
 
+def for_channel_blocks(kb: KernelBuilder, channels: int, block: int, body) -> None:
+    """body(first, count) for each block of `block` output channels (a loop over the full blocks, then the rest)."""
+    full_blocks, rest = divmod(channels, block)
+    if full_blocks == 1:
+        body(0, block)
+    elif full_blocks > 1:
+        with kb.loop(full_blocks, "mb") as mb:
+            body(mul_i64(kb, mb, block), block)
+    if rest:
+        body(full_blocks * block, rest)
+
+
 def emit_tile_groups(kb: KernelBuilder, tiles, loop_tiles, nr: int, emit) -> None:
     """Call emit(ox0, n, static, ox_last) for every tile: a runtime loop over the interior run (ox0 an i64,
     ox_last the run's last ox0), static calls (ox0 an int) for the others."""
@@ -410,19 +422,12 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
         emit_tile_groups(kb, tiles, loop_tiles, nr, lambda ox0, n, static, ox_last: emit_tile(
             n_idx, g_idx, oys, m0, rows, ox0, n, static, ox_last))
 
-    full_blocks, rest = divmod(mg, mr)
     # Loop order for cache reuse: the rows outside the channel blocks re-read every weight once per output row,
     # channel blocks outside the rows re-read the input once per block; stream whichever is smaller.
     weights_outer = mg * cg * int(np.prod(kernel)) > cg * int(np.prod(spatial))
 
     def channel_blocks(body) -> None:
-        if full_blocks == 1:
-            body(0, mr)
-        elif full_blocks > 1:
-            with kb.loop(full_blocks, "mb") as mb:
-                body(mul_i64(kb, mb, mr), mr)
-        if rest:
-            body(full_blocks * mr, rest)
+        for_channel_blocks(kb, mg, mr, body)
 
     with kb.loop(n_batch, "n") as n_idx, kb.loop(group, "g") as g_idx:
         g_base = mul_i64(kb, g_idx, mg)
@@ -552,16 +557,9 @@ def emit_transposed_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer |
             m = add_i64(kb, mul_i64(kb, g_idx, mg), m_local, rr)
             vec.store_strided(y, add_i64(kb, y_row, mul_i64(kb, m, ys[1])), accs.get(("convt", rr), ty), n, sx)
 
-    full_blocks, rest = divmod(mg, mr)
 
     def channel_blocks(body) -> None:
-        if full_blocks == 1:
-            body(0, mr)
-        elif full_blocks > 1:
-            with kb.loop(full_blocks, "mb") as mb:
-                body(mul_i64(kb, mb, mr), mr)
-        if rest:
-            body(full_blocks * mr, rest)
+        for_channel_blocks(kb, mg, mr, body)
 
     with kb.loop(n_batch, "n") as n_idx, kb.loop(group, "g") as g_idx:
         with kb.loop_nest(out[:-1], "oy") as oys:

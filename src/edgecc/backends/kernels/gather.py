@@ -45,19 +45,25 @@ def _check_axis(kb: KernelBuilder, dim: int) -> None:
         raise ShapeError(f"{kb.node.op} picks from an empty axis", hint="every index is out of bounds")
 
 
+def _handled_without_loops(kb: KernelBuilder, dim: int) -> bool:
+    """Empty outputs need no code; constant indices go through a compile-time index table (movement.py)."""
+    if kb.outputs[0].size == 0:
+        return True
+    _check_axis(kb, dim)
+    if _use_table(kb):
+        table, fill = index_table(kb)
+        gather_through_table(kb, table, fill)
+        return True
+    return False
+
+
 @lowering("Gather")
 def lower_gather(kb: KernelBuilder) -> None:
     """out[o, j, i] = data[o, idx[j], i] over (outer, indices, inner): one block copy per index."""
     data, idx = kb.inputs
     out = kb.outputs[0]
-    if out.size == 0:
-        return
-    axis = _axis(kb)
-    dim = data.shape[axis]
-    _check_axis(kb, dim)
-    if _use_table(kb):
-        table, fill = index_table(kb)
-        gather_through_table(kb, table, fill)
+    axis, dim = _axis(kb), data.shape[_axis(kb)]
+    if _handled_without_loops(kb, dim):
         return
     outer = int(np.prod(data.shape[:axis], dtype=np.int64))
     inner = int(np.prod(data.shape[axis + 1:], dtype=np.int64))
@@ -80,14 +86,8 @@ def lower_gather_elements(kb: KernelBuilder) -> None:
     """out[p] = data[p with p[axis] replaced by idx[p]] for every index position p."""
     data, idx = kb.inputs
     out = kb.outputs[0]
-    if out.size == 0:
-        return
-    axis = _axis(kb)
-    dim = data.shape[axis]
-    _check_axis(kb, dim)
-    if _use_table(kb):
-        table, fill = index_table(kb)
-        gather_through_table(kb, table, fill)
+    axis, dim = _axis(kb), data.shape[_axis(kb)]
+    if _handled_without_loops(kb, dim):
         return
     d_strides = strides_of(data.shape)
     o_strides = strides_of(out.shape)
