@@ -307,13 +307,14 @@ def plan_tiles_between(width_out: int, nr: int, ox_lo: int, ox_hi: int):
     return tiles, (best if best[1] - best[0] >= 2 else (0, 0))
 
 
-def for_channel_blocks(kb: KernelBuilder, channels: int, block: int, body) -> None:
-    """body(first, count) for each block of `block` output channels (a loop over the full blocks, then the rest)."""
-    full_blocks, rest = divmod(channels, block)
+def for_blocks(kb: KernelBuilder, count: int, block: int, body, name: str = "mb") -> None:
+    """body(first, size) for each block of `block` items out of `count` (a loop over the full blocks, then the
+    rest): output channels of a convolution, rows of a matrix product."""
+    full_blocks, rest = divmod(count, block)
     if full_blocks == 1:
         body(0, block)
     elif full_blocks > 1:
-        with kb.loop(full_blocks, "mb") as mb:
+        with kb.loop(full_blocks, name) as mb:
             body(mul_i64(kb, mb, block), block)
     if rest:
         body(full_blocks * block, rest)
@@ -427,7 +428,7 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
     weights_outer = mg * cg * int(np.prod(kernel)) > cg * int(np.prod(spatial))
 
     def channel_blocks(body) -> None:
-        for_channel_blocks(kb, mg, mr, body)
+        for_blocks(kb, mg, mr, body)
 
     with kb.loop(n_batch, "n") as n_idx, kb.loop(group, "g") as g_idx:
         g_base = mul_i64(kb, g_idx, mg)
@@ -559,7 +560,7 @@ def emit_transposed_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer |
 
 
     def channel_blocks(body) -> None:
-        for_channel_blocks(kb, mg, mr, body)
+        for_blocks(kb, mg, mr, body)
 
     with kb.loop(n_batch, "n") as n_idx, kb.loop(group, "g") as g_idx:
         with kb.loop_nest(out[:-1], "oy") as oys:

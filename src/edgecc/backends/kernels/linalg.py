@@ -20,8 +20,9 @@ from llvmlite import ir
 
 from edgecc.backends.codegen import COMPUTE, F64, FAST, I32, Buffer, KernelBuilder, broadcast_strides, strides_of
 from edgecc.backends.kernels import lowering
-from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, chunk_width, intrinsic, lanes,
-                                          mul_i64, node_call, optional_input, vector_registers, _type_suffix)
+from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, chunk_width, for_blocks, intrinsic,
+                                          lanes, mul_i64, node_call, optional_input, vector_registers,
+                                          _type_suffix)
 from edgecc.errors import EdgeccError
 from edgecc.ir.dtypes import DType
 from edgecc.ops.linalg import parse_einsum
@@ -72,23 +73,9 @@ def _emit_row_form(kb, dtype, a, a_off, sam, sak, bm, b_off, sbk, sbn, m, n, k, 
             epilogue(add_i64(kb, i0, r), j0, width, accs.get(("mm", r), ty))
 
     def row_block(i0, rows: int) -> None:
-        full, rest = divmod(n, nr)
-        if full == 1:
-            tile(i0, rows, 0, nr)
-        elif full > 1:
-            with kb.loop(full, "jt") as jt:
-                tile(i0, rows, mul_i64(kb, jt, nr), nr)
-        if rest:
-            tile(i0, rows, full * nr, rest)
+        for_blocks(kb, n, nr, lambda j0, cols: tile(i0, rows, j0, cols), "jt")
 
-    full, rest = divmod(m, mr)
-    if full == 1:
-        row_block(0, mr)
-    elif full > 1:
-        with kb.loop(full, "ib") as ib:
-            row_block(mul_i64(kb, ib, mr), mr)
-    if rest:
-        row_block(full * mr, rest)
+    for_blocks(kb, m, mr, row_block, "ib")
 
 
 def _reduce(kb: KernelBuilder, vec: Vec, value: ir.Value) -> ir.Value:
@@ -135,15 +122,8 @@ def _emit_dot_form(kb, dtype, a, a_off, sam, bm, b_off, sbn, m, n, k, epilogue) 
             values = kb.b.insert_element(values, s, ir.Constant(I32, c))
         epilogue(i, j0, cols, values)
 
-    full, rest = divmod(n, nt)
     with kb.loop(m, "i") as i:
-        if full == 1:
-            block(i, 0, nt)
-        elif full > 1:
-            with kb.loop(full, "jb") as jb:
-                block(i, mul_i64(kb, jb, nt), nt)
-        if rest:
-            block(i, full * nt, rest)
+        for_blocks(kb, n, nt, lambda j0, cols: block(i, j0, cols), "jb")
 
 
 # ---------------------------------------------------------------------------------------------------------------
