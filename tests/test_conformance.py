@@ -28,11 +28,11 @@ KNOWN_FAILURES = {
 }
 
 CONFIGS = [
-    # (prefix, runtime, target, marks, tool the configuration needs)
-    ("Reference", "reference", "host", [], None),
-    ("Native", "native", "host", [], None),
-    ("Armv8", "native", "armv8", [pytest.mark.slow], "qemu-aarch64"),
-    ("Armv7", "native", "armv7", [pytest.mark.slow], "qemu-arm"),
+    # (prefix, runtime, target, marks, tools the configuration needs)
+    ("Reference", "reference", "host", [], ()),
+    ("Native", "native", "host", [], ()),
+    ("Armv8", "native", "armv8", [pytest.mark.slow], ("qemu-aarch64", "aarch64-linux-gnu-gcc")),
+    ("Armv7", "native", "armv7", [pytest.mark.slow], ("qemu-arm", "arm-linux-gnueabihf-gcc")),
 ]
 
 IN_SCOPE = {f"{name}_cpu" for kind_names in selected_cases().values() for name in kind_names}
@@ -52,7 +52,8 @@ def _backend_for(runtime: str, target: str) -> type:
     return Configured
 
 
-for _prefix, _runtime, _target, _marks, _tool in CONFIGS:
+for _prefix, _runtime, _target, _marks, _tools in CONFIGS:
+    _missing = [t for t in _tools if shutil.which(t) is None]
     _runner = onnx.backend.test.BackendTest(_backend_for(_runtime, _target), __name__)
     for _name in KNOWN_FAILURES:
         _runner.xfail("^" + re.escape(_name) + "_cpu$")
@@ -66,8 +67,8 @@ for _prefix, _runtime, _target, _marks, _tool in CONFIGS:
                 func = mark(func)
             if _SLOW_MODELS.match(_attr):
                 func = pytest.mark.slow(func)
-            if _tool and shutil.which(_tool) is None:
-                func = pytest.mark.skip(reason=f"{_tool} is not installed (.ci/run installs it)")(func)
+            if _missing:
+                func = pytest.mark.skip(reason=f"{', '.join(_missing)} not installed (.ci/run installs them)")(func)
             setattr(_case, _attr, func)
         _case.__name__ = _case.__qualname__ = f"{_prefix}{_case_name}"
         globals()[f"{_prefix}{_case_name}"] = _case

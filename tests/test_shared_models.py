@@ -88,8 +88,9 @@ def test_native_host(shared_dir, name):
 @pytest.mark.parametrize("name", _models(all_slow=True))
 def test_native_presets_run(shared_dir, name, target):
     preset = PRESETS[target]
-    if preset.qemu and shutil.which(preset.qemu) is None:
-        pytest.skip(f"{preset.qemu} is not installed (.ci/run installs qemu-user)")
+    missing = [tool for tool in (preset.qemu, preset.cc if preset.qemu else None) if tool and shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (.ci/run installs qemu-user and the cross toolchains)")
     path, feeds, expected = _case(shared_dir, name)
     (ours,) = edgecc.compile(path, opt_level=3, target=target).run(feeds)
     assert _rel_error(ours, expected) <= NATIVE_TOLERANCE
