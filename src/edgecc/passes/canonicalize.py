@@ -107,18 +107,24 @@ class RemoveNoopCast(ForwardInputRule):
         return None
 
 
+def float_constant_operand(node, role: str) -> str | None:
+    """Why input 1 of a binary op cannot be rewritten as a constant of the other arithmetic op (None if it can):
+    it must be a float constant that does not broadcast input 0 to a new shape."""
+    c = const_of(node.inputs[1])
+    if c is None or not np.issubdtype(c.dtype, np.floating):
+        return f"the {role} is not a float constant"
+    if node.outputs[0].type != node.inputs[0].type:
+        return "the constant broadcasts the result to a new shape"
+    return None
+
+
 class SubConstantToAdd(RewriteRule):
     """x - c  ->  x + (-c) for float constants c: negation is exact, and Add is the form fusion matches."""
 
     name, roots = "sub-constant-to-add", ("Sub",)
 
     def check(self, node, graph):
-        c = const_of(node.inputs[1])
-        if c is None or not np.issubdtype(c.dtype, np.floating):
-            return "the subtrahend is not a float constant"
-        if node.outputs[0].type != node.inputs[0].type:
-            return "the constant broadcasts the result to a new shape"
-        return None
+        return float_constant_operand(node, "subtrahend")
 
     def rewrite(self, node, graph):
         negated = graph.constant(-node.inputs[1].const, "neg")
@@ -131,11 +137,10 @@ class DivConstantToMul(RewriteRule):
     name, roots = "div-constant-to-mul", ("Div",)
 
     def check(self, node, graph):
-        c = const_of(node.inputs[1])
-        if c is None or not np.issubdtype(c.dtype, np.floating):
-            return "the divisor is not a float constant"
-        if node.outputs[0].type != node.inputs[0].type:
-            return "the constant broadcasts the result to a new shape"
+        reason = float_constant_operand(node, "divisor")
+        if reason is not None:
+            return reason
+        c = node.inputs[1].const
         with np.errstate(all="ignore"):
             mantissa, _ = np.frexp(c.astype(np.float64))
             reciprocal = (1.0 / c).astype(c.dtype)

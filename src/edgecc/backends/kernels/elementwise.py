@@ -20,6 +20,7 @@ operations, so no runtime-library call is emitted (int64 Div/Mod still call libg
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -556,26 +557,17 @@ def xor(kb, dtype, values):
 
 @elementwise("Max")
 def max_(kb, dtype, values):
-    acc = values[0]
-    for v in values[1:]:
-        acc = _max(kb, dtype, acc, v)
-    return acc
+    return functools.reduce(lambda acc, v: _max(kb, dtype, acc, v), values)
 
 
 @elementwise("Min")
 def min_(kb, dtype, values):
-    acc = values[0]
-    for v in values[1:]:
-        acc = _min(kb, dtype, acc, v)
-    return acc
+    return functools.reduce(lambda acc, v: _min(kb, dtype, acc, v), values)
 
 
 @elementwise("Sum")
 def sum_(kb, dtype, values):
-    acc = values[0]
-    for v in values[1:]:
-        acc = kb.b.fadd(acc, v)
-    return acc
+    return functools.reduce(kb.b.fadd, values)
 
 
 @elementwise("Mean")

@@ -106,23 +106,16 @@ def fconst(value: float, ty: ir.Type = F32) -> ir.Constant:
     return ir.Constant(ty, float(np.float32(value)) if ty == F32 else float(value))
 
 
-def lowest(dtype: DType) -> ir.Constant:
-    """The identity of max in `dtype`'s compute type (-inf, the integer minimum, False)."""
+def extreme(dtype: DType, largest: bool) -> ir.Constant:
+    """The largest (or smallest) value of `dtype`'s compute type: -inf/+inf, the integer limits, False/True.
+    The smallest is the identity of max, the largest that of min."""
     ty = COMPUTE[dtype]
     if dtype.is_float:
-        return ir.Constant(ty, float("-inf"))
+        return ir.Constant(ty, float("inf" if largest else "-inf"))
     if dtype is DType.bool:
-        return ir.Constant(ty, 0)
-    return ir.Constant(ty, int(np.iinfo(dtype.numpy).min))
-
-
-def highest(dtype: DType) -> ir.Constant:
-    ty = COMPUTE[dtype]
-    if dtype.is_float:
-        return ir.Constant(ty, float("inf"))
-    if dtype is DType.bool:
-        return ir.Constant(ty, 1)
-    return ir.Constant(ty, int(np.iinfo(dtype.numpy).max))
+        return ir.Constant(ty, int(largest))
+    info = np.iinfo(dtype.numpy)
+    return ir.Constant(ty, int(info.max if largest else info.min))
 
 
 def to_f64(kb: KernelBuilder, dtype: DType, x: ir.Value) -> ir.Value:
@@ -300,7 +293,7 @@ class Extremes:
             inf = ir.Constant(self.ty, 0x7C00)
             self.init = ir.Constant(self.ty, -0x7C00) if largest else inf
         else:
-            self.init = lowest(dtype) if largest else highest(dtype)
+            self.init = extreme(dtype, largest=not largest)
 
     def load(self, buf: Buffer, flat: ir.Value) -> ir.Value:
         kb = self.kb
@@ -376,7 +369,7 @@ def reduce_acc(kb: KernelBuilder, op: str, dtype: DType, count: int) -> Acc:
     if op == "ReduceMean":
         if count == 0:
             # 0/0: NaN (integers: NaN cast to an integer, the type's minimum as NumPy gives on x86)
-            nan = ir.Constant(F32, float("nan")) if dtype.is_float else lowest(dtype)
+            nan = ir.Constant(F32, float("nan")) if dtype.is_float else extreme(dtype, largest=False)
             acc = sum_acc(kb, dtype) if dtype.is_float else f64_sum_acc(kb, dtype, square=False,
                                                                                finish=None)
             acc.finish = lambda accs: nan
