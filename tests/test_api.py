@@ -67,6 +67,15 @@ def test_report_fields():
     assert {p["name"] for p in report["passes"]} >= {"infer-shapes", "fold-constants", "dce"}
 
 
+def test_profile_times_every_node_and_leaves_results_unchanged():
+    compiled = edgecc.compile(small_mlp(batch=2), opt_level=3)
+    want = compiled.run({"x": _x()})[0]
+    rows = compiled.profile({"x": _x()}, runs=3)
+    assert [r["node"] for r in rows] == [n.label for n in compiled.module.graph.nodes]
+    assert all(r["ms"] >= 0 for r in rows) and abs(sum(r["share"] for r in rows) - 1) < 1e-6
+    np.testing.assert_array_equal(compiled.run({"x": _x()})[0], want)
+
+
 def test_unknown_target_and_option_are_clear():
     with pytest.raises(EdgeccError, match="needs the native runtime"):
         edgecc.compile(small_mlp(batch=2), target="cortex-m4", runtime="reference")

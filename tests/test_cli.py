@@ -72,6 +72,20 @@ def test_run_prints_and_saves_outputs(tmp_path, capsys, mlp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["y"], want, rtol=1e-5, atol=1e-7)
 
 
+def test_run_profile_lists_every_node_with_its_time(tmp_path, capsys, mlp_path):
+    np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
+    code, out, err = run_cli(capsys, "run", mlp_path, "--input", f"x={tmp_path / 'x.npy'}", "--profile", "3")
+    assert code == 0, err
+    assert "profile" in err and "per op:" in err and "Gemm" in err
+
+
+def test_run_profile_needs_host_native_code(tmp_path, capsys, mlp_path):
+    np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
+    code, out, err = run_cli(capsys, "run", mlp_path, "--input", f"x={tmp_path / 'x.npy'}", "--profile",
+                             "--runtime", "reference")
+    assert_one_line_error(code, err, "profiling needs native code")
+
+
 def test_run_with_the_reference_interpreter_says_so(tmp_path, capsys, mlp_path):
     np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
     code, out, err = run_cli(capsys, "run", mlp_path, "--input", f"x={tmp_path / 'x.npy'}", "--runtime", "reference")

@@ -78,6 +78,20 @@ class CompiledModel:
             self._runner = make_runner(self.module, self.native)
         return self._runner.run(check_feeds(self.module, feeds))
 
+    def profile(self, feeds, runs: int = 20) -> list[dict]:
+        """Per-node time of the native host code on `feeds` (median of `runs`): a list of
+        {"node", "op", "ms", "share"} in execution order. Builds a second, instrumented entry once."""
+        from edgecc.interpreter import check_feeds
+
+        if self.native is None or not self.native.target.is_native:
+            raise EdgeccError("profiling needs native code for this machine", hint="compile with --runtime native "
+                              "and the host target (or an x86 preset this CPU supports)")
+        if getattr(self, "_profiler", None) is None:
+            from edgecc.backends.native import Profiler, generate
+
+            self._profiler = Profiler(self.module, generate(self.module, self.native.target, self.native.name, True))
+        return self._profiler.run(check_feeds(self.module, feeds), runs)
+
     def ir_text(self, large_constants: str = "inline") -> str:
         from edgecc.ir.printer import print_module
 

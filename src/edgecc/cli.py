@@ -90,8 +90,24 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                         help="an input array (repeatable); a .npz may hold all inputs by name: --input FILE.npz")
     parser.add_argument("-o", "--output", metavar="FILE.npz", help="save outputs to an .npz instead of printing")
+    parser.add_argument("--profile", type=int, nargs="?", const=20, metavar="RUNS",
+                        help="also time each node of the native host code (median of RUNS runs, default 20) and "
+                             "print the nodes by time (stderr)")
     _add_compile_options(parser)
     return parser
+
+
+def print_profile(rows: list[dict], limit: int = 25) -> None:
+    """The slowest nodes first, then the time per op type."""
+    total = sum(r["ms"] for r in rows) or 1.0
+    print(f"edgecc: profile, {total:.3f} ms in {len(rows)} nodes (slowest first)", file=sys.stderr)
+    for r in sorted(rows, key=lambda r: -r["ms"])[:limit]:
+        print(f"  {r['ms']:9.4f} ms {100 * r['share']:5.1f}%  {r['node']}", file=sys.stderr)
+    by_op: dict[str, float] = {}
+    for r in rows:
+        by_op[r["op"]] = by_op.get(r["op"], 0.0) + r["ms"]
+    print("  per op: " + ", ".join(f"{op} {ms:.3f} ms" for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])),
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +201,8 @@ def cmd_run(argv: list[str]) -> int:
     compiled = edgecc.compile(args.model, **_compile_options(args))
     feeds = _load_inputs(args.input, compiled.input_names)
     outputs = compiled.run(feeds)
+    if args.profile:
+        print_profile(compiled.profile(feeds, runs=args.profile))
     if args.runtime == "reference":
         print(f"edgecc: {NOTE}", file=sys.stderr)
     if args.output:

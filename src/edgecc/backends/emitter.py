@@ -37,7 +37,7 @@ def missing_lowerings(module: Module) -> list[str]:
 
 
 class ModuleEmitter:
-    def __init__(self, module: Module, target, name: str):
+    def __init__(self, module: Module, target, name: str, profile: bool = False):
         if module.memory_plan is None:
             raise EdgeccError("the module has no memory plan", hint="run the plan-memory pass before code generation")
         missing = missing_lowerings(module)
@@ -52,9 +52,12 @@ class ModuleEmitter:
         self.globals = GlobalPool(self.llvm)
         self.kernels: dict[tuple, list] = {}
         self.count = 0
+        self.profile = profile
 
     def emit(self) -> str:
         self._entry()
+        if self.profile:
+            self._entry(profiled=True)
         return str(self.llvm)
 
     # -- kernels ----------------------------------------------------------------------------------------
@@ -97,12 +100,22 @@ class ModuleEmitter:
         return fn
 
     # -- entry ------------------------------------------------------------------------------------------
-    def _entry(self) -> None:
+    def _entry(self, profiled: bool = False) -> None:
+        """`<name>_run`; with `profiled`, `<name>_profile(inputs, outputs, arena, uint64_t *ticks)` which also
+        stores the cycle counter before the first kernel and after each node (len(nodes) + 1 entries)."""
         graph = self.module.graph
         plan = self.module.memory_plan
-        fn = ir.Function(self.llvm, ir.FunctionType(I32, [PTR, PTR, PTR]), name=f"{self.name}_run")
-        inputs_arg, outputs_arg, arena = fn.args
+        params = [PTR, PTR, PTR] + ([PTR] if profiled else [])
+        fn = ir.Function(self.llvm, ir.FunctionType(I32, params), name=f"{self.name}_{'profile' if profiled else 'run'}")
+        inputs_arg, outputs_arg, arena = fn.args[:3]
         b = ir.IRBuilder(fn.append_basic_block("entry"))
+        tick = None
+        if profiled:
+            counter = self.llvm.globals.get("llvm.readcyclecounter") or ir.Function(
+                self.llvm, ir.FunctionType(I64, []), name="llvm.readcyclecounter")
+
+            def tick(index: int) -> None:
+                b.store(b.call(counter, []), b.gep(fn.args[3], [ir.Constant(I64, index)], source_etype=I64))
         pointers: dict[int, ir.Value] = {}
 
         def slot(array_ptr, index):
@@ -125,12 +138,15 @@ class ModuleEmitter:
                 return pointers[value._id]
             return pointers[value._id]
 
-        for node in graph.nodes:
-            if node.outputs and all(v._id in plan.aliases for v in node.outputs):
-                continue  # an in-place view: its output already is its input's buffer
-            kernel = self._kernel_for(node)
-            args = [pointer(v) for v in node.inputs if v is not None] + [pointer(v) for v in node.outputs]
-            b.call(kernel, args)
+        if tick:
+            tick(0)
+        for index, node in enumerate(graph.nodes):
+            if not (node.outputs and all(v._id in plan.aliases for v in node.outputs)):  # else an in-place view
+                kernel = self._kernel_for(node)
+                args = [pointer(v) for v in node.inputs if v is not None] + [pointer(v) for v in node.outputs]
+                b.call(kernel, args)
+            if tick:
+                tick(index + 1)
         # Outputs that are graph inputs, constants, or a value already written to another output slot.
         memcpy = self.llvm.declare_intrinsic("llvm.memcpy", [PTR, PTR, I64])
         for j, value in enumerate(graph.outputs):

@@ -27,8 +27,9 @@ class NativeCode:
         return f"{self.name}_run"
 
 
-def generate(module: Module, target, name: str) -> NativeCode:
-    emitter = ModuleEmitter(module, target, name)
+def generate(module: Module, target, name: str, profile: bool = False) -> NativeCode:
+    """Native code for `module`; `profile` adds the `<name>_profile` entry (see ModuleEmitter._entry)."""
+    emitter = ModuleEmitter(module, target, name, profile)
     text = emitter.emit()
     return NativeCode(emitter.name, target, text, emit(text, target, "obj"))
 
@@ -57,6 +58,38 @@ class NativeRunner:
         if status != 0:
             raise EdgeccError(f"native code returned status {status}")
         return outputs
+
+
+class Profiler:
+    """Per-node time of host native code, from the cycle counter the `<name>_profile` entry reads around each
+    node. Cycles are converted to seconds by timing the same calls with perf_counter."""
+
+    def __init__(self, module: Module, code: NativeCode):
+        self._module = module
+        self._fn = HostModule(code.obj, f"{code.name}_profile", code.target, extra_args=1)
+        self._arena = aligned_empty(max(module.memory_plan.arena_bytes, 1))
+        self._ticks = np.zeros(len(module.graph.nodes) + 1, dtype=np.uint64)
+
+    def run(self, arrays: list[np.ndarray], runs: int) -> list[dict]:
+        import time
+
+        inputs = [np.ascontiguousarray(a) for a in arrays]
+        outputs = [np.empty(v.type.shape, v.type.dtype.numpy) for v in self._module.graph.outputs]
+        samples = []
+        for _ in range(max(1, runs)):
+            start = time.perf_counter()
+            self._fn(inputs, outputs, self._arena, self._ticks)
+            seconds = time.perf_counter() - start
+            cycles = np.diff(self._ticks.astype(np.int64))
+            samples.append((cycles, seconds, int(self._ticks[-1] - self._ticks[0])))
+        per_node = np.median(np.stack([s[0] for s in samples]), axis=0)
+        rate = np.median([s[2] / s[1] for s in samples if s[1] > 0])  # counter ticks per second
+        total = max(float(per_node.sum()), 1.0)
+        rows = []
+        for node, ticks in zip(self._module.graph.nodes, per_node):
+            rows.append({"node": node.label, "op": node.op, "ms": float(ticks / rate * 1e3),
+                         "share": float(ticks / total)})
+        return rows
 
 
 def symbol_for(name: str) -> str:

@@ -15,7 +15,7 @@ from edgecc.errors import EdgeccError
 class HostModule:
     """A loaded object exposing `<name>_run(inputs, outputs, arena)`."""
 
-    def __init__(self, obj: bytes, symbol: str, target):
+    def __init__(self, obj: bytes, symbol: str, target, extra_args: int = 0):
         _init()
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
@@ -28,13 +28,13 @@ class HostModule:
         address = self._engine.get_function_address(symbol)
         if not address:
             raise EdgeccError(f"entry symbol {symbol} not found in the object")
-        self._run = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)(address)
+        self._run = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_void_p] * (3 + extra_args))(address)
 
-    def __call__(self, inputs: list[np.ndarray], outputs: list[np.ndarray], arena: np.ndarray) -> int:
+    def __call__(self, inputs: list[np.ndarray], outputs: list[np.ndarray], arena: np.ndarray, *extra) -> int:
         in_ptrs = (ctypes.c_void_p * max(len(inputs), 1))(*[a.ctypes.data for a in inputs])
         out_ptrs = (ctypes.c_void_p * max(len(outputs), 1))(*[a.ctypes.data for a in outputs])
         return self._run(ctypes.cast(in_ptrs, ctypes.c_void_p), ctypes.cast(out_ptrs, ctypes.c_void_p),
-                         ctypes.c_void_p(arena.ctypes.data))
+                         ctypes.c_void_p(arena.ctypes.data), *[ctypes.c_void_p(a.ctypes.data) for a in extra])
 
 
 def aligned_empty(nbytes: int, alignment: int = 64) -> np.ndarray:
