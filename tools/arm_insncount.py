@@ -1,0 +1,290 @@
+"""ARM code quality of the shared models: guest instructions per MAC under qemu-user, and FMAs in the hot loops.
+
+    python tools/arm_insncount.py [--models a,b] [--targets armv8,armv7] [--check-asm] [--write docs/arm-performance.md]
+
+Wall time under qemu says nothing about a board, but the number of guest instructions a model executes is exact
+and repeatable, so it measures the generated ARM code. Each model is compiled -O3 for each target, linked
+statically with a small C driver that runs the model's entry R times (R from argv, inputs from the model's
+`.ref.npz`), and run under qemu-user (with the preset's -cpu) with the TCG plugin of
+../shared/tools/qemu-insncount (built once into ~/.cache/edgecc/insncount). The model's instructions are
+count(R=1) - count(R=0) of the same binary, so start-up, input reading and allocation cancel out.
+
+--check-asm emits assembly for a Conv-heavy, a Gemm and a MatMul model and counts, per kernel function, the
+vector FMAs that a vectorised hot loop should use: `fmla v.4s` (AArch64), `vfma.f32 q` (ARMv7 NEON) and
+`vfmadd...ps %zmm` (x86-64-v4). --write always includes that check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import hashlib
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("EDGECC_SHARED", ROOT.parent / "shared"))
+MODELS = ["mlp_mnist", "lenet5", "bert_tiny_enc", "shufflenet_v2_x1_0", "squeezenet1_1", "mobilenet_v2", "resnet18"]
+TARGETS = ["armv8", "armv7"]
+ASM_MODELS = ["resnet18", "mlp_mnist", "bert_tiny_enc"]
+"""A Conv-heavy, a Gemm and a MatMul (transformer) model for --check-asm."""
+
+COLUMNS = [
+    ("armv8", "fmla v.4s", re.compile(r"^\s*fmla\s+v\d+\.4s\b", re.M)),
+    ("armv7", "vfma.f32 q", re.compile(r"^\s*vfma\.f32\s+q\d+\b", re.M)),
+    ("armv7", "vmul.f32 q", re.compile(r"^\s*vmul\.f32\s+q\d+\b", re.M)),
+    ("x86-64-v4", "vfmadd*ps zmm", re.compile(r"^\s*vfmadd\w*ps\s.*%zmm\d+\s*$", re.M)),
+    ("x86-64-v4", "vfmadd*ps ymm", re.compile(r"^\s*vfmadd\w*ps\s.*%ymm\d+\s*$", re.M)),
+]
+"""(target, name, pattern) counted per kernel: the vector FMA of each target (FMA_NAMES) and what a kernel may use
+instead (NEON multiplies not fused with their adds; 256-bit FMAs where 512-bit ones were expected)."""
+FMA_NAMES = {"armv8": "fmla v.4s", "armv7": "vfma.f32 q", "x86-64-v4": "vfmadd*ps zmm"}
+"""The vector FMA a vectorised float32 hot loop uses on each target."""
+FMA_PATTERNS = {target: pattern for target, name, pattern in COLUMNS if name == FMA_NAMES[target]}
+KERNEL = re.compile(r"_(k\d+)_([A-Za-z0-9]+)_[0-9a-f]+$")
+
+DRIVER = r"""
+/* tools/arm_insncount.py's driver: usage: prog R ARENA_BYTES N_INPUTS inputs.bin BYTES...
+   BYTES gives the size of each input then each output; the inputs are read in order from inputs.bin, then the
+   model's entry (bound to edgecc_entry by --defsym) runs R times. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int32_t edgecc_entry(const void *const *inputs, void *const *outputs, void *arena);
+
+static void *zeroed(uint64_t bytes) {
+    uint64_t rounded = (bytes + 63) / 64 * 64 + 64;
+    void *p = aligned_alloc(64, rounded);
+    if (p) memset(p, 0, rounded);
+    return p;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 5) { fprintf(stderr, "usage: %s R ARENA_BYTES N_INPUTS inputs.bin BYTES...\n", argv[0]); return 2; }
+    long reps = strtol(argv[1], NULL, 10);
+    void *arena = zeroed(strtoull(argv[2], NULL, 10));
+    int n_inputs = atoi(argv[3]), n = argc - 5;
+    FILE *f = fopen(argv[4], "rb");
+    void **buffers = calloc(n + 1, sizeof(void *));
+    if (!f || !arena || !buffers) { perror(argv[4]); return 2; }
+    for (int i = 0; i < n; ++i) {
+        uint64_t bytes = strtoull(argv[5 + i], NULL, 10);
+        buffers[i] = zeroed(bytes);
+        if (!buffers[i] || (i < n_inputs && fread(buffers[i], 1, bytes, f) != bytes)) {
+            fprintf(stderr, "input %d: short read or no memory\n", i);
+            return 2;
+        }
+    }
+    for (long r = 0; r < reps; ++r) {
+        int32_t status = edgecc_entry((const void *const *)buffers, buffers + n_inputs, arena);
+        if (status != 0) { fprintf(stderr, "model returned %d\n", status); return 3; }
+    }
+    return 0;
+}
+"""
+
+
+def plugin() -> str:
+    """libinsncount.so, built by ../shared/tools/qemu-insncount/build.sh into the edgecc cache on first use."""
+    from edgecc.backends.llvm_driver import cache_dir
+
+    out = os.path.join(cache_dir(), "insncount")
+    lib = os.path.join(out, "libinsncount.so")
+    if not os.path.exists(lib):
+        subprocess.run(["bash", str(SHARED / "tools" / "qemu-insncount" / "build.sh"), out], check=True,
+                       stdout=subprocess.DEVNULL)
+    return lib
+
+
+def driver_object(target) -> str:
+    """DRIVER compiled by the target's cross compiler, cached by source, compiler and triple."""
+    from edgecc.backends.llvm_driver import cache_dir
+
+    key = hashlib.sha256((DRIVER + target.cc + target.triple).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"insncount-driver-{target.name}-{key}.o")
+    if not os.path.exists(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "driver.c")
+            pathlib.Path(source).write_text(DRIVER)
+            subprocess.run([target.cc, "-O2", "-c", source, "-o", path + ".tmp"], check=True)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def link(compiled, folder: str) -> str:
+    """The model's object linked statically with the driver; returns the executable."""
+    code = compiled.native
+    obj = os.path.join(folder, "model.o")
+    pathlib.Path(obj).write_bytes(code.obj)
+    exe = os.path.join(folder, "run")
+    subprocess.run([code.target.cc, "-static", "-o", exe, driver_object(code.target), obj,
+                    f"-Wl,--defsym=edgecc_entry={code.entry_symbol}"], check=True)
+    return exe
+
+
+def write_inputs(compiled, name: str, path: str) -> None:
+    """The reference inputs of ../shared/models/NAME.ref.npz (zeros for any it lacks), in graph order."""
+    ref = np.load(SHARED / "models" / f"{name}.ref.npz")
+    with open(path, "wb") as f:
+        for value in compiled.module.graph.inputs:
+            t = value.type
+            array = ref[value.name] if value.name in ref.files else np.zeros(t.shape, t.dtype.numpy)
+            f.write(np.ascontiguousarray(array, dtype=t.dtype.numpy).tobytes())
+
+
+def count(compiled, exe: str, inputs: str, reps: int) -> int:
+    """Guest instructions of one run of `exe` with R=reps under qemu-user and the preset's -cpu."""
+    target, graph = compiled.native.target, compiled.module.graph
+    sizes = [str(v.type.nbytes) for v in list(graph.inputs) + list(graph.outputs)]
+    command = [target.qemu, "-cpu", target.qemu_cpu, "-plugin", plugin(), exe, str(reps),
+               str(max(compiled.module.memory_plan.arena_bytes, 1)), str(len(graph.inputs)), inputs, *sizes]
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = re.findall(r"insns: (\d+)", result.stderr)
+    if result.returncode != 0 or not found:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[-400:]}")
+    return int(found[-1])
+
+
+def measure(name: str, target: str) -> tuple[int, int]:
+    """(MACs, guest instructions of one inference) of model `name` on `target`."""
+    import edgecc
+    from edgecc.backends.artifacts import require_tool
+
+    compiled = edgecc.compile(str(SHARED / "models" / f"{name}.onnx"), opt_level=3, target=target)
+    require_tool(compiled.native.target.cc), require_tool(compiled.native.target.qemu)
+    with tempfile.TemporaryDirectory(prefix="edgecc-insncount-") as tmp:
+        exe = link(compiled, tmp)
+        inputs = os.path.join(tmp, "inputs.bin")
+        write_inputs(compiled, name, inputs)
+        return compiled.report["macs"], count(compiled, exe, inputs, 1) - count(compiled, exe, inputs, 0)
+
+
+def pattern(target: str, name: str) -> re.Pattern:
+    """The pattern of column (target, name) of COLUMNS."""
+    return next(p for t, n, p in COLUMNS if (t, n) == (target, name))
+
+
+def kernels(asm: str) -> dict[str, str]:
+    """Assembly split per global function: {"k<N>_<Op>" (or the symbol when it is no kernel): body}."""
+    bodies: dict[str, list[str]] = collections.defaultdict(list)
+    current = None
+    for line in asm.splitlines():
+        label = re.match(r"^([A-Za-z_][\w$]*):", line)
+        if label:
+            match = KERNEL.search(label.group(1))
+            current = f"{match.group(1)}_{match.group(2)}" if match else label.group(1)
+        elif current:
+            bodies[current].append(line)
+    return {k: "\n".join(v) for k, v in bodies.items()}
+
+
+def assembly(model, target: str) -> str:
+    """-O3 assembly of `model` (a path or an onnx.ModelProto) for `target`."""
+    import edgecc
+
+    compiled = edgecc.compile(model, opt_level=3, target=target)
+    with tempfile.TemporaryDirectory() as tmp:
+        (text,) = compiled.artifacts(os.path.join(tmp, "model"), emit="asm").values()
+    return text.decode()
+
+
+def fma_counts(name: str) -> dict[str, dict[str, int]]:
+    """{kernel: {"<target> <column>": count}} of the COLUMNS patterns in the assembly of model `name`."""
+    table: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    for target in FMA_PATTERNS:
+        for kernel, body in kernels(assembly(str(SHARED / "models" / f"{name}.onnx"), target)).items():
+            for column in (c for c in COLUMNS if c[0] == target):
+                table[kernel][f"{target} {column[1]}"] = len(column[2].findall(body))
+    return table
+
+
+def asm_section(names: list[str]) -> list[str]:
+    """Markdown tables of FMA counts per Conv/Gemm/MatMul kernel, one per model."""
+    columns = [f"{target} {name}" for target, name, _ in COLUMNS]
+    lines = ["## Hot loops: vector FMAs per kernel", "",
+             "Counted in the -O3 assembly (`compiled.artifacts(stem, emit=\"asm\")`) of each Conv, Gemm and MatMul "
+             "kernel (kernels are shared by nodes of the same signature). The expected vector FMAs are `fmla v.4s` "
+             "(armv8), `vfma.f32 q` (armv7) and `vfmadd*ps` on zmm (x86-64-v4). `armv7 vmul.f32 q` counts NEON "
+             "multiplies: a kernel with those and no `vfma.f32 q` is vectorised but its multiply-adds are not "
+             "fused. `x86-64-v4 vfmadd*ps ymm` counts 256-bit FMAs, half the preset's vector width. "
+             "tests/backends/test_arm_vectorisation.py checks the same forms on one small Conv and one Gemm.", ""]
+    for name in names:
+        table = {k: v for k, v in fma_counts(name).items() if re.search(r"_(Conv|Gemm|MatMul)$", k)}
+        lines += [f"### {name}", "", "| kernel | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        lines += [f"| {k} | " + " | ".join(str(row.get(c, 0)) for c in columns) + " |"
+                  for k, row in sorted(table.items(), key=lambda kv: int(kv[0].split("_")[0][1:]))]
+        lines.append("")
+    return lines
+
+
+def insn_section(rows: list[tuple[str, int, dict[str, int]]], targets: list[str]) -> list[str]:
+    header = "| model | MACs | " + " | ".join(f"{t} instructions | {t} instr/MAC" for t in targets) + " |"
+    lines = [header, "|---|---:|" + "---:|---:|" * len(targets)]
+    for name, macs, counts in rows:
+        cells = " | ".join(f"{counts[t]:,} | {counts[t] / macs:.2f}" for t in targets)
+        lines.append(f"| {name} | {macs:,} | {cells} |")
+    return lines
+
+
+def provenance() -> str:
+    """The date and the commit of the edgecc measured (`-dirty` when its tracked files differ from it)."""
+    import edgecc
+
+    tree = pathlib.Path(edgecc.__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    return f"Measured {datetime.date.today().isoformat()} at commit {commit}."
+
+
+def document(rows, targets: list[str], asm_lines: list[str], command: str) -> str:
+    intro = ["# ARM code quality", "",
+             f"Command: `{command}`. {provenance()}", "",
+             "Guest instructions of one inference, counted under qemu-user (armv8: `qemu-aarch64 -cpu cortex-a53`, "
+             "armv7: `qemu-arm -cpu cortex-a15`, as the presets say) by the TCG plugin of "
+             "../shared/tools/qemu-insncount: count(R=1) - count(R=0) of the same statically linked binary, inputs "
+             "from each model's `.ref.npz`. Exact and repeatable, unlike wall time under qemu. MACs are "
+             "`compiled.report[\"macs\"]`; a vectorised 4-lane float32 FMA loop needs at least 0.25 instructions "
+             "per MAC.", ""]
+    return "\n".join(intro + insn_section(rows, targets) + [""] + asm_lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models of ../shared/models")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated hosted ARM presets")
+    parser.add_argument("--check-asm", action="store_true", help="count vector FMAs per kernel of --asm-models")
+    parser.add_argument("--asm-models", default=",".join(ASM_MODELS), help="models for --check-asm")
+    parser.add_argument("--write", metavar="FILE.md", help="write the markdown report (includes --check-asm)")
+    args = parser.parse_args(argv)
+    models, targets = args.models.split(","), args.targets.split(",")
+    from edgecc.backends.targets import PRESETS
+
+    unrunnable = [t for t in targets if t not in PRESETS or not PRESETS[t].qemu]
+    if unrunnable:
+        parser.error(f"--targets: {', '.join(unrunnable)} do not run under qemu-user; use armv8, armv8.2 or armv7")
+    rows = []
+    for name in models:
+        counts = {}
+        for target in targets:
+            macs, counts[target] = measure(name, target)
+            print(f"{name} {target}: {counts[target]:,} instructions, {counts[target] / macs:.2f} per MAC", flush=True)
+        rows.append((name, macs, counts))
+    asm_lines = asm_section(args.asm_models.split(",")) if args.check_asm or args.write else []
+    print("\n".join(insn_section(rows, targets) + [""] + asm_lines))
+    if args.write:
+        command = "python tools/arm_insncount.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        pathlib.Path(args.write).write_text(document(rows, targets, asm_lines, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
