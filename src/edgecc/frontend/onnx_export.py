@@ -10,6 +10,41 @@ from edgecc.frontend.attributes import python_to_attribute
 from edgecc.frontend.onnx_import import CANONICAL_OPSET
 from edgecc.ir.core import Module, Value
 from edgecc.ops import get
+from edgecc.ops.fused import BASE_OP, PREVIOUS, onnx_stages
+from edgecc.ops.registry import EDGECC_DOMAIN
+
+
+def _node_proto(op: str, domain: str, inputs: list[str], outputs: list[str], attrs: dict, name: str) -> onnx.NodeProto:
+    opdef = get(op, domain)
+    proto = helper.make_node(op, inputs, outputs, name=name or None, domain=domain or None)
+    proto.attribute.extend(python_to_attribute(k, v, opdef.attrs[k].kind if opdef and k in opdef.attrs else None)
+                           for k, v in sorted(attrs.items()))
+    return proto
+
+
+def _expanded(node, names: dict, claim, initializers: list) -> list[onnx.NodeProto]:
+    """An edgecc fused node as the standard ONNX ops it stands for, so exported models run anywhere."""
+    out = node.outputs[0]
+    stages = onnx_stages(node.op, node.inputs, node.attrs)
+    protos, previous = [], ""
+    for k, (op, inputs, attrs) in enumerate(stages):
+        names_in = []
+        for v in inputs:
+            if v is PREVIOUS:
+                names_in.append(previous)
+            elif isinstance(v, np.ndarray | np.generic):
+                const = Value(f"{out.name}_{op.lower()}_bound", const=np.asarray(v, out.type.dtype.numpy))
+                initializers.append(numpy_helper.from_array(const.const, claim(const, const.name)))
+                names_in.append(names[const._id])
+            else:
+                names_in.append(names[v._id] if v is not None else "")
+        if k == len(stages) - 1:
+            result = names[out._id]
+        else:
+            result = claim(Value(f"{out.name}_{op.lower()}"), f"{out.name}_{op.lower()}")
+        protos.append(_node_proto(op, "", names_in, [result], attrs, f"{node.name}_{op.lower()}" if k else node.name))
+        previous = result
+    return protos
 
 
 def export_model(module: Module) -> onnx.ModelProto:
@@ -49,14 +84,11 @@ def export_model(module: Module) -> onnx.ModelProto:
         for value in node.outputs:
             if value._id not in names:
                 claim(value, value.name or "v")
-        opdef = get(node.op, node.domain)
-        attrs = [python_to_attribute(k, v, opdef.attrs[k].kind if opdef and k in opdef.attrs else None)
-                 for k, v in sorted(node.attrs.items())]
-        proto = helper.make_node(node.op, [names[v._id] if v is not None else "" for v in node.inputs],
-                                 [names[v._id] for v in node.outputs], name=node.name or None,
-                                 domain=node.domain or None)
-        proto.attribute.extend(attrs)
-        nodes.append(proto)
+        if node.domain == EDGECC_DOMAIN and node.op in BASE_OP:
+            nodes.extend(_expanded(node, names, claim, initializers))
+            continue
+        nodes.append(_node_proto(node.op, node.domain, [names[v._id] if v is not None else "" for v in node.inputs],
+                                 [names[v._id] for v in node.outputs], node.attrs, node.name))
     # Outputs that are inputs, constants, or repeated need an Identity to carry their own name.
     for value, out_name in zip(graph.outputs, graph.output_names):
         if names.get(value._id) != out_name:

@@ -18,7 +18,7 @@ def node_macs(node: Node) -> int:
     if not outs or outs[0] is None or any(t is None for t in ins[:2] if t is not None):
         return 0
     op = node.op
-    if op in ("Conv", "ConvInteger"):
+    if op in ("Conv", "ConvInteger", "FusedConv"):
         w = ins[1]
         return _prod(outs[0].shape) * _prod(w.shape[1:])
     if op == "QLinearConv":
@@ -27,9 +27,9 @@ def node_macs(node: Node) -> int:
     if op == "ConvTranspose":
         x, w = ins[0], ins[1]
         return _prod(x.shape) * _prod(w.shape[1:])
-    if op in ("MatMul", "MatMulInteger", "Gemm", "QLinearMatMul"):
+    if op in ("MatMul", "MatMulInteger", "Gemm", "QLinearMatMul", "FusedGemm"):
         a = ins[0]
-        k = a.shape[-1] if op != "Gemm" or not node.attrs.get("transA", 0) else a.shape[0]
+        k = a.shape[-1] if op not in ("Gemm", "FusedGemm") or not node.attrs.get("transA", 0) else a.shape[0]
         return _prod(outs[0].shape) * int(k)
     return 0
 

@@ -86,6 +86,8 @@ class OpDef:
     aliases_input: bool = False
     """The output holds exactly input 0's bytes (Reshape and friends): the memory plan may give both one buffer."""
     doc: str = ""
+    domain: str = ""
+    """'' for ONNX ops; EDGECC_DOMAIN for edgecc's own ops (fused forms that passes create)."""
 
     def complete_attrs(self, given: dict[str, Any], where: str = "") -> dict[str, Any]:
         """The node's attributes with defaults filled in; unknown or missing required ones are errors."""
@@ -134,36 +136,47 @@ def _arity(bounds: tuple[int, int]) -> str:
     return str(lo) if lo == hi else f"{lo} to {hi}"
 
 
-_REGISTRY: dict[str, OpDef] = {}
+EDGECC_DOMAIN = "edgecc"
+"""The domain of edgecc's own ops: fused forms created by passes, never needed in a user's model."""
+
+_REGISTRY: dict[tuple[str, str], OpDef] = {}
+
+
+def _domain_key(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
 
 
 def register(opdef: OpDef) -> OpDef:
-    if opdef.name in _REGISTRY:
+    key = (_domain_key(opdef.domain), opdef.name)
+    if key in _REGISTRY:
         raise ValueError(f"op {opdef.name} registered twice")
-    _REGISTRY[opdef.name] = opdef
+    _REGISTRY[key] = opdef
     return opdef
 
 
 def op(name: str, *, infer: InferFn, attrs: dict[str, AttrSpec] | None = None, inputs=(1, 1), outputs=(1, 1),
        foldable: bool = True, kind: str = "opaque", commutative: bool = False, shape_only: bool = False,
-       aliases_input: bool = False):
-    """Decorator: register the decorated NumPy reference as op `name`."""
+       aliases_input: bool = False, domain: str = ""):
+    """Decorator: register the decorated NumPy reference as op `name` (of `domain`, '' for ONNX)."""
 
     def wrap(reference: ReferenceFn) -> ReferenceFn:
         register(OpDef(name=name, infer=infer, reference=reference, attrs=dict(attrs or {}), inputs=tuple(inputs),
                        outputs=tuple(outputs), foldable=foldable, kind=kind, commutative=commutative, shape_only=shape_only,
-                       aliases_input=aliases_input,
-                       doc=(reference.__doc__ or "").strip()))
+                       aliases_input=aliases_input, doc=(reference.__doc__ or "").strip(), domain=domain))
         return reference
 
     return wrap
 
 
 def get(name: str, domain: str = "") -> OpDef | None:
-    if domain not in ("", "ai.onnx"):
-        return None
-    return _REGISTRY.get(name)
+    return _REGISTRY.get((_domain_key(domain), name))
 
 
 def all_ops() -> dict[str, OpDef]:
-    return dict(sorted(_REGISTRY.items()))
+    """The ONNX ops edgecc implements, by name."""
+    return dict(sorted((name, d) for (domain, name), d in _REGISTRY.items() if not domain))
+
+
+def internal_ops() -> dict[str, OpDef]:
+    """edgecc's own ops (EDGECC_DOMAIN), by name."""
+    return dict(sorted((name, d) for (domain, name), d in _REGISTRY.items() if domain == EDGECC_DOMAIN))

@@ -12,8 +12,9 @@ from edgecc.passes.registry import get_pass_class
 OPT_PIPELINES: dict[int, str] = {
     0: "infer-shapes",
     1: "infer-shapes,canonicalize,fold-constants,dce",
-    2: "infer-shapes,canonicalize,fold-constants,fold-batchnorm,cse,canonicalize,fold-constants,dce",
-    3: "infer-shapes,canonicalize,fold-constants,fold-batchnorm,cse,canonicalize,fold-constants,cse,dce",
+    2: "infer-shapes,canonicalize,fold-constants,fold-batchnorm,cse,canonicalize,fold-constants,dce,fuse-epilogues",
+    3: "infer-shapes,canonicalize,fold-constants,fold-batchnorm,cse,canonicalize,fold-constants,cse,dce,"
+       "fuse-epilogues",
 }
 """Named pipelines. None of them changes numerics beyond float rounding of folded constants; precision and
 compression passes are only run when the user asks for them."""

@@ -21,15 +21,17 @@ The vector helpers here (`Vec`, `fmuladd`, `entry_alloca`, `lanes`) are shared w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 from llvmlite import ir
 
 from edgecc.backends.codegen import COMPUTE, F32, FAST, I32, STORAGE, Buffer, KernelBuilder, strides_of
 from edgecc.backends.kernels import lowering
+from edgecc.backends.kernels.epilogue import Epilogue
 from edgecc.errors import EdgeccError
 from edgecc.ir.dtypes import DType
-from edgecc.ops.conv import _transpose_geometry, kernel_from_weights, window_geometry
+from edgecc.ops.conv import Window, _transpose_geometry, kernel_from_weights, window_geometry
 from edgecc.ops.registry import Call
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,8 +263,9 @@ def mul_i64(kb: KernelBuilder, value, factor: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@lowering("Conv")
+@lowering("Conv", "FusedConv")
 def lower_conv(kb: KernelBuilder) -> None:
+    """Conv, and edgecc.FusedConv: the same kernel finishing each output vector with the epilogue."""
     x, w, bias = kb.inputs[0], kb.inputs[1], optional_input(kb, 2)
     y = kb.outputs[0]
     if not x.dtype.is_float:
@@ -273,7 +276,24 @@ def lower_conv(kb: KernelBuilder) -> None:
         raise EdgeccError(f"Conv output shape {list(y.shape)} disagrees with the window geometry {list(window.out)}")
     if y.size == 0:
         return
-    emit_direct_conv(kb, x, w, bias, y, window, int(kb.attrs["group"]))
+    x, w, y, window = pointwise_as_1d(x, w, y, window)
+    emit_direct_conv(kb, x, w, bias, y, window, int(kb.attrs["group"]), Epilogue(kb, optional_input(kb, 3)))
+
+
+def pointwise_as_1d(x: Buffer, w: Buffer, y: Buffer, window):
+    """A 1x1, stride-1, unpadded convolution reads each output position's own input pixel: view its spatial axes
+    as one (H*W) so the register tiles run across rows (a 7x7 map is one row of 49, not 7 rows of 7)."""
+    if len(window.kernel) < 2 or set(window.kernel) != {1} or set(window.strides) != {1} or \
+            any(window.pads_begin) or any(window.pads_end):
+        return x, w, y, window
+    flat = int(np.prod(window.out))
+
+    def view(buf: Buffer, shape) -> Buffer:
+        return Buffer(buf.ptr, dataclasses.replace(buf.type, shape=tuple(shape)))
+
+    return (view(x, (*x.shape[:2], flat)), view(w, (*w.shape[:2], 1)), view(y, (*y.shape[:2], flat)),
+            Window((1,), (1,), (1,), (0,), (0,), (flat,)))
+
 
 
 def _lane_range(ox0: int, n: int, kx: int, sx: int, dx: int, px: int, width: int) -> tuple[int, int]:
@@ -320,20 +340,28 @@ def for_blocks(kb: KernelBuilder, count: int, block: int, body, name: str = "mb"
         body(full_blocks * block, rest)
 
 
-def emit_tile_groups(kb: KernelBuilder, tiles, loop_tiles, nr: int, emit) -> None:
-    """Call emit(ox0, n, static, ox_last) for every tile: a runtime loop over the interior run (ox0 an i64,
-    ox_last the run's last ox0), static calls (ox0 an int) for the others."""
+def emit_tile_groups(kb: KernelBuilder, tiles, loop_tiles, nr: int, emit, group: int = 1) -> None:
+    """Call emit(ox0, n, static, ox_last, count) for every tile: a runtime loop over the interior run, `group`
+    consecutive tiles per iteration (ox0 an i64, ox_last the run's last tile start; the run's last
+    count % group tiles come one by one), static calls (ox0 an int, count 1) for the others."""
     t = 0
     while t < len(tiles):
         if t == loop_tiles[0] and loop_tiles[1] > loop_tiles[0]:
             count = loop_tiles[1] - loop_tiles[0]
             first = tiles[t][0]
-            with kb.loop(count, "tile") as ti:
-                emit(add_i64(kb, mul_i64(kb, ti, nr), first), nr, False, first + (count - 1) * nr)
+            ox_last = first + (count - 1) * nr
+            steps, rest = divmod(count, group)
+            if steps == 1:
+                emit(first, nr, False, ox_last, group)
+            elif steps > 1:
+                with kb.loop(steps, "tile") as ti:
+                    emit(add_i64(kb, mul_i64(kb, ti, nr * group), first), nr, False, ox_last, group)
+            for k in range(rest):
+                emit(first + (steps * group + k) * nr, nr, False, ox_last, 1)
             t = loop_tiles[1]
             continue
         ox0, n = tiles[t]
-        emit(ox0, n, True, ox0)
+        emit(ox0, n, True, ox0, 1)
         t += 1
 
 
@@ -343,7 +371,7 @@ def strided_span_ok(ox_last: int, n: int, kx: int, sx: int, dx: int, px: int, wi
 
 
 def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, window,
-                     group: int) -> None:
+                     group: int, epilogue: Epilogue) -> None:
     b = kb.b
     vec = Vec(kb, x.dtype)
     n_batch, channels = x.shape[:2]
@@ -360,6 +388,9 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
     nvec = -(-nr // vl)
     budget = vector_registers(kb) * 3 // 4
     mr = choose_block(mg, min(16, budget // nvec))
+    # Few output channels per group (depthwise: one) leave too few independent FMA chains to hide the FMA
+    # latency: accumulate several consecutive tiles at once instead.
+    tiles_per_step = max(1, min(6, budget // (mr * nvec)))
 
     tiles, loop_tiles = plan_tiles(width_out, nr, width_in, kw, sx, dx, px)
 
@@ -368,15 +399,17 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
 
     accs = Accumulators(kb)
 
-    def emit_tile(n_idx, g_idx, oys, m0, rows: int, ox0, n: int, static: bool, ox_last: int) -> None:
-        """Accumulate and store output channels m0..m0+rows-1 at last-axis positions ox0..ox0+n-1."""
+    def emit_tile(n_idx, g_idx, oys, m0, rows: int, ox0, n: int, static: bool, ox_last: int, count: int) -> None:
+        """Accumulate and store output channels m0..m0+rows-1 at last-axis positions ox0..ox0+count*n-1 (`count`
+        tiles of n lanes, each its own accumulators)."""
         ty = vec.ty(n)
-        for r in range(rows):
+        slots = [(r, t) for t in range(count) for r in range(rows)]
+        for r, t in slots:
             if bias is not None:
                 init = vec.splat(kb.load(bias, add_i64(kb, m0, r)), n)
             else:
                 init = vec.zero(n)
-            accs.set(("conv", r), init)
+            accs.set(("conv", r, t), init)
         x_batch = add_i64(kb, mul_i64(kb, n_idx, xs[0]), mul_i64(kb, g_idx, cg * xs[1]))
         with contextlib.ExitStack() as stack:
             kys = [stack.enter_context(kb.loop(int(k), f"ky{a}")) for a, k in enumerate(kernel[:-1])]
@@ -395,33 +428,34 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
             with kb.loop(cg, "c") as c:
                 xc = add_i64(kb, x_base, mul_i64(kb, c, xs[1]))
                 wc = add_i64(kb, w_base, mul_i64(kb, c, ws[1]))
-                values = [accs.get(("conv", r), ty) for r in range(rows)]
+                values = {key: accs.get(("conv", *key), ty) for key in slots}
                 for kx in range(kw):
-                    if static:
-                        j0, j1 = _lane_range(ox0, n, kx, sx, dx, px, width_in)
-                        if j1 <= j0:
-                            continue
-                        offset = (ox0 + j0) * sx + kx * dx - px
-                        xv = vec.load(x, add_i64(kb, xc, offset), j1 - j0, sx,
-                                      wide_ok(ox0 + j0, j1 - j0, kx))
-                        xv = vec.place(xv, j1 - j0, j0, n)
-                    else:
-                        start = add_i64(kb, xc, mul_i64(kb, ox0, sx), kx * dx - px)
-                        xv = vec.load(x, start, n, sx, wide_ok(ox_last, n, kx))
-                    for r in range(rows):
-                        wv = kb.load(w, add_i64(kb, wc, r * ws[0] + kx))
-                        values[r] = vec.fma(vec.splat(wv, n), xv, values[r])
-                for r in range(rows):
-                    accs.set(("conv", r), values[r])
+                    weights = [vec.splat(kb.load(w, add_i64(kb, wc, r * ws[0] + kx)), n) for r in range(rows)]
+                    for t in range(count):
+                        if static:
+                            j0, j1 = _lane_range(ox0, n, kx, sx, dx, px, width_in)
+                            if j1 <= j0:
+                                continue
+                            offset = (ox0 + j0) * sx + kx * dx - px
+                            xv = vec.load(x, add_i64(kb, xc, offset), j1 - j0, sx,
+                                          wide_ok(ox0 + j0, j1 - j0, kx))
+                            xv = vec.place(xv, j1 - j0, j0, n)
+                        else:
+                            start = add_i64(kb, xc, mul_i64(kb, ox0, sx), (t * n * sx) + kx * dx - px)
+                            xv = vec.load(x, start, n, sx, wide_ok(ox_last, n, kx))
+                        for r in range(rows):
+                            values[r, t] = vec.fma(weights[r], xv, values[r, t])
+                for key in slots:
+                    accs.set(("conv", *key), values[key])
         y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), *[mul_i64(kb, o, ys[2 + a]) for a, o in enumerate(oys)],
                         ox0)
-        for r in range(rows):
-            flat = add_i64(kb, y_row, mul_i64(kb, add_i64(kb, m0, r), ys[1]))
-            vec.store(y, flat, accs.get(("conv", r), ty), n)
+        for r, t in slots:
+            flat = add_i64(kb, y_row, mul_i64(kb, add_i64(kb, m0, r), ys[1]), t * n)
+            vec.store(y, flat, epilogue.apply(vec, accs.get(("conv", r, t), ty), flat, n), n)
 
     def emit_tiles(n_idx, g_idx, oys, m0, rows: int) -> None:
-        emit_tile_groups(kb, tiles, loop_tiles, nr, lambda ox0, n, static, ox_last: emit_tile(
-            n_idx, g_idx, oys, m0, rows, ox0, n, static, ox_last))
+        emit_tile_groups(kb, tiles, loop_tiles, nr, lambda ox0, n, static, ox_last, count: emit_tile(
+            n_idx, g_idx, oys, m0, rows, ox0, n, static, ox_last, count), tiles_per_step)
 
     # Loop order for cache reuse: the rows outside the channel blocks re-read every weight once per output row,
     # channel blocks outside the rows re-read the input once per block; stream whichever is smaller.
@@ -566,7 +600,7 @@ def emit_transposed_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer |
         with kb.loop_nest(out[:-1], "oy") as oys:
             def block(m_first, rows):
                 for r, taps, nr, tiles, loop_tiles in phases:
-                    emit_tile_groups(kb, tiles, loop_tiles, nr, lambda q0, n, static, _last: emit_tile(
+                    emit_tile_groups(kb, tiles, loop_tiles, nr, lambda q0, n, static, _last, _count: emit_tile(
                         n_idx, g_idx, oys, m_first, rows, r, taps, q0, n, static))
 
             channel_blocks(block)

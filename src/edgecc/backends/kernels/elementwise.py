@@ -30,7 +30,7 @@ from llvmlite import ir
 from edgecc.backends import mathlib
 from edgecc.backends.codegen import COMPUTE, F32, I1, I32, I64, UNSIGNED, KernelBuilder, broadcast_strides, strides_of
 from edgecc.backends.conversions import float_to_int
-from edgecc.backends.kernels import lowering
+from edgecc.backends.kernels import epilogue, lowering
 from edgecc.errors import OpAttributeError, ShapeError, UnsupportedOpError
 from edgecc.ir.dtypes import DType
 
@@ -257,9 +257,7 @@ def relu(kb, dtype, values):
 
 @elementwise("LeakyRelu")
 def leaky_relu(kb, dtype, values):
-    (x,) = values
-    b = kb.b
-    return b.select(b.fcmp_ordered(">=", x, _fc(0)), x, _fmul(kb, x, _fc(kb.attrs["alpha"])))
+    return epilogue.leaky_relu(kb, values[0], kb.attrs["alpha"])
 
 
 @elementwise("ThresholdedRelu")
@@ -283,23 +281,14 @@ def selu(kb, dtype, values):
     return _fmul(kb, _fc(kb.attrs["gamma"]), inner)
 
 
-def _clip01(kb, v):
-    """np.clip(v, 0, 1), NaN staying NaN."""
-    b = kb.b
-    v = b.select(b.fcmp_ordered("<", v, _fc(0)), _fc(0), v)
-    return b.select(b.fcmp_ordered(">", v, _fc(1)), _fc(1), v)
-
-
 @elementwise("HardSigmoid")
 def hard_sigmoid(kb, dtype, values):
-    (x,) = values
-    return _clip01(kb, _fadd(kb, _fmul(kb, _fc(kb.attrs["alpha"]), x), _fc(kb.attrs["beta"])))
+    return epilogue.hard_sigmoid(kb, values[0], kb.attrs["alpha"], kb.attrs["beta"])
 
 
 @elementwise("HardSwish")
 def hard_swish(kb, dtype, values):
-    (x,) = values
-    return _fmul(kb, x, _clip01(kb, _fadd(kb, _fmul(kb, x, _fc(1 / 6)), _fc(0.5))))
+    return epilogue.hard_swish(kb, values[0])
 
 
 @elementwise("Softsign")

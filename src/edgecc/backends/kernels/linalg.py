@@ -20,6 +20,7 @@ from llvmlite import ir
 
 from edgecc.backends.codegen import COMPUTE, F64, FAST, I32, Buffer, KernelBuilder, broadcast_strides, strides_of
 from edgecc.backends.kernels import lowering
+from edgecc.backends.kernels.epilogue import Epilogue
 from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, chunk_width, for_blocks, intrinsic,
                                           lanes, mul_i64, node_call, optional_input, vector_registers,
                                           _type_suffix)
@@ -27,7 +28,7 @@ from edgecc.errors import EdgeccError
 from edgecc.ir.dtypes import DType
 from edgecc.ops.linalg import parse_einsum
 
-Epilogue = Callable[[ir.Value, ir.Value, int, ir.Value], None]
+TileSink = Callable[[ir.Value, ir.Value, int, ir.Value], None]
 """epilogue(i, j0, n, values): output row i (i64), columns j0..j0+n-1, `values` a vector of n compute lanes."""
 
 _MATMUL_DTYPES = (DType.float32, DType.float16, DType.int32, DType.int64)
@@ -38,7 +39,7 @@ def _compute_bits(dtype: DType) -> int:
 
 
 def emit_matmul(kb: KernelBuilder, dtype: DType, a: Buffer, a_off, sam: int, sak: int, bm: Buffer, b_off,
-                sbk: int, sbn: int, m: int, n: int, k: int, epilogue: Epilogue) -> None:
+                sbk: int, sbn: int, m: int, n: int, k: int, epilogue: TileSink) -> None:
     """C[i, j] = sum_k A[a_off + i*sam + k*sak] * B[b_off + k*sbk + j*sbn] for i < m, j < n, handed to the
     epilogue in row segments. a_off / b_off are i64 values or ints."""
     if m == 0 or n == 0:
@@ -131,8 +132,9 @@ def _emit_dot_form(kb, dtype, a, a_off, sam, bm, b_off, sbn, m, n, k, epilogue) 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@lowering("Gemm")
+@lowering("Gemm", "FusedGemm")
 def lower_gemm(kb: KernelBuilder) -> None:
+    """Gemm, and edgecc.FusedGemm: the same kernel with the activation applied before the store."""
     a, bm, c = kb.inputs[0], kb.inputs[1], optional_input(kb, 2)
     y = kb.outputs[0]
     dtype = a.dtype
@@ -151,6 +153,7 @@ def lower_gemm(kb: KernelBuilder) -> None:
     use_c = c is not None and beta != 0
     csm, csn = broadcast_strides(c.shape, (m, n)) if use_c else (0, 0)
     exact = not dtype.is_float and alpha == 1 and beta == 1
+    finish = Epilogue(kb)
 
     def epilogue(i, j0, width, values):
         flat = add_i64(kb, mul_i64(kb, i, n), j0)
@@ -173,7 +176,7 @@ def lower_gemm(kb: KernelBuilder) -> None:
                 scaled = b.fmul(b.sitofp(cv, dty), ir.Constant(dty, [ir.Constant(F64, beta)] * width))
                 values = b.fadd(values, scaled)
             values = b.fptosi(values, vec.ty(width))
-        vec.store(y, flat, values, width)
+        vec.store(y, flat, finish.apply(vec, values, flat, width), width)
 
     emit_matmul(kb, dtype, a, 0, sam, sak, bm, 0, sbk, sbn, m, n, kk, epilogue)
 

@@ -209,5 +209,5 @@ def lower_pool(kb: KernelBuilder) -> None:
             bounds = [(_table_value(kb, tables[a][0], o), _table_value(kb, tables[a][1], o))
                       for a, o in enumerate(oys)]
             starts = [add_i64(kb, mul_i64(kb, o, strides[a]), -pads[a]) for a, o in enumerate(oys)]
-            emit_tile_groups(kb, tiles, loop_tiles, nr, lambda ox0, n, static, ox_last: emit_tile(
+            emit_tile_groups(kb, tiles, loop_tiles, nr, lambda ox0, n, static, ox_last, _count: emit_tile(
                 nc, oys, bounds, starts, ox0, n, static, ox_last))

@@ -1,0 +1,125 @@
+"""Epilogue fusion end to end: Conv/Gemm followed by bias Add, residual Add and each fusable activation compile
+(-O3) to edgecc.FusedConv / edgecc.FusedGemm, run natively and in the reference interpreter, and export back to
+plain ONNX; all three are compared with onnxruntime on the original, unfused model.
+
+Tolerances, relative to the largest magnitude before the activation (the convolution's float32 sums run in a
+different order than onnxruntime's MLAS, an error of a few ulp of the largest partial sum, which every activation
+here passes on with slope <= 1; the epilogue itself is the same float32 operations as the unfused ops):
+float32 2e-6 (Sigmoid/Tanh add edgecc's own approximations, a few ulp of values <= 1, inside the same bound);
+float16 2e-3, one float16 ulp, since the fused kernel rounds to float16 once where the unfused ops round after
+each op.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgecc
+from edgecc.ops.fused import ACTIVATIONS
+from models import make_model, tensor_info
+
+RNG = np.random.default_rng(7)
+ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+REL_TOL = {np.float32: 2e-6, np.float16: 2e-3}
+
+
+def _activation_nodes(name: str, src: str, dst: str, dtype) -> tuple[list, list]:
+    if name == "Clip":
+        bounds = [numpy_helper.from_array(np.array(v, dtype), n) for v, n in ((0.0, "lo"), (6.0, "hi"))]
+        return [helper.make_node("Clip", [src, "lo", "hi"], [dst])], bounds
+    attrs = {"LeakyRelu": {"alpha": 0.2}, "HardSigmoid": {"alpha": 0.3, "beta": 0.4}}.get(name, {})
+    return [helper.make_node(name, [src], [dst], **attrs)], []
+
+
+def conv_block(activation: str, residual: bool, dtype=np.float32, group: int = 1):
+    """Conv(3x3, pad 1) -> Add(per-channel constant) -> [Add(skip)] -> activation."""
+    c, m = 8, 8
+    inits = [numpy_helper.from_array((RNG.standard_normal((m, c // group, 3, 3)) * 0.3).astype(dtype), "w"),
+             numpy_helper.from_array(RNG.standard_normal(m).astype(dtype), "b"),
+             numpy_helper.from_array(RNG.standard_normal((1, m, 1, 1)).astype(dtype), "shift")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], group=group),
+             helper.make_node("Add", ["c", "shift"], ["s"])]
+    inputs = [tensor_info("x", [1, c, 9, 11], ELEM[dtype])]
+    last = "s"
+    if residual:
+        nodes.append(helper.make_node("Add", ["skip", last], ["r"]))
+        inputs.append(tensor_info("skip", [1, m, 9, 11], ELEM[dtype]))
+        last = "r"
+    act_nodes, act_inits = _activation_nodes(activation, last, "y", dtype)
+    model = make_model(nodes + act_nodes, inputs, [tensor_info("y", [1, m, 9, 11], ELEM[dtype])], inits + act_inits)
+    feeds = {"x": RNG.standard_normal((1, c, 9, 11)).astype(dtype) * 2}
+    if residual:
+        feeds["skip"] = RNG.standard_normal((1, m, 9, 11)).astype(dtype)
+    return model, feeds
+
+
+def gemm_block(activation: str):
+    """Gemm(transB) -> Add(row bias) -> activation."""
+    inits = [numpy_helper.from_array(RNG.standard_normal((24, 40)).astype(np.float32) * 0.3, "w"),
+             numpy_helper.from_array(RNG.standard_normal(24).astype(np.float32), "bias")]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["g"], transB=1), helper.make_node("Add", ["g", "bias"], ["s"])]
+    act_nodes, act_inits = _activation_nodes(activation, "s", "y", np.float32)
+    model = make_model(nodes + act_nodes, [tensor_info("x", [3, 40])], [tensor_info("y", [3, 24])], inits + act_inits)
+    return model, {"x": RNG.standard_normal((3, 40)).astype(np.float32) * 2}
+
+
+def _onnxruntime(model, feeds, extra_output: str | None = None):
+    if extra_output:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        model.graph.output.append(helper.make_tensor_value_info(extra_output, model.graph.output[0].type.tensor_type
+                                                                .elem_type, None))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def check_all_paths(model, feeds, fused_op: str, dtype=np.float32):
+    want, before = _onnxruntime(model, feeds, extra_output=model.graph.node[-1].input[0])
+    scale = max(float(np.abs(before.astype(np.float32)).max()), float(np.abs(want.astype(np.float32)).max()), 1e-6)
+    compiled = edgecc.compile(model, opt_level=3)
+    assert compiled.report["ops"] == {fused_op: 1}, compiled.report["ops"]
+    reference = edgecc.compile(model, opt_level=3, runtime="reference")
+    exported = ort.InferenceSession(compiled.to_onnx().SerializeToString(), providers=["CPUExecutionProvider"])
+    for got in (compiled.run(feeds)[0], reference.run(feeds)[0], exported.run(None, feeds)[0]):
+        err = np.abs(got.astype(np.float32) - want.astype(np.float32)).max() / scale
+        assert err <= REL_TOL[dtype], err
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["bias", "residual"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_conv_epilogue_matches_onnxruntime(activation, residual):
+    check_all_paths(*conv_block(activation, residual), "FusedConv")
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_gemm_epilogue_matches_onnxruntime(activation):
+    check_all_paths(*gemm_block(activation), "FusedGemm")
+
+
+def test_depthwise_float16_residual_relu():
+    model, feeds = conv_block("Relu", True, np.float16, group=8)
+    check_all_paths(model, feeds, "FusedConv", np.float16)
+
+
+def test_residual_computed_after_the_conv_moves_the_fused_node():
+    """Add(conv_a(x), conv_b(x)) where conv_b runs second: conv_a's fused form must run after conv_b."""
+    w = numpy_helper.from_array(RNG.standard_normal((4, 4, 1, 1)).astype(np.float32), "w")
+    v = numpy_helper.from_array(RNG.standard_normal((4, 4, 1, 1)).astype(np.float32), "v")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"]), helper.make_node("Conv", ["x", "v"], ["b"]),
+             helper.make_node("Relu", ["b"], ["rb"]), helper.make_node("Add", ["a", "rb"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", [1, 4, 5, 5])], [tensor_info("y", [1, 4, 5, 5])], [w, v])
+    feeds = {"x": RNG.standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    compiled = edgecc.compile(model, opt_level=3)
+    assert compiled.report["ops"] == {"FusedConv": 2}
+    np.testing.assert_allclose(compiled.run(feeds)[0], want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+
+
+def test_activation_with_other_readers_is_not_fused():
+    w = numpy_helper.from_array(RNG.standard_normal((4, 4, 1, 1)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", [1, 4, 5, 5])],
+                       [tensor_info("y", [1, 4, 5, 5]), tensor_info("c", [1, 4, 5, 5])], [w])
+    assert edgecc.compile(model, opt_level=3).report["ops"] == {"Conv": 1, "Relu": 1}
