@@ -76,7 +76,9 @@ class CompiledModel:
             from edgecc.backends.native import make_runner
 
             self._runner = make_runner(self.module, self.native)
-        return self._runner.run(check_feeds(self.module, feeds))
+        fast = getattr(self._runner, "fast_feeds", None)
+        arrays = fast(feeds) if fast else None
+        return self._runner.run(arrays if arrays is not None else check_feeds(self.module, feeds))
 
     def profile(self, feeds, runs: int = 20) -> list[dict]:
         """Per-node time of the native host code on `feeds` (median of `runs`): a list of

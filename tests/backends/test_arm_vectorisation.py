@@ -19,12 +19,6 @@ tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tool)
 
 RNG = np.random.default_rng(7)
-ARMV7_UNFUSED = ("armv7 (cpu cortex-a7, +neon,+vfp4): the kernels' contractable fmul+fadd on <4 x float> are not fused "
-                 "into vfma.f32 q by LLVM's ARM backend (it would give vmla.f32 q, which cortex-a7's slow-VMLx tuning "
-                 "also refuses), so the hot loops are vmul.f32 q + vadd.f32 q; only an explicit llvm.fma.v4f32 in the "
-                 "kernels selects vfma.f32 q")
-
-
 def _model(node, inputs: list, output_shape: list, weights: dict):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
@@ -61,17 +55,9 @@ def _op_kernels(op: str, target: str) -> dict[str, str]:
 @pytest.mark.parametrize("op", sorted(MODELS))
 @pytest.mark.parametrize("target", [
     "armv8",
-    pytest.param("armv7", marks=pytest.mark.xfail(strict=True, reason=ARMV7_UNFUSED)),
+    "armv7",
     "x86-64-v4",
 ])
 def test_hot_loop_uses_the_vector_fma(op, target):
     counts = {k: len(tool.FMA_PATTERNS[target].findall(body)) for k, body in _op_kernels(op, target).items()}
     assert all(counts.values()), f"{op} kernels without `{tool.FMA_NAMES[target]}` on {target}: {counts}"
-
-
-@pytest.mark.parametrize("op", sorted(MODELS))
-def test_armv7_hot_loop_is_neon_vectorised(op):
-    """Until the multiply-adds are fused (see ARMV7_UNFUSED), the armv7 kernels at least use 4-lane NEON."""
-    counts = {k: len(tool.pattern("armv7", "vmul.f32 q").findall(body)) + len(tool.FMA_PATTERNS["armv7"].findall(body))
-              for k, body in _op_kernels(op, "armv7").items()}
-    assert all(counts.values()), f"{op} kernels without q-register multiplies on armv7: {counts}"

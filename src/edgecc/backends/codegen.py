@@ -85,6 +85,8 @@ class KernelBuilder:
         self.globals = globals_
         self.const_reads: set[int] = set()
         """Constant inputs whose values the lowering looked at: the kernel is only reused where they match."""
+        self.packings: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
+        """Constant inputs the kernel reads pre-packed: input index -> the packing function (see packed_input)."""
         self.b = ir.IRBuilder(function.append_basic_block("entry"))
 
     # -- compile-time knowledge -------------------------------------------------------------------------
@@ -98,6 +100,18 @@ class KernelBuilder:
             return None
         self.const_reads.add(index)
         return value.const
+
+    def packed_input(self, index: int, pack: Callable[[np.ndarray], np.ndarray]) -> Buffer | None:
+        """Input `index` (a constant, e.g. weights) re-laid-out at compile time by `pack` into the order the
+        kernel reads it; None if the input is not a constant. The kernel's argument for this input then points
+        at the packed copy (the entry passes it), so the kernel stays shared by layers of the same shape and the
+        original layout is not stored unless another kernel reads it. `pack` must depend only on the array."""
+        value = self.node.input(index)
+        if value is None or not value.is_const:
+            return None
+        self.packings[index] = pack
+        packed = pack(value.const)
+        return Buffer(self.inputs[index].ptr, TensorType(DType.from_numpy(packed.dtype), packed.shape))
 
     # -- constants --------------------------------------------------------------------------------------
     def i64(self, value: int) -> ir.Constant:

@@ -53,6 +53,8 @@ class ModuleEmitter:
         self.kernels: dict[tuple, list] = {}
         self.count = 0
         self.profile = profile
+        self.constant_pointers: dict[tuple, ir.Value] = {}
+        """(constant value id, packing function or None) -> its global, shared by both entries."""
 
     def emit(self) -> str:
         self._entry()
@@ -61,7 +63,9 @@ class ModuleEmitter:
         return str(self.llvm)
 
     # -- kernels ----------------------------------------------------------------------------------------
-    def _kernel_for(self, node: Node) -> ir.Function:
+    def _kernel_for(self, node: Node) -> tuple[ir.Function, dict]:
+        """The kernel for `node` (built, or shared with an earlier node of the same signature) and the packings
+        it wants for constant inputs (input index -> packing function)."""
         opdef = opdef_of(node)
         attrs = opdef.complete_attrs(node.attrs, where=node.label)
         key = (node.op, node.domain, tuple(sorted((k, _freeze(v)) for k, v in attrs.items())),
@@ -71,9 +75,9 @@ class ModuleEmitter:
         def const_key(indices) -> tuple:
             return tuple((i, _freeze(node.inputs[i].const)) for i in sorted(indices))
 
-        for reads, values, fn in self.kernels.get(key, ()):
+        for reads, values, fn, packings in self.kernels.get(key, ()):
             if const_key(reads) == values:  # same op, types, and the constants the kernel was built from
-                return fn
+                return fn, packings
         present = [v for v in node.inputs if v is not None]
         fn_type = ir.FunctionType(ir.VoidType(), [PTR] * (len(present) + len(node.outputs)))
         self.count += 1
@@ -96,8 +100,8 @@ class ModuleEmitter:
             exc.args = (exc.one_line(),)
             raise
         kb.b.ret_void()
-        self.kernels.setdefault(key, []).append((kb.const_reads, const_key(kb.const_reads), fn))
-        return fn
+        self.kernels.setdefault(key, []).append((kb.const_reads, const_key(kb.const_reads), fn, kb.packings))
+        return fn, kb.packings
 
     # -- entry ------------------------------------------------------------------------------------------
     def _entry(self, profiled: bool = False) -> None:
@@ -131,19 +135,22 @@ class ModuleEmitter:
         for value_id, offset in plan.offsets.items():
             pointers[value_id] = b.gep(arena, [ir.Constant(I64, offset)], source_etype=I8)
 
-        def pointer(value: Value) -> ir.Value:
+        def pointer(value: Value, pack=None) -> ir.Value:
             if value.is_const:
-                if value._id not in pointers:
-                    pointers[value._id] = self.globals.constant(value.const, "w")
-                return pointers[value._id]
+                key = (value._id, pack)
+                if key not in self.constant_pointers:
+                    array = value.const if pack is None else pack(value.const)
+                    self.constant_pointers[key] = self.globals.constant(array, "w")
+                return self.constant_pointers[key]
             return pointers[value._id]
 
         if tick:
             tick(0)
         for index, node in enumerate(graph.nodes):
             if not (node.outputs and all(v._id in plan.aliases for v in node.outputs)):  # else an in-place view
-                kernel = self._kernel_for(node)
-                args = [pointer(v) for v in node.inputs if v is not None] + [pointer(v) for v in node.outputs]
+                kernel, packings = self._kernel_for(node)
+                args = [pointer(v, packings.get(i)) for i, v in enumerate(node.inputs) if v is not None]
+                args += [pointer(v) for v in node.outputs]
                 b.call(kernel, args)
             if tick:
                 tick(index + 1)

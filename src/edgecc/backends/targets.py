@@ -35,6 +35,15 @@ class Target:
         return self.name == "host" or (self.triple.startswith("x86_64") and _host_can_run(self))
 
     @property
+    def has_fma(self) -> bool:
+        """The target has fused multiply-add instructions (AArch64, x86 FMA3, ARM VFPv4/MVE), so kernels may
+        ask for llvm.fma: LLVM would otherwise keep 32-bit ARM's multiply and add apart (cortex-a7 marks its
+        multiply-accumulate slow), and elsewhere llvm.fma would become a slow libm call."""
+        features = set(self.features.split(","))
+        return self.triple.startswith(("aarch64", "arm64")) or bool(
+            features & {"+fma", "+vfp4", "+vfp4d16sp", "+vfp4sp", "+mve.fp", "+fp-armv8", "+fp-armv8d16sp"})
+
+    @property
     def pointer_bits(self) -> int:
         return 64 if self.triple.startswith(("x86_64", "aarch64")) else 32
 

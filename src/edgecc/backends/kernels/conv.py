@@ -79,6 +79,8 @@ def chunk_width(size: int, vl: int, max_vectors: int = 1) -> int:
     AVX-512, legalise badly and ran ~10x slower; several rows of one register each do the same work well.)"""
     if size <= 0:
         return 1
+    if max_vectors > 1 and size > vl:  # whole registers only: the remainder gets its own, narrower tile
+        return min(max_vectors, size // vl) * vl
     cap = max_vectors * vl
     chunks = -(-size // cap)
     width = -(-size // chunks)
@@ -212,8 +214,10 @@ class Vec:
 
 
 def fmuladd(kb: KernelBuilder, a: ir.Value, x: ir.Value, acc: ir.Value) -> ir.Value:
+    """a * x + acc, one fused instruction on targets that have one (see Target.has_fma)."""
     ty = acc.type
-    fn = intrinsic(kb, f"llvm.fmuladd.{_type_suffix(ty)}", ty, [ty, ty, ty])
+    name = "llvm.fma" if kb.target.has_fma else "llvm.fmuladd"
+    fn = intrinsic(kb, f"{name}.{_type_suffix(ty)}", ty, [ty, ty, ty])
     return kb.b.call(fn, [a, x, acc], fastmath=FAST)
 
 

@@ -39,39 +39,62 @@ def _compute_bits(dtype: DType) -> int:
 
 
 def emit_matmul(kb: KernelBuilder, dtype: DType, a: Buffer, a_off, sam: int, sak: int, bm: Buffer, b_off,
-                sbk: int, sbn: int, m: int, n: int, k: int, epilogue: TileSink) -> None:
+                sbk: int, sbn: int, m: int, n: int, k: int, epilogue: TileSink, b_panels: bool = False) -> None:
     """C[i, j] = sum_k A[a_off + i*sam + k*sak] * B[b_off + k*sbk + j*sbn] for i < m, j < n, handed to the
-    epilogue in row segments. a_off / b_off are i64 values or ints."""
+    epilogue in row segments. a_off / b_off are i64 values or ints. With `b_panels`, B is packed by
+    `pack_panels` (sbk, sbn are then ignored)."""
     if m == 0 or n == 0:
         return
-    if sak == 1 and sbk == 1 and (sbn != 1 or n == 1) and k > 1:
+    if not b_panels and sak == 1 and sbk == 1 and (sbn != 1 or n == 1) and k > 1:
         _emit_dot_form(kb, dtype, a, a_off, sam, bm, b_off, sbn, m, n, k, epilogue)
     else:
-        _emit_row_form(kb, dtype, a, a_off, sam, sak, bm, b_off, sbk, sbn, m, n, k, epilogue)
+        _emit_row_form(kb, dtype, a, a_off, sam, sak, bm, b_off, sbk, sbn, m, n, k, epilogue, b_panels)
 
 
-def _emit_row_form(kb, dtype, a, a_off, sam, sak, bm, b_off, sbk, sbn, m, n, k, epilogue) -> None:
-    vec = Vec(kb, dtype)
+def row_tile(kb: KernelBuilder, dtype: DType, m: int, n: int) -> tuple[int, int]:
+    """(MR, NR): the row form's register tile of MR rows x NR columns. Few rows (matrix-vector products) get up to
+    8 vectors of columns each, so enough independent accumulators hide the FMA latency."""
     vl = lanes(kb, _compute_bits(dtype))
-    nr = chunk_width(n, vl)
-    nvec = -(-nr // vl)
-    mr = choose_block(m, min(16, vector_registers(kb) * 3 // 4 // nvec))
+    budget = vector_registers(kb) * 3 // 4
+    nr = chunk_width(n, vl, 1 if m >= 4 else min(8, budget // max(m, 1)))
+    return choose_block(m, min(16, budget // -(-nr // vl))), nr
+
+
+def pack_panels(b: np.ndarray, nr: int) -> np.ndarray:
+    """B [K, N] as column panels of nr (the last one narrower), each [K, width] row-major: the row form then
+    streams B once, sequentially, per tile column."""
+    return np.concatenate([np.ascontiguousarray(b[:, j:j + nr]).reshape(-1) for j in range(0, b.shape[1], nr)])
+
+
+def _emit_row_form(kb, dtype, a, a_off, sam, sak, bm, b_off, sbk, sbn, m, n, k, epilogue, b_panels) -> None:
+    vec = Vec(kb, dtype)
+    mr, nr = row_tile(kb, dtype, m, n)
     accs = Accumulators(kb)
 
+    vl = lanes(kb, _compute_bits(dtype))
+
     def tile(i0, rows: int, j0, width: int) -> None:
-        ty = vec.ty(width)
+        # one accumulator per row and register-wide segment of columns (a single wide LLVM vector of several
+        # registers would be legalised into 128-bit pieces)
+        segments = [(s, min(vl, width - s)) for s in range(0, width, vl)]
         for r in range(rows):
-            accs.set(("mm", r), vec.zero(width))
-        b_col = add_i64(kb, b_off, mul_i64(kb, j0, sbn))
+            for s, w in segments:
+                accs.set(("mm", r, s), vec.zero(w))
+        # a panel holds columns j0..j0+width-1 as [k, width] after the j0 * k elements of the panels before it
+        b_col = add_i64(kb, b_off, mul_i64(kb, j0, k if b_panels else sbn))
+        step_k, step_n = (width, 1) if b_panels else (sbk, sbn)
         a_rows = [add_i64(kb, a_off, mul_i64(kb, add_i64(kb, i0, r), sam)) for r in range(rows)]
         with kb.loop(k, "k") as kk:
-            bv = vec.load(bm, add_i64(kb, b_col, mul_i64(kb, kk, sbk)), width, sbn)
+            b_row = add_i64(kb, b_col, mul_i64(kb, kk, step_k))
+            bvs = [vec.load(bm, add_i64(kb, b_row, s * step_n), w, step_n) for s, w in segments]
             a_k = mul_i64(kb, kk, sak)
             for r in range(rows):
-                av = vec.splat(kb.load(a, add_i64(kb, a_rows[r], a_k)), width)
-                accs.set(("mm", r), vec.fma(av, bv, accs.get(("mm", r), ty)))
+                av = kb.load(a, add_i64(kb, a_rows[r], a_k))
+                for (s, w), bv in zip(segments, bvs):
+                    accs.set(("mm", r, s), vec.fma(vec.splat(av, w), bv, accs.get(("mm", r, s), vec.ty(w))))
         for r in range(rows):
-            epilogue(add_i64(kb, i0, r), j0, width, accs.get(("mm", r), ty))
+            for s, w in segments:
+                epilogue(add_i64(kb, i0, r), add_i64(kb, j0, s), w, accs.get(("mm", r, s), vec.ty(w)))
 
     def row_block(i0, rows: int) -> None:
         for_blocks(kb, n, nr, lambda j0, cols: tile(i0, rows, j0, cols), "jt")
@@ -154,6 +177,10 @@ def lower_gemm(kb: KernelBuilder) -> None:
     csm, csn = broadcast_strides(c.shape, (m, n)) if use_c else (0, 0)
     exact = not dtype.is_float and alpha == 1 and beta == 1
     finish = Epilogue(kb)
+    _, nr = row_tile(kb, dtype, m, n)
+    packed = kb.packed_input(1, lambda w: pack_panels(w.T if trans_b else w, nr))
+    if packed is not None:
+        bm = packed
 
     def epilogue(i, j0, width, values):
         flat = add_i64(kb, mul_i64(kb, i, n), j0)
@@ -178,7 +205,7 @@ def lower_gemm(kb: KernelBuilder) -> None:
             values = b.fptosi(values, vec.ty(width))
         vec.store(y, flat, finish.apply(vec, values, flat, width), width)
 
-    emit_matmul(kb, dtype, a, 0, sam, sak, bm, 0, sbk, sbn, m, n, kk, epilogue)
+    emit_matmul(kb, dtype, a, 0, sam, sak, bm, 0, sbk, sbn, m, n, kk, epilogue, b_panels=packed is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,6 +234,10 @@ def lower_matmul(kb: KernelBuilder) -> None:
         with kb.loop(y.size) as i:
             kb.store(y, i, kb.const(dtype, 0))
         return
+    _, nr = row_tile(kb, dtype, m, n)
+    packed = kb.packed_input(1, lambda w: pack_panels(w, nr)) if bm.type.rank == 2 else None
+    if packed is not None:
+        bm = packed
     a_batch = [s * m * kk for s in broadcast_strides(a_shape[:-2], batch)]
     b_batch = [s * kk * n for s in broadcast_strides(b_shape[:-2], batch)]
     y_batch = [s * m * n for s in strides_of(batch)]
@@ -216,7 +247,7 @@ def lower_matmul(kb: KernelBuilder) -> None:
         def epilogue(i, j0, width, values):
             vec.store(y, add_i64(kb, y_off, mul_i64(kb, i, n), j0), values, width)
 
-        emit_matmul(kb, dtype, a, a_off, kk, 1, bm, b_off, n, 1, m, n, kk, epilogue)
+        emit_matmul(kb, dtype, a, a_off, kk, 1, bm, b_off, n, 1, m, n, kk, epilogue, b_panels=packed is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
