@@ -123,3 +123,44 @@ def test_activation_with_other_readers_is_not_fused():
     model = make_model(nodes, [tensor_info("x", [1, 4, 5, 5])],
                        [tensor_info("y", [1, 4, 5, 5]), tensor_info("c", [1, 4, 5, 5])], [w])
     assert edgecc.compile(model, opt_level=3).report["ops"] == {"Conv": 1, "Relu": 1}
+
+
+# -- the channel-vectorised convolution (conv_channels.py): narrow maps, constant weights ---------------------------
+
+CHANNEL_CASES = {
+    # name: (x shape, w shape, attrs); each is chosen so prefers_channel_vectors picks the kernel on 512-bit and
+    # 256-bit hosts alike (rows of 7 or 10, channel counts that fill vectors, or leave a remainder vector)
+    "resnet_last_stage_3x3_pad1": ((1, 24, 7, 7), (32, 24, 3, 3), {"pads": [1, 1, 1, 1]}),
+    "stride2_to_7": ((1, 16, 14, 14), (48, 16, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}),
+    "lenet_5x5_width10": ((1, 6, 14, 14), (16, 6, 5, 5), {}),
+    "pointwise_7x7_flattened": ((1, 40, 7, 7), (64, 40, 1, 1), {}),
+    "remainder_channels_dilated": ((1, 8, 9, 7), (40, 8, 3, 3), {"pads": [2, 2, 2, 2], "dilations": [2, 2]}),
+    "conv1d": ((2, 8, 7), (32, 8, 3), {"pads": [1, 1]}),
+    "conv3d": ((1, 4, 3, 5, 7), (16, 4, 3, 3, 3), {"pads": [1, 1, 1, 1, 1, 1]}),
+    "pointwise_remainder_vector": ((1, 12, 3, 3), (20, 12, 1, 1), {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHANNEL_CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_channel_vectorised_conv_with_residual_and_activation(case, dtype):
+    from edgecc.backends.kernels.conv_channels import position_vector_use
+    from edgecc.backends.targets import resolve_target
+
+    x_shape, w_shape, attrs = CHANNEL_CASES[case]
+    w = (RNG.standard_normal(w_shape) * 0.3).astype(dtype)
+    b = RNG.standard_normal(w_shape[0]).astype(dtype)
+    probe = edgecc.compile(make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)],
+                                      [tensor_info("x", list(x_shape), ELEM[dtype])], [tensor_info("y", None, ELEM[dtype])],
+                                      [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]), runtime="reference")
+    y_shape = probe.module.graph.outputs[0].type.shape
+    width = int(np.prod(y_shape[2:])) if set(w_shape[2:]) == {1} else y_shape[-1]
+    vl = resolve_target("host").vector_bits // 32
+    assert position_vector_use(width, vl) + 0.1 < 1, "the case must select the channel-vectorised kernel here"
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs), helper.make_node("Add", ["c", "skip"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", list(x_shape), ELEM[dtype]), tensor_info("skip", list(y_shape), ELEM[dtype])],
+                       [tensor_info("y", list(y_shape), ELEM[dtype])],
+                       [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    feeds = {"x": RNG.standard_normal(x_shape).astype(dtype), "skip": RNG.standard_normal(y_shape).astype(dtype)}
+    check_all_paths(model, feeds, "FusedConv", dtype)

@@ -281,7 +281,14 @@ def lower_conv(kb: KernelBuilder) -> None:
     if y.size == 0:
         return
     x, w, y, window = pointwise_as_1d(x, w, y, window)
-    emit_direct_conv(kb, x, w, bias, y, window, int(kb.attrs["group"]), Epilogue(kb, optional_input(kb, 3)))
+    epilogue = Epilogue(kb, optional_input(kb, 3))
+    group = int(kb.attrs["group"])
+    from edgecc.backends.kernels.conv_channels import emit_channel_vector_conv, prefers_channel_vectors
+
+    if prefers_channel_vectors(kb, w.shape[0], window.out[-1], group):
+        emit_channel_vector_conv(kb, x, w, bias, y, window, epilogue)
+    else:
+        emit_direct_conv(kb, x, w, bias, y, window, group, epilogue)
 
 
 def pointwise_as_1d(x: Buffer, w: Buffer, y: Buffer, window):

@@ -75,7 +75,7 @@ def activate(kb: KernelBuilder, name: str, params: dict[str, float], x: ir.Value
 
 class Epilogue:
     """The residual Add and activation of a fused node (nothing for plain Conv/Gemm): `apply(vec, value, flat, n)`
-    returns the n-lane compute-type `value` destined for output elements flat..flat+n-1, finished."""
+    returns the n-lane compute-type `value` destined for output elements flat, flat + stride, ..., finished."""
 
     def __init__(self, kb: KernelBuilder, residual: Buffer | None = None):
         self.kb = kb
@@ -83,9 +83,10 @@ class Epilogue:
         self.activation = kb.attrs.get("activation", "")
         self.params = activation_params(self.activation, kb.attrs.get("activation_params")) if self.activation else {}
 
-    def apply(self, vec, value: ir.Value, flat, n: int) -> ir.Value:
+    def apply(self, vec, value: ir.Value, flat, n: int, stride: int = 1) -> ir.Value:
+        """`stride`: the output elements of the n lanes are flat + j * stride."""
         if self.residual is not None:
-            value = self.kb.b.fadd(value, vec.load(self.residual, flat, n))
+            value = self.kb.b.fadd(value, vec.load(self.residual, flat, n, stride))
         if self.activation:
             value = activate(self.kb, self.activation, self.params, value)
         return value

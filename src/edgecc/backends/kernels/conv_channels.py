@@ -1,0 +1,137 @@
+"""Convolution vectorised over output channels, for feature maps too narrow to fill a vector along a row.
+
+`emit_direct_conv` (conv.py) puts consecutive output positions of one row in a vector: a 7-wide row (ResNet's last
+stage) fills 7 of 8 lanes at best, a 49-position pointwise map wastes a whole tile on its last position. Here a
+vector holds VL consecutive output channels at one position instead, so lanes are wasted only when the channel
+count is not a multiple of VL. The weights are packed at compile time to [C/group][kh][kw][M] (all M channels of
+one tap contiguous); a register tile is MV channel vectors x P positions of one output row: per input channel and
+tap it loads MV weight vectors and P input scalars (broadcast) and does MV * P fused multiply-adds. Output (and
+the residual of a fused epilogue) are read and written with the channel stride H*W, once per tile.
+Row borders use the same static tiles as conv.py (`plan_tiles`): only the taps inside the row are emitted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from edgecc.backends.codegen import Buffer, KernelBuilder, strides_of
+from edgecc.backends.kernels.conv import (Accumulators, Vec, _lane_range, add_i64, chunk_width, emit_tile_groups,
+                                          for_blocks, lanes, mul_i64, plan_tiles, vector_registers)
+from edgecc.backends.kernels.epilogue import Epilogue
+
+
+def position_vector_use(width_out: int, vl: int) -> float:
+    """Share of useful lanes when rows of `width_out` positions are cut into tiles as conv.py does. A short tile
+    costs the power-of-two vector LLVM computes it in, but never less than half a register (a 1-lane tile still
+    issues one FMA per weight)."""
+    nr = chunk_width(width_out, vl)
+    used = 0
+    for start in range(0, width_out, nr):
+        lanes_ = max(1, vl // 2)
+        while lanes_ < min(nr, width_out - start):
+            lanes_ *= 2
+        used += min(lanes_, vl) if vl >= 2 else 1
+    return width_out / used
+
+
+def prefers_channel_vectors(kb: KernelBuilder, channels_out: int, width_out: int, group: int) -> bool:
+    """Use this kernel when it fills clearly more lanes (10 points; its strided stores cost something) and the
+    weights are constants (they are packed). Measured on Zen 4 (tools/bench.py layers): rows of 7, 10, 14 and 28
+    and pointwise maps of 49 run 8-30% faster here; 169 or more positions, and rows of 56, run faster in conv.py."""
+    w = kb.node.input(1)
+    if group != 1 or w is None or not w.is_const or not kb.inputs[0].dtype.is_float:
+        return False
+    vl = lanes(kb)
+    if vl < 4:
+        return False
+    channel_use = channels_out / (-(-channels_out // vl) * vl)
+    return channel_use > position_vector_use(width_out, vl) + 0.1
+
+
+def pack_taps_last(w: np.ndarray) -> np.ndarray:
+    """W [M, C, k...] -> [C, k..., M]."""
+    return np.ascontiguousarray(np.moveaxis(w, 0, -1))
+
+
+def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, window,
+                             epilogue: Epilogue) -> None:
+    b = kb.b
+    vec = Vec(kb, x.dtype)
+    n_batch, channels = x.shape[:2]
+    m_out = w.shape[0]
+    spatial, out, kernel = tuple(x.shape[2:]), tuple(window.out), tuple(window.kernel)
+    strides, dilations, pads = window.strides, window.dilations, window.pads_begin
+    taps = int(np.prod(kernel))
+    packed = kb.packed_input(1, pack_taps_last)
+    xs, ys = strides_of(x.shape), strides_of(y.shape)
+    width_in, width_out, kw = spatial[-1], out[-1], kernel[-1]
+    sx, dx, px = strides[-1], dilations[-1], pads[-1]
+    plane = ys[1]  # output channel stride
+
+    vl = lanes(kb)
+    budget = vector_registers(kb) * 3 // 4
+    mv = max(1, min(4, -(-m_out // vl), budget // min(width_out, 12)))
+    p_cap = max(1, min(12, budget // mv))
+    p = min(width_out, p_cap)
+    tiles, loop_tiles = plan_tiles(width_out, p, width_in, kw, sx, dx, px)
+    accs = Accumulators(kb)
+
+    def emit_tile(n_idx, oys, m0, count: int, ox0, n_pos: int, static: bool) -> None:
+        """Output channels m0..m0+count-1 at positions ox0..ox0+n_pos-1 of the row oys."""
+        vecs = [(v * vl, min(vl, count - v * vl)) for v in range(-(-count // vl))]
+        slots = [(v, q) for v in range(len(vecs)) for q in range(n_pos)]
+        for v, q in slots:
+            off, width = vecs[v]
+            init = vec.load(bias, add_i64(kb, m0, off), width) if bias is not None else vec.zero(width)
+            accs.set(("cv", v, q), init)
+        x_batch = mul_i64(kb, n_idx, xs[0])
+        with contextlib.ExitStack() as stack:
+            kys = [stack.enter_context(kb.loop(int(k), f"ky{a}")) for a, k in enumerate(kernel[:-1])]
+            valid = None
+            x_row, tap_row = [x_batch], 0
+            for a, ky in enumerate(kys):
+                iy = add_i64(kb, mul_i64(kb, oys[a], strides[a]), mul_i64(kb, ky, dilations[a]), -pads[a])
+                inside = b.icmp_unsigned("<", iy, kb.i64(spatial[a]))
+                valid = inside if valid is None else b.and_(valid, inside)
+                x_row.append(mul_i64(kb, iy, xs[2 + a]))
+                tap_row = add_i64(kb, mul_i64(kb, tap_row, int(kernel[a])), ky) if a else ky
+            if valid is not None:
+                stack.enter_context(b.if_then(valid))
+            x_base = add_i64(kb, *x_row)
+            w_base = mul_i64(kb, tap_row, kw * m_out) if kys else 0
+            with kb.loop(channels, "c") as c:
+                xc = add_i64(kb, x_base, mul_i64(kb, c, xs[1]))
+                wc = add_i64(kb, w_base, mul_i64(kb, c, taps * m_out), m0)
+                values = {key: accs.get(("cv", *key), vec.ty(vecs[key[0]][1])) for key in slots}
+                for kx in range(kw):
+                    if static:
+                        j0, j1 = _lane_range(ox0, n_pos, kx, sx, dx, px, width_in)
+                    else:
+                        j0, j1 = 0, n_pos
+                    if j1 <= j0:
+                        continue
+                    weights = [vec.load(packed, add_i64(kb, wc, kx * m_out + off), width) for off, width in vecs]
+                    for q in range(j0, j1):
+                        pos = add_i64(kb, xc, mul_i64(kb, ox0, sx), (q * sx) + kx * dx - px)
+                        xv = kb.load(x, pos)
+                        for v, (off, width) in enumerate(vecs):
+                            values[v, q] = vec.fma(weights[v], vec.splat(xv, width), values[v, q])
+                for key in slots:
+                    accs.set(("cv", *key), values[key])
+        y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), *[mul_i64(kb, o, ys[2 + a]) for a, o in enumerate(oys)],
+                        ox0)
+        for v, q in slots:
+            off, width = vecs[v]
+            flat = add_i64(kb, y_row, mul_i64(kb, add_i64(kb, m0, off), plane), q)
+            value = accs.get(("cv", v, q), vec.ty(width))
+            vec.store_strided(y, flat, epilogue.apply(vec, value, flat, width, plane), width, plane)
+
+    with kb.loop(n_batch, "n") as n_idx:
+        def block(m_first, count):
+            with kb.loop_nest(out[:-1], "oy") as oys:
+                emit_tile_groups(kb, tiles, loop_tiles, p, lambda ox0, n, static, _last, _count: emit_tile(
+                    n_idx, oys, m_first, count, ox0, n, static))
+
+        for_blocks(kb, m_out, mv * vl, block, "mb")
