@@ -76,6 +76,28 @@ def test_profile_times_every_node_and_leaves_results_unchanged():
     np.testing.assert_array_equal(compiled.run({"x": _x()})[0], want)
 
 
+def test_progress_bar_counts_passes_kernels_and_llvm(monkeypatch, capsys):
+    """The bar (shown after a second, so forced here with no delay) ends at passes + nodes + 1 steps."""
+    import tqdm
+
+    import edgecc.progress
+
+    bars = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["delay"] = 0
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    compiled = edgecc.compile(small_mlp(batch=2), opt_level=3, progress=True)
+    (bar,) = bars
+    steps = 1 + len(compiled.report["passes"]) + len(compiled.module.graph.nodes) + 1
+    assert bar.n == bar.total == steps and "edgecc" in capsys.readouterr().err
+    assert edgecc.compile(small_mlp(batch=2), progress=False) is not None and len(bars) == 1
+
+
 def test_unknown_target_and_option_are_clear():
     with pytest.raises(EdgeccError, match="needs the native runtime"):
         edgecc.compile(small_mlp(batch=2), target="cortex-m4", runtime="reference")

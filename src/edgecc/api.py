@@ -68,6 +68,11 @@ class CompiledModel:
 
     def run(self, feeds: Mapping[str, np.ndarray] | list[np.ndarray]) -> list[np.ndarray]:
         """Run on a dict name->array (or a list in input order); returns outputs in output order."""
+        fast = self.__dict__.get("_fast_run")
+        if fast is not None:
+            outputs = fast(feeds)
+            if outputs is not None:
+                return outputs
         from edgecc.interpreter import check_feeds, run_module
 
         if self.native is None:
@@ -76,9 +81,8 @@ class CompiledModel:
             from edgecc.backends.native import make_runner
 
             self._runner = make_runner(self.module, self.native)
-        fast = getattr(self._runner, "fast_feeds", None)
-        arrays = fast(feeds) if fast else None
-        return self._runner.run(arrays if arrays is not None else check_feeds(self.module, feeds))
+            self.__dict__["_fast_run"] = getattr(self._runner, "fast_run", None)
+        return self._runner.run(check_feeds(self.module, feeds))
 
     def profile(self, feeds, runs: int = 20) -> list[dict]:
         """Per-node time of the native host code on `feeds` (median of `runs`): a list of
@@ -173,8 +177,9 @@ def _context(opt_level: int, target: str, options: dict[str, Any]) -> PassContex
 
 
 def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, target: str = "host",
-             **options) -> tuple[Module, PassManager]:
-    """Run the -O pipeline (or the explicit `passes` pipeline) over `module` in place."""
+             progress=None, **options) -> tuple[Module, PassManager]:
+    """Run the -O pipeline (or the explicit `passes` pipeline) over `module` in place. `progress`: a
+    CompileProgress to step once per pass."""
     for plugin in options.pop("load_pass_plugin", None) or ():
         load_pass_plugin(plugin)
     ctx = _context(opt_level, target, options)
@@ -182,6 +187,11 @@ def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, t
         raise EdgeccError(f"unknown option(s): {', '.join(sorted(options))}",
                           hint="see help(edgecc.compile) for the options")
     pipeline = parse_pipeline(passes) if passes else pipeline_for_level(opt_level)
+    if progress is not None:
+        from edgecc.progress import PassProgress
+
+        progress.expect(len(pipeline))
+        ctx.instruments.append(PassProgress(progress))
     manager = PassManager(pipeline, ctx)
     manager.run(module)
     verify(module, where="after optimisation")
@@ -190,7 +200,7 @@ def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, t
 
 def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=None, passes: str | None = None,
             constant_inputs=None, runtime: str = "native", name: str | None = None, mcpu: str | None = None,
-            mattr: str | None = None, **options) -> CompiledModel:
+            mattr: str | None = None, progress: bool | None = None, **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
     Args:
@@ -205,6 +215,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         name: C symbol prefix of the generated code (`<name>_run`); default: the model's graph name.
         mcpu, mattr: CPU and features when `target` is an LLVM triple (or to override a preset's).
         passes: an explicit pipeline ("infer-shapes,fold-constants,dce") instead of the -O level's.
+        progress: show a progress bar on stderr once the compile has taken a second (None: when stderr is a
+            terminal).
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
 
@@ -222,17 +234,25 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
                           hint="the reference interpreter runs on this machine only; add --runtime native")
     if not 0 <= int(opt_level) <= 3:
         raise PassError(f"unknown optimisation level {opt_level}", hint="use 0, 1, 2 or 3")
-    module = import_model(model, parse_shape_bindings(input_shapes), constant_inputs)
-    nodes_before = len(module.graph.nodes)
-    module, manager = optimize(module, opt_level=int(opt_level), passes=passes, target=target, **options)
-    native = None
-    if runtime == "native":
-        from edgecc.backends.native import generate
+    from edgecc.progress import CompileProgress
 
-        # Code generation needs every compile-time value folded and a memory plan.
-        PassManager(parse_pipeline("infer-shapes,fold-constants,dce,plan-memory"),
-                    PassContext(verify_each=manager.ctx.verify_each)).run(module)
-        native = generate(module, resolved, name or module.name)
+    bar = CompileProgress(progress)
+    try:
+        module = import_model(model, parse_shape_bindings(input_shapes), constant_inputs)
+        bar.step("import")
+        nodes_before = len(module.graph.nodes)
+        module, manager = optimize(module, opt_level=int(opt_level), passes=passes, target=target, progress=bar,
+                                   **options)
+        native = None
+        if runtime == "native":
+            from edgecc.backends.native import generate
+
+            # Code generation needs every compile-time value folded and a memory plan.
+            PassManager(parse_pipeline("infer-shapes,fold-constants,dce,plan-memory"),
+                        PassContext(verify_each=manager.ctx.verify_each)).run(module)
+            native = generate(module, resolved, name or module.name, progress=bar)
+    finally:
+        bar.close()
     report = build_report(module, manager, nodes_before, time.perf_counter() - start, target, runtime)
     return CompiledModel(module, target, report, native)
 

@@ -48,6 +48,10 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-each", action="store_true", help="check IR invariants after every pass")
     parser.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass to DIR/NN-pass.eir")
     parser.add_argument("--debug-rewrites", action="store_true", help="say why each rewrite rule did or did not apply")
+    parser.add_argument("--progress", dest="progress", action="store_true", default=None,
+                        help="show a progress bar once compiling takes over a second (default: when stderr is a "
+                             "terminal)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
 
 
@@ -59,7 +63,7 @@ def _compile_options(args) -> dict:
                 load_pass_plugin=args.load_pass_plugin, disable_passes=args.disable_pass,
                 time_passes=args.time_passes, print_after_all=args.print_after_all,
                 print_after=args.print_after or None, verify_each=args.verify_each, dump_ir=args.dump_ir,
-                debug_rewrites=args.debug_rewrites)
+                debug_rewrites=args.debug_rewrites, progress=args.progress)
 
 
 def compile_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ def missing_lowerings(module: Module) -> list[str]:
 
 
 class ModuleEmitter:
-    def __init__(self, module: Module, target, name: str, profile: bool = False):
+    def __init__(self, module: Module, target, name: str, profile: bool = False, on_node=None):
         if module.memory_plan is None:
             raise EdgeccError("the module has no memory plan", hint="run the plan-memory pass before code generation")
         missing = missing_lowerings(module)
@@ -53,6 +53,8 @@ class ModuleEmitter:
         self.kernels: dict[tuple, list] = {}
         self.count = 0
         self.profile = profile
+        self.on_node = on_node
+        """Called with each node after its kernel call is emitted (progress reporting)."""
         self.constant_pointers: dict[tuple, ir.Value] = {}
         """(constant value id, packing function or None) -> its global, shared by both entries."""
 
@@ -154,6 +156,8 @@ class ModuleEmitter:
                 b.call(kernel, args)
             if tick:
                 tick(index + 1)
+            elif self.on_node is not None:
+                self.on_node(node)
         # Outputs that are graph inputs, constants, or a value already written to another output slot.
         memcpy = self.llvm.declare_intrinsic("llvm.memcpy", [PTR, PTR, I64])
         for j, value in enumerate(graph.outputs):

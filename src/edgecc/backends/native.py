@@ -27,11 +27,18 @@ class NativeCode:
         return f"{self.name}_run"
 
 
-def generate(module: Module, target, name: str, profile: bool = False) -> NativeCode:
-    """Native code for `module`; `profile` adds the `<name>_profile` entry (see ModuleEmitter._entry)."""
-    emitter = ModuleEmitter(module, target, name, profile)
+def generate(module: Module, target, name: str, profile: bool = False, progress=None) -> NativeCode:
+    """Native code for `module`; `profile` adds the `<name>_profile` entry (see ModuleEmitter._entry).
+    `progress` (a CompileProgress) gets a step per node and one for LLVM."""
+    if progress is not None:
+        progress.expect(len(module.graph.nodes) + 1)
+    on_node = (lambda node: progress.step(f"kernel {node.op}")) if progress is not None else None
+    emitter = ModuleEmitter(module, target, name, profile, on_node)
     text = emitter.emit()
-    return NativeCode(emitter.name, target, text, emit(text, target, "obj"))
+    obj = emit(text, target, "obj")
+    if progress is not None:
+        progress.step("llvm")
+    return NativeCode(emitter.name, target, text, obj)
 
 
 def make_runner(module: Module, code: NativeCode):
@@ -64,18 +71,22 @@ class NativeRunner:
             raise EdgeccError(f"native code returned status {status}")
         return [out.copy() for out in self._outputs]
 
-    def fast_feeds(self, feeds) -> list[np.ndarray] | None:
-        """The feeds in input order if they are exactly what the model takes (a dict of C-contiguous arrays of the
-        right dtype and shape, nothing else), else None (then the caller's full check explains what is wrong)."""
+    def fast_run(self, feeds) -> list[np.ndarray] | None:
+        """run() for feeds that are exactly what the model takes (a dict of C-contiguous arrays of the right
+        dtypes and shapes, nothing else) with no further checks; None for anything else (then the caller's full
+        check explains what is wrong). Costs about a microsecond over the native call."""
         if type(feeds) is not dict or len(feeds) != len(self._inputs):
             return None
         arrays = []
         for name, shape, dtype in self._inputs:
             a = feeds.get(name)
-            if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape:
+            if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype or not a.flags.c_contiguous:
                 return None
             arrays.append(a)
-        return arrays
+        status = self._call(arrays)
+        if status != 0:
+            raise EdgeccError(f"native code returned status {status}")
+        return [out.copy() for out in self._outputs]
 
 
 class Profiler:
