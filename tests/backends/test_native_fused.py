@@ -164,3 +164,46 @@ def test_channel_vectorised_conv_with_residual_and_activation(case, dtype):
                        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     feeds = {"x": RNG.standard_normal(x_shape).astype(dtype), "skip": RNG.standard_normal(y_shape).astype(dtype)}
     check_all_paths(model, feeds, "FusedConv", dtype)
+
+
+# -- depthwise convolution by row blocks (depthwise.py) ------------------------------------------------------------
+
+DEPTHWISE_CASES = {
+    # name: (x shape, kernel, attrs); suits_depthwise_rows picks every one of them
+    "mobilenet_14x14_3x3": ((1, 24, 14, 14), (3, 3), {"pads": [1, 1, 1, 1]}),
+    "mobilenet_7x7": ((1, 16, 7, 7), (3, 3), {"pads": [1, 1, 1, 1]}),
+    "wide_rows_stride1": ((1, 4, 9, 40), (3, 3), {"pads": [1, 1, 1, 1]}),
+    "stride2_narrow": ((1, 8, 15, 15), (3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}),
+    "kernel5_dilated_asymmetric": ((1, 8, 11, 13), (5, 5), {"pads": [2, 1, 0, 3], "dilations": [2, 1]}),
+    "stride2_rows_stride1_cols": ((1, 8, 12, 10), (3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 1]}),
+    "no_padding_odd_height": ((2, 4, 13, 9), (3, 3), {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEPTHWISE_CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_depthwise_rows_with_residual_and_clip(case, dtype):
+    from edgecc.backends.kernels.depthwise import suits_depthwise_rows
+    from edgecc.ops.conv import window_geometry
+    from edgecc.ops.registry import Call
+
+    x_shape, kernel, attrs = DEPTHWISE_CASES[case]
+    c = x_shape[1]
+    w = (RNG.standard_normal((c, 1, *kernel)) * 0.5).astype(dtype)
+    b = RNG.standard_normal(c).astype(dtype)
+    window = window_geometry(Call("Conv", [], dict(attrs)), x_shape[2:], kernel)
+    y_shape = [x_shape[0], c, *window.out]
+
+    class _Buf:  # just the shape/dtype view suits_depthwise_rows reads
+        def __init__(self, shape, dt):
+            self.shape, self.dtype = shape, edgecc.ir.dtypes.DType.from_numpy(np.dtype(dt))
+
+    assert suits_depthwise_rows(_Buf(x_shape, dtype), _Buf(w.shape, dtype), window, c)
+    lo, hi = [numpy_helper.from_array(np.array(v, dtype), n) for v, n in ((0.0, "lo"), (6.0, "hi"))]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=c, **attrs),
+             helper.make_node("Add", ["skip", "c"], ["s"]), helper.make_node("Clip", ["s", "lo", "hi"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", list(x_shape), ELEM[dtype]), tensor_info("skip", y_shape, ELEM[dtype])],
+                       [tensor_info("y", y_shape, ELEM[dtype])],
+                       [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), lo, hi])
+    feeds = {"x": (RNG.standard_normal(x_shape) * 2).astype(dtype), "skip": RNG.standard_normal(y_shape).astype(dtype)}
+    check_all_paths(model, feeds, "FusedConv", dtype)

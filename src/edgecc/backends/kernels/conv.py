@@ -284,8 +284,11 @@ def lower_conv(kb: KernelBuilder) -> None:
     epilogue = Epilogue(kb, optional_input(kb, 3))
     group = int(kb.attrs["group"])
     from edgecc.backends.kernels.conv_channels import emit_channel_vector_conv, prefers_channel_vectors
+    from edgecc.backends.kernels.depthwise import emit_depthwise_rows, suits_depthwise_rows
 
-    if prefers_channel_vectors(kb, w.shape[0], window.out[-1], group):
+    if suits_depthwise_rows(x, w, window, group):
+        emit_depthwise_rows(kb, x, w, bias, y, window, epilogue)
+    elif prefers_channel_vectors(kb, w.shape[0], window.out[-1], group):
         emit_channel_vector_conv(kb, x, w, bias, y, window, epilogue)
     else:
         emit_direct_conv(kb, x, w, bias, y, window, group, epilogue)
