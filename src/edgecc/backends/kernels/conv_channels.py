@@ -3,8 +3,8 @@
 `emit_direct_conv` (conv.py) puts consecutive output positions of one row in a vector: a 7-wide row (ResNet's last
 stage) fills 7 of 8 lanes at best, a 49-position pointwise map wastes a whole tile on its last position. Here a
 vector holds VL consecutive output channels at one position instead, so lanes are wasted only when the channel
-count is not a multiple of VL. The weights are packed at compile time to [C/group][kh][kw][M] (all M channels of
-one tap contiguous); a register tile is MV channel vectors x P positions of one output row: per input channel and
+count is not a multiple of VL. The weights are packed at compile time in blocks of MV * VL output channels, each
+[C][kh][kw][block] (a tile's weights are one sequential stream); a register tile is MV channel vectors x P positions of one output row: per input channel and
 tap it loads MV weight vectors and P input scalars (broadcast) and does MV * P fused multiply-adds. Output (and
 the residual of a fused epilogue) are read and written with the channel stride H*W, once per tile.
 Row borders use the same static tiles as conv.py (`plan_tiles`): only the taps inside the row are emitted.
@@ -20,26 +20,22 @@ from edgecc.backends.codegen import Buffer, KernelBuilder, strides_of
 from edgecc.backends.kernels.conv import (Accumulators, Vec, _lane_range, add_i64, chunk_width, emit_tile_groups,
                                           for_blocks, lanes, mul_i64, plan_tiles, vector_registers)
 from edgecc.backends.kernels.epilogue import Epilogue
+from edgecc.backends.kernels.linalg import pack_panels
 
 
 def position_vector_use(width_out: int, vl: int) -> float:
-    """Share of useful lanes when rows of `width_out` positions are cut into tiles as conv.py does. A short tile
-    costs the power-of-two vector LLVM computes it in, but never less than half a register (a 1-lane tile still
-    issues one FMA per weight)."""
+    """Share of useful lanes when rows of `width_out` positions are cut into tiles as conv.py does, every tile
+    costing a whole vector of FMAs per weight (a 1-lane remainder tile issues as many as a full one)."""
     nr = chunk_width(width_out, vl)
-    used = 0
-    for start in range(0, width_out, nr):
-        lanes_ = max(1, vl // 2)
-        while lanes_ < min(nr, width_out - start):
-            lanes_ *= 2
-        used += min(lanes_, vl) if vl >= 2 else 1
-    return width_out / used
+    return width_out / (-(-width_out // nr) * max(nr, vl))
 
 
 def prefers_channel_vectors(kb: KernelBuilder, channels_out: int, width_out: int, group: int) -> bool:
-    """Use this kernel when it fills clearly more lanes (10 points; its strided stores cost something) and the
-    weights are constants (they are packed). Measured on Zen 4 (tools/bench.py layers): rows of 7, 10, 14 and 28
-    and pointwise maps of 49 run 8-30% faster here; 169 or more positions, and rows of 56, run faster in conv.py."""
+    """Use this kernel for constant weights (they are packed) when its lanes are clearly fuller (10 points) and the
+    rows are narrow: position vectors at most 70% used, or at most 90% with a reduction of at least 200 multiply-adds
+    per output (enough to pay for the per-tile strided stores). Measured on Zen 4, layer by layer: rows of 7, 10,
+    13, 14, 27 and 28 and pointwise maps of 49 positions run 8-45% faster here (ResNet-18's last stage 2.8 -> 1.9
+    ms per layer); rows of 55 with 16 input channels, and maps of 169 or more positions, run faster in conv.py."""
     w = kb.node.input(1)
     if group != 1 or w is None or not w.is_const or not kb.inputs[0].dtype.is_float:
         return False
@@ -47,12 +43,17 @@ def prefers_channel_vectors(kb: KernelBuilder, channels_out: int, width_out: int
     if vl < 4:
         return False
     channel_use = channels_out / (-(-channels_out // vl) * vl)
-    return channel_use > position_vector_use(width_out, vl) + 0.1
+    position_use = position_vector_use(width_out, vl)
+    depth = int(np.prod(w.type.shape[1:]))
+    narrow = position_use <= 0.7 or (position_use <= 0.9 and depth >= 200)
+    return narrow and channel_use >= position_use + 0.1
 
 
-def pack_taps_last(w: np.ndarray) -> np.ndarray:
-    """W [M, C, k...] -> [C, k..., M]."""
-    return np.ascontiguousarray(np.moveaxis(w, 0, -1))
+def pack_channel_blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """W [M, C, k...] as blocks of `block` output channels (the last one narrower), each [C, k..., width]: a tile's
+    weights are one sequential stream, each tap's channel vector contiguous."""
+    taps_last = np.moveaxis(w, 0, -1).reshape(-1, w.shape[0])
+    return pack_panels(taps_last, block)
 
 
 def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, window,
@@ -64,7 +65,6 @@ def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buff
     spatial, out, kernel = tuple(x.shape[2:]), tuple(window.out), tuple(window.kernel)
     strides, dilations, pads = window.strides, window.dilations, window.pads_begin
     taps = int(np.prod(kernel))
-    packed = kb.packed_input(1, pack_taps_last)
     xs, ys = strides_of(x.shape), strides_of(y.shape)
     width_in, width_out, kw = spatial[-1], out[-1], kernel[-1]
     sx, dx, px = strides[-1], dilations[-1], pads[-1]
@@ -75,6 +75,7 @@ def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buff
     mv = max(1, min(4, -(-m_out // vl), budget // min(width_out, 12)))
     p_cap = max(1, min(12, budget // mv))
     p = min(width_out, p_cap)
+    packed = kb.packed_input(1, lambda weights: pack_channel_blocks(weights, mv * vl))
     tiles, loop_tiles = plan_tiles(width_out, p, width_in, kw, sx, dx, px)
     accs = Accumulators(kb)
 
@@ -100,10 +101,11 @@ def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buff
             if valid is not None:
                 stack.enter_context(b.if_then(valid))
             x_base = add_i64(kb, *x_row)
-            w_base = mul_i64(kb, tap_row, kw * m_out) if kys else 0
+            # the block of channels m0..m0+count-1 starts after m0 * channels * taps packed weights
+            w_base = add_i64(kb, mul_i64(kb, m0, channels * taps), mul_i64(kb, tap_row, kw * count) if kys else 0)
             with kb.loop(channels, "c") as c:
                 xc = add_i64(kb, x_base, mul_i64(kb, c, xs[1]))
-                wc = add_i64(kb, w_base, mul_i64(kb, c, taps * m_out), m0)
+                wc = add_i64(kb, w_base, mul_i64(kb, c, taps * count))
                 values = {key: accs.get(("cv", *key), vec.ty(vecs[key[0]][1])) for key in slots}
                 for kx in range(kw):
                     if static:
@@ -112,7 +114,7 @@ def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buff
                         j0, j1 = 0, n_pos
                     if j1 <= j0:
                         continue
-                    weights = [vec.load(packed, add_i64(kb, wc, kx * m_out + off), width) for off, width in vecs]
+                    weights = [vec.load(packed, add_i64(kb, wc, kx * count + off), width) for off, width in vecs]
                     for q in range(j0, j1):
                         pos = add_i64(kb, xc, mul_i64(kb, ox0, sx), (q * sx) + kx * dx - px)
                         xv = kb.load(x, pos)
