@@ -212,13 +212,13 @@ def asm_section(names: list[str]) -> list[str]:
     columns = [f"{target} {name}" for target, name, _ in COLUMNS]
     lines = ["## Hot loops: vector FMAs per kernel", "",
              "Counted in the -O3 assembly (`compiled.artifacts(stem, emit=\"asm\")`) of each Conv, Gemm and MatMul "
-             "kernel (kernels are shared by nodes of the same signature). The expected vector FMAs are `fmla v.4s` "
+             "(plain or fused) kernel (kernels are shared by nodes of the same signature). The expected vector FMAs are `fmla v.4s` "
              "(armv8), `vfma.f32 q` (armv7) and `vfmadd*ps` on zmm (x86-64-v4). `armv7 vmul.f32 q` counts NEON "
              "multiplies: a kernel with those and no `vfma.f32 q` is vectorised but its multiply-adds are not "
              "fused. `x86-64-v4 vfmadd*ps ymm` counts 256-bit FMAs, half the preset's vector width. "
              "tests/backends/test_arm_vectorisation.py checks the same forms on one small Conv and one Gemm.", ""]
     for name in names:
-        table = {k: v for k, v in fma_counts(name).items() if re.search(r"_(Conv|Gemm|MatMul)$", k)}
+        table = {k: v for k, v in fma_counts(name).items() if re.search(r"_(Fused)?(Conv|Gemm|MatMul)$", k)}
         lines += [f"### {name}", "", "| kernel | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         lines += [f"| {k} | " + " | ".join(str(row.get(c, 0)) for c in columns) + " |"
                   for k, row in sorted(table.items(), key=lambda kv: int(kv[0].split("_")[0][1:]))]

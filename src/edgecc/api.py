@@ -138,9 +138,9 @@ class CompiledModel:
         if emit == "obj":
             return {f"{stem}.o": code.obj}
         if emit == "asm":
-            return {f"{stem}.s": llvm_emit(code.llvm_ir, target, "asm")}
+            return {f"{stem}.s": llvm_emit(code.modules, target, "asm")}
         if emit == "llvm":
-            return {f"{stem}.ll": llvm_emit(code.llvm_ir, target, "llvm")}
+            return {f"{stem}.ll": llvm_emit(code.modules, target, "llvm")}
         if emit == "c-header":
             return {f"{stem}.h": art.c_header(self.module, code.name, target).encode()}
         if emit == "lib":

@@ -55,14 +55,17 @@ class ModuleEmitter:
         self.profile = profile
         self.on_node = on_node
         """Called with each node after its kernel call is emitted (progress reporting)."""
+        self.kernel_modules: list[ir.Module] = []
         self.constant_pointers: dict[tuple, ir.Value] = {}
         """(constant value id, packing function or None) -> its global, shared by both entries."""
 
-    def emit(self) -> str:
+    def emit(self) -> list[str]:
+        """LLVM IR texts: the entry module (weights, entry functions, kernel declarations) first, then one module
+        per kernel (optimised separately, in parallel, and linked: see llvm_driver.emit)."""
         self._entry()
         if self.profile:
             self._entry(profiled=True)
-        return str(self.llvm)
+        return [str(self.llvm)] + [str(m) for m in self.kernel_modules]
 
     # -- kernels ----------------------------------------------------------------------------------------
     def _kernel_for(self, node: Node) -> tuple[ir.Function, dict]:
@@ -84,17 +87,21 @@ class ModuleEmitter:
         fn_type = ir.FunctionType(ir.VoidType(), [PTR] * (len(present) + len(node.outputs)))
         self.count += 1
         digest = hashlib.sha1(repr(key).encode()).hexdigest()[:8]
-        fn = ir.Function(self.llvm, fn_type, name=f"{self.name}_k{self.count}_{node.op}_{digest}")
-        fn.linkage = "internal"
-        # Inlining every kernel into the entry makes LLVM's optimisation time grow superlinearly (12-15 s vs
-        # 1.7 s for 42 kernels) for no speed gain: each kernel is a whole loop nest.
+        symbol = f"{self.name}_k{self.count}_{node.op}_{digest}"
+        # Each kernel gets its own module (with its own tables), so LLVM can optimise kernels in parallel; the
+        # entry module declares it, and after linking it becomes internal again. Kernels are never inlined into
+        # the entry: each is a whole loop nest, and inlining made optimisation time grow superlinearly.
+        module = ir.Module(name=symbol)
+        module.triple = self.target.triple
+        self.kernel_modules.append(module)
+        fn = ir.Function(module, fn_type, name=symbol)
         fn.attributes.add("noinline")
         for arg in fn.args:
             arg.add_attribute("noalias")
         args = iter(fn.args)
         inputs = [None if v is None else Buffer(next(args), v.type) for v in node.inputs]
         outputs = [Buffer(next(args), v.type) for v in node.outputs]
-        kb = KernelBuilder(self.llvm, fn, node, attrs, inputs, outputs, self.target, self.globals)
+        kb = KernelBuilder(module, fn, node, attrs, inputs, outputs, self.target, GlobalPool(module))
         try:
             get_lowering(node.op)(kb)
         except EdgeccError as exc:
@@ -102,8 +109,10 @@ class ModuleEmitter:
             exc.args = (exc.one_line(),)
             raise
         kb.b.ret_void()
-        self.kernels.setdefault(key, []).append((kb.const_reads, const_key(kb.const_reads), fn, kb.packings))
-        return fn, kb.packings
+        declaration = ir.Function(self.llvm, fn_type, name=symbol)
+        self.kernels.setdefault(key, []).append((kb.const_reads, const_key(kb.const_reads), declaration,
+                                                 kb.packings))
+        return declaration, kb.packings
 
     # -- entry ------------------------------------------------------------------------------------------
     def _entry(self, profiled: bool = False) -> None:

@@ -15,12 +15,17 @@ from edgecc.ir.core import Module
 
 @dataclass
 class NativeCode:
-    """LLVM IR text and object code of one model for one target."""
+    """LLVM IR (the entry module, then one module per kernel) and object code of one model for one target."""
 
     name: str
     target: object
-    llvm_ir: str
+    modules: list[str]
     obj: bytes
+
+    @property
+    def llvm_ir(self) -> str:
+        """All modules' IR as one text, for reading (it is not one module: see `modules`)."""
+        return "\n".join(self.modules)
 
     @property
     def entry_symbol(self) -> str:
@@ -34,11 +39,11 @@ def generate(module: Module, target, name: str, profile: bool = False, progress=
         progress.expect(len(module.graph.nodes) + 1)
     on_node = (lambda node: progress.step(f"kernel {node.op}")) if progress is not None else None
     emitter = ModuleEmitter(module, target, name, profile, on_node)
-    text = emitter.emit()
-    obj = emit(text, target, "obj")
+    texts = emitter.emit()
+    obj = emit(texts, target, "obj")
     if progress is not None:
         progress.step("llvm")
-    return NativeCode(emitter.name, target, text, obj)
+    return NativeCode(emitter.name, target, texts, obj)
 
 
 def make_runner(module: Module, code: NativeCode):
