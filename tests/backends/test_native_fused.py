@@ -207,3 +207,13 @@ def test_depthwise_rows_with_residual_and_clip(case, dtype):
                        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), lo, hi])
     feeds = {"x": (RNG.standard_normal(x_shape) * 2).astype(dtype), "skip": RNG.standard_normal(y_shape).astype(dtype)}
     check_all_paths(model, feeds, "FusedConv", dtype)
+
+
+def test_zero_pad_folds_into_conv_padding():
+    w = numpy_helper.from_array(RNG.standard_normal((8, 4, 3, 3)).astype(np.float32), "w")
+    pads = numpy_helper.from_array(np.array([0, 0, 2, 1, 0, 0, 1, 3], np.int64), "pads")
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"]), helper.make_node("Conv", ["p", "w"], ["c"], pads=[1, 0, 0, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", [1, 4, 9, 7])], [tensor_info("y", None)], [w, pads], opset=18)
+    feeds = {"x": RNG.standard_normal((1, 4, 9, 7)).astype(np.float32)}
+    check_all_paths(model, feeds, "FusedConv")

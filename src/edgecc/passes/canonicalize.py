@@ -155,9 +155,54 @@ class DivConstantToMul(RewriteRule):
         replace_with_new_node(graph, node, "Mul", [node.inputs[0], reciprocal], {})
 
 
+class FoldPadIntoConv(RewriteRule):
+    """Conv of a zero constant-mode Pad of its input (spatial axes only, no cropping) becomes one Conv with the
+    padding added to its own pads: the kernel pads with zeros on the fly, without the padded copy."""
+
+    name, roots = "fold-pad-into-conv", ("Conv",)
+
+    @staticmethod
+    def _spatial_pads(pad: Node, rank: int) -> list[int] | None:
+        """Begin and end pads of the spatial axes, or None if the Pad is not a foldable zero pad."""
+        if pad.attrs.get("mode", "constant") != "constant":
+            return None
+        pads, value, axes = const_of(pad.input(1)), pad.input(2), pad.input(3)
+        if pads is None or (value is not None and (const_of(value) is None or np.any(const_of(value) != 0))):
+            return None
+        axes = list(range(rank)) if axes is None else const_of(axes)
+        if axes is None:
+            return None
+        axes = [int(a) % rank for a in np.reshape(axes, -1)]
+        full = [0] * (2 * rank)
+        for k, axis in enumerate(axes):
+            full[axis], full[rank + axis] = int(pads[k]), int(pads[len(axes) + k])
+        if any(full[a] or full[rank + a] for a in (0, 1)) or min(full) < 0:
+            return None
+        return full[2:rank] + full[rank + 2:]
+
+    def check(self, node, graph):
+        pad = node.inputs[0].producer
+        if pad is None or pad.op != "Pad" or len(node.inputs[0].uses) != 1 or graph.is_output(node.inputs[0]):
+            return "the input is not a Pad read only by this Conv"
+        if node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+            return "auto_pad is set"
+        if pad.inputs[0].type is None or self._spatial_pads(pad, pad.inputs[0].type.rank) is None:
+            return "the Pad is not a zero constant pad of spatial axes"
+        return None
+
+    def rewrite(self, node, graph):
+        pad = node.inputs[0].producer
+        rank = pad.inputs[0].type.rank
+        extra = self._spatial_pads(pad, rank)
+        own = list(node.attrs.get("pads") or [0] * len(extra))
+        node.attrs = dict(node.attrs, pads=[a + b for a, b in zip(own, extra)])
+        node.set_input(0, pad.inputs[0])
+        remove_if_dead(graph, pad)
+
+
 CANONICALIZATION_RULES: list[RewriteRule] = [
     RemoveIdentity(), RemoveInferenceDropout(), RemoveNoopReshape(), MergeReshapes(), RemoveNoopTranspose(),
-    MergeTransposes(), RemoveNoopCast(), SubConstantToAdd(), DivConstantToMul(),
+    MergeTransposes(), RemoveNoopCast(), SubConstantToAdd(), DivConstantToMul(), FoldPadIntoConv(),
 ]
 
 
@@ -169,7 +214,8 @@ class CanonicalizePass(Pass):
     Rules: Identity and inference-mode Dropout vanish; Reshape/Flatten/Squeeze/Unsqueeze/Expand that keep
     the shape vanish and chains of them become one Reshape; identity Transposes vanish and chains compose;
     Cast to the same dtype vanishes; Sub by a float constant becomes Add of its negation; Div by a power-of-two
-    constant becomes Mul by its (exact) reciprocal. Every rule keeps results bit-exact.
+    constant becomes Mul by its (exact) reciprocal; a zero Pad of a Conv's spatial axes becomes the Conv's own
+    padding. Every rule keeps results bit-exact.
 
     Requires: topologically-sorted, shapes-inferred. Keeps both.
 
