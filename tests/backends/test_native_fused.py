@@ -31,6 +31,8 @@ def _activation_nodes(name: str, src: str, dst: str, dtype) -> tuple[list, list]
     if name == "Clip":
         bounds = [numpy_helper.from_array(np.array(v, dtype), n) for v, n in ((0.0, "lo"), (6.0, "hi"))]
         return [helper.make_node("Clip", [src, "lo", "hi"], [dst])], bounds
+    if name == "Gelu":  # as exported (ONNX's Gelu op is opset 20): fuse-epilogues first turns it into one Gelu
+        return _gelu_chain(src, dst)
     attrs = {"LeakyRelu": {"alpha": 0.2}, "HardSigmoid": {"alpha": 0.3, "beta": 0.4}}.get(name, {})
     return [helper.make_node(name, [src], [dst], **attrs)], []
 
@@ -76,7 +78,9 @@ def _onnxruntime(model, feeds, extra_output: str | None = None):
 
 
 def check_all_paths(model, feeds, fused_op: str, dtype=np.float32):
-    want, before = _onnxruntime(model, feeds, extra_output=model.graph.node[-1].input[0])
+    last = model.graph.node[-1]
+    before_name = last.input[0] if last.op_type != "Mul" else model.graph.node[-5].input[0]  # the Gelu chain's x
+    want, before = _onnxruntime(model, feeds, extra_output=before_name)
     scale = max(float(np.abs(before.astype(np.float32)).max()), float(np.abs(want.astype(np.float32)).max()), 1e-6)
     compiled = edgecc.compile(model, opt_level=3)
     assert compiled.report["ops"] == {fused_op: 1}, compiled.report["ops"]
@@ -217,3 +221,46 @@ def test_zero_pad_folds_into_conv_padding():
     model = make_model(nodes, [tensor_info("x", [1, 4, 9, 7])], [tensor_info("y", None)], [w, pads], opset=18)
     feeds = {"x": RNG.standard_normal((1, 4, 9, 7)).astype(np.float32)}
     check_all_paths(model, feeds, "FusedConv")
+
+
+# -- MatMul epilogues and the Gelu pattern (transformers) ----------------------------------------------------------
+
+def _gelu_chain(src: str, dst: str) -> tuple[list, list]:
+    """x * 0.5 * (1 + erf(x / sqrt(2))), as PyTorch exports nn.GELU()."""
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n)
+              for v, n in ((2 ** 0.5, "sqrt2"), (1.0, "one"), (0.5, "half"))]
+    nodes = [helper.make_node("Div", [src, "sqrt2"], ["g_div"]), helper.make_node("Erf", ["g_div"], ["g_erf"]),
+             helper.make_node("Add", ["g_erf", "one"], ["g_add"]), helper.make_node("Mul", [src, "g_add"], ["g_mul"]),
+             helper.make_node("Mul", ["g_mul", "half"], [dst])]
+    return nodes, consts
+
+
+@pytest.mark.parametrize("tail", ["gelu", "residual_relu", "bias_only"])
+def test_matmul_epilogue_matches_onnxruntime(tail):
+    w = numpy_helper.from_array((RNG.standard_normal((40, 24)) * 0.3).astype(np.float32), "w")
+    bias = numpy_helper.from_array(RNG.standard_normal(24).astype(np.float32), "bias")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["bias", "m"], ["s"])]
+    inputs, inits = [tensor_info("x", [1, 5, 40])], [w, bias]
+    feeds = {"x": RNG.standard_normal((1, 5, 40)).astype(np.float32)}
+    if tail == "gelu":
+        chain, consts = _gelu_chain("s", "y")
+        nodes, inits = nodes + chain, inits + consts
+    elif tail == "residual_relu":
+        nodes += [helper.make_node("Add", ["s", "skip"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
+        inputs.append(tensor_info("skip", [1, 5, 24]))
+        feeds["skip"] = RNG.standard_normal((1, 5, 24)).astype(np.float32)
+    else:
+        nodes[-1] = helper.make_node("Add", ["bias", "m"], ["y"])
+    model = make_model(nodes, inputs, [tensor_info("y", [1, 5, 24])], inits, opset=18)
+    check_all_paths(model, feeds, "FusedMatMul")
+
+
+def test_gelu_pattern_becomes_one_gelu():
+    chain, consts = _gelu_chain("x", "y")
+    model = make_model(chain, [tensor_info("x", [3, 7])], [tensor_info("y", [3, 7])], consts, opset=18)
+    compiled = edgecc.compile(model, opt_level=3)
+    assert compiled.report["ops"] == {"Gelu": 1}
+    x = (RNG.standard_normal((3, 7)) * 3).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    # edgecc's float32 erf-based Gelu against onnxruntime's five float32 ops: a few ulp of the largest value
+    np.testing.assert_allclose(compiled.run({"x": x})[0], want, rtol=0, atol=4e-6 * np.abs(want).max())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.defs
 from onnx import helper, numpy_helper
 
 from edgecc.frontend.attributes import python_to_attribute
@@ -42,9 +43,20 @@ def _expanded(node, names: dict, claim, initializers: list) -> list[onnx.NodePro
             result = names[out._id]
         else:
             result = claim(Value(f"{out.name}_{op.lower()}"), f"{out.name}_{op.lower()}")
-        protos.append(_node_proto(op, "", names_in, [result], attrs, f"{node.name}_{op.lower()}" if k else node.name))
+        protos.append(_node_proto(op, "", names_in, [result], attrs, f"{node.name}_{k}_{op.lower()}" if k else node.name))
         previous = result
     return protos
+
+
+def _opset_for(module: Module, nodes: list[onnx.NodeProto]) -> int:
+    """The model's opset (at least the canonical 18), raised to the newest op used (Gelu, formed by
+    fuse-epilogues, exists from opset 20)."""
+    opset = max(module.opset, CANONICAL_OPSET)
+    for node in nodes:
+        if not node.domain:
+            opset = max(opset, onnx.defs.get_schema(node.op_type).since_version
+                        if not onnx.defs.has(node.op_type, opset) else opset)
+    return opset
 
 
 def export_model(module: Module) -> onnx.ModelProto:
@@ -103,7 +115,7 @@ def export_model(module: Module) -> onnx.ModelProto:
                   if v.type is not None and names[v._id] not in graph.output_names]
     onnx_graph = helper.make_graph(nodes, graph.name, inputs, outputs, initializers, value_info=value_info)
     model = helper.make_model(onnx_graph, producer_name="edgecc",
-                              opset_imports=[helper.make_opsetid("", max(module.opset, CANONICAL_OPSET))])
+                              opset_imports=[helper.make_opsetid("", _opset_for(module, nodes))])
     model.ir_version = min(model.ir_version, 10)
     for key, val in sorted(module.metadata.items()):
         if key != "producer":

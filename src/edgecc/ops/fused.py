@@ -1,9 +1,10 @@
 """edgecc's own fused ops (domain `edgecc`): a Conv or Gemm with its epilogue, created by the fuse-epilogues pass.
 
-    edgecc.FusedConv(X, W, B?, Z?)  = activation(Conv(X, W, B) + Z)
-    edgecc.FusedGemm(A, B, C?)      = activation(Gemm(A, B, C))
+    edgecc.FusedConv(X, W, B?, Z?)         = activation(Conv(X, W, B) + Z)
+    edgecc.FusedGemm(A, B, C?)             = activation(Gemm(A, B, C))
+    edgecc.FusedMatMul(A, B, bias?, Z?)    = activation(MatMul(A, B) + bias + Z)
 
-Z is a residual of the output's exact shape. The activation is one of ACTIVATIONS, its parameters in
+Z is a residual of the output's exact shape; a MatMul bias is a vector over the output's last axis. The activation is one of ACTIVATIONS, its parameters in
 `activation_params` in the order listed there (Clip: min, max). Each fused op is defined by the ONNX ops it
 replaces: its reference runs theirs, and `expand` writes it back as them (for ONNX export).
 """
@@ -14,7 +15,7 @@ import numpy as np
 
 from edgecc.ops.common import tensor
 from edgecc.ops.conv import CONV_ATTRS, _infer_conv
-from edgecc.ops.linalg import _infer_gemm
+from edgecc.ops.linalg import _infer_gemm, _infer_matmul
 from edgecc.ops.registry import EDGECC_DOMAIN, AttrSpec, Call, get, op
 
 ACTIVATIONS: dict[str, dict[str, float]] = {
@@ -25,6 +26,7 @@ ACTIVATIONS: dict[str, dict[str, float]] = {
     "HardSwish": {},
     "Sigmoid": {},
     "Tanh": {},
+    "Gelu": {},
 }
 """Activations an epilogue applies: name -> {parameter: default}. Clip's bounds are inputs in ONNX, the others'
 parameters attributes."""
@@ -50,7 +52,7 @@ def apply_activation(call: Call, y: np.ndarray) -> np.ndarray:
     if name == "Clip":
         inner = Call("Clip", [y, np.array(params["min"], y.dtype), np.array(params["max"], y.dtype)], {})
     else:
-        inner = Call(name, [y], params)
+        inner = Call(name, [y], get(name).complete_attrs(params))
     return get(name).run_reference(inner)[0]
 
 
@@ -88,7 +90,27 @@ def fused_gemm(call: Call):
     return [apply_activation(call, y)]
 
 
-BASE_OP = {"FusedConv": "Conv", "FusedGemm": "Gemm"}
+def _infer_fused_matmul(call: Call):
+    (out,) = _infer_matmul(Call("MatMul", call.inputs[:2], {}, where=call.where))
+    bias = call.input(2)
+    if bias is not None and (bias.shape != (out.shape[-1],) or bias.dtype != out.dtype):
+        call.fail(f"bias {bias.dtype.name}{list(bias.shape)} is not a vector of the output's last axis "
+                  f"({out.dtype.name}[{out.shape[-1]}])")
+    _same_as_output(call, call.input(3), out)
+    return [tensor(out.dtype, out.shape)]
+
+
+@op("FusedMatMul", infer=_infer_fused_matmul, inputs=(2, 4), domain=EDGECC_DOMAIN, attrs=dict(EPILOGUE_ATTRS))
+def fused_matmul(call: Call):
+    """activation(MatMul(A, B) + bias + Z): a matrix product with its bias, residual and activation."""
+    y = get("MatMul").run_reference(Call("MatMul", call.inputs[:2], {}, where=call.where))[0]
+    for extra in (call.input(2), call.input(3)):
+        if extra is not None:
+            y = (y + extra).astype(y.dtype, copy=False)
+    return [apply_activation(call, y)]
+
+
+BASE_OP = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul"}
 """Each fused op and the ONNX op at its core."""
 
 PREVIOUS = None
@@ -102,8 +124,12 @@ def onnx_stages(op_name: str, inputs: list, attrs: dict) -> list[tuple[str, list
     core = list(inputs[:3])
     while core and core[-1] is None:
         core.pop()
+    if op_name == "FusedMatMul":
+        core = list(inputs[:2])
     stages = [(BASE_OP[op_name], core, base_attrs)]
-    if op_name == "FusedConv" and len(inputs) > 3 and inputs[3] is not None:
+    if op_name == "FusedMatMul" and len(inputs) > 2 and inputs[2] is not None:
+        stages.append(("Add", [PREVIOUS, inputs[2]], {}))
+    if op_name in ("FusedConv", "FusedMatMul") and len(inputs) > 3 and inputs[3] is not None:
         stages.append(("Add", [PREVIOUS, inputs[3]], {}))
     act = attrs.get("activation", "")
     if act:

@@ -70,6 +70,8 @@ def activate(kb: KernelBuilder, name: str, params: dict[str, float], x: ir.Value
         return mathlib.sigmoid(kb, x)
     if name == "Tanh":
         return mathlib.tanh(kb, x)
+    if name == "Gelu":
+        return mathlib.gelu(kb, x)
     raise ValueError(f"no epilogue for activation {name!r}")
 
 

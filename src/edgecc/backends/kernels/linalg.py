@@ -213,8 +213,9 @@ def lower_gemm(kb: KernelBuilder) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@lowering("MatMul")
+@lowering("MatMul", "FusedMatMul")
 def lower_matmul(kb: KernelBuilder) -> None:
+    """MatMul, and edgecc.FusedMatMul: the bias (per column), residual and activation applied before the store."""
     a, bm = kb.inputs[0], kb.inputs[1]
     y = kb.outputs[0]
     dtype = a.dtype
@@ -230,6 +231,7 @@ def lower_matmul(kb: KernelBuilder) -> None:
     if y.size == 0:
         return
     vec = Vec(kb, dtype)
+    bias, finish = optional_input(kb, 2), Epilogue(kb, optional_input(kb, 3))
     if kk == 0:
         with kb.loop(y.size) as i:
             kb.store(y, i, kb.const(dtype, 0))
@@ -245,7 +247,10 @@ def lower_matmul(kb: KernelBuilder) -> None:
         a_off, b_off, y_off = kb.linear(idx, a_batch), kb.linear(idx, b_batch), kb.linear(idx, y_batch)
 
         def epilogue(i, j0, width, values):
-            vec.store(y, add_i64(kb, y_off, mul_i64(kb, i, n), j0), values, width)
+            flat = add_i64(kb, y_off, mul_i64(kb, i, n), j0)
+            if bias is not None:
+                values = vec.add(values, vec.load(bias, j0, width))
+            vec.store(y, flat, finish.apply(vec, values, flat, width), width)
 
         emit_matmul(kb, dtype, a, a_off, kk, 1, bm, b_off, n, 1, m, n, kk, epilogue, b_panels=packed is not None)
 
