@@ -283,6 +283,7 @@ def lower_conv(kb: KernelBuilder) -> None:
     x, w, y, window = pointwise_as_1d(x, w, y, window)
     epilogue = Epilogue(kb, optional_input(kb, 3))
     group = int(kb.attrs["group"])
+    # imported here: both modules build on this one's helpers
     from edgecc.backends.kernels.conv_channels import emit_channel_vector_conv, prefers_channel_vectors
     from edgecc.backends.kernels.depthwise import emit_depthwise_rows, suits_depthwise_rows
 
