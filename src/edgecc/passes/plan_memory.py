@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from edgecc.ir.core import Module, Value
@@ -72,18 +73,9 @@ def in_place_aliases(module: Module) -> dict[int, int]:
     return aliases
 
 
-def plan(module: Module) -> MemoryPlan:
-    """Greedy by size: place the largest buffers first, each at the lowest offset that does not overlap a
-    placed buffer alive at the same time (best fit among the gaps). A buffer is a value, or a chain of in-place
-    views of one value (see in_place_aliases), alive from the first's definition to the last one's last use."""
-    aliases = in_place_aliases(module)
-    everything = intermediates(module)
-    values = [v for v in everything if v._id not in aliases]
-    life = lifetimes(module)
-    for member, root in aliases.items():
-        life[root] = (min(life[root][0], life[member][0]), max(life[root][1], life[member][1]))
-    sizes = {v._id: _align(max(v.type.nbytes, 1)) for v in values}
-    order = sorted(values, key=lambda v: (-sizes[v._id], life[v._id][0], v._id))
+def _place(order: list[Value], sizes: dict[int, int], life: dict[int, tuple[int, int]]) -> tuple[dict, int]:
+    """Place buffers in `order`, each at the lowest offset that overlaps no placed buffer alive at the same time
+    (best fit among the gaps); returns (offsets, arena bytes)."""
     placed: list[tuple[int, int, int, int]] = []  # (offset, size, first, last)
     offsets: dict[int, int] = {}
     for value in order:
@@ -99,17 +91,60 @@ def plan(module: Module) -> MemoryPlan:
         offset = best if best is not None else cursor
         offsets[value._id] = offset
         placed.append((offset, size, first, last))
+    return offsets, max((o + s for o, s, _, _ in placed), default=0)
+
+
+PLACEMENT_ORDERS = {
+    "largest first": lambda size, first, last: (-size, first),
+    "earliest first": lambda size, first, last: (first, -size),
+    "longest-lived first": lambda size, first, last: (-(last - first), -size),
+    "most byte-steps first": lambda size, first, last: (-size * (last - first + 1), first),
+}
+"""Greedy placement orders tried by `plan`; none is best for every graph."""
+
+RANDOM_ORDERS = 64
+"""Then, while the arena is above the lower bound, seeded random orders (alternately random within size classes
+and fully random): BERT-tiny's fused residual MatMuls leave every fixed order 17% above the bound, a few random
+ones reach it."""
+
+
+def plan(module: Module) -> MemoryPlan:
+    """Greedy placement (see _place) in each of PLACEMENT_ORDERS, keeping the smallest arena. A buffer is a
+    value, or a chain of in-place views of one value (see in_place_aliases), alive from the first's definition to
+    the last one's last use."""
+    aliases = in_place_aliases(module)
+    everything = intermediates(module)
+    values = [v for v in everything if v._id not in aliases]
+    life = lifetimes(module)
     for member, root in aliases.items():
-        offsets[member] = offsets[root]
-    arena = max((o + s for o, s, _, _ in placed), default=0)
+        life[root] = (min(life[root][0], life[member][0]), max(life[root][1], life[member][1]))
+    sizes = {v._id: _align(max(v.type.nbytes, 1)) for v in values}
     steps = len(module.graph.nodes)
     live = [0] * max(steps, 1)
     for value in values:
         first, last = life[value._id]
         for step in range(first, last + 1):
             live[step] += sizes[value._id]
+    lower_bound = max(live, default=0)
+    orders = [sorted(values, key=lambda v: (*key(sizes[v._id], *life[v._id]), v._id))
+              for key in PLACEMENT_ORDERS.values()]
+    rng = random.Random(0)  # seeded: the same model always gets the same plan
+    for attempt in range(RANDOM_ORDERS):
+        shuffled = list(values)
+        rng.shuffle(shuffled)
+        orders.append(sorted(shuffled, key=lambda v: -sizes[v._id]) if attempt % 2 == 0 else shuffled)
+    best = None
+    for k, order in enumerate(orders):
+        if k >= len(PLACEMENT_ORDERS) and best[1] <= lower_bound:
+            break  # random tie-breaks only while the fixed orders miss the bound
+        candidate = _place(order, sizes, life)
+        if best is None or candidate[1] < best[1]:
+            best = candidate
+    offsets, arena = best
+    for member, root in aliases.items():
+        offsets[member] = offsets[root]
     unplanned = sum(_align(max(v.type.nbytes, 1)) for v in everything)
-    return MemoryPlan(offsets, arena, max(live, default=0), unplanned, aliases)
+    return MemoryPlan(offsets, arena, lower_bound, unplanned, aliases)
 
 
 @register_pass
@@ -120,7 +155,7 @@ class PlanMemoryPass(Pass):
     Liveness comes from the current node order. Ops whose output is their input's bytes (Reshape, Flatten,
     Squeeze, Unsqueeze, Identity) work in place when their input dies there: output and input share one buffer
     and the op costs nothing at run time. Buffers are placed largest first at the lowest offset that overlaps no
-    placed buffer alive at the same time (64-byte aligned). Graph inputs and outputs live in the
+    placed buffer alive at the same time (64-byte aligned), in a few greedy orders, keeping the smallest arena. Graph inputs and outputs live in the
     caller's buffers, constants in the object's read-only data. The plan goes to `module.memory_plan`, with
     the arena size, the sum of all intermediates (what no planning costs) and the lower bound of this order
     (the most bytes alive at one step).
