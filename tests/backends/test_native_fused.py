@@ -264,3 +264,15 @@ def test_gelu_pattern_becomes_one_gelu():
     want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     # edgecc's float32 erf-based Gelu against onnxruntime's five float32 ops: a few ulp of the largest value
     np.testing.assert_allclose(compiled.run({"x": x})[0], want, rtol=0, atol=4e-6 * np.abs(want).max())
+
+
+def test_fusion_keeps_the_macs_reported():
+    """The report counts the multiply-adds of fused ops like those of the ops they replace."""
+    for model, _ in (conv_block("Relu", True), gemm_block("Relu")):
+        assert edgecc.compile(model, opt_level=3).report["macs"] == edgecc.compile(model, opt_level=0).report["macs"]
+    w = numpy_helper.from_array(RNG.standard_normal((8, 6)).astype(np.float32), "w")
+    chain, consts = _gelu_chain("m", "y")
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["m"])] + chain, [tensor_info("x", [2, 3, 8])],
+                       [tensor_info("y", [2, 3, 6])], [w] + consts, opset=18)
+    compiled = edgecc.compile(model, opt_level=3)
+    assert compiled.report["ops"] == {"FusedMatMul": 1} and compiled.report["macs"] == 2 * 3 * 8 * 6

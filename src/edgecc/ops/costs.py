@@ -27,7 +27,7 @@ def node_macs(node: Node) -> int:
     if op == "ConvTranspose":
         x, w = ins[0], ins[1]
         return _prod(x.shape) * _prod(w.shape[1:])
-    if op in ("MatMul", "MatMulInteger", "Gemm", "QLinearMatMul", "FusedGemm"):
+    if op in ("MatMul", "MatMulInteger", "Gemm", "QLinearMatMul", "FusedGemm", "FusedMatMul"):
         a = ins[0]
         k = a.shape[-1] if op not in ("Gemm", "FusedGemm") or not node.attrs.get("transA", 0) else a.shape[0]
         return _prod(outs[0].shape) * int(k)
