@@ -98,6 +98,18 @@ def test_progress_bar_counts_passes_kernels_and_llvm(monkeypatch, capsys):
     assert edgecc.compile(small_mlp(batch=2), progress=False) is not None and len(bars) == 1
 
 
+def test_host_code_runs_without_a_c_compiler(monkeypatch):
+    """With cc, host code is dlopened from a linked shared library; without, MCJIT loads the object: same results."""
+    import edgecc.backends.runtime as runtime
+
+    with_cc = edgecc.compile(small_mlp(batch=2), opt_level=3)
+    assert with_cc.run({"x": _x()})[0] is not None and with_cc._runner._fn._lib is not None
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    without = edgecc.compile(small_mlp(batch=2), opt_level=3)
+    np.testing.assert_array_equal(without.run({"x": _x()})[0], with_cc.run({"x": _x()})[0])
+    assert without._runner._fn._engine is not None and without._runner._fn._lib is None
+
+
 def test_unknown_target_and_option_are_clear():
     with pytest.raises(EdgeccError, match="needs the native runtime"):
         edgecc.compile(small_mlp(batch=2), target="cortex-m4", runtime="reference")

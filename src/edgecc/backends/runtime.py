@@ -1,21 +1,60 @@
-"""Runs native code for the host in this process: the object file is loaded with llvmlite's MCJIT (the same
-machine code the artifacts contain) and the entry function is called through ctypes."""
+"""Runs native code for the host in this process and calls its entry function through ctypes. The object (the same
+machine code the artifacts contain) is linked into a shared library by the system C compiler and loaded with dlopen
+(cached on disk by the object's hash); without a C compiler, llvmlite's MCJIT loads the object directly.
+
+Why not always MCJIT: in a large process (a long test session) MCJIT has aborted, rarely, while resolving an
+object's relocations, taking the process with it; a dynamic linker has no such failure mode."""
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
+import hashlib
+import os
+import shutil
 
 import llvmlite.binding as llvm
 import numpy as np
 
-from edgecc.backends.llvm_driver import _init
+from edgecc.backends.llvm_driver import _init, cache_dir
 from edgecc.errors import EdgeccError
+
+
+def _shared_library(obj: bytes, target) -> str | None:
+    """Path of `obj` linked as a shared library (cached), or None without a C compiler."""
+    if shutil.which("cc") is None:
+        return None
+    from edgecc.backends.artifacts import shared_library
+
+    path = os.path.join(cache_dir(), hashlib.sha256(obj).hexdigest() + ".so")
+    if not os.path.exists(path):
+        data = shared_library(obj, target, "")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
 
 
 class HostModule:
     """A loaded object exposing `<name>_run(inputs, outputs, arena)`."""
 
     def __init__(self, obj: bytes, symbol: str, target, extra_args: int = 0):
+        self._lib = self._engine = None
+        library = _shared_library(obj, target)
+        if library is not None:
+            self._lib = ctypes.CDLL(library, mode=os.RTLD_LOCAL | os.RTLD_NOW)
+            try:
+                address = ctypes.cast(getattr(self._lib, symbol), ctypes.c_void_p).value
+            except AttributeError:
+                address = None
+        else:
+            address = self._load_with_mcjit(obj, symbol, target)
+        if not address:
+            raise EdgeccError(f"entry symbol {symbol} not found in the object")
+        self._run = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_void_p] * (3 + extra_args))(address)
+
+    def _load_with_mcjit(self, obj: bytes, symbol: str, target) -> int:
         _init()
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
@@ -25,10 +64,12 @@ class HostModule:
         self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
         self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         self._engine.finalize_object()
-        address = self._engine.get_function_address(symbol)
-        if not address:
-            raise EdgeccError(f"entry symbol {symbol} not found in the object")
-        self._run = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_void_p] * (3 + extra_args))(address)
+        return self._engine.get_function_address(symbol)
+
+    def __del__(self):
+        lib = getattr(self, "_lib", None)
+        if lib is not None:
+            _ctypes.dlclose(lib._handle)
 
     def __call__(self, inputs: list[np.ndarray], outputs: list[np.ndarray], arena: np.ndarray, *extra) -> int:
         in_ptrs = (ctypes.c_void_p * max(len(inputs), 1))(*[a.ctypes.data for a in inputs])
