@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +71,9 @@ class NativeRunner:
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """`arrays` in input order, already checked (CompiledModel.run checks them). Returns fresh arrays."""
-        inputs = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in arrays]
+        return self._invoke([a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in arrays])
+
+    def _invoke(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         status = self._call(inputs)
         if status != 0:
             raise EdgeccError(f"native code returned status {status}")
@@ -88,10 +91,7 @@ class NativeRunner:
             if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype or not a.flags.c_contiguous:
                 return None
             arrays.append(a)
-        status = self._call(arrays)
-        if status != 0:
-            raise EdgeccError(f"native code returned status {status}")
-        return [out.copy() for out in self._outputs]
+        return self._invoke(arrays)
 
 
 class Profiler:
@@ -105,14 +105,13 @@ class Profiler:
         self._ticks = np.zeros(len(module.graph.nodes) + 1, dtype=np.uint64)
 
     def run(self, arrays: list[np.ndarray], runs: int) -> list[dict]:
-        import time
-
         inputs = [np.ascontiguousarray(a) for a in arrays]
         outputs = [np.empty(v.type.shape, v.type.dtype.numpy) for v in self._module.graph.outputs]
+        call = self._fn.bind(len(inputs), outputs, self._arena, self._ticks)
         samples = []
         for _ in range(max(1, runs)):
             start = time.perf_counter()
-            self._fn(inputs, outputs, self._arena, self._ticks)
+            call(inputs)
             seconds = time.perf_counter() - start
             cycles = np.diff(self._ticks.astype(np.int64))
             samples.append((cycles, seconds, int(self._ticks[-1] - self._ticks[0])))

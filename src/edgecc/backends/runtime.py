@@ -72,21 +72,18 @@ class HostModule:
             _ctypes.dlclose(lib._handle)
 
     def __call__(self, inputs: list[np.ndarray], outputs: list[np.ndarray], arena: np.ndarray, *extra) -> int:
-        in_ptrs = (ctypes.c_void_p * max(len(inputs), 1))(*[a.ctypes.data for a in inputs])
-        out_ptrs = (ctypes.c_void_p * max(len(outputs), 1))(*[a.ctypes.data for a in outputs])
-        return self._run(ctypes.cast(in_ptrs, ctypes.c_void_p), ctypes.cast(out_ptrs, ctypes.c_void_p),
-                         ctypes.c_void_p(arena.ctypes.data), *[ctypes.c_void_p(a.ctypes.data) for a in extra])
+        """One call with these buffers (`extra`: arrays for the entry's further pointer arguments)."""
+        return self.bind(len(inputs), outputs, arena, *extra)(inputs)
 
-
-    def bind(self, n_inputs: int, outputs: list[np.ndarray], arena: np.ndarray):
-        """call(inputs) -> status writing into the fixed `outputs`, with the pointer tables and the arena bound once.
-        Reading an array's address costs about a microsecond in NumPy, as much as the whole call of a small model,
-        so an input's address is kept while the caller passes the same array object again (we hold a reference,
-        so the object and its buffer stay alive and in place)."""
+    def bind(self, n_inputs: int, outputs: list[np.ndarray], arena: np.ndarray, *extra: np.ndarray):
+        """call(inputs) -> status writing into the fixed `outputs`, with the pointer tables, the arena and the
+        `extra` arrays bound once. Reading an array's address costs about a microsecond in NumPy, as much as the
+        whole call of a small model, so an input's address is kept while the caller passes the same array object
+        again (we hold a reference, so the object and its buffer stay alive and in place)."""
         in_ptrs = (ctypes.c_void_p * max(n_inputs, 1))()
         out_ptrs = (ctypes.c_void_p * max(len(outputs), 1))(*[a.ctypes.data for a in outputs])
         args = (ctypes.cast(in_ptrs, ctypes.c_void_p), ctypes.cast(out_ptrs, ctypes.c_void_p),
-                ctypes.c_void_p(arena.ctypes.data))
+                ctypes.c_void_p(arena.ctypes.data), *[ctypes.c_void_p(a.ctypes.data) for a in extra])
         run = self._run
         seen: list = [None] * n_inputs
 
