@@ -87,7 +87,13 @@ class KernelBuilder:
         """Constant inputs whose values the lowering looked at: the kernel is only reused where they match."""
         self.packings: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
         """Constant inputs the kernel reads pre-packed: input index -> the packing function (see packed_input)."""
+        self.packed: dict[int, np.ndarray] = {}
+        """This node's packed constants, so the entry does not pack them again."""
         self.b = ir.IRBuilder(function.append_basic_block("entry"))
+
+    def optional_input(self, index: int) -> Buffer | None:
+        """Input `index`, or None when the node has fewer inputs (or leaves it out)."""
+        return self.inputs[index] if index < len(self.inputs) else None
 
     # -- compile-time knowledge -------------------------------------------------------------------------
     def const_input(self, index: int) -> np.ndarray | None:
@@ -110,7 +116,7 @@ class KernelBuilder:
         if value is None or not value.is_const:
             return None
         self.packings[index] = pack
-        packed = pack(value.const)
+        packed = self.packed[index] = pack(value.const)
         return Buffer(self.inputs[index].ptr, TensorType(DType.from_numpy(packed.dtype), packed.shape))
 
     # -- constants --------------------------------------------------------------------------------------
