@@ -45,10 +45,6 @@ def node_call(kb: KernelBuilder) -> Call:
                 len(kb.outputs), where=kb.node.label)
 
 
-def optional_input(kb: KernelBuilder, index: int) -> Buffer | None:
-    return kb.inputs[index] if index < len(kb.inputs) else None
-
-
 def lanes(kb: KernelBuilder, bits: int = 32) -> int:
     """Elements of `bits` bits in one SIMD register of the target."""
     return max(1, kb.target.vector_bits // bits)
@@ -267,21 +263,29 @@ def mul_i64(kb: KernelBuilder, value, factor: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def float_conv_operands(kb: KernelBuilder, op: str) -> tuple[Buffer, Buffer, Buffer | None, Buffer, Call]:
+    """(X, W, B, Y, call) of a Conv-family node, which the kernels take in float16 or float32 only."""
+    x, w, bias = kb.inputs[0], kb.inputs[1], kb.optional_input(2)
+    if not x.dtype.is_float:
+        raise EdgeccError(f"{op} kernel needs float16 or float32 input, got {x.dtype.name}")
+    return x, w, bias, kb.outputs[0], node_call(kb)
+
+
+def check_output_spatial(op: str, y: Buffer, out, geometry: str) -> None:
+    if tuple(y.shape[2:]) != tuple(out):
+        raise EdgeccError(f"{op} output shape {list(y.shape)} disagrees with the {geometry} {list(out)}")
+
+
 @lowering("Conv", "FusedConv")
 def lower_conv(kb: KernelBuilder) -> None:
     """Conv, and edgecc.FusedConv: the same kernel finishing each output vector with the epilogue."""
-    x, w, bias = kb.inputs[0], kb.inputs[1], optional_input(kb, 2)
-    y = kb.outputs[0]
-    if not x.dtype.is_float:
-        raise EdgeccError(f"Conv kernel needs float16 or float32 input, got {x.dtype.name}")
-    call = node_call(kb)
+    x, w, bias, y, call = float_conv_operands(kb, "Conv")
     window = window_geometry(call, x.shape[2:], kernel_from_weights(call, w.shape))
-    if tuple(y.shape[2:]) != tuple(window.out):
-        raise EdgeccError(f"Conv output shape {list(y.shape)} disagrees with the window geometry {list(window.out)}")
+    check_output_spatial("Conv", y, window.out, "window geometry")
     if y.size == 0:
         return
     x, w, y, window = pointwise_as_1d(x, w, y, window)
-    epilogue = Epilogue(kb, optional_input(kb, 3))
+    epilogue = Epilogue(kb, kb.optional_input(3))
     group = int(kb.attrs["group"])
     # imported here: both modules build on this one's helpers
     from edgecc.backends.kernels.conv_channels import emit_channel_vector_conv, prefers_channel_vectors
@@ -310,12 +314,42 @@ def pointwise_as_1d(x: Buffer, w: Buffer, y: Buffer, window):
             Window((1,), (1,), (1,), (0,), (0,), (flat,)))
 
 
-
 def _lane_range(ox0: int, n: int, kx: int, sx: int, dx: int, px: int, width: int) -> tuple[int, int]:
     """Lanes j in [j0, j1) of the tile starting at output ox0 whose input ((ox0 + j) * sx + kx * dx - px) lies
     inside [0, width)."""
     valid = [j for j in range(n) if 0 <= (ox0 + j) * sx + kx * dx - px < width]
     return (valid[0], valid[-1] + 1) if valid else (0, 0)
+
+
+def load_row_inside(kb: KernelBuilder, vec: Vec, x: Buffer, row, ox0: int, n: int, kx: int, sx: int, dx: int,
+                    px: int, width_in: int, allow_wide: bool = False) -> ir.Value | None:
+    """The n-lane tile at output ox0 for kernel column kx, read from the input row starting at flat index `row`:
+    lanes whose input lies outside [0, width_in) are zero (compile-time masks); None if no lane is inside.
+    `allow_wide`: a strided load may read one full span when that stays inside the row (see strided_span_ok)."""
+    j0, j1 = _lane_range(ox0, n, kx, sx, dx, px, width_in)
+    if j1 <= j0:
+        return None
+    wide = allow_wide and strided_span_ok(ox0 + j0, j1 - j0, kx, sx, dx, px, width_in)
+    xv = vec.load(x, add_i64(kb, row, (ox0 + j0) * sx + kx * dx - px), j1 - j0, sx, wide)
+    return vec.place(xv, j1 - j0, j0, n)
+
+
+def enter_kernel_rows(kb: KernelBuilder, stack: contextlib.ExitStack, window, spatial, oys) -> tuple[list, list]:
+    """Loops over the kernel's taps on every spatial axis but the last, entered on `stack`, for the output rows
+    `oys`: returns (kys, iys), the taps and the input rows they read. What is emitted after runs only when every
+    input row is inside the input (a padded row contributes nothing)."""
+    b = kb.b
+    kys = [stack.enter_context(kb.loop(int(k), f"ky{a}")) for a, k in enumerate(window.kernel[:-1])]
+    valid, iys = None, []
+    for a, ky in enumerate(kys):
+        iy = add_i64(kb, mul_i64(kb, oys[a], window.strides[a]), mul_i64(kb, ky, window.dilations[a]),
+                     -window.pads_begin[a])
+        inside = b.icmp_unsigned("<", iy, kb.i64(spatial[a]))
+        valid = inside if valid is None else b.and_(valid, inside)
+        iys.append(iy)
+    if valid is not None:
+        stack.enter_context(b.if_then(valid))
+    return kys, iys
 
 
 def plan_tiles(width_out: int, nr: int, width_in: int, kw: int, sx: int, dx: int, px: int):
@@ -387,16 +421,14 @@ def strided_span_ok(ox_last: int, n: int, kx: int, sx: int, dx: int, px: int, wi
 
 def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, window,
                      group: int, epilogue: Epilogue) -> None:
-    b = kb.b
     vec = Vec(kb, x.dtype)
     n_batch, channels = x.shape[:2]
     m_out = w.shape[0]
     cg, mg = channels // group, m_out // group
     spatial, out, kernel = tuple(x.shape[2:]), tuple(window.out), tuple(window.kernel)
-    strides, dilations, pads = window.strides, window.dilations, window.pads_begin
     xs, ws, ys = strides_of(x.shape), strides_of(w.shape), strides_of(y.shape)
     width_in, width_out, kw = spatial[-1], out[-1], kernel[-1]
-    sx, dx, px = strides[-1], dilations[-1], pads[-1]
+    sx, dx, px = window.strides[-1], window.dilations[-1], window.pads_begin[-1]
 
     vl = lanes(kb)
     nr = chunk_width(width_out, vl)
@@ -427,19 +459,9 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
             accs.set(("conv", r, t), init)
         x_batch = add_i64(kb, mul_i64(kb, n_idx, xs[0]), mul_i64(kb, g_idx, cg * xs[1]))
         with contextlib.ExitStack() as stack:
-            kys = [stack.enter_context(kb.loop(int(k), f"ky{a}")) for a, k in enumerate(kernel[:-1])]
-            valid = None
-            x_row, w_row = [x_batch], [mul_i64(kb, m0, ws[0])]
-            for a, ky in enumerate(kys):
-                iy = add_i64(kb, mul_i64(kb, oys[a], strides[a]), mul_i64(kb, ky, dilations[a]), -pads[a])
-                inside = b.icmp_unsigned("<", iy, kb.i64(spatial[a]))
-                valid = inside if valid is None else b.and_(valid, inside)
-                x_row.append(mul_i64(kb, iy, xs[2 + a]))
-                w_row.append(mul_i64(kb, ky, ws[2 + a]))
-            if valid is not None:
-                stack.enter_context(b.if_then(valid))
-            x_base = add_i64(kb, *x_row)
-            w_base = add_i64(kb, *w_row)
+            kys, iys = enter_kernel_rows(kb, stack, window, spatial, oys)
+            x_base = add_i64(kb, x_batch, *[mul_i64(kb, iy, xs[2 + a]) for a, iy in enumerate(iys)])
+            w_base = add_i64(kb, mul_i64(kb, m0, ws[0]), *[mul_i64(kb, ky, ws[2 + a]) for a, ky in enumerate(kys)])
             with kb.loop(cg, "c") as c:
                 xc = add_i64(kb, x_base, mul_i64(kb, c, xs[1]))
                 wc = add_i64(kb, w_base, mul_i64(kb, c, ws[1]))
@@ -448,13 +470,9 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
                     weights = [vec.splat(kb.load(w, add_i64(kb, wc, r * ws[0] + kx)), n) for r in range(rows)]
                     for t in range(count):
                         if static:
-                            j0, j1 = _lane_range(ox0, n, kx, sx, dx, px, width_in)
-                            if j1 <= j0:
+                            xv = load_row_inside(kb, vec, x, xc, ox0, n, kx, sx, dx, px, width_in, allow_wide=True)
+                            if xv is None:
                                 continue
-                            offset = (ox0 + j0) * sx + kx * dx - px
-                            xv = vec.load(x, add_i64(kb, xc, offset), j1 - j0, sx,
-                                          wide_ok(ox0 + j0, j1 - j0, kx))
-                            xv = vec.place(xv, j1 - j0, j0, n)
                         else:
                             start = add_i64(kb, xc, mul_i64(kb, ox0, sx), (t * n * sx) + kx * dx - px)
                             xv = vec.load(x, start, n, sx, wide_ok(ox_last, n, kx))
@@ -500,15 +518,10 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
 
 @lowering("ConvTranspose")
 def lower_conv_transpose(kb: KernelBuilder) -> None:
-    x, w, bias = kb.inputs[0], kb.inputs[1], optional_input(kb, 2)
-    y = kb.outputs[0]
-    if not x.dtype.is_float:
-        raise EdgeccError(f"ConvTranspose kernel needs float16 or float32 input, got {x.dtype.name}")
-    call = node_call(kb)
+    x, w, bias, y, call = float_conv_operands(kb, "ConvTranspose")
     kernel = kernel_from_weights(call, w.shape)
     strides, dilations, begin, out = _transpose_geometry(call, x.shape[2:], kernel)
-    if tuple(y.shape[2:]) != tuple(out):
-        raise EdgeccError(f"ConvTranspose output shape {list(y.shape)} disagrees with the geometry {list(out)}")
+    check_output_spatial("ConvTranspose", y, out, "geometry")
     if y.size == 0:
         return
     emit_transposed_conv(kb, x, w, bias, y, tuple(kernel), strides, dilations, begin, tuple(out),

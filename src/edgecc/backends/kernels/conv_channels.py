@@ -4,8 +4,8 @@
 stage) fills 7 of 8 lanes at best, a 49-position pointwise map wastes a whole tile on its last position. Here a
 vector holds VL consecutive output channels at one position instead, so lanes are wasted only when the channel
 count is not a multiple of VL. The weights are packed at compile time in blocks of MV * VL output channels, each
-[C][kh][kw][block] (a tile's weights are one sequential stream); a register tile is MV channel vectors x P positions of one output row: per input channel and
-tap it loads MV weight vectors and P input scalars (broadcast) and does MV * P fused multiply-adds. Output (and
+[C][kh][kw][block] (a tile's weights are one sequential stream); a register tile is MV channel vectors x P
+positions of one output row: per input channel and tap it loads MV weight vectors and P input scalars (broadcast) and does MV * P fused multiply-adds. Output (and
 the residual of a fused epilogue) are read and written with the channel stride H*W, once per tile.
 Row borders use the same static tiles as conv.py (`plan_tiles`): only the taps inside the row are emitted.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from edgecc.backends.codegen import Buffer, KernelBuilder, strides_of
 from edgecc.backends.kernels.conv import (Accumulators, Vec, _lane_range, add_i64, chunk_width, emit_tile_groups,
-                                          for_blocks, lanes, mul_i64, plan_tiles, vector_registers)
+                                          enter_kernel_rows, for_blocks, lanes, mul_i64, plan_tiles, vector_registers)
 from edgecc.backends.kernels.epilogue import Epilogue
 from edgecc.backends.kernels.linalg import pack_panels
 
@@ -58,16 +58,14 @@ def pack_channel_blocks(w: np.ndarray, block: int) -> np.ndarray:
 
 def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, window,
                              epilogue: Epilogue) -> None:
-    b = kb.b
     vec = Vec(kb, x.dtype)
     n_batch, channels = x.shape[:2]
     m_out = w.shape[0]
     spatial, out, kernel = tuple(x.shape[2:]), tuple(window.out), tuple(window.kernel)
-    strides, dilations, pads = window.strides, window.dilations, window.pads_begin
     taps = int(np.prod(kernel))
     xs, ys = strides_of(x.shape), strides_of(y.shape)
     width_in, width_out, kw = spatial[-1], out[-1], kernel[-1]
-    sx, dx, px = strides[-1], dilations[-1], pads[-1]
+    sx, dx, px = window.strides[-1], window.dilations[-1], window.pads_begin[-1]
     plane = ys[1]  # output channel stride
 
     vl = lanes(kb)
@@ -89,18 +87,11 @@ def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buff
             accs.set(("cv", v, q), init)
         x_batch = mul_i64(kb, n_idx, xs[0])
         with contextlib.ExitStack() as stack:
-            kys = [stack.enter_context(kb.loop(int(k), f"ky{a}")) for a, k in enumerate(kernel[:-1])]
-            valid = None
-            x_row, tap_row = [x_batch], 0
+            kys, iys = enter_kernel_rows(kb, stack, window, spatial, oys)
+            tap_row = 0
             for a, ky in enumerate(kys):
-                iy = add_i64(kb, mul_i64(kb, oys[a], strides[a]), mul_i64(kb, ky, dilations[a]), -pads[a])
-                inside = b.icmp_unsigned("<", iy, kb.i64(spatial[a]))
-                valid = inside if valid is None else b.and_(valid, inside)
-                x_row.append(mul_i64(kb, iy, xs[2 + a]))
                 tap_row = add_i64(kb, mul_i64(kb, tap_row, int(kernel[a])), ky) if a else ky
-            if valid is not None:
-                stack.enter_context(b.if_then(valid))
-            x_base = add_i64(kb, *x_row)
+            x_base = add_i64(kb, x_batch, *[mul_i64(kb, iy, xs[2 + a]) for a, iy in enumerate(iys)])
             # the block of channels m0..m0+count-1 starts after m0 * channels * taps packed weights
             w_base = add_i64(kb, mul_i64(kb, m0, channels * taps), mul_i64(kb, tap_row, kw * count) if kys else 0)
             with kb.loop(channels, "c") as c:

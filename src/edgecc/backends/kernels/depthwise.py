@@ -12,7 +12,7 @@ row lies inside the map (top and bottom padding) is checked at run time, by a se
 from __future__ import annotations
 
 from edgecc.backends.codegen import Buffer, KernelBuilder, strides_of
-from edgecc.backends.kernels.conv import Accumulators, Vec, _lane_range, add_i64, chunk_width, lanes, mul_i64, \
+from edgecc.backends.kernels.conv import Accumulators, Vec, add_i64, chunk_width, lanes, load_row_inside, mul_i64, \
     vector_registers
 from edgecc.backends.kernels.epilogue import Epilogue
 
@@ -62,11 +62,9 @@ def emit_depthwise_rows(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | 
             for kx in range(kw):
                 weights = {ky: kb.load(w, add_i64(kb, w_plane, ky * ws[2] + kx)) for _, ky in users}
                 for t, (ox0, n) in enumerate(tiles):
-                    j0, j1 = _lane_range(ox0, n, kx, sx, dx, px, width_in)
-                    if j1 <= j0:
+                    xv = load_row_inside(kb, vec, x, row, ox0, n, kx, sx, dx, px, width_in)
+                    if xv is None:
                         continue
-                    offset = (ox0 + j0) * sx + kx * dx - px
-                    xv = vec.place(vec.load(x, add_i64(kb, row, offset), j1 - j0, sx), j1 - j0, j0, n)
                     xv = b.select(inside, xv, vec.zero(n))
                     for r, ky in users:
                         values[r, t] = vec.fma(vec.splat(weights[ky], n), xv, values[r, t])

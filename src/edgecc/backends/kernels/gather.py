@@ -57,14 +57,23 @@ def _handled_without_loops(kb: KernelBuilder, dim: int) -> bool:
     return False
 
 
+def _operands_needing_loops(kb: KernelBuilder):
+    """(data, indices, output, axis, axis size) of Gather/GatherElements, or None when _handled_without_loops
+    already emitted the kernel."""
+    data, idx = kb.inputs
+    axis = _axis(kb)
+    if _handled_without_loops(kb, data.shape[axis]):
+        return None
+    return data, idx, kb.outputs[0], axis, data.shape[axis]
+
+
 @lowering("Gather")
 def lower_gather(kb: KernelBuilder) -> None:
     """out[o, j, i] = data[o, idx[j], i] over (outer, indices, inner): one block copy per index."""
-    data, idx = kb.inputs
-    out = kb.outputs[0]
-    axis, dim = _axis(kb), data.shape[_axis(kb)]
-    if _handled_without_loops(kb, dim):
+    operands = _operands_needing_loops(kb)
+    if operands is None:
         return
+    data, idx, out, axis, dim = operands
     outer = int(np.prod(data.shape[:axis], dtype=np.int64))
     inner = int(np.prod(data.shape[axis + 1:], dtype=np.int64))
     count = idx.size
@@ -84,11 +93,10 @@ def lower_gather(kb: KernelBuilder) -> None:
 @lowering("GatherElements")
 def lower_gather_elements(kb: KernelBuilder) -> None:
     """out[p] = data[p with p[axis] replaced by idx[p]] for every index position p."""
-    data, idx = kb.inputs
-    out = kb.outputs[0]
-    axis, dim = _axis(kb), data.shape[_axis(kb)]
-    if _handled_without_loops(kb, dim):
+    operands = _operands_needing_loops(kb)
+    if operands is None:
         return
+    data, idx, out, axis, dim = operands
     d_strides = strides_of(data.shape)
     o_strides = strides_of(out.shape)
     b = kb.b

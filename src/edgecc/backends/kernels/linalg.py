@@ -22,7 +22,7 @@ from edgecc.backends.codegen import COMPUTE, F64, FAST, I32, Buffer, KernelBuild
 from edgecc.backends.kernels import lowering
 from edgecc.backends.kernels.epilogue import Epilogue
 from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, chunk_width, for_blocks, intrinsic,
-                                          lanes, mul_i64, node_call, optional_input, vector_registers,
+                                          lanes, mul_i64, node_call, vector_registers,
                                           _type_suffix)
 from edgecc.errors import EdgeccError
 from edgecc.ir.dtypes import DType
@@ -69,9 +69,8 @@ def pack_panels(b: np.ndarray, nr: int) -> np.ndarray:
 def _emit_row_form(kb, dtype, a, a_off, sam, sak, bm, b_off, sbk, sbn, m, n, k, epilogue, b_panels) -> None:
     vec = Vec(kb, dtype)
     mr, nr = row_tile(kb, dtype, m, n)
-    accs = Accumulators(kb)
-
     vl = lanes(kb, _compute_bits(dtype))
+    accs = Accumulators(kb)
 
     def tile(i0, rows: int, j0, width: int) -> None:
         # one accumulator per row and register-wide segment of columns (a single wide LLVM vector of several
@@ -158,7 +157,7 @@ def _emit_dot_form(kb, dtype, a, a_off, sam, bm, b_off, sbn, m, n, k, epilogue) 
 @lowering("Gemm", "FusedGemm")
 def lower_gemm(kb: KernelBuilder) -> None:
     """Gemm, and edgecc.FusedGemm: the same kernel with the activation applied before the store."""
-    a, bm, c = kb.inputs[0], kb.inputs[1], optional_input(kb, 2)
+    a, bm, c = kb.inputs[0], kb.inputs[1], kb.optional_input(2)
     y = kb.outputs[0]
     dtype = a.dtype
     if dtype not in _MATMUL_DTYPES:
@@ -231,7 +230,7 @@ def lower_matmul(kb: KernelBuilder) -> None:
     if y.size == 0:
         return
     vec = Vec(kb, dtype)
-    bias, finish = optional_input(kb, 2), Epilogue(kb, optional_input(kb, 3))
+    bias, finish = kb.optional_input(2), Epilogue(kb, kb.optional_input(3))
     if kk == 0:
         with kb.loop(y.size) as i:
             kb.store(y, i, kb.const(dtype, 0))

@@ -63,7 +63,7 @@ def lower_layer_norm(kb: KernelBuilder) -> None:
     """Y = ((X - Mean) * InvStdDev rounded to X's dtype) * Scale + B, each product and sum rounded to X's dtype
     as the reference does; Mean and InvStdDev (float32, normalised axes kept as 1) when asked for."""
     b = kb.b
-    x, scale, bias = kb.inputs[0], kb.inputs[1], kb.inputs[2] if len(kb.inputs) > 2 else None
+    x, scale, bias = kb.inputs[0], kb.inputs[1], kb.optional_input(2)
     y = kb.outputs[0]
     mean_out = kb.outputs[1] if len(kb.outputs) > 1 else None
     inv_out = kb.outputs[2] if len(kb.outputs) > 2 else None

@@ -210,7 +210,7 @@ def lower_quantize(kb: KernelBuilder) -> None:
     """y = saturate(rint(x / scale) + zp): the division at NumPy's promoted precision of x and scale (or
     `precision`): float16 (computed in f32, rounded to f16), float32, or float64 when an int32 is involved."""
     x, scale = kb.inputs[0], kb.inputs[1]
-    zp = kb.inputs[2] if len(kb.inputs) > 2 else None
+    zp = kb.optional_input(2)
     out = kb.outputs[0]
     if out.dtype not in _NP_INFO:
         raise EdgeccError(f"QuantizeLinear to {out.dtype.name} has no native kernel")
@@ -250,7 +250,7 @@ def lower_quantize(kb: KernelBuilder) -> None:
 def lower_dequantize(kb: KernelBuilder) -> None:
     """y = float32(x - zp) * float32(scale), given in the output type."""
     x, scale = kb.inputs[0], kb.inputs[1]
-    zp = kb.inputs[2] if len(kb.inputs) > 2 else None
+    zp = kb.optional_input(2)
     out = kb.outputs[0]
     axis = _norm_axis(kb.attrs["axis"], x.type.rank) if x.type.rank else 0
     wide = DType.int64 if x.dtype is DType.int32 and zp is not None else DType.int32
@@ -386,8 +386,8 @@ def emit_int_matmul(kb: KernelBuilder, a: Buffer, a_zp: Buffer | None, b_: Buffe
 @lowering("MatMulInteger")
 def lower_matmul_integer(kb: KernelBuilder) -> None:
     a, b_ = kb.inputs[0], kb.inputs[1]
-    a_zp = kb.inputs[2] if len(kb.inputs) > 2 else None
-    b_zp = kb.inputs[3] if len(kb.inputs) > 3 else None
+    a_zp = kb.optional_input(2)
+    b_zp = kb.optional_input(3)
     out = kb.outputs[0]
     _, _, _, n_, _, _ = _matmul_layout(kb, a, b_)
     out_str = strides_of(_full_out_shape(a, b_))
@@ -557,8 +557,8 @@ def emit_int_conv(kb: KernelBuilder, x: Buffer, x_zp: Buffer | None, w: Buffer, 
 @lowering("ConvInteger")
 def lower_conv_integer(kb: KernelBuilder) -> None:
     x, w = kb.inputs[0], kb.inputs[1]
-    x_zp = kb.inputs[2] if len(kb.inputs) > 2 else None
-    w_zp = kb.inputs[3] if len(kb.inputs) > 3 else None
+    x_zp = kb.optional_input(2)
+    w_zp = kb.optional_input(3)
     out = kb.outputs[0]
     b = kb.b
 
@@ -574,7 +574,7 @@ def lower_qlinear_conv(kb: KernelBuilder) -> None:
     """acc = conv(x - x_zp, w - w_zp) + B (i32), y = saturate(rint(float32(acc) * m) + float32(y_zp)) with
     m = x_scale * w_scale / y_scale in float32, per output channel when w_scale is."""
     x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = (kb.inputs + [None] * 9)[:8]
-    bias = kb.inputs[8] if len(kb.inputs) > 8 else None
+    bias = kb.optional_input(8)
     out = kb.outputs[0]
     lo, hi = _NP_INFO[out.dtype]
     b = kb.b
