@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -126,20 +127,23 @@ def plan(module: Module) -> MemoryPlan:
         for step in range(first, last + 1):
             live[step] += sizes[value._id]
     lower_bound = max(live, default=0)
-    orders = [sorted(values, key=lambda v: (*key(sizes[v._id], *life[v._id]), v._id))
-              for key in PLACEMENT_ORDERS.values()]
-    rng = random.Random(0)  # seeded: the same model always gets the same plan
-    for attempt in range(RANDOM_ORDERS):
-        shuffled = list(values)
-        rng.shuffle(shuffled)
-        orders.append(sorted(shuffled, key=lambda v: -sizes[v._id]) if attempt % 2 == 0 else shuffled)
+
+    def random_orders():
+        rng = random.Random(0)  # seeded: the same model always gets the same plan
+        for attempt in range(RANDOM_ORDERS):
+            shuffled = list(values)
+            rng.shuffle(shuffled)
+            yield sorted(shuffled, key=lambda v: -sizes[v._id]) if attempt % 2 == 0 else shuffled
+
     best = None
-    for k, order in enumerate(orders):
-        if k >= len(PLACEMENT_ORDERS) and best[1] <= lower_bound:
-            break  # random tie-breaks only while the fixed orders miss the bound
+    fixed = (sorted(values, key=lambda v: (*key(sizes[v._id], *life[v._id]), v._id))
+             for key in PLACEMENT_ORDERS.values())
+    for order in itertools.chain(fixed, random_orders()):
         candidate = _place(order, sizes, life)
         if best is None or candidate[1] < best[1]:
             best = candidate
+        if best[1] <= lower_bound:
+            break  # no order can do better
     offsets, arena = best
     for member, root in aliases.items():
         offsets[member] = offsets[root]
@@ -154,9 +158,10 @@ class PlanMemoryPass(Pass):
 
     Liveness comes from the current node order. Ops whose output is their input's bytes (Reshape, Flatten,
     Squeeze, Unsqueeze, Identity) work in place when their input dies there: output and input share one buffer
-    and the op costs nothing at run time. Buffers are placed largest first at the lowest offset that overlaps no
-    placed buffer alive at the same time (64-byte aligned), in a few greedy orders, keeping the smallest arena. Graph inputs and outputs live in the
-    caller's buffers, constants in the object's read-only data. The plan goes to `module.memory_plan`, with
+    and the op costs nothing at run time. Buffers are placed at the lowest offset that overlaps no placed buffer
+    alive at the same time (64-byte aligned), in a few greedy orders (largest first, earliest first, ...), then
+    seeded random ones until the lower bound is reached, keeping the smallest arena. Graph inputs and outputs
+    live in the caller's buffers, constants in the object's read-only data. The plan goes to `module.memory_plan`, with
     the arena size, the sum of all intermediates (what no planning costs) and the lower bound of this order
     (the most bytes alive at one step).
 
