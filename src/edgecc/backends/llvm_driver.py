@@ -96,7 +96,7 @@ def optimise_and_link(texts: Sequence[str], target) -> "llvm.ModuleRef":
     entry, kernels = texts[0], list(texts[1:])
     workers = min(os.cpu_count() or 1, len(kernels))
     if workers < 2 or sum(map(len, kernels)) < PARALLEL_MIN_CHARS:
-        linked = optimise(entry, target, kernels) if kernels else optimise(entry, target)
+        linked = optimise(entry, target, kernels)
     else:
         import concurrent.futures
         import multiprocessing

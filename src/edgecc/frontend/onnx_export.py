@@ -53,9 +53,8 @@ def _opset_for(module: Module, nodes: list[onnx.NodeProto]) -> int:
     fuse-epilogues, exists from opset 20)."""
     opset = max(module.opset, CANONICAL_OPSET)
     for node in nodes:
-        if not node.domain:
-            opset = max(opset, onnx.defs.get_schema(node.op_type).since_version
-                        if not onnx.defs.has(node.op_type, opset) else opset)
+        if not node.domain and not onnx.defs.has(node.op_type, opset):
+            opset = max(opset, onnx.defs.get_schema(node.op_type).since_version)
     return opset
 
 

@@ -22,14 +22,18 @@ PRODUCERS = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
 _FLOAT_DTYPES = (np.float32, np.float16)
 
 
+def _float_result(node: Node) -> bool:
+    """The node's first result has a known float32/float16 type (the epilogues are float arithmetic)."""
+    out = node.outputs[0].type
+    return out is not None and out.dtype.numpy in _FLOAT_DTYPES
+
+
 def _producer(value: Value | None, graph: Graph) -> Node | None:
     """The Conv/Gemm (plain or fused, no activation yet) whose only reader is the node being fused."""
     node = value.producer if value is not None else None
     if node is None or node.op not in PRODUCERS or node.attrs.get("activation"):
         return None
-    if not single_reader(graph, value) or node.outputs[0].type is None:
-        return None
-    if node.outputs[0].type.dtype.numpy not in _FLOAT_DTYPES:
+    if not single_reader(graph, value) or not _float_result(node):
         return None
     if any(v is not None and v.type is None for v in node.inputs):
         return None
@@ -177,7 +181,7 @@ class FuseGelu(RewriteRule):
         return None
 
     def check(self, node: Node, graph: Graph):
-        if node.outputs[0].type is None or node.outputs[0].type.dtype.numpy not in _FLOAT_DTYPES:
+        if not _float_result(node):
             return "not a float Mul"
         return None if self._match(node, graph) is not None else "not x * 0.5 * (1 + erf(x / sqrt(2)))"
 
@@ -213,7 +217,7 @@ class FuseAdd(RewriteRule):
         return None, None, "; ".join(reasons)
 
     def check(self, node: Node, graph: Graph):
-        if node.outputs[0].type is None or node.outputs[0].type.dtype.numpy not in _FLOAT_DTYPES:
+        if not _float_result(node):
             return "not a float Add"
         return self._pick(node, graph)[2]
 
