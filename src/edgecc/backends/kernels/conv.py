@@ -322,16 +322,16 @@ def _lane_range(ox0: int, n: int, kx: int, sx: int, dx: int, px: int, width: int
 
 
 def load_row_inside(kb: KernelBuilder, vec: Vec, x: Buffer, row, ox0: int, n: int, kx: int, sx: int, dx: int,
-                    px: int, width_in: int, allow_wide: bool = False) -> ir.Value | None:
+                    px: int, width_in: int, allow_wide: bool = False, fill=0) -> ir.Value | None:
     """The n-lane tile at output ox0 for kernel column kx, read from the input row starting at flat index `row`:
-    lanes whose input lies outside [0, width_in) are zero (compile-time masks); None if no lane is inside.
+    lanes whose input lies outside [0, width_in) hold `fill` (compile-time masks); None if no lane is inside.
     `allow_wide`: a strided load may read one full span when that stays inside the row (see strided_span_ok)."""
     j0, j1 = _lane_range(ox0, n, kx, sx, dx, px, width_in)
     if j1 <= j0:
         return None
     wide = allow_wide and strided_span_ok(ox0 + j0, j1 - j0, kx, sx, dx, px, width_in)
     xv = vec.load(x, add_i64(kb, row, (ox0 + j0) * sx + kx * dx - px), j1 - j0, sx, wide)
-    return vec.place(xv, j1 - j0, j0, n)
+    return vec.place(xv, j1 - j0, j0, n, fill)
 
 
 def enter_kernel_rows(kb: KernelBuilder, stack: contextlib.ExitStack, window, spatial, oys) -> tuple[list, list]:

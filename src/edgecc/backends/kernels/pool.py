@@ -23,8 +23,8 @@ from llvmlite import ir
 
 from edgecc.backends.codegen import F32, I1, I64, KernelBuilder, strides_of
 from edgecc.backends.kernels import lowering
-from edgecc.backends.kernels.conv import (Vec, add_i64, chunk_width, emit_tile_groups, entry_alloca, lanes, mul_i64,
-                                          node_call, plan_tiles, strided_span_ok)
+from edgecc.backends.kernels.conv import (Vec, add_i64, chunk_width, emit_tile_groups, entry_alloca, lanes,
+                                          load_row_inside, mul_i64, node_call, plan_tiles, strided_span_ok)
 from edgecc.errors import EdgeccError
 from edgecc.ir.dtypes import DType
 from edgecc.ops.nn import pool_window
@@ -133,17 +133,11 @@ def lower_pool(kb: KernelBuilder) -> None:
             idx = b.load(idx_slot, typ=idx_ty) if indices is not None else None
             for k in range(kw):
                 if static:
-                    j0, j1 = (0, 0)
-                    valid = [0 <= (ox0 + j) * sx + k * dx - px < width_in for j in range(n)]
-                    if any(valid):
-                        j0 = valid.index(True)
-                        j1 = n - valid[::-1].index(True)
-                    if j1 <= j0:
+                    v = load_row_inside(kb, vec, x, row, ox0, n, k, sx, dx, px, width_in, allow_wide=True, fill=lowest)
+                    if v is None:
                         continue
-                    start = add_i64(kb, row, (ox0 + j0) * sx + k * dx - px)
-                    v = vec.load(x, start, j1 - j0, sx, strided_span_ok(ox0 + j0, j1 - j0, k, sx, dx, px, width_in))
-                    v = vec.place(v, j1 - j0, j0, n, lowest)
-                    lane_ok = _i1_vector(valid) if j1 - j0 < n else None
+                    valid = [0 <= (ox0 + j) * sx + k * dx - px < width_in for j in range(n)]
+                    lane_ok = None if all(valid) else _i1_vector(valid)
                 else:
                     start = add_i64(kb, row, mul_i64(kb, ox0, sx), k * dx - px)
                     v = vec.load(x, start, n, sx, strided_span_ok(ox_last, n, k, sx, dx, px, width_in))
