@@ -200,7 +200,8 @@ def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, t
 
 def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=None, passes: str | None = None,
             constant_inputs=None, runtime: str = "native", name: str | None = None, mcpu: str | None = None,
-            mattr: str | None = None, progress: bool | None = None, **options) -> CompiledModel:
+            mattr: str | None = None, progress: bool | None = None, quantize: str | None = None, calibration=None,
+            calibration_method: str = "minmax", keep_fp32=None, **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
     Args:
@@ -217,6 +218,12 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         passes: an explicit pipeline ("infer-shapes,fold-constants,dce") instead of the -O level's.
         progress: show a progress bar on stderr once the compile has taken a second (None: when stderr is a
             terminal).
+        quantize: "int8" (post-training quantisation from `calibration`) or "fp16" (weights stored as float16).
+            Models that arrive quantised (QDQ or QLinear ops) compile to integer kernels without it.
+        calibration: for int8: an .npz path (one array per input, samples stacked on the first axis), a folder
+            of .npy/.npz files, a dict of stacked arrays, or an iterable of feed dicts.
+        calibration_method: how activation ranges are taken from calibration: minmax, percentile or entropy.
+        keep_fp32: node names (list or comma-separated) that stay float32 under quantize="int8".
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
 
@@ -236,10 +243,16 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         raise PassError(f"unknown optimisation level {opt_level}", hint="use 0, 1, 2 or 3")
     from edgecc.progress import CompileProgress
 
+    from edgecc import precision
+
+    precision.check_options(quantize, calibration, calibration_method)
     bar = CompileProgress(progress)
+    precision_report = None
     try:
         module = import_model(model, parse_shape_bindings(input_shapes), constant_inputs)
         bar.step("import")
+        if quantize == "int8":
+            precision_report = precision.quantize_int8(module, calibration, calibration_method, keep_fp32, progress)
         nodes_before = len(module.graph.nodes)
         module, manager = optimize(module, opt_level=int(opt_level), passes=passes, target=target, progress=bar,
                                    **options)
@@ -254,6 +267,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
     finally:
         bar.close()
     report = build_report(module, manager, nodes_before, time.perf_counter() - start, target, runtime)
+    if precision_report is not None:
+        report["precision"] = precision_report
     return CompiledModel(module, target, report, native)
 
 

@@ -52,6 +52,15 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
                         help="show a progress bar once compiling takes over a second (default: when stderr is a "
                              "terminal)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
+    parser.add_argument("--quantize", choices=("int8", "fp16"),
+                        help="lower precision: int8 (post-training quantisation, needs --calibration) or fp16 "
+                             "(weights stored as float16). Quantised ONNX models (QDQ/QLinear) need no flag")
+    parser.add_argument("--calibration", metavar="DATA",
+                        help="calibration inputs for --quantize int8: an .npz with one array per input name, samples "
+                             "stacked on the first axis, or a folder of .npy/.npz files")
+    parser.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"), default="minmax",
+                        help="how activation ranges are taken from the calibration data (default minmax)")
+    parser.add_argument("--keep-fp32", metavar="NODE,...", help="node names that stay float32 under --quantize int8")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
 
 
@@ -63,7 +72,8 @@ def _compile_options(args) -> dict:
                 load_pass_plugin=args.load_pass_plugin, disable_passes=args.disable_pass,
                 time_passes=args.time_passes, print_after_all=args.print_after_all,
                 print_after=args.print_after or None, verify_each=args.verify_each, dump_ir=args.dump_ir,
-                debug_rewrites=args.debug_rewrites, progress=args.progress)
+                debug_rewrites=args.debug_rewrites, progress=args.progress, quantize=args.quantize,
+                calibration=args.calibration, calibration_method=args.calibration_method, keep_fp32=args.keep_fp32)
 
 
 def compile_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ Write your own with `@register_pass` on a frozen dataclass subclass of `Pass` (s
 """
 
 from edgecc.passes import (canonicalize, cse, dce, fold_batchnorm, fold_constants, fuse_epilogues,  # noqa: F401
-                           infer_shapes, plan_memory)  # noqa: F401
+                           infer_shapes, plan_memory, quantize_int8)  # noqa: F401
 from edgecc.passes.base import CANONICAL, SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.manager import PassManager
 from edgecc.passes.pipeline import OPT_PIPELINES, parse_pipeline, pipeline_for_level

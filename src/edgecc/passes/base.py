@@ -63,6 +63,8 @@ class PassContext:
     verify_each: bool = False
     debug_rewrites: bool = False
     log: Callable[[str], None] | None = None
+    calibration_ranges: dict[str, tuple[float, float]] | None = None
+    """{value name: (lo, hi)} measured on calibration data, for quantize-int8."""
 
     def debug(self, message: str) -> None:
         if self.log is not None:

@@ -1,0 +1,165 @@
+"""Accuracy, SQNR and size of edgecc's int8/fp16 lowering, side by side with onnxruntime's static quantisation.
+
+    python tools/quant_eval.py [--digits] [--models] [--write docs/quantization.md]
+
+--digits: the trained models of ../shared/data (scikit-learn digits): test accuracy of fp32 (onnxruntime), edgecc
+int8 (each calibration method), onnxruntime quantize_static (QDQ, per-channel, same calibration split and method),
+and edgecc fp16.
+--models: the random-weight models of ../shared/models: output SQNR (dB, against onnxruntime fp32 on the same
+inputs) of edgecc int8 and onnxruntime's QDQ model calibrated on the same random inputs; and weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+import edgecc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared"))
+METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+           "entropy": CalibrationMethod.Entropy}
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, name: str, samples: np.ndarray):
+        self.items = iter([{name: s} for s in samples])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def _session(model) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def ort_quantized(path: str, input_name: str, samples: np.ndarray, method: str = "minmax") -> bytes:
+    """onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations, same calibration."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "q.onnx")
+        quantize_static(path, out, _Reader(input_name, samples), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=METHODS[method])
+        with open(out, "rb") as f:
+            return f.read()
+
+
+def accuracy(run, inputs: np.ndarray, labels: np.ndarray) -> float:
+    good = sum(int(np.argmax(run(x)) == y) for x, y in zip(inputs, labels))
+    return 100.0 * good / len(labels)
+
+
+def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    noise = np.sum((reference.astype(np.float64) - other.astype(np.float64)) ** 2)
+    signal = np.sum(reference.astype(np.float64) ** 2)
+    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
+
+
+def weight_bytes(compiled) -> int:
+    return int(compiled.report["weights_bytes"])
+
+
+def digits_rows(methods: list[str]) -> list[str]:
+    rows = ["| model | fp32 (ORT) | edgecc fp32 | edgecc fp16 | " + " | ".join(
+        f"edgecc int8 {m} | ORT int8 {m}" for m in methods) + " | weights fp32 / int8 / fp16 bytes |",
+            "|---|" + "---:|" * (4 + 2 * len(methods))]
+    for name in ("digits_mlp", "digits_cnn", "digits_mobilenet"):
+        path = os.path.join(SHARED, "data", f"{name}.onnx")
+        calib = np.load(os.path.join(SHARED, "data", f"{name}_calib.npz"))["input"]
+        test = np.load(os.path.join(SHARED, "data", f"{name}_test.npz"))
+        x, labels = test["input"], test["label"]
+        session = _session(path)
+        input_name = session.get_inputs()[0].name
+        cells = [f"{accuracy(lambda s: session.run(None, {input_name: s})[0], x, labels):.1f}"]
+        fp32 = edgecc.compile(path, opt_level=3, progress=False)
+        fp16 = edgecc.compile(path, opt_level=3, progress=False, quantize="fp16")
+        cells += [f"{accuracy(lambda s: fp32.run([s])[0], x, labels):.1f}",
+                  f"{accuracy(lambda s: fp16.run([s])[0], x, labels):.1f}"]
+        int8_bytes = None
+        for method in methods:
+            q = edgecc.compile(path, opt_level=3, progress=False, quantize="int8", calibration={input_name: calib},
+                               calibration_method=method)
+            int8_bytes = int8_bytes or weight_bytes(q)
+            ort_q = _session(ort_quantized(path, input_name, calib, method))
+            cells += [f"{accuracy(lambda s: q.run([s])[0], x, labels):.1f}",
+                      f"{accuracy(lambda s: ort_q.run(None, {input_name: s})[0], x, labels):.1f}"]
+        cells.append(f"{weight_bytes(fp32)} / {int8_bytes} ({100 * int8_bytes / weight_bytes(fp32):.1f}%) / "
+                     f"{weight_bytes(fp16)} ({100 * weight_bytes(fp16) / weight_bytes(fp32):.1f}%)")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _random_inputs(session, count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    spec = session.get_inputs()[0]
+    return [rng.standard_normal(spec.shape).astype(np.float32) for _ in range(count)]
+
+
+def models_rows(names: list[str], calib_count: int) -> list[str]:
+    rows = ["| model | edgecc int8 SQNR dB | ORT int8 QDQ SQNR dB | weights fp32 bytes | int8 | fp16 | compile s (int8) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        path = os.path.join(SHARED, "models", f"{name}.onnx")
+        session = _session(path)
+        input_name = session.get_inputs()[0].name
+        calib = np.stack(_random_inputs(session, calib_count, 0))
+        evaluation = [np.load(os.path.join(SHARED, "models", f"{name}.ref.npz"))["input"]] + _random_inputs(session, 2, 1)
+        start = time.perf_counter()
+        q = edgecc.compile(path, opt_level=3, progress=False, quantize="int8", calibration={input_name: calib})
+        seconds = time.perf_counter() - start
+        ort_q = _session(ort_quantized(path, input_name, calib))
+        ref = np.concatenate([session.run(None, {input_name: e})[0].ravel() for e in evaluation])
+        ours = np.concatenate([q.run([e])[0].ravel() for e in evaluation])
+        theirs = np.concatenate([ort_q.run(None, {input_name: e})[0].ravel() for e in evaluation])
+        fp32 = edgecc.compile(path, opt_level=3, progress=False, runtime="reference")
+        fp16 = edgecc.compile(path, opt_level=3, progress=False, runtime="reference", quantize="fp16")
+        rows.append(f"| {name} | {sqnr_db(ref, ours):.1f} | {sqnr_db(ref, theirs):.1f} | {weight_bytes(fp32)} | "
+                    f"{weight_bytes(q)} ({100 * weight_bytes(q) / weight_bytes(fp32):.1f}%) | {weight_bytes(fp16)} "
+                    f"({100 * weight_bytes(fp16) / weight_bytes(fp32):.1f}%) | {seconds:.1f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--digits", action="store_true")
+    parser.add_argument("--models", nargs="*", default=None, metavar="NAME")
+    parser.add_argument("--methods", default="minmax,percentile,entropy")
+    parser.add_argument("--calibration-samples", type=int, default=8)
+    parser.add_argument("--write", metavar="FILE.md")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(SHARED):
+        print(f"quant_eval: {SHARED} not found", file=sys.stderr)
+        return 1
+    sections = []
+    if args.digits:
+        sections += ["## Trained digits models: test accuracy (%), 500 images", "",
+                     *digits_rows(args.methods.split(",")), ""]
+    if args.models is not None:
+        names = args.models or ["mlp_mnist", "lenet5", "bert_tiny_enc", "shufflenet_v2_x1_0", "squeezenet1_1",
+                                "mobilenet_v2", "resnet18"]
+        sections += [f"## ../shared/models: output SQNR against fp32 ({args.calibration_samples} random calibration "
+                     "inputs, evaluated on the reference input and 2 other random inputs)", "",
+                     *models_rows(names, args.calibration_samples), ""]
+    if args.write and sections:
+        with open(args.write, "w") as f:
+            f.write("# Quantisation: accuracy, SQNR and size\n\nGenerated by `python tools/quant_eval.py "
+                    + " ".join(argv if argv is not None else sys.argv[1:]) + "` on this machine (onnxruntime "
+                    f"{ort.__version__}, onnx {onnx.__version__}).\n\n" + "\n".join(sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
