@@ -6,12 +6,12 @@ checked against in edgecc's own tests (themselves checked against onnx.reference
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from edgecc.errors import InputError
-from edgecc.ir.core import Module
+from edgecc.ir.core import Module, Value
 from edgecc.ops.apply import evaluate_node
 
 
@@ -45,12 +45,19 @@ def check_feeds(module: Module, feeds: Mapping[str, np.ndarray] | Sequence[np.nd
     return result
 
 
-def run_module(module: Module, feeds) -> list[np.ndarray]:
-    """Evaluate the module on `feeds` (dict or list in input order); returns outputs in output order."""
+def run_module(module: Module, feeds, *, observe: Callable[[Value, np.ndarray], None] | None = None
+               ) -> list[np.ndarray]:
+    """Evaluate the module on `feeds` (dict or list in input order); returns outputs in output order.
+
+    `observe(value, array)`, if given, sees every graph input and every node output as it is computed (before
+    intermediates are freed): how calibration measures activation ranges without keeping them all.
+    """
     graph = module.graph
     env: dict[int, np.ndarray] = {}
     for value, array in zip(graph.inputs, check_feeds(module, feeds)):
         env[value._id] = array
+        if observe is not None:
+            observe(value, array)
     remaining_uses: dict[int, int] = {}
     for node in graph.nodes:
         for value in node.inputs:
@@ -62,6 +69,8 @@ def run_module(module: Module, feeds) -> list[np.ndarray]:
         results = evaluate_node(node, arrays)
         for value, array in zip(node.outputs, results):
             env[value._id] = array
+            if observe is not None:
+                observe(value, array)
         for value in node.inputs:  # free intermediates as soon as their last reader ran
             if value is not None and not value.is_const:
                 remaining_uses[value._id] -= 1
