@@ -108,14 +108,16 @@ def _random_inputs(session, count: int, seed: int) -> list[np.ndarray]:
 
 
 def models_rows(names: list[str], calib_count: int) -> list[str]:
-    rows = ["| model | edgecc int8 SQNR dB | ORT int8 QDQ SQNR dB | weights fp32 bytes | int8 | fp16 | compile s (int8) |",
+    rows = ["| model | edgecc int8 SQNR dB | ORT int8 QDQ SQNR dB | weights fp32 bytes | int8 | fp16 "
+            "| compile s (int8) |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         path = os.path.join(SHARED, "models", f"{name}.onnx")
         session = _session(path)
         input_name = session.get_inputs()[0].name
         calib = np.stack(_random_inputs(session, calib_count, 0))
-        evaluation = [np.load(os.path.join(SHARED, "models", f"{name}.ref.npz"))["input"]] + _random_inputs(session, 2, 1)
+        reference_input = np.load(os.path.join(SHARED, "models", f"{name}.ref.npz"))["input"]
+        evaluation = [reference_input] + _random_inputs(session, 2, 1)
         start = time.perf_counter()
         q = edgecc.compile(path, opt_level=3, progress=False, quantize="int8", calibration={input_name: calib})
         seconds = time.perf_counter() - start

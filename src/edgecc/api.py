@@ -201,7 +201,8 @@ def optimize(module: Module, *, opt_level: int = 2, passes: str | None = None, t
 def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=None, passes: str | None = None,
             constant_inputs=None, runtime: str = "native", name: str | None = None, mcpu: str | None = None,
             mattr: str | None = None, progress: bool | None = None, quantize: str | None = None, calibration=None,
-            calibration_method: str = "minmax", keep_fp32=None, **options) -> CompiledModel:
+            calibration_method: str = "minmax", keep_fp32=None, min_sqnr: float | None = None,
+            **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
     Args:
@@ -224,6 +225,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             of .npy/.npz files, a dict of stacked arrays, or an iterable of feed dicts.
         calibration_method: how activation ranges are taken from calibration: minmax, percentile or entropy.
         keep_fp32: node names (list or comma-separated) that stay float32 under quantize="int8".
+        min_sqnr: for int8, the output SQNR (dB, on the calibration data) to reach by keeping the most sensitive
+            layers in float32, one at a time. The report's "precision" entry lists every layer's SQNR.
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
 
@@ -252,7 +255,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         module = import_model(model, parse_shape_bindings(input_shapes), constant_inputs)
         bar.step("import")
         if quantize == "int8":
-            precision_report = precision.quantize_int8(module, calibration, calibration_method, keep_fp32, progress)
+            precision_report = precision.quantize_int8(module, calibration, calibration_method, keep_fp32, progress,
+                                                        min_sqnr)
         nodes_before = len(module.graph.nodes)
         module, manager = optimize(module, opt_level=int(opt_level), passes=passes, target=target, progress=bar,
                                    **options)

@@ -61,6 +61,9 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"), default="minmax",
                         help="how activation ranges are taken from the calibration data (default minmax)")
     parser.add_argument("--keep-fp32", metavar="NODE,...", help="node names that stay float32 under --quantize int8")
+    parser.add_argument("--min-sqnr", type=float, metavar="DB",
+                        help="with --quantize int8: keep the most sensitive layers in float32 until the output SQNR "
+                             "on the calibration data reaches DB (per-layer SQNR is in --report)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
 
 
@@ -73,7 +76,8 @@ def _compile_options(args) -> dict:
                 time_passes=args.time_passes, print_after_all=args.print_after_all,
                 print_after=args.print_after or None, verify_each=args.verify_each, dump_ir=args.dump_ir,
                 debug_rewrites=args.debug_rewrites, progress=args.progress, quantize=args.quantize,
-                calibration=args.calibration, calibration_method=args.calibration_method, keep_fp32=args.keep_fp32)
+                calibration=args.calibration, calibration_method=args.calibration_method, keep_fp32=args.keep_fp32,
+                min_sqnr=args.min_sqnr)
 
 
 def compile_parser() -> argparse.ArgumentParser:

@@ -7,13 +7,16 @@ inserts QDQ (quantize-int8) and lowers it to integer ops (lower-qdq). The regula
 
 from __future__ import annotations
 
+import numpy as np
+
 from edgecc.errors import EdgeccError
 from edgecc.ir.core import Module
 from edgecc.passes import PassContext, PassManager, parse_pipeline
 
 MODES = ("int8", "fp16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-PREPARE_PIPELINE = "infer-shapes,lower-qdq,canonicalize,fold-constants,fold-batchnorm,cse,canonicalize,fold-constants,dce"
+PREPARE_PIPELINE = ("infer-shapes,lower-qdq,canonicalize,fold-constants,fold-batchnorm,cse,canonicalize,"
+                    "fold-constants,dce")
 """What runs before calibration: the float graph as it will be quantised (BatchNorm folded, no dead code)."""
 
 
@@ -43,8 +46,82 @@ def _keep_list(keep_fp32) -> str:
     return ",".join(n.strip() for n in names if n.strip())
 
 
-def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32=None, progress=None) -> dict:
-    """Quantise `module` in place (see the module docstring); returns what was done, for the report."""
+SENSITIVITY_SAMPLES = 8
+"""Calibration samples the per-layer SQNR is measured on (the interpreter runs the float and QDQ graphs on each)."""
+
+
+def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    """Signal-to-quantisation-noise ratio in dB: 10 log10(sum ref^2 / sum (ref - other)^2)."""
+    noise = float(np.sum((reference.astype(np.float64) - other.astype(np.float64)) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    if noise == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(max(signal, 1e-300) / noise))
+
+
+def _quantised_points(qdq: Module) -> dict[str, str]:
+    """{float value name: its DQ(Q(value)) value name} for every activation quantize-int8 routed through QDQ."""
+    points = {}
+    for node in qdq.graph.nodes:
+        if node.op == "DequantizeLinear" and node.inputs[0].producer is not None \
+                and node.inputs[0].producer.op == "QuantizeLinear":
+            points[node.inputs[0].producer.inputs[0].name] = node.outputs[0].name
+    return points
+
+
+def _collect(module: Module, samples: list, names: set[str]) -> dict[str, list[np.ndarray]]:
+    from edgecc.interpreter import run_module
+
+    seen: dict[str, list[np.ndarray]] = {n: [] for n in names}
+
+    def observe(value, array):
+        if value.name in seen:
+            seen[value.name].append(np.array(array, copy=True))
+
+    outputs = [run_module(module, s, observe=observe) for s in samples]
+    seen["<outputs>"] = [np.concatenate([o.ravel() for o in out]) for out in outputs]
+    return seen
+
+
+def layer_sensitivity(float_module: Module, qdq: Module, samples: list) -> tuple[list[dict], float]:
+    """Per quantised op: the SQNR (dB) of its quantised output and of its quantised input against the float
+    module's on `samples`; plus the model's output SQNR. Values keep their names through quantize-int8."""
+    points = _quantised_points(qdq)
+    ops = []
+    for node in qdq.graph.nodes:
+        if node.op in ("Conv", "Gemm", "MatMul") and all(
+                v.producer is not None and v.producer.op == "DequantizeLinear" for v in node.inputs[:2]):
+            x_float = node.inputs[0].producer.inputs[0].producer.inputs[0].name
+            out = node.outputs[0]
+            reader = out.uses[0][0] if len(out.uses) == 1 else None
+            point = reader.outputs[0].name if reader is not None and reader.op in ("Relu", "Clip") \
+                and reader.outputs[0].name in points else out.name
+            if point in points:
+                ops.append((node, x_float, point))
+    float_values = _collect(float_module, samples, {x for _, x, _ in ops} | {p for _, _, p in ops})
+    quant_names = {points[x] for _, x, _ in ops if x in points} | {points[p] for _, _, p in ops}
+    quant_values = _collect(qdq, samples, quant_names)
+
+    def sqnr(name: str) -> float:
+        if name not in points:
+            return float("inf")
+        return sqnr_db(np.concatenate([a.ravel() for a in float_values[name]]),
+                       np.concatenate([a.ravel() for a in quant_values[points[name]]]))
+
+    layers = [{"node": node.name, "op": node.op, "input_sqnr_db": round(sqnr(x), 2), "sqnr_db": round(sqnr(p), 2)}
+              for node, x, p in ops]
+    output = sqnr_db(np.concatenate(float_values["<outputs>"]), np.concatenate(quant_values["<outputs>"]))
+    return layers, output
+
+
+def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32=None, progress=None,
+                  min_sqnr: float | None = None) -> dict:
+    """Quantise `module` in place (see the module docstring); returns what was done, for the report.
+
+    With `min_sqnr` (dB), the layers whose quantisation loses the most signal (input SQNR minus output SQNR) stay
+    float32, one at a time, until the model's output SQNR on the calibration data reaches it."""
+    import copy
+
     from edgecc.calibration import collect_ranges, load_calibration
     from edgecc.passes.quantize_int8 import needed_ranges
 
@@ -60,9 +137,20 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
         raise EdgeccError(f"--keep-fp32 names no node called {', '.join(unknown)}", where="--keep-fp32",
                           hint="node names are the ONNX node names (see `edgecc MODEL --emit ir`)")
     samples = load_calibration(calibration, module)
-    names = needed_ranges(module, frozenset(n for n in keep.split(",") if n))
-    ranges = collect_ranges(module, samples, names, method=method, progress=progress)
-    stats = _run(module, f"quantize-int8{{keep-fp32={keep}}},lower-qdq,dce" if keep else "quantize-int8,lower-qdq,dce",
-                 PassContext(calibration_ranges=ranges))
-    return {"mode": "int8", "calibration_samples": len(samples), "calibration_method": method,
-            "kept_fp32": [n for n in keep.split(",") if n], "passes": stats}
+    ranges = collect_ranges(module, samples, needed_ranges(module), method=method, progress=progress)
+    probe = samples[:SENSITIVITY_SAMPLES]
+    float_module = copy.deepcopy(module)
+    kept = [n for n in keep.split(",") if n]
+    while True:
+        qdq = copy.deepcopy(float_module)
+        _run(qdq, f"quantize-int8{{keep-fp32={','.join(kept)}}}" if kept else "quantize-int8",
+             PassContext(calibration_ranges=ranges))
+        layers, output_sqnr = layer_sensitivity(float_module, qdq, probe)
+        if min_sqnr is None or output_sqnr >= min_sqnr or not layers:
+            break
+        worst = max(layers, key=lambda r: r["input_sqnr_db"] - r["sqnr_db"])
+        kept.append(worst["node"])
+    module.graph = qdq.graph
+    stats = _run(module, "lower-qdq,dce")
+    return {"mode": "int8", "calibration_samples": len(samples), "calibration_method": method, "kept_fp32": kept,
+            "output_sqnr_db": round(output_sqnr, 2), "min_sqnr_db": min_sqnr, "layers": layers, "passes": stats}

@@ -1,0 +1,72 @@
+"""int8 latency: edgecc int8 against edgecc fp32 and onnxruntime's int8 QDQ model, single thread, one process.
+
+    python tools/bench_int8.py [--models resnet18,mobilenet_v2] [--runs 30] [--write docs/performance-int8.md]
+
+Both quantised models are calibrated on the same 8 random inputs (minmax, per-channel int8 weights, uint8
+activations). The three engines run alternately (warm-up first); medians in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from bench import SHARED, cpu_name
+from quant_eval import _session, ort_quantized, sqnr_db
+
+MODELS = ["mlp_mnist", "lenet5", "bert_tiny_enc", "shufflenet_v2_x1_0", "squeezenet1_1", "mobilenet_v2", "resnet18"]
+
+
+def bench_model(name: str, runs: int) -> dict:
+    import edgecc
+
+    path = str(SHARED / "models" / f"{name}.onnx")
+    feeds = {"input": np.load(SHARED / "models" / f"{name}.ref.npz")["input"]}
+    rng = np.random.default_rng(0)
+    calib = np.stack([rng.standard_normal(feeds["input"].shape).astype(np.float32) for _ in range(8)])
+    fp32 = edgecc.compile(path, opt_level=3, progress=False)
+    int8 = edgecc.compile(path, opt_level=3, progress=False, quantize="int8", calibration={"input": calib})
+    ort_int8 = _session(ort_quantized(path, "input", calib))
+    engines = {"fp32": lambda: fp32.run(feeds), "int8": lambda: int8.run(feeds),
+               "ort_int8": lambda: ort_int8.run(None, feeds)}
+    times = {k: [] for k in engines}
+    for _ in range(3):
+        for run in engines.values():
+            run()
+    for _ in range(runs):
+        for key, run in engines.items():
+            t = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - t)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    reference = _session(path).run(None, feeds)[0]
+    return {"model": name, **ms, "ratio_own": ms["int8"] / ms["fp32"], "ratio_ort": ms["int8"] / ms["ort_int8"],
+            "sqnr": sqnr_db(reference, int8.run(feeds)[0]), "ops": int8.report["ops"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--write", metavar="FILE.md")
+    args = parser.parse_args()
+    rows = ["| model | edgecc fp32 ms | edgecc int8 ms | onnxruntime int8 QDQ ms | int8 / own fp32 | int8 / ORT int8 "
+            "| output SQNR dB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in args.models.split(","):
+        r = bench_model(name, args.runs)
+        rows.append(f"| {name} | {r['fp32']:.3f} | {r['int8']:.3f} | {r['ort_int8']:.3f} | {r['ratio_own']:.2f} | "
+                    f"{r['ratio_ort']:.2f} | {r['sqnr']:.1f} |")
+        print(rows[-1], flush=True)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(f"# int8 performance\n\n`python tools/bench_int8.py --runs {args.runs}` on {cpu_name()}, one "
+                    "thread, median of the runs, engines alternating in one process.\n\n" + "\n".join(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
