@@ -572,7 +572,13 @@ def lower_conv_integer(kb: KernelBuilder) -> None:
 @lowering("QLinearConv")
 def lower_qlinear_conv(kb: KernelBuilder) -> None:
     """acc = conv(x - x_zp, w - w_zp) + B (i32), y = saturate(rint(float32(acc) * m) + float32(y_zp)) with
-    m = x_scale * w_scale / y_scale in float32, per output channel when w_scale is."""
+    m = x_scale * w_scale / y_scale in float32, per output channel when w_scale is. Constant symmetric int8
+    weights (the quantised models' case) go to the fast kernels of qconv.py (fixed-point requantisation, within
+    1 of this kernel); this one stays for every other case."""
+    from edgecc.backends.kernels.qconv import emit_fast_qlinear_conv
+
+    if emit_fast_qlinear_conv(kb):
+        return
     x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = (kb.inputs + [None] * 9)[:8]
     bias = kb.optional_input(8)
     out = kb.outputs[0]

@@ -1,0 +1,567 @@
+"""Fast int8 convolution for QLinearConv with constant symmetric weights (w_zero_point 0): one "dot4" step,
+fixed-point requantisation, and two kernels (group 1 by dot4, depthwise by widened multiply-adds).
+
+Dot4 (`Dot4`): acc_i32[lane] += sum of 4 byte products (activation x int8 weight) per 32-bit lane:
+- x86 with +avx512vnni (512-bit vectors): `vpdpbusd` (u8 x s8, 16 lanes);
+- AArch64 with +dotprod: `sdot` (s8 x s8, 4 lanes); uint8 activations are flipped to int8 (xor 0x80) as they are
+  packed, and the shift (-128 * sum of the weights) goes into the per-channel correction;
+- elsewhere a widened form LLVM vectorises (i16 products, which cannot overflow: 255 * 128 < 2^15, then pairwise
+  i32 sums: vpmaddwd on AVX2, smull/saddlp on NEON). vpmaddubsw is never used: its i16 pair sums saturate.
+
+Zero points: acc = sum x * w over the padded input (padding holds x_zp, so it contributes x_zp * w, exactly what
+the correction removes): y_acc = acc - (x_zp + delta) * sum(w) + B, where sum(w) per output channel is computed
+when the weights are packed (stored before them in the packed buffer) and delta is the activation flip's shift.
+Overflow: |acc| <= K * 255 * 128, so K = C/group * kh * kw must be at most 65793 (2^31 / 32640); larger
+reductions go to the generic kernel in quant.py.
+
+Requantisation in fixed point (`QuantParams`): M = x_scale * w_scale / y_scale is computed in float32 as the
+reference does, then taken apart bit-exactly: M = m0 * 2^-s with m0 = mantissa << 7 in [2^30, 2^31), and
+y = clamp(((acc * m0) + 2^(s-1)) >> s + y_zp) in i64. The reference rounds the exact float64 product half to
+even; this rounds half up, so the two differ by 1 only at exact ties. Parameters are read at run time from the
+scale / zero-point / bias pointers (kernels are shared by layers of one shape, like the float ones).
+
+Convolution layout ("flattened padded rows", `emit_dot_conv`): per band of output rows the uint8 input is packed
+into stack scratch (<= BAND_BYTES) as [C/4][stride phase y][stride phase x][rows][Wq][4 channels], padding filled
+with x_zp, so that for every tap the T consecutive flattened output positions q = oh * Wq + ow read one contiguous
+run of 4-byte words (a few junk columns ow >= OW are computed and not stored). Weights are packed at compile time
+as [output-channel block][C/4][tap][MR][4]: each inner step broadcasts one 32-bit weight word per channel. A
+register tile is MR channels x NR vectors of positions. Results go to a small staging row per channel and are
+copied out row by row.
+
+Depthwise (`emit_depthwise_qconv`): dot4 sums over 4 channels, which depthwise lacks; each channel's padded map
+is packed the same way (one channel per byte) and each tap is an i32 multiply-add over L positions.
+
+Measured (Zen 4, one thread, tools/bench_int8_layers.py; see the report there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from llvmlite import ir
+
+from edgecc.backends.codegen import I8, I32, I64, PTR, Buffer, KernelBuilder
+from edgecc.backends.kernels.conv import Accumulators, add_i64, for_blocks, i32_vector, intrinsic, lanes, \
+    mul_i64, vector_registers
+
+BAND_BYTES = 64 * 1024
+"""Stack scratch for one band of packed input rows."""
+MAX_SCRATCH = 256 * 1024
+"""A layer whose one-output-row band needs more than this goes to the generic kernel."""
+MAX_K = (2 ** 31 - 1) // (255 * 128)
+"""Largest reduction (taps * channels) whose u8 x s8 sum cannot overflow int32 (65793)."""
+MAX_CHANNELS = 16384
+"""Per-channel requantisation parameters live on the stack (12 bytes each)."""
+
+
+def _i1(v: int) -> ir.Constant:
+    return ir.Constant(ir.IntType(1), v)
+
+
+def vec_ty(elem: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(elem, n)
+
+
+def splat(b: ir.IRBuilder, value: ir.Value, n: int) -> ir.Value:
+    undef = ir.Constant(vec_ty(value.type, 1), ir.Undefined)
+    one = b.insert_element(undef, value, ir.Constant(I32, 0))
+    return b.shuffle_vector(one, undef, i32_vector([0] * n))
+
+
+def byte_ptr(kb: KernelBuilder, ptr: ir.Value, offset) -> ir.Value:
+    off = kb.i64(offset) if isinstance(offset, int) else offset
+    return kb.b.gep(ptr, [off], inbounds=True, source_etype=I8)
+
+
+def store_to(kb: KernelBuilder, value: ir.Value, ptr: ir.Value, align: int = 1) -> None:
+    """Store through an untyped byte pointer (llvmlite checks pointee types of typed ones)."""
+    kb.b.store(value, kb.b.bitcast(ptr, value.type.as_pointer()), align=align)
+
+
+def memset(kb: KernelBuilder, ptr: ir.Value, value: ir.Value, length) -> None:
+    fn = kb.module.declare_intrinsic("llvm.memset", [PTR, I64])
+    kb.b.call(fn, [ptr, value, kb.i64(length) if isinstance(length, int) else length, _i1(0)])
+
+
+def memcpy(kb: KernelBuilder, dst: ir.Value, src: ir.Value, length: int) -> None:
+    fn = kb.module.declare_intrinsic("llvm.memcpy", [PTR, PTR, I64])
+    kb.b.call(fn, [dst, src, kb.i64(length), _i1(0)])
+
+
+def stack_array(kb: KernelBuilder, ty: ir.Type, count: int, name: str) -> ir.Value:
+    """Stack scratch of `count` elements (entry block, 64-byte aligned) as an untyped pointer."""
+    from edgecc.backends.kernels.quant import entry_alloca
+
+    slot = entry_alloca(kb, ty, max(1, count), name)
+    slot.align = 64
+    if kb.b.block is slot.parent:
+        return kb.b.bitcast(slot, PTR)
+    builder = ir.IRBuilder(slot.parent)
+    builder.position_after(slot)
+    return builder.bitcast(slot, PTR)
+
+
+def stack_bytes(kb: KernelBuilder, count: int, name: str) -> ir.Value:
+    return stack_array(kb, I8, count, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dot4
+
+
+class Dot4:
+    """acc (<L x i32>) += per lane, the sum of 4 activation bytes times 4 int8 weight bytes."""
+
+    def __init__(self, kb: KernelBuilder):
+        self.kb = kb
+        features = set(kb.target.features.split(","))
+        triple = kb.target.triple
+        if triple.startswith("x86_64") and "+avx512vnni" in features and kb.target.vector_bits >= 512:
+            self.kind, self.lanes, self.signed = "vnni", 16, False
+        elif triple.startswith(("aarch64", "arm64")) and "+dotprod" in features:
+            self.kind, self.lanes, self.signed = "sdot", 4, True
+        else:
+            self.kind, self.lanes, self.signed = "generic", max(1, lanes(kb)), None
+        self.registers = vector_registers(kb)
+
+    def flip(self, act_signed: bool) -> tuple[int, int]:
+        """(xor mask applied to activation bytes when packed, delta): the dot sees x + delta."""
+        if self.signed is None or self.signed == act_signed:
+            return 0, 0
+        return 0x80, (-128 if self.signed else 128)
+
+    def dot(self, acc: ir.Value, x: ir.Value, w: ir.Value, act_signed: bool) -> ir.Value:
+        """acc + dot4(x, w): x is <4L x i8> activations (after the flip), w is <L x i32> weight words."""
+        b, n = self.kb.b, self.lanes
+        if self.kind == "vnni":
+            ty = vec_ty(I32, 16)
+            fn = intrinsic(self.kb, "llvm.x86.avx512.vpdpbusd.512", ty, [ty, ty, ty])
+            return b.call(fn, [acc, b.bitcast(x, ty), w])
+        if self.kind == "sdot":
+            ty, by = vec_ty(I32, 4), vec_ty(I8, 16)
+            fn = intrinsic(self.kb, "llvm.aarch64.neon.sdot.v4i32.v16i8", ty, [ty, by, by])
+            return b.call(fn, [acc, x, b.bitcast(w, by)])
+        i16x = vec_ty(ir.IntType(16), 4 * n)
+        xw = b.sext(x, i16x) if act_signed else b.zext(x, i16x)
+        prod = b.mul(xw, b.sext(b.bitcast(w, vec_ty(I8, 4 * n)), i16x))  # |u8 * s8| <= 32640: exact in i16
+        i32x = vec_ty(I32, 2 * n)
+        pairs = b.add(b.sext(b.shuffle_vector(prod, prod, i32_vector(range(0, 4 * n, 2))), i32x),
+                      b.sext(b.shuffle_vector(prod, prod, i32_vector(range(1, 4 * n, 2))), i32x))
+        quads = b.add(b.shuffle_vector(pairs, pairs, i32_vector(range(0, 2 * n, 2))),
+                      b.shuffle_vector(pairs, pairs, i32_vector(range(1, 2 * n, 2))))
+        return b.add(acc, quads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requantisation
+
+
+_RANGE = {True: (-128, 127), False: (0, 255)}
+
+
+class QuantParams:
+    """Per-channel fixed-point requantisation parameters, computed once per kernel call into stack arrays of
+    `padded` entries: corr (i32: bias - (x_zp + delta) * sum(w)), m0 (i32) and shift (i32)."""
+
+    def __init__(self, kb: KernelBuilder, channels: int, padded: int, x_scale: Buffer, x_zp: Buffer | None,
+                 w_scale: Buffer, y_scale: Buffer, y_zp: Buffer | None, bias: Buffer | None, sums: Buffer,
+                 delta: int):
+        b = kb.b
+        self.kb = kb
+        self.out_signed = y_zp is not None and y_zp.dtype.name == "int8"
+        self.corr = stack_array(kb, I32, padded, "qcorr")
+        self.m0 = stack_array(kb, I32, padded, "qm0")
+        self.shift = stack_array(kb, I32, padded, "qshift")
+        zp_x = (b.sext if x_zp.dtype.name == "int8" else b.zext)(kb.load(x_zp, kb.i64(0)), I32) \
+            if x_zp is not None else ir.Constant(I32, 0)
+        offset = b.add(zp_x, ir.Constant(I32, delta))
+        self.y_zp = (b.sext if self.out_signed else b.zext)(kb.load(y_zp, kb.i64(0)), I64) \
+            if y_zp is not None else kb.i64(0)
+        xs, ys = kb.load(x_scale, kb.i64(0)), kb.load(y_scale, kb.i64(0))
+        with kb.loop(padded, "qp") as m:
+            mc = b.select(b.icmp_signed("<", m, kb.i64(channels)), m, kb.i64(channels - 1))
+            mult = b.fdiv(b.fmul(xs, kb.load(w_scale, mc if w_scale.size > 1 else kb.i64(0))), ys)
+            bits = b.bitcast(mult, I32)
+            expo = b.and_(b.lshr(bits, ir.Constant(I32, 23)), ir.Constant(I32, 0xFF))
+            mant = b.or_(b.and_(bits, ir.Constant(I32, 0x7FFFFF)), ir.Constant(I32, 0x800000))
+            m0 = b.shl(mant, ir.Constant(I32, 7))  # in [2^30, 2^31): a positive i32
+            shift = b.sub(ir.Constant(I32, 157), expo)  # mult = m0 * 2^-shift
+            # multipliers below 2^-31 lose low bits (shift capped at 62); zero, subnormal or negative ones give 0
+            excess = b.sub(shift, ir.Constant(I32, 62))
+            excess = b.select(b.icmp_signed(">", excess, ir.Constant(I32, 31)), ir.Constant(I32, 31), excess)
+            m0 = b.select(b.icmp_signed(">", excess, ir.Constant(I32, 0)), b.lshr(m0, excess), m0)
+            usable = b.and_(b.icmp_unsigned("!=", expo, ir.Constant(I32, 0)),
+                            b.icmp_signed(">=", bits, ir.Constant(I32, 0)))
+            m0 = b.select(usable, m0, ir.Constant(I32, 0))
+            # shift >= 1: multipliers >= 2^30 saturate every nonzero accumulator either way
+            shift = b.select(b.icmp_signed(">", shift, ir.Constant(I32, 62)), ir.Constant(I32, 62), shift)
+            shift = b.select(b.icmp_signed("<", shift, ir.Constant(I32, 1)), ir.Constant(I32, 1), shift)
+            corr = b.mul(offset, kb.load(sums, m))
+            corr = b.sub(kb.load(bias, mc) if bias is not None else ir.Constant(I32, 0), corr)
+            for slot, value in ((self.corr, corr), (self.m0, m0), (self.shift, shift)):
+                store_to(kb, value, b.gep(slot, [m], inbounds=True, source_etype=I32), 4)
+
+    def load(self, slot: ir.Value, m, n: int | None = None) -> ir.Value:
+        """One parameter (n None) or n consecutive ones as a vector."""
+        b = self.kb.b
+        ptr = b.gep(slot, [self.kb.i64(m) if isinstance(m, int) else m], inbounds=True, source_etype=I32)
+        return b.load(ptr, typ=I32 if n is None else vec_ty(I32, n), align=4)
+
+    def channel(self, m) -> tuple:
+        """(corr, m0, shift) of output channel m, as scalars."""
+        return self.load(self.corr, m), self.load(self.m0, m), self.load(self.shift, m)
+
+    def lanes_of(self, m, n: int) -> tuple:
+        """(corr, m0, shift) of channels m..m+n-1 as <n x i32> vectors."""
+        return self.load(self.corr, m, n), self.load(self.m0, m, n), self.load(self.shift, m, n)
+
+    def apply(self, acc: ir.Value, params: tuple) -> ir.Value:
+        """<n x i32> accumulators to <n x i8> outputs: clamp(((acc + corr) * m0 + 2^(s-1)) >> s + y_zp)."""
+        b = self.kb.b
+        n = acc.type.count
+        corr, m0, shift = (p if isinstance(p.type, ir.VectorType) else splat(b, p, n) for p in params)
+        i64x = vec_ty(I64, n)
+        v = b.sext(b.add(acc, corr), i64x)
+        s = b.zext(shift, i64x)
+        one = ir.Constant(i64x, [ir.Constant(I64, 1)] * n)
+        v = b.add(b.mul(v, b.zext(m0, i64x)), b.shl(one, b.sub(s, one)))
+        v = b.add(b.ashr(v, s), splat(b, self.y_zp, n))
+        lo, hi = _RANGE[self.out_signed]
+        lo_v, hi_v = (ir.Constant(i64x, [ir.Constant(I64, c)] * n) for c in (lo, hi))
+        v = b.select(b.icmp_signed("<", v, lo_v), lo_v, v)
+        v = b.select(b.icmp_signed(">", v, hi_v), hi_v, v)
+        return b.trunc(v, vec_ty(I8, n))
+
+
+def weight_sums(w: np.ndarray) -> np.ndarray:
+    """Sum of each output channel's (row's) int8 weights, as int32."""
+    return w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Convolution
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    n: int
+    c: int
+    h: int
+    w: int
+    m: int
+    kh: int
+    kw: int
+    sy: int
+    sx: int
+    dy: int
+    dx: int
+    pt: int
+    pl: int
+    oh: int
+    ow: int
+
+    @property
+    def ey(self) -> int:
+        return (self.kh - 1) * self.dy // self.sy
+
+    @property
+    def ex(self) -> int:
+        return (self.kw - 1) * self.dx // self.sx
+
+    @property
+    def wq(self) -> int:
+        """Columns of a packed phase row: every tap's read of an output row stays inside it."""
+        return self.ow + self.ex
+
+    def taps(self):
+        """(phase index, position offset) of each tap (kh, kw), row-major."""
+        for ky in range(self.kh):
+            for kx in range(self.kw):
+                phase = ((ky * self.dy) % self.sy) * self.sx + (kx * self.dx) % self.sx
+                yield phase, (ky * self.dy // self.sy) * self.wq + kx * self.dx // self.sx
+
+
+def conv_geometry(kb: KernelBuilder, x: Buffer, w_shape, y: Buffer) -> ConvGeometry | None:
+    from edgecc.backends.kernels.quant import _conv_window
+
+    window = _conv_window(kb, x, kb.inputs[3])
+    if len(window.kernel) != 2 or tuple(window.out) != tuple(y.shape[2:]):
+        return None
+    return ConvGeometry(x.shape[0], x.shape[1], x.shape[2], x.shape[3], w_shape[0], *window.kernel,
+                        *window.strides, *window.dilations, *window.pads_begin, *window.out)
+
+
+class BandPacker:
+    """Packs output-row bands of the input into scratch: [group][phase y][phase x][rows][Wq][g channels] bytes,
+    padding filled with the zero point (xor the flip)."""
+
+    def __init__(self, kb: KernelBuilder, x: Buffer, geo: ConvGeometry, g: int, rows: int, flip: int,
+                 fill: ir.Value):
+        self.kb, self.x, self.geo, self.g, self.rows, self.flip, self.fill = kb, x, geo, g, rows, flip, fill
+        self.plane = (rows + geo.ey) * geo.wq  # positions of one phase plane
+        self.group_bytes = geo.sy * geo.sx * self.plane * g
+
+    def pack(self, n_idx, group, oh0, band_rows, channels: int = 1) -> None:
+        """Pack channel groups group..group+channels-1 (each of g channels) for output rows oh0..oh0+band_rows-1
+        into self.scratch (from its start)."""
+        kb, b, geo, g = self.kb, self.kb.b, self.geo, self.g
+        rows = add_i64(kb, band_rows, geo.ey)
+        with kb.loop(channels, "pg") as gi:
+            gidx = add_i64(kb, group, gi)
+            for py in range(geo.sy):
+                for px in range(geo.sx):
+                    phase = py * geo.sx + px
+                    # columns c whose input column c * sx + px - pl lies inside [0, W)
+                    inside = [c for c in range(geo.wq) if 0 <= c * geo.sx + px - geo.pl < geo.w]
+                    c_lo, c_hi = (inside[0], inside[-1] + 1) if inside else (0, 0)
+                    with kb.loop(rows, "pr") as rr:
+                        dst = add_i64(kb, mul_i64(kb, gi, self.group_bytes), (phase * self.plane) * g,
+                                      mul_i64(kb, rr, geo.wq * g))
+                        ih = add_i64(kb, mul_i64(kb, add_i64(kb, oh0, rr), geo.sy), py - geo.pt)
+                        valid = b.icmp_unsigned("<", ih, kb.i64(geo.h))
+                        with b.if_else(valid) as (then, otherwise):
+                            with then:
+                                if c_lo:
+                                    memset(kb, byte_ptr(kb, self.scratch, dst), self.fill, c_lo * g)
+                                if c_hi < geo.wq:
+                                    memset(kb, byte_ptr(kb, self.scratch, add_i64(kb, dst, c_hi * g)), self.fill,
+                                           (geo.wq - c_hi) * g)
+                                srcs = []
+                                for j in range(g):
+                                    ch = add_i64(kb, mul_i64(kb, gidx, g), j)
+                                    if g > 1 and geo.c % g:  # channels past C read channel C-1 (zero weights)
+                                        ch = b.select(b.icmp_signed("<", ch, kb.i64(geo.c)), ch,
+                                                      kb.i64(geo.c - 1))
+                                    srcs.append(add_i64(kb, mul_i64(kb, n_idx, geo.c * geo.h * geo.w),
+                                                        mul_i64(kb, ch, geo.h * geo.w), mul_i64(kb, ih, geo.w),
+                                                        px - geo.pl))
+                                if c_hi > c_lo:
+                                    with kb.loop(c_hi, "pc", start=c_lo) as col:
+                                        for j in range(g):
+                                            v = kb.load(self.x, add_i64(kb, srcs[j], mul_i64(kb, col, geo.sx)))
+                                            if self.flip:
+                                                v = b.xor(v, ir.Constant(I8, self.flip))
+                                            store_to(kb, v, byte_ptr(kb, self.scratch,
+                                                                     add_i64(kb, dst, mul_i64(kb, col, g), j)))
+                            with otherwise:
+                                memset(kb, byte_ptr(kb, self.scratch, dst), self.fill, geo.wq * g)
+
+
+def band_rows(geo: ConvGeometry, bytes_per_row: int, limit: int = BAND_BYTES) -> int:
+    """Output rows per band: as many as fit `limit`, balanced over the bands."""
+    rows = max(1, min(geo.oh, limit // bytes_per_row - geo.ey))
+    bands = -(-geo.oh // rows)
+    return -(-geo.oh // bands)
+
+
+def pack_dot_weights(w: np.ndarray, mr: int, c4: int) -> np.ndarray:
+    """[M, C, kh, kw] int8 -> int32 words: M sums padded to a whole block, then [M/mr][C/4][tap][mr][4 bytes]."""
+    m, c = w.shape[:2]
+    blocks = -(-m // mr)
+    taps = int(np.prod(w.shape[2:]))
+    padded = np.zeros((blocks * mr, c4 * 4, taps), np.int8)
+    padded[:m, :c] = w.reshape(m, c, taps)
+    words = padded.reshape(blocks, mr, c4, 4, taps).transpose(0, 2, 4, 1, 3)  # block, c4, tap, mr, 4
+    words = np.ascontiguousarray(words).view(np.int32).reshape(-1)
+    sums = np.zeros(blocks * mr, np.int32)
+    sums[:m] = weight_sums(w)
+    return np.concatenate([sums, words])
+
+
+def choose_tile(positions: int, lanes_: int, budget: int, channels: int) -> tuple[int, int]:
+    """(MR channels, NR position vectors): the fewest padded positions over the band (ties: more vectors)."""
+    best = None
+    for nr in range(1, 5):
+        padded = -(-positions // (nr * lanes_)) * nr * lanes_
+        key = (padded, -nr)
+        if best is None or key < best[0]:
+            best = (key, nr)
+    nr = best[1]
+    return max(1, min(channels, budget // nr)), nr
+
+
+def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y: Buffer, dot: Dot4) -> bool:
+    """Group-1 QLinearConv by dot4 over packed bands (see the module docstring). False if the band does not fit."""
+    b = kb.b
+    act_signed = x.dtype.name == "int8"
+    flip, delta = dot.flip(act_signed)
+    c4 = -(-geo.c // 4)
+    phases = geo.sy * geo.sx
+    bytes_per_row = c4 * phases * geo.wq * 4
+    if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
+        return False
+    rows = band_rows(geo, bytes_per_row)
+    L = dot.lanes
+    budget = 24 if dot.registers >= 32 else 10
+    if dot.kind == "generic":
+        budget //= 2
+    mr, nr = choose_tile(rows * geo.wq, L, budget, geo.m)
+    T = nr * L
+    n_tiles_max = -(-rows * geo.wq // T)
+    taps = list(geo.taps())
+    packed = kb.packed_input(3, lambda w: pack_dot_weights(w, mr, c4))
+    blocks = -(-geo.m // mr)
+    w_words = blocks * mr  # the sums come first
+    params = QuantParams(kb, geo.m, blocks * mr, *params_in, sums=packed, delta=delta)
+
+    x_zp = params_in[1]
+    fill = b.xor(kb.load(x_zp, kb.i64(0)), ir.Constant(I8, flip)) if x_zp is not None else ir.Constant(I8, flip)
+    packer = BandPacker(kb, x, geo, 4, rows, flip, fill)
+    slack = (T + geo.ey * geo.wq + geo.ex + 1) * 4
+    packer.scratch = stack_bytes(kb, c4 * packer.group_bytes + slack, "band")
+    memset(kb, byte_ptr(kb, packer.scratch, c4 * packer.group_bytes), fill, slack)
+    stage_stride = n_tiles_max * T
+    staging = stack_bytes(kb, mr * stage_stride, "stage")
+    accs = Accumulators(kb)
+    acc_ty = vec_ty(I32, L)
+    x_ty = vec_ty(I8, 4 * L)
+    zero = ir.Constant(acc_ty, [ir.Constant(I32, 0)] * L)
+    n_bands = -(-geo.oh // rows)
+
+    def channel_block(n_idx, oh0, rb, m0, count: int):
+        blk = b.sdiv(m0, kb.i64(mr)) if not isinstance(m0, int) else m0 // mr
+        w_block = add_i64(kb, mul_i64(kb, blk, c4 * len(taps) * mr), w_words)
+        positions = b.sub(b.mul(rb, kb.i64(geo.wq)), kb.i64(geo.wq - geo.ow))
+        n_tiles = b.sdiv(b.add(positions, kb.i64(T - 1)), kb.i64(T))
+        with kb.loop(n_tiles, "tile") as t:
+            q0 = mul_i64(kb, t, T)
+            slots = [(r, v) for r in range(count) for v in range(nr)]
+            for key in slots:
+                accs.set(("q", *key), zero)
+            with kb.loop(c4, "c4") as g:
+                base = add_i64(kb, mul_i64(kb, g, packer.group_bytes), mul_i64(kb, q0, 4))
+                wg = add_i64(kb, w_block, mul_i64(kb, g, len(taps) * mr))
+                values = {key: accs.get(("q", *key), acc_ty) for key in slots}
+                for ti, (phase, offset) in enumerate(taps):
+                    start = add_i64(kb, base, (phase * packer.plane + offset) * 4)
+                    xs = [b.load(byte_ptr(kb, packer.scratch, add_i64(kb, start, v * L * 4)), typ=x_ty, align=4)
+                          for v in range(nr)]
+                    for r in range(count):
+                        word = kb.load(packed, add_i64(kb, wg, ti * mr + r))
+                        wv = splat(b, word, L)
+                        for v in range(nr):
+                            values[r, v] = dot.dot(values[r, v], xs[v], wv, act_signed if dot.signed is None
+                                                   else dot.signed)
+                for key in slots:
+                    accs.set(("q", *key), values[key])
+            for r in range(count):
+                ch = params.channel(add_i64(kb, m0, r))
+                for v in range(nr):
+                    out = params.apply(accs.get(("q", r, v), acc_ty), ch)
+                    dst = byte_ptr(kb, staging, add_i64(kb, q0, r * stage_stride + v * L))
+                    store_to(kb, out, dst)
+        for r in range(count):
+            with kb.loop(rb, "row") as rr:
+                flat = add_i64(kb, mul_i64(kb, add_i64(kb, n_idx, 0), geo.m * geo.oh * geo.ow),
+                               mul_i64(kb, add_i64(kb, m0, r), geo.oh * geo.ow),
+                               mul_i64(kb, add_i64(kb, oh0, rr), geo.ow))
+                memcpy(kb, kb.element_ptr(y, flat), byte_ptr(kb, staging, add_i64(kb, mul_i64(kb, rr, geo.wq),
+                                                                                  r * stage_stride)), geo.ow)
+
+    with kb.loop(geo.n, "n") as n_idx, kb.loop(n_bands, "band") as band:
+        oh0 = mul_i64(kb, band, rows)
+        left = b.sub(kb.i64(geo.oh), oh0)
+        rb = b.select(b.icmp_signed("<", left, kb.i64(rows)), left, kb.i64(rows))
+        packer.pack(n_idx, kb.i64(0), oh0, rb, c4)
+        for_blocks(kb, geo.m, mr, lambda m0, count: channel_block(n_idx, oh0, rb, m0, count), "mb")
+    return True
+
+
+def pack_depthwise_weights(w: np.ndarray) -> np.ndarray:
+    """[C, 1, kh, kw] int8 -> int32: the C sums, then the taps of each channel sign-extended."""
+    return np.concatenate([weight_sums(w), w.reshape(-1).astype(np.int32)])
+
+
+def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y: Buffer) -> bool:
+    """Depthwise QLinearConv: each channel's padded map packed (one byte per position), then per tap an i32
+    multiply-add over L positions (products of u8/s8 and s8 need 16 bits; sums need 32)."""
+    b = kb.b
+    act_signed = x.dtype.name == "int8"
+    phases = geo.sy * geo.sx
+    bytes_per_row = phases * geo.wq
+    if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
+        return False
+    rows = band_rows(geo, bytes_per_row)
+    L = max(1, lanes(kb))
+    budget = 12 if vector_registers(kb) >= 32 else 6
+    _, nr = choose_tile(rows * geo.wq, L, budget * 4, 4)
+    nr = min(nr, budget)
+    T = nr * L
+    n_tiles_max = -(-rows * geo.wq // T)
+    taps = list(geo.taps())
+    packed = kb.packed_input(3, pack_depthwise_weights)
+    params = QuantParams(kb, geo.m, geo.m, *params_in, sums=packed, delta=0)
+    x_zp = params_in[1]
+    fill = kb.load(x_zp, kb.i64(0)) if x_zp is not None else ir.Constant(I8, 0)
+    packer = BandPacker(kb, x, geo, 1, rows, 0, fill)
+    slack = T + geo.ey * geo.wq + geo.ex + 1
+    packer.scratch = stack_bytes(kb, packer.group_bytes + slack, "band")
+    memset(kb, byte_ptr(kb, packer.scratch, packer.group_bytes), fill, slack)
+    staging = stack_bytes(kb, n_tiles_max * T, "stage")
+    acc_ty, x_ty = vec_ty(I32, L), vec_ty(I8, L)
+    zero = ir.Constant(acc_ty, [ir.Constant(I32, 0)] * L)
+    n_bands = -(-geo.oh // rows)
+
+    with kb.loop(geo.n, "n") as n_idx, kb.loop(geo.c, "c") as c, kb.loop(n_bands, "band") as band:
+        oh0 = mul_i64(kb, band, rows)
+        left = b.sub(kb.i64(geo.oh), oh0)
+        rb = b.select(b.icmp_signed("<", left, kb.i64(rows)), left, kb.i64(rows))
+        packer.pack(n_idx, c, oh0, rb)
+        weights = [splat(b, kb.load(packed, add_i64(kb, mul_i64(kb, c, len(taps)), geo.m + ti)), L)
+                   for ti in range(len(taps))]
+        ch = params.channel(c)
+        positions = b.sub(b.mul(rb, kb.i64(geo.wq)), kb.i64(geo.wq - geo.ow))
+        n_tiles = b.sdiv(b.add(positions, kb.i64(T - 1)), kb.i64(T))
+        with kb.loop(n_tiles, "tile") as t:
+            q0 = mul_i64(kb, t, T)
+            values = [zero] * nr
+            for ti, (phase, offset) in enumerate(taps):
+                for v in range(nr):
+                    ptr = byte_ptr(kb, packer.scratch, add_i64(kb, q0, phase * packer.plane + offset + v * L))
+                    xv = b.load(ptr, typ=x_ty, align=1)
+                    xv = b.sext(xv, acc_ty) if act_signed else b.zext(xv, acc_ty)
+                    values[v] = b.add(values[v], b.mul(xv, weights[ti]))
+            for v in range(nr):
+                store_to(kb, params.apply(values[v], ch), byte_ptr(kb, staging, add_i64(kb, q0, v * L)))
+        with kb.loop(rb, "row") as rr:
+            flat = add_i64(kb, mul_i64(kb, n_idx, geo.m * geo.oh * geo.ow), mul_i64(kb, c, geo.oh * geo.ow),
+                           mul_i64(kb, add_i64(kb, oh0, rr), geo.ow))
+            memcpy(kb, kb.element_ptr(y, flat), byte_ptr(kb, staging, mul_i64(kb, rr, geo.wq)), geo.ow)
+    return True
+
+
+def emit_fast_qlinear_conv(kb: KernelBuilder) -> bool:
+    """QLinearConv by the fast kernels when they apply (2-D, constant int8 weights with zero points all 0, group
+    1 or depthwise, per-tensor x/y parameters, K <= MAX_K); False leaves the node to the generic kernel."""
+    node = kb.node
+    x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = (kb.inputs + [None] * 9)[:8]
+    bias = kb.optional_input(8)
+    y = kb.outputs[0]
+    wv = node.input(3)
+    if wv is None or not wv.is_const or w.dtype.name != "int8" or x.type.rank != 4:
+        return False
+    if x.dtype.name not in ("uint8", "int8") or y.dtype.name not in ("uint8", "int8"):
+        return False
+    if any(p is None for p in (x_s, w_s, y_s)) or x_s.size != 1 or y_s.size != 1 or \
+            (x_zp is not None and x_zp.size != 1) or (y_zp is not None and y_zp.size != 1):
+        return False
+    if w_zp is not None:
+        zp = kb.const_input(5)
+        if zp is None or np.any(zp != 0):
+            return False
+    if bias is not None and bias.dtype.name != "int32":
+        return False
+    group = int(kb.attrs["group"])
+    m, cg = w.shape[:2]
+    if m > MAX_CHANNELS or (w_s.size != 1 and w_s.size != m):
+        return False
+    geo = conv_geometry(kb, x, w.shape, y)
+    if geo is None or y.size == 0:
+        return False
+    params = (x_s, x_zp, w_s, y_s, y_zp, bias)
+    if group == 1 and cg * geo.kh * geo.kw <= MAX_K:
+        return emit_dot_conv(kb, geo, x, params, y, Dot4(kb))
+    if group == geo.c == m and cg == 1:
+        return emit_depthwise_qconv(kb, geo, x, params, y)
+    return False
