@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 from edgecc.frontend.attributes import python_to_attribute
 from edgecc.frontend.onnx_import import CANONICAL_OPSET
 from edgecc.ir.core import Module, Value
+from edgecc.ir.dtypes import DType
 from edgecc.ops import get
 from edgecc.ops.fused import BASE_OP, PREVIOUS, onnx_stages
 from edgecc.ops.registry import EDGECC_DOMAIN
@@ -46,6 +47,22 @@ def _expanded(node, names: dict, claim, initializers: list) -> list[onnx.NodePro
         protos.append(_node_proto(op, "", names_in, [result], attrs, f"{node.name}_{k}_{op.lower()}" if k else node.name))
         previous = result
     return protos
+
+
+def _widen_stored_weights(graph, names: dict, claim) -> list[onnx.NodeProto]:
+    """Casts to float for fp16-stored weights (float16 constants read by ops on float32 data, see convert-fp16):
+    ONNX wants one element type per op, so each such weight is read through a Cast; returns the Cast nodes."""
+    casts = []
+    for value in graph.constants():
+        readers = value.users
+        if value.type.dtype != DType.float16 or not readers or any(
+                r.inputs[0] is value or r.inputs[0].type.dtype != DType.float32 for r in readers):
+            continue
+        source = names[value._id]
+        widened = claim(Value(f"{source}_f32"), f"{source}_f32")
+        casts.append(helper.make_node("Cast", [source], [widened], name=f"cast_{source}", to=onnx.TensorProto.FLOAT))
+        names[value._id] = widened  # the readers now take the widened copy
+    return casts
 
 
 def _opset_for(module: Module, nodes: list[onnx.NodeProto]) -> int:
@@ -91,6 +108,7 @@ def export_model(module: Module) -> onnx.ModelProto:
     for value in graph.constants():
         claim(value, value.name or "const")
         initializers.append(numpy_helper.from_array(np.ascontiguousarray(value.const), names[value._id]))
+    nodes.extend(_widen_stored_weights(graph, names, claim))
     for node in graph.nodes:
         for value in node.outputs:
             if value._id not in names:

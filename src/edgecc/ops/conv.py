@@ -235,12 +235,19 @@ def _check_per_channel(call: Call, t: TensorType | None, name: str, channels: in
         call.fail(f"{name} has shape {list(t.shape)}, expected {expect}")
 
 
+def stored_weight_ok(data: DType, weight: DType) -> bool:
+    """A weight (or bias) of `weight` dtype may go with data of `data` dtype: the same type, or float16 weights
+    with float32 data ("fp16-stored weights", made by convert-fp16: half the bytes, the op still computes in
+    float32 with the weights widened at load, which is exact)."""
+    return weight == data or (data == DType.float32 and weight == DType.float16)
+
+
 def _check_bias(call: Call, b: TensorType | None, channels: int, dtype: DType) -> None:
     if b is None:
         return
     if b.shape != (channels,):
         call.fail(f"bias B has shape {list(b.shape)}, expected [{channels}] (one per output channel)")
-    if b.dtype != dtype:
+    if not stored_weight_ok(dtype, b.dtype):
         call.fail(f"bias B is {b.dtype.name}, expected {dtype.name}", hint="Cast the bias")
 
 
@@ -249,7 +256,7 @@ def _infer_conv(call: Call) -> list[TensorType]:
     if not x.dtype.is_float:
         call.fail(f"Conv needs float16 or float32 input, got {x.dtype.name}",
                   hint="use ConvInteger / QLinearConv for integer data")
-    if w.dtype != x.dtype:
+    if not stored_weight_ok(x.dtype, w.dtype):
         call.fail(f"X is {x.dtype.name} but W is {w.dtype.name}", hint="Cast W to the input's dtype")
     _check_conv_shapes(call, x, w)
     _check_bias(call, call.input(2), w.shape[0], x.dtype)
@@ -321,7 +328,7 @@ def _infer_conv_transpose(call: Call) -> list[TensorType]:
     x, w = call.inputs[0], call.inputs[1]
     if not x.dtype.is_float:
         call.fail(f"ConvTranspose needs float16 or float32 input, got {x.dtype.name}")
-    if w.dtype != x.dtype:
+    if not stored_weight_ok(x.dtype, w.dtype):
         call.fail(f"X is {x.dtype.name} but W is {w.dtype.name}", hint="Cast W to the input's dtype")
     group = _check_conv_shapes(call, x, w, transposed=True)
     m_out = w.shape[1] * group

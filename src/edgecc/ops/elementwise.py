@@ -70,7 +70,8 @@ def erf(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _unary(name: str, allowed, attrs: dict[str, AttrSpec] | None = None, check: Callable | None = None):
+def _unary(name: str, allowed, attrs: dict[str, AttrSpec] | None = None, check: Callable | None = None,
+           fp16_policy: str = "fp16"):
     """Register the decorated `fn(x, attrs)` as a unary elementwise op on dtypes `allowed`.
 
     `x` arrives widened (float16 -> float32); the result is cast back to the input's dtype.
@@ -90,7 +91,7 @@ def _unary(name: str, allowed, attrs: dict[str, AttrSpec] | None = None, check: 
 
         reference.__doc__ = fn.__doc__
         reference.__name__ = fn.__name__
-        op(name, infer=infer, attrs=attrs, kind="elementwise")(reference)
+        op(name, infer=infer, attrs=attrs, kind="elementwise", fp16_policy=fp16_policy)(reference)
         return fn
 
     return wrap
@@ -132,7 +133,7 @@ def _round(x, attrs):
     return np.round(x)
 
 
-@_unary("Exp", FLOAT)
+@_unary("Exp", FLOAT, fp16_policy="fp32")
 def _exp(x, attrs):
     """e ** x."""
     return np.exp(x)

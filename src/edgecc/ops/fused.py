@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgecc.ops.common import tensor
-from edgecc.ops.conv import CONV_ATTRS, _infer_conv
+from edgecc.ops.conv import CONV_ATTRS, _infer_conv, stored_weight_ok
 from edgecc.ops.linalg import _infer_gemm, _infer_matmul
 from edgecc.ops.registry import EDGECC_DOMAIN, AttrSpec, Call, get, op
 
@@ -93,7 +93,7 @@ def fused_gemm(call: Call):
 def _infer_fused_matmul(call: Call):
     (out,) = _infer_matmul(Call("MatMul", call.inputs[:2], {}, where=call.where))
     bias = call.input(2)
-    if bias is not None and (bias.shape != (out.shape[-1],) or bias.dtype != out.dtype):
+    if bias is not None and (bias.shape != (out.shape[-1],) or not stored_weight_ok(out.dtype, bias.dtype)):
         call.fail(f"bias {bias.dtype.name}{list(bias.shape)} is not a vector of the output's last axis "
                   f"({out.dtype.name}[{out.shape[-1]}])")
     _same_as_output(call, call.input(3), out)

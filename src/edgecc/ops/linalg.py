@@ -12,6 +12,7 @@ import numpy as np
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
 from edgecc.ops.common import normalize_axis, require_float, tensor
+from edgecc.ops.conv import stored_weight_ok
 from edgecc.ops.quant import requantize
 from edgecc.ops.registry import AttrSpec, Call, op
 
@@ -23,8 +24,12 @@ def _wide(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) if x.dtype == np.float16 else x
 
 
-def _same_dtype(call: Call, types, allowed) -> DType:
+def _same_dtype(call: Call, types, allowed, stored_weights: bool = False) -> DType:
+    """The operands' common dtype. With `stored_weights`, operands after the first may be float16 while the first
+    is float32 (fp16-stored weights, see conv.stored_weight_ok); the op then computes in float32."""
     present = [t for t in types if t is not None]
+    if stored_weights and all(stored_weight_ok(present[0].dtype, t.dtype) for t in present[1:]):
+        present = present[:1]
     dtypes = {t.dtype for t in present}
     if len(dtypes) > 1:
         call.fail(f"{call.op} inputs have different dtypes: {', '.join(sorted(d.name for d in dtypes))}",
@@ -66,7 +71,7 @@ def matmul_shape(call: Call, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[in
 def _infer_gemm(call: Call):
     a, b = call.inputs[0], call.inputs[1]
     c = call.input(2)
-    dtype = _same_dtype(call, [a, b, c], _MATMUL_TYPES)
+    dtype = _same_dtype(call, [a, b, c], _MATMUL_TYPES, stored_weights=True)
     if a.rank != 2 or b.rank != 2:
         call.fail(f"Gemm needs 2-D A and B, got shapes {list(a.shape)} and {list(b.shape)}",
                   hint="use MatMul for other ranks, or Flatten/Reshape first")
@@ -122,7 +127,7 @@ def gemm(call: Call):
 
 def _infer_matmul(call: Call):
     a, b = call.inputs
-    dtype = _same_dtype(call, [a, b], _MATMUL_TYPES)
+    dtype = _same_dtype(call, [a, b], _MATMUL_TYPES, stored_weights=True)
     return [tensor(dtype, matmul_shape(call, a.shape, b.shape))]
 
 
@@ -352,7 +357,7 @@ def _shifted(call: Call):
         return x.dtype, axis, w - np.max(w, axis=axis, keepdims=True)
 
 
-@op("Softmax", infer=_infer_softmax, attrs={"axis": AttrSpec("int", -1)})
+@op("Softmax", infer=_infer_softmax, attrs={"axis": AttrSpec("int", -1)}, fp16_policy="fp32")
 def softmax(call: Call):
     """exp(x) / sum(exp(x)) along `axis` (opset 13+: that single axis), computed as exp(x - max) for
     stability."""
@@ -361,7 +366,7 @@ def softmax(call: Call):
     return [(e / np.sum(e, axis=axis, keepdims=True)).astype(dtype, copy=False)]
 
 
-@op("LogSoftmax", infer=_infer_softmax, attrs={"axis": AttrSpec("int", -1)})
+@op("LogSoftmax", infer=_infer_softmax, attrs={"axis": AttrSpec("int", -1)}, fp16_policy="fp32")
 def log_softmax(call: Call):
     """x - log(sum(exp(x))) along `axis` (opset 13+), computed as (x - max) - log(sum(exp(x - max)))."""
     dtype, axis, s = _shifted(call)

@@ -142,7 +142,7 @@ def _infer_global_pool(call: Call) -> list[TensorType]:
     return [tensor(x.dtype, (*x.shape[:2], *(1,) * (x.rank - 2)))]
 
 
-@op("GlobalAveragePool", infer=_infer_global_pool, kind="pool")
+@op("GlobalAveragePool", infer=_infer_global_pool, kind="pool", fp16_policy="fp32")
 def global_average_pool(call: Call):
     """Mean over all spatial axes (2..), kept as size-1 axes."""
     x = call.inputs[0]
@@ -197,7 +197,7 @@ def _infer_batch_norm(call: Call) -> list[TensorType]:
     return [x, call.inputs[3], call.inputs[4]]
 
 
-@op("BatchNormalization", infer=_infer_batch_norm, inputs=(5, 5), outputs=(1, 3), kind="norm",
+@op("BatchNormalization", infer=_infer_batch_norm, inputs=(5, 5), outputs=(1, 3), kind="norm", fp16_policy="fp32",
     attrs={"epsilon": AttrSpec("float", F32_1E_5), "momentum": AttrSpec("float", float(np.float32(0.9))),
            "training_mode": AttrSpec("int", 0)})
 def batch_normalization(call: Call):
@@ -232,7 +232,7 @@ def _infer_instance_norm(call: Call) -> list[TensorType]:
     return [x]
 
 
-@op("InstanceNormalization", infer=_infer_instance_norm, inputs=(3, 3), kind="norm",
+@op("InstanceNormalization", infer=_infer_instance_norm, inputs=(3, 3), kind="norm", fp16_policy="fp32",
     attrs={"epsilon": AttrSpec("float", F32_1E_5)})
 def instance_normalization(call: Call):
     """Normalise each (n, c) slice over its spatial axes: (x - mean) / sqrt(var + epsilon) * scale[c] + B[c]
@@ -276,7 +276,7 @@ def _infer_layer_norm(call: Call) -> list[TensorType]:
     return [x, stats, stats]
 
 
-@op("LayerNormalization", infer=_infer_layer_norm, inputs=(2, 3), outputs=(1, 3), kind="norm",
+@op("LayerNormalization", infer=_infer_layer_norm, inputs=(2, 3), outputs=(1, 3), kind="norm", fp16_policy="fp32",
     attrs={"axis": AttrSpec("int", -1), "epsilon": AttrSpec("float", F32_1E_5), "stash_type": AttrSpec("int", 1)})
 def layer_normalization(call: Call):
     """Normalise over axes [axis, rank): Normalized = (X - Mean) * InvStdDev computed in float32 (stash_type 1)
@@ -305,7 +305,7 @@ def _infer_lrn(call: Call) -> list[TensorType]:
     return [x]
 
 
-@op("LRN", infer=_infer_lrn, kind="norm",
+@op("LRN", infer=_infer_lrn, kind="norm", fp16_policy="fp32",
     attrs={"alpha": AttrSpec("float", float(np.float32(1e-4))), "beta": AttrSpec("float", 0.75),
            "bias": AttrSpec("float", 1.0), "size": AttrSpec("int", REQUIRED)})
 def lrn(call: Call):

@@ -64,9 +64,10 @@ def _reduce_infer(allowed: tuple[DType, ...]):
     return infer
 
 
-def _reduction(name: str, allowed: tuple[DType, ...] = _NUMERIC):
+def _reduction(name: str, allowed: tuple[DType, ...] = _NUMERIC, fp16_policy: str = "fp32"):
     """Register Reduce<name>: the decorated fn(x, axes, keepdims) reduces `x` (axes a non-empty tuple) and is
-    also applied with axes=None for the no-op case (so composite reductions still square/sqrt)."""
+    also applied with axes=None for the no-op case (so composite reductions still square/sqrt). Sums keep
+    float32 under convert-fp16 (fp16_policy); the extrema are exact in half."""
 
     def wrap(fn):
         def reference(call: Call):
@@ -77,7 +78,7 @@ def _reduction(name: str, allowed: tuple[DType, ...] = _NUMERIC):
 
         reference.__doc__ = fn.__doc__
         op(name, infer=_reduce_infer(allowed), attrs=dict(_REDUCE_ATTRS), inputs=(1, 2),
-           kind="reduction")(reference)
+           kind="reduction", fp16_policy=fp16_policy)(reference)
         return fn
 
     return wrap
@@ -148,14 +149,14 @@ def _extremum(ufunc: np.ufunc, identity, x, axes, keepdims):
     return ufunc.reduce(x, axis=axes, keepdims=keepdims, initial=identity(x.dtype))
 
 
-@_reduction("ReduceMax", _MINMAX)
+@_reduction("ReduceMax", _MINMAX, fp16_policy="fp16")
 def reduce_max(x, axes, keepdims):
     """Maximum over `axes`; -inf (floats), the type's minimum (integers) or False for an empty set.
     NaN propagates."""
     return _extremum(np.maximum, _lowest, x, axes, keepdims)
 
 
-@_reduction("ReduceMin", _MINMAX)
+@_reduction("ReduceMin", _MINMAX, fp16_policy="fp16")
 def reduce_min(x, axes, keepdims):
     """Minimum over `axes`; +inf (floats), the type's maximum (integers) or True for an empty set.
     NaN propagates."""

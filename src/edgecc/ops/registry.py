@@ -18,6 +18,14 @@ import numpy as np
 from edgecc.errors import OpAttributeError, ShapeError
 from edgecc.ir.types import TensorType
 
+FP16_POLICIES = ("fp16", "fp32")
+"""An op's fp16_policy: "fp16" runs in half precision under convert-fp16{compute=fp16}; "fp32" keeps float32 for
+ops whose accuracy needs it: long sums (ReduceSum/Mean/L1/L2/..., GlobalAveragePool, CumSum), normalisations
+(Softmax, LogSoftmax, Batch/Instance/LayerNormalization, LRN) and Exp, whose results pass half's largest value
+(65504) from x = 11.1 on. Convolutions and matrix products stay "fp16": their sums are products of weights and
+activations of one layer, rounded once per output (the kernels accumulate in float32 where the target has no
+half arithmetic)."""
+
 REQUIRED = object()
 """Marks an attribute with no default: the node must set it."""
 
@@ -85,6 +93,9 @@ class OpDef:
     """The reference reads only its inputs' shapes (Shape, Size): foldable whenever the shapes are static."""
     aliases_input: bool = False
     """The output holds exactly input 0's bytes (Reshape and friends): the memory plan may give both one buffer."""
+    fp16_policy: str = "fp16"
+    """How convert-fp16{compute=fp16} runs the op: "fp16" (in half precision, like its inputs) or "fp32" (between
+    casts to and from float32: the op sums many terms, normalises, or leaves half's range, see FP16_POLICIES)."""
     doc: str = ""
     domain: str = ""
     """'' for ONNX ops; EDGECC_DOMAIN for edgecc's own ops (fused forms that passes create)."""
@@ -156,13 +167,16 @@ def register(opdef: OpDef) -> OpDef:
 
 def op(name: str, *, infer: InferFn, attrs: dict[str, AttrSpec] | None = None, inputs=(1, 1), outputs=(1, 1),
        foldable: bool = True, kind: str = "opaque", commutative: bool = False, shape_only: bool = False,
-       aliases_input: bool = False, domain: str = ""):
+       aliases_input: bool = False, domain: str = "", fp16_policy: str = "fp16"):
     """Decorator: register the decorated NumPy reference as op `name` (of `domain`, '' for ONNX)."""
+    if fp16_policy not in FP16_POLICIES:
+        raise ValueError(f"fp16_policy {fp16_policy!r} of {name} is not one of {', '.join(FP16_POLICIES)}")
 
     def wrap(reference: ReferenceFn) -> ReferenceFn:
         register(OpDef(name=name, infer=infer, reference=reference, attrs=dict(attrs or {}), inputs=tuple(inputs),
                        outputs=tuple(outputs), foldable=foldable, kind=kind, commutative=commutative, shape_only=shape_only,
-                       aliases_input=aliases_input, doc=(reference.__doc__ or "").strip(), domain=domain))
+                       aliases_input=aliases_input, doc=(reference.__doc__ or "").strip(), domain=domain,
+                       fp16_policy=fp16_policy))
         return reference
 
     return wrap

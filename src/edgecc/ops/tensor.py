@@ -679,7 +679,7 @@ def _infer_cumsum(call: Call):
     return [call.inputs[0]]
 
 
-@op("CumSum", infer=_infer_cumsum, inputs=(2, 2),
+@op("CumSum", infer=_infer_cumsum, inputs=(2, 2), fp16_policy="fp32",
     attrs={"exclusive": AttrSpec("int", 0), "reverse": AttrSpec("int", 0)})
 def cumsum(call: Call):
     """Running sum along the `axis` input: exclusive=1 leaves out the element itself (starts at 0),
