@@ -178,7 +178,7 @@ class RangeObserver:
         if not self.seen:
             return 0.0, 0.0
         lo, hi = self._range()
-        return float(lo), float(hi)
+        return float(lo) + 0.0, float(hi) + 0.0  # + 0.0: no -0.0 in reports
 
     def _update(self, data: np.ndarray) -> None:
         raise NotImplementedError
@@ -462,7 +462,8 @@ def collect_ranges(module: Module, samples, value_names, method: str = "minmax",
     runs = 0
     try:
         for sample in samples:
-            run_module(module, sample, observe=observe)
+            with np.errstate(all="ignore"):  # NaN/Inf are reported once per tensor by the observers
+                run_module(module, sample, observe=observe)
             runs += 1
             if bar is not None:
                 bar.update(1)
