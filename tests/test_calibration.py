@@ -217,8 +217,7 @@ def test_collect_ranges_matches_onnxruntime_calibrators(small, tmp_path, method,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # onnxruntime's own deprecation chatter
         expected = _ort_ranges(tmp_path, _conv_relu_gemm(), samples, ort_method, extra)
-    options = {k: v for k, v in extra.items()}
-    ranges = collect_ranges(small, samples, names, method=method, progress=True, **options)
+    ranges = collect_ranges(small, samples, names, method=method, progress=True, **extra)
     assert set(ranges) == set(names) and set(names) <= set(expected)
     for name in names:
         lo, hi = expected[name]

@@ -135,7 +135,7 @@ def _as_stack(value: Value, array: np.ndarray, where: str | None) -> np.ndarray:
         per_sample = list(shape)
         raise InputError(f"calibration input '{value.name}' has shape {list(found)}, expected samples of shape "
                          f"{per_sample} stacked on a leading axis ([S, {', '.join(map(str, per_sample))}])",
-                         where=where, hint="a model's symbolic dims are bound with --input-shape")
+                         where=where, hint="a batch dim of 1 may be left out; the model's own shape is set with --input-shape")
     if array.dtype != dtype:
         raise InputError(f"calibration input '{value.name}' has dtype {array.dtype}, the model expects "
                          f"{value.type.dtype.name}", where=where, hint=f"convert with .astype(np.{dtype.name})")
