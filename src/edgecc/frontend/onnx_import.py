@@ -266,7 +266,8 @@ def _build_module(model: ModelProto, input_shapes: dict, where: str, opset: int,
             graph.reserve_names([proto.output[0]])
             scope[proto.output[0]] = Value(proto.output[0], const=array)
             continue
-        node = Node(proto.op_type, attrs=attrs, name=name)
+        node = Node(proto.op_type, attrs=attrs, name=name,
+                    domain="" if proto.domain in ONNX_DOMAINS else proto.domain)  # edgecc's own ops keep theirs
         for out in proto.output:
             if out:
                 graph.reserve_names([out])

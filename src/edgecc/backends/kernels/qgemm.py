@@ -1,0 +1,173 @@
+"""edgecc.QGemm: int8 matrix product with an int32 bias, requantised (ops/qgemm.py).
+
+Fast path (constant int8 B with zero points all 0, K <= qconv.MAX_K): output columns in the vector lanes. B is
+packed at compile time into panels of NB = NV * L columns, [K/4][NB][4 bytes] each (zero-padded in K and N), after
+the N column sums; a register tile is MR rows of A x NV column vectors: per 4 values of K it loads NV weight
+vectors, broadcasts one 32-bit word of each A row and does MR * NV dot4 steps (qconv.Dot4: vpdpbusd, sdot or the
+widened generic form). Rows of one (GEMV, a Linear layer at batch 1) get the widest panels. The correction for
+A's zero point and the fixed-point requantisation are qconv's (QuantParams), so results are within 1 of the
+reference (exact but at ties).
+
+Otherwise (runtime B, nonzero b_zero_point) the generic integer matmul of quant.py with the reference's exact
+float requantisation; a runtime B with transB=1 has no kernel (the quantisation passes only make constant ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from llvmlite import ir
+
+from edgecc.backends.codegen import COMPUTE, I8, I32, Buffer, KernelBuilder
+from edgecc.backends.kernels import lowering
+from edgecc.backends.kernels.conv import Accumulators, add_i64, for_blocks, mul_i64
+from edgecc.backends.kernels.qconv import MAX_CHANNELS, MAX_K, Dot4, QuantParams, splat, store_to, vec_ty, \
+    weight_sums
+from edgecc.errors import EdgeccError
+from edgecc.ir.dtypes import DType
+
+
+def pack_qgemm_b(b: np.ndarray, trans_b: int, nb: int) -> np.ndarray:
+    """B ([K, N], or [N, K] with transB) -> int32: N column sums padded to whole panels, then the panels
+    [N/nb][K/4][nb][4 bytes]."""
+    bt = b if trans_b else b.T  # [N, K]
+    n, k = bt.shape
+    panels, k4 = -(-n // nb), -(-k // 4)
+    padded = np.zeros((panels * nb, k4 * 4), np.int8)
+    padded[:n, :k] = bt
+    words = padded.reshape(panels, nb, k4, 4).transpose(0, 2, 1, 3)
+    sums = np.zeros(panels * nb, np.int32)
+    sums[:n] = weight_sums(bt)
+    return np.concatenate([sums, np.ascontiguousarray(words).view(np.int32).reshape(-1)])
+
+
+def emit_fast_qgemm(kb: KernelBuilder) -> bool:
+    a, a_s, a_zp, b_, b_s, b_zp, y_s, y_zp = kb.inputs[:8]
+    bias = kb.optional_input(8)
+    out = kb.outputs[0]
+    trans_b = int(kb.attrs["transB"])
+    bv = kb.node.input(3)
+    if not bv.is_const or b_.dtype is not DType.int8:
+        return False
+    zp = kb.const_input(5)
+    if zp is None or np.any(zp != 0):
+        return False
+    k, n = (b_.shape[1], b_.shape[0]) if trans_b else b_.shape
+    if k > MAX_K or n > MAX_CHANNELS or out.size == 0:
+        return False
+    rows = int(np.prod(a.shape[:-1]))
+    dot = Dot4(kb)
+    L = dot.lanes
+    budget = 24 if dot.registers >= 32 else 10
+    if dot.kind == "generic":
+        budget //= 2
+    nv = max(1, min(-(-n // L), budget if rows == 1 else 4))
+    mr = max(1, min(rows, budget // nv))
+    nb = nv * L
+    panels, k4 = -(-n // nb), k // 4
+    act_signed = a.dtype is DType.int8
+    flip, delta = dot.flip(act_signed)
+    packed = kb.packed_input(3, lambda w: pack_qgemm_b(w, trans_b, nb))
+    params = QuantParams(kb, n, panels * nb, a_s, a_zp, b_s, y_s, y_zp, bias, packed, delta)
+    b = kb.b
+    accs = Accumulators(kb)
+    acc_ty = vec_ty(I32, L)
+    bytes_ty = vec_ty(I8, 4 * L)
+    zero = ir.Constant(acc_ty, [ir.Constant(I32, 0)] * L)
+    sign = act_signed if dot.signed is None else dot.signed
+    mask = ir.Constant(I32, flip * 0x01010101)
+
+    def a_word(row, kk, tail: int = 0) -> ir.Value:
+        """The 4 bytes A[row, kk..kk+3] (only `tail` of them when K ends inside the word) as an i32, flipped."""
+        base = add_i64(kb, mul_i64(kb, row, k), kk)
+        if not tail:
+            word = b.load(b.bitcast(kb.element_ptr(a, base), I32.as_pointer()), typ=I32, align=1)
+        else:
+            word = ir.Constant(I32, 0)
+            for j in range(tail):
+                byte = b.zext(kb.load(a, add_i64(kb, base, j)), I32)
+                word = b.or_(word, b.shl(byte, ir.Constant(I32, 8 * j)) if j else byte)
+        return b.xor(word, mask) if flip else word
+
+    def tile(row0, count: int, col0, width: int) -> None:
+        """Rows row0..row0+count-1, columns col0..col0+width-1 (a panel's valid columns)."""
+        nvec = -(-width // L)
+        slots = [(r, v) for r in range(count) for v in range(nvec)]
+        for key in slots:
+            accs.set(("g", *key), zero)
+        w_panel = add_i64(kb, mul_i64(kb, col0, (k + 3) // 4), panels * nb)  # panel col0 / nb
+
+        def step(kk, wk, tail: int = 0) -> None:
+            values = {key: accs.get(("g", *key), acc_ty) for key in slots}
+            weights = [b.load(b.bitcast(kb.element_ptr(packed, add_i64(kb, wk, v * L)), acc_ty.as_pointer()),
+                              typ=acc_ty, align=4) for v in range(nvec)]
+            for r in range(count):
+                xv = b.bitcast(splat(b, a_word(add_i64(kb, row0, r), kk, tail), L), bytes_ty)
+                for v in range(nvec):
+                    values[r, v] = dot.dot(values[r, v], xv, weights[v], sign)
+            for key in slots:
+                accs.set(("g", *key), values[key])
+
+        if k4:
+            with kb.loop(k4, "k4") as g:
+                step(mul_i64(kb, g, 4), add_i64(kb, w_panel, mul_i64(kb, g, nb)))
+        if k % 4:
+            step(k4 * 4, add_i64(kb, w_panel, k4 * nb), k % 4)
+        for r in range(count):
+            row_flat = mul_i64(kb, add_i64(kb, row0, r), n)
+            for v in range(nvec):
+                c = add_i64(kb, col0, v * L)
+                q = params.apply(accs.get(("g", r, v), acc_ty), params.lanes_of(c, L))
+                valid = min(L, width - v * L)
+                flat = add_i64(kb, row_flat, c)
+                if valid == L:
+                    store_to(kb, q, kb.element_ptr(out, flat))
+                else:
+                    for j in range(valid):
+                        kb.store(out, add_i64(kb, flat, j), b.extract_element(q, ir.Constant(I32, j)))
+
+    for_blocks(kb, rows, mr, lambda row0, count: for_blocks(
+        kb, n, nb, lambda col0, width: tile(row0, count, col0, width), "nb"), "mb")
+    return True
+
+
+def emit_generic_qgemm(kb: KernelBuilder) -> None:
+    """(A - a_zp) @ (B - b_zp) + C by quant.emit_int_matmul, requantised exactly as the reference."""
+    from edgecc.backends.kernels.quant import _NP_INFO, at, emit_int_matmul, rint_times_f32
+
+    a, a_s, a_zp, b_, b_s, b_zp, y_s, y_zp = kb.inputs[:8]
+    bias = kb.optional_input(8)
+    out = kb.outputs[0]
+    if kb.attrs["transB"]:
+        packed = kb.packed_input(3, lambda w: np.ascontiguousarray(w.T))
+        if packed is None:
+            raise EdgeccError("edgecc.QGemm with transB=1 and a runtime B has no native kernel",
+                              hint="make B a constant (the quantisation passes do) or transpose it into [K, N]")
+        b_ = packed
+    n = b_.shape[1]
+    lo, hi = _NP_INFO[out.dtype]
+    b = kb.b
+
+    def epilogue(_bi, m, n0, length, acc):
+        row = b.mul(m, kb.i64(n))
+        with kb.loop(length, "e") as j:
+            col = b.add(n0, j)
+            mult = b.fdiv(b.fmul(kb.load(a_s, kb.i64(0)), kb.load(b_s, col if b_s.size > 1 else kb.i64(0))),
+                          kb.load(y_s, kb.i64(0)))
+            value = b.load(at(kb, acc, I32, j), typ=I32)
+            if bias is not None:
+                value = b.add(value, kb.load(bias, col))
+            q = b.add(rint_times_f32(kb, value, mult), kb.convert(y_zp.dtype, DType.int64, kb.load(y_zp, kb.i64(0))))
+            q = b.select(b.icmp_signed("<", q, kb.i64(lo)), kb.i64(lo), q)
+            q = b.select(b.icmp_signed(">", q, kb.i64(hi)), kb.i64(hi), q)
+            kb.store(out, b.add(row, col), b.trunc(q, COMPUTE[out.dtype]))
+
+    rows = Buffer(a.ptr, dataclasses.replace(a.type, shape=(int(np.prod(a.shape[:-1])), a.shape[-1])))
+    emit_int_matmul(kb, rows, a_zp, b_, b_zp, epilogue)
+
+
+@lowering("QGemm")
+def lower_qgemm(kb: KernelBuilder) -> None:
+    if not emit_fast_qgemm(kb):
+        emit_generic_qgemm(kb)
