@@ -145,14 +145,16 @@ def _ort_collector(method, **kw):
 
 PERCENTILE = ("percentile", {}, dict(symmetric=True))  # onnxruntime's percentile default is symmetric
 PERCENTILE_TWO_SIDED = ("percentile", dict(symmetric=False, percentile=99.0), dict(percentile=99.0))
-ENTROPY = ("entropy", {}, {})
+ENTROPY = ("entropy", {}, dict(num_bins=128))  # onnxruntime's EntropyCalibrater default: 128 bins
+ENTROPY_2048 = ("entropy", dict(num_bins=2048), {})  # TensorRT's histogram size
 ENTROPY_512 = ("entropy", dict(num_bins=512, num_quantized_bins=64), dict(num_bins=512, num_quantized_bins=64))
 
 
 # onnxruntime's KL search is a Python loop per bin: widened 2048-bin histograms (chunked) take it seconds, so the
 # chunked entropy case uses 512 bins
 @pytest.mark.parametrize("method, ours, theirs, chunked", [
-    (*PERCENTILE, False), (*PERCENTILE_TWO_SIDED, False), (*ENTROPY, False), (*ENTROPY_512, False),
+    (*PERCENTILE, False), (*PERCENTILE_TWO_SIDED, False), (*ENTROPY, False), (*ENTROPY_2048, False),
+    (*ENTROPY_512, False),
     (*PERCENTILE, True), (*PERCENTILE_TWO_SIDED, True), (*ENTROPY_512, True),
 ])
 def test_histogram_observers_equal_onnxruntime_on_the_same_arrays(method, ours, theirs, chunked):

@@ -323,9 +323,13 @@ class EntropyObserver(HistogramObserver):
     """TensorRT's KL-divergence threshold search as onnxruntime's EntropyCalibrater runs it: a `num_bins`
     histogram over [-t, t]; every symmetric window of at least `num_quantized_bins` bins is merged into
     `num_quantized_bins` levels, and the window whose quantised distribution is closest (KL) to the clipped one
-    wins; its edges, clamped to the data's min/max, are the range."""
+    wins; its edges, clamped to the data's min/max, are the range.
 
-    def __init__(self, label: str | None = None, num_bins: int = 2048, num_quantized_bins: int = 128,
+    The default is onnxruntime's (128 histogram bins for 128 levels): one candidate window, so the range equals
+    minmax's. TensorRT's 2048 bins (num_bins=2048) clip outliers; measured on ../shared/data's digits_mobilenet that
+    cut the Relu6 ranges to a fifth and the accuracy from 99.2% to 97.8%, where onnxruntime's default keeps 99.2%."""
+
+    def __init__(self, label: str | None = None, num_bins: int = 128, num_quantized_bins: int = 128,
                  buffer_bytes: int = 16 << 20):
         super().__init__(label, num_bins, buffer_bytes)
         if not 1 <= num_quantized_bins <= num_bins:
@@ -401,7 +405,7 @@ _OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "entro
 
 def make_observer(method: str = "minmax", **options) -> RangeObserver:
     """A fresh observer for `method`. Options: label (how warnings name the tensor); minmax: symmetric;
-    percentile: percentile (99.999), num_bins (2048), symmetric (True); entropy: num_bins (2048),
+    percentile: percentile (99.999), num_bins (2048), symmetric (True); entropy: num_bins (128),
     num_quantized_bins (128); both histogram methods: buffer_bytes (16 MiB: data kept to build the histogram in
     one go, exactly as onnxruntime does; beyond it, chunks are merged as onnxruntime merges them)."""
     cls = _OBSERVERS.get(method)
