@@ -1,0 +1,237 @@
+"""Fast int8 kernels (backends/kernels/qconv.py, qgemm.py): QLinearConv with constant symmetric int8 weights and
+edgecc.QGemm, native against the op's registry reference (which follows the ONNX spec) and, for QLinearConv,
+onnxruntime; on the host (AVX-512 VNNI here), the AVX2 preset (the generic dot4), and armv8.2 (sdot) and armv7
+(generic NEON) under qemu-user.
+
+Tolerance: atol 1 (uint8/int8 units) with at least 99% of outputs exact. The kernels requantise in fixed point:
+the multiplier x_scale * w_scale / y_scale is the reference's float32 value taken apart exactly (24-bit mantissa
+and a shift), so the only difference is the rounding of exact ties (half up here, half to even in the reference,
+which also rounds its float32 product once more); onnxruntime's own requantisation differs from the reference by
+the same kind of rounding, hence the same bound against it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgecc
+from edgecc.backends.llvm_driver import host_features
+
+RNG = np.random.default_rng(11)
+
+
+def _np(dtype) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def qconv_model(x_shape, m: int, k: int, group: int = 1, x_dtype=np.uint8, y_dtype=np.uint8, per_channel=True,
+                bias=True, **attrs) -> tuple[onnx.ModelProto, dict]:
+    """One QLinearConv with every parameter a constant (weights symmetric int8) and a random input."""
+    c = x_shape[1]
+    info = np.iinfo(x_dtype)
+    w = RNG.integers(-127, 128, (m, c // group, k, k)).astype(np.int8)
+    w_scale = (RNG.random(m if per_channel else 1) * 0.004 + 0.0005).astype(np.float32)
+    if not per_channel:
+        w_scale = w_scale.reshape(())
+    y_zp = np.array(100 if y_dtype == np.uint8 else -10, y_dtype)
+    x_zp = np.array(7 if x_dtype == np.uint8 else -5, x_dtype)
+    params = [("x_scale", np.array(0.05, np.float32)), ("x_zp", x_zp), ("w", w), ("w_scale", w_scale),
+              ("w_zp", np.zeros(w_scale.shape, np.int8)), ("y_scale", np.array(0.2, np.float32)), ("y_zp", y_zp)]
+    if bias:
+        params.append(("b", RNG.integers(-20000, 20000, m).astype(np.int32)))
+    node = helper.make_node("QLinearConv", ["x"] + [n for n, _ in params], ["y"], group=group, **attrs)
+    graph = helper.make_graph([node], "qconv", [helper.make_tensor_value_info("x", _np(x_dtype), x_shape)],
+                              [helper.make_tensor_value_info("y", _np(y_dtype), None)],
+                              [numpy_helper.from_array(a, n) for n, a in params])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    x = RNG.integers(info.min, int(info.max) + 1, x_shape).astype(x_dtype)
+    return model, {"x": x}
+
+
+def qgemm_model(a_shape, n: int, trans_b: int = 1, a_dtype=np.uint8, const_b=True, b_zp=None):
+    """One edgecc.QGemm (domain edgecc), B int8 [N, K] (transB) or [K, N], per-column scales, int32 bias."""
+    k = a_shape[-1]
+    b = RNG.integers(-127, 128, (n, k) if trans_b else (k, n)).astype(np.int8)
+    params = [("a_scale", np.array(0.03, np.float32)), ("a_zp", np.array(9 if a_dtype == np.uint8 else -4, a_dtype)),
+              ("b", b), ("b_scale", (RNG.random(n) * 0.004 + 0.0005).astype(np.float32)),
+              ("b_zp", np.zeros(n, np.int8) if b_zp is None else b_zp), ("y_scale", np.array(0.25, np.float32)),
+              ("y_zp", np.array(120, np.uint8)), ("c", RNG.integers(-20000, 20000, n).astype(np.int32))]
+    info = np.iinfo(a_dtype)
+    feeds = {"a": RNG.integers(info.min, int(info.max) + 1, a_shape).astype(a_dtype)}
+    inputs = [helper.make_tensor_value_info("a", _np(a_dtype), a_shape)]
+    if not const_b:
+        inputs.append(helper.make_tensor_value_info("b", TensorProto.INT8, b.shape))
+        feeds["b"] = b
+    node = helper.make_node("QGemm", ["a"] + [name for name, _ in params], ["y"], domain="edgecc", transB=trans_b)
+    graph = helper.make_graph([node], "qgemm", inputs, [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                              [numpy_helper.from_array(v, name) for name, v in params if const_b or name != "b"])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edgecc", 1)]), \
+        feeds
+
+
+def reference(model, feeds) -> np.ndarray:
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        return edgecc.compile(model).run(feeds)[0]
+
+
+def assert_close_int(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+    diff = np.abs(got.astype(np.int64) - want.astype(np.int64))
+    assert diff.max() <= 1, f"max difference {diff.max()} at {np.unravel_index(diff.argmax(), diff.shape)}"
+    assert (diff == 0).mean() >= 0.99, f"only {(diff == 0).mean():.4f} of the outputs are exact"
+
+
+def check_qconv(model, feeds, target: str = "host", ort: bool = True) -> None:
+    want = reference(model, feeds)
+    got = edgecc.compile(model, runtime="native", target=target).run(feeds)[0]
+    assert_close_int(got, want)
+    if ort:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert_close_int(got, session.run(None, feeds)[0])
+
+
+# (x shape, output channels, kernel, group, attributes): ResNet-18 / MobileNet-v2 layer kinds on small maps
+CONV_CASES = {
+    "first_7x7_s2_3ch": ((1, 3, 30, 29), 16, 7, 1, dict(strides=[2, 2], pads=[3, 3, 3, 3])),
+    "3x3_s1": ((1, 16, 14, 13), 24, 3, 1, dict(pads=[1, 1, 1, 1])),
+    "3x3_s2_odd_channels": ((1, 21, 15, 15), 37, 3, 1, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    "1x1": ((1, 24, 9, 9), 40, 1, 1, {}),
+    "1x1_s2": ((1, 12, 11, 11), 20, 1, 1, dict(strides=[2, 2])),
+    "dilated_asymmetric_pads": ((2, 5, 12, 17), 6, 3, 1, dict(dilations=[2, 2], pads=[2, 1, 0, 3])),
+    "narrow_7x7_map": ((1, 64, 7, 7), 48, 3, 1, dict(pads=[1, 1, 1, 1])),
+    "depthwise_s1": ((1, 24, 14, 13), 24, 3, 24, dict(pads=[1, 1, 1, 1])),
+    "depthwise_s2": ((1, 20, 15, 15), 20, 3, 20, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    "depthwise_5x5_no_pad": ((1, 7, 12, 11), 7, 5, 7, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_qlinear_conv_shapes(case):
+    x_shape, m, k, group, attrs = CONV_CASES[case]
+    check_qconv(*qconv_model(x_shape, m, k, group, **attrs))
+
+
+def test_qlinear_conv_several_bands_per_map():
+    """A map whose packed input exceeds one band of stack scratch (64 KiB): bands of rows, the last one short."""
+    check_qconv(*qconv_model((1, 64, 45, 45), 8, 3, pads=[1, 1, 1, 1]))
+
+
+@pytest.mark.parametrize("x_dtype,y_dtype", [(np.int8, np.int8), (np.uint8, np.int8), (np.int8, np.uint8)])
+def test_qlinear_conv_signed_activations_and_outputs(x_dtype, y_dtype):
+    ort = x_dtype == y_dtype  # onnxruntime implements QLinearConv only with x and y of one type
+    check_qconv(*qconv_model((1, 10, 8, 9), 12, 3, x_dtype=x_dtype, y_dtype=y_dtype, pads=[1, 1, 1, 1]), ort=ort)
+    check_qconv(*qconv_model((1, 10, 8, 9), 10, 3, group=10, x_dtype=x_dtype, y_dtype=y_dtype, pads=[1, 1, 1, 1]),
+                ort=ort)
+
+
+def test_qlinear_conv_per_tensor_scale_without_bias():
+    check_qconv(*qconv_model((1, 8, 9, 10), 12, 3, per_channel=False, bias=False, pads=[1, 1, 1, 1]))
+
+
+def test_fast_path_is_taken_and_fallbacks_stay_exact():
+    """Constant symmetric weights take qconv.py; grouped (not depthwise) convolutions and nonzero weight zero
+    points keep the generic kernel, which is exact."""
+    from edgecc.backends.kernels import qconv
+
+    calls = []
+    original = qconv.emit_dot_conv
+    try:
+        qconv.emit_dot_conv = lambda *args: calls.append(1) or original(*args)
+        check_qconv(*qconv_model((1, 8, 6, 7), 8, 3, pads=[1, 1, 1, 1]), ort=False)
+    finally:
+        qconv.emit_dot_conv = original
+    assert calls
+    model, feeds = qconv_model((1, 8, 6, 7), 8, 3, group=2, pads=[1, 1, 1, 1])
+    np.testing.assert_array_equal(edgecc.compile(model, runtime="native").run(feeds)[0], reference(model, feeds))
+    model, feeds = qconv_model((1, 8, 6, 7), 8, 3, pads=[1, 1, 1, 1])
+    w_zp = next(t for t in model.graph.initializer if t.name == "w_zp")
+    w_zp.CopyFrom(numpy_helper.from_array(RNG.integers(-2, 3, 8).astype(np.int8), "w_zp"))
+    np.testing.assert_array_equal(edgecc.compile(model, runtime="native").run(feeds)[0], reference(model, feeds))
+
+
+QGEMM_CASES = {
+    "gemv_transB": ((1, 37), 21, 1, np.uint8),
+    "rows_kn": ((5, 64), 70, 0, np.uint8),
+    "batched_int8_a": ((2, 3, 130), 40, 1, np.int8),
+    "fc_512_1000": ((1, 512), 1000, 1, np.uint8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QGEMM_CASES))
+def test_qgemm(case):
+    a_shape, n, trans_b, a_dtype = QGEMM_CASES[case]
+    model, feeds = qgemm_model(a_shape, n, trans_b, a_dtype)
+    assert_close_int(edgecc.compile(model, runtime="native").run(feeds)[0], reference(model, feeds))
+
+
+def test_qgemm_generic_fallbacks_are_exact():
+    for model, feeds in (qgemm_model((3, 17), 9, 0, const_b=False),
+                         qgemm_model((3, 17), 9, 1, b_zp=RNG.integers(-3, 3, 9).astype(np.int8))):
+        np.testing.assert_array_equal(edgecc.compile(model, runtime="native").run(feeds)[0], reference(model, feeds))
+    model, feeds = qgemm_model((3, 17), 9, 1, const_b=False)
+    with pytest.raises(edgecc.errors.EdgeccError, match="runtime B"):
+        edgecc.compile(model, runtime="native")
+
+
+def test_generic_dot4_on_avx2():
+    """The x86-64-v3 preset has no VNNI: the widened generic dot4 (runs on this host)."""
+    check_qconv(*qconv_model((1, 9, 10, 11), 13, 3, pads=[1, 1, 1, 1]), target="x86-64-v3", ort=False)
+    model, feeds = qgemm_model((3, 45), 19)
+    assert_close_int(edgecc.compile(model, runtime="native", target="x86-64-v3").run(feeds)[0],
+                     reference(model, feeds))
+
+
+def _needs(*tools):
+    missing = [t for t in tools if shutil.which(t) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (installed by .ci/run)")
+
+
+ARM = {"armv8.2": ("qemu-aarch64", "aarch64-linux-gnu-gcc"), "armv7": ("qemu-arm", "arm-linux-gnueabihf-gcc")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", sorted(ARM))
+def test_arm_targets_under_qemu(target):
+    if any(shutil.which(t) is None for t in ARM[target]):
+        pytest.skip(f"needs {', '.join(ARM[target])} (installed by .ci/run)")
+    for case in ("3x3_s2_odd_channels", "depthwise_s1"):
+        x_shape, m, k, group, attrs = CONV_CASES[case]
+        check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, ort=False)
+    model, feeds = qgemm_model((3, 37), 21)
+    assert_close_int(edgecc.compile(model, runtime="native", target=target).run(feeds)[0], reference(model, feeds))
+
+
+def _kernel_asm(model, target: str, op: str) -> str:
+    compiled = edgecc.compile(model, opt_level=3, target=target, runtime="native")
+    import tempfile
+    import os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (text,) = compiled.artifacts(os.path.join(tmp, "model"), emit="asm").values()
+    return text.decode()
+
+
+def test_armv82_kernels_use_sdot():
+    model, _ = qconv_model((1, 16, 8, 8), 16, 3, pads=[1, 1, 1, 1])
+    assert re.search(r"\bsdot\s+v\d+\.4s", _kernel_asm(model, "armv8.2", "QLinearConv"))
+    model, _ = qgemm_model((2, 64), 32)
+    assert re.search(r"\bsdot\s+v\d+\.4s", _kernel_asm(model, "armv8.2", "QGemm"))
+
+
+@pytest.mark.skipif("+avx512vnni" not in host_features().split(","), reason="the host has no AVX-512 VNNI")
+def test_host_kernels_use_vpdpbusd():
+    model, _ = qconv_model((1, 16, 8, 8), 16, 3, pads=[1, 1, 1, 1])
+    assert re.search(r"\bvpdpbusd\s+.*zmm", _kernel_asm(model, "host", "QLinearConv"))
+    model, _ = qgemm_model((2, 64), 32)
+    assert re.search(r"\bvpdpbusd\s+.*zmm", _kernel_asm(model, "host", "QGemm"))
