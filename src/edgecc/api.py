@@ -260,6 +260,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         nodes_before = len(module.graph.nodes)
         module, manager = optimize(module, opt_level=int(opt_level), passes=passes, target=target, progress=bar,
                                    **options)
+        if quantize == "fp16":
+            precision_report = precision.convert_fp16(module, resolved)
         native = None
         if runtime == "native":
             from edgecc.backends.native import generate

@@ -123,7 +123,7 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
     import copy
 
     from edgecc.calibration import collect_ranges, load_calibration
-    from edgecc.passes.quantize_int8 import needed_ranges
+    from edgecc.passes.quantize_int8 import QuantizeInt8Pass, needed_ranges
 
     if calibration is None:
         raise EdgeccError("--quantize int8 needs calibration data", where="--calibration",
@@ -143,8 +143,7 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
     kept = [n for n in keep.split(",") if n]
     while True:
         qdq = copy.deepcopy(float_module)
-        _run(qdq, f"quantize-int8{{keep-fp32={','.join(kept)}}}" if kept else "quantize-int8",
-             PassContext(calibration_ranges=ranges))
+        PassManager([QuantizeInt8Pass(keep_fp32=",".join(kept))], PassContext(calibration_ranges=ranges)).run(qdq)
         layers, output_sqnr = layer_sensitivity(float_module, qdq, probe)
         if min_sqnr is None or output_sqnr >= min_sqnr or not layers:
             break
@@ -154,3 +153,11 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
     stats = _run(module, "lower-qdq,dce")
     return {"mode": "int8", "calibration_samples": len(samples), "calibration_method": method, "kept_fp32": kept,
             "output_sqnr_db": round(output_sqnr, 2), "min_sqnr_db": min_sqnr, "layers": layers, "passes": stats}
+
+
+def convert_fp16(module: Module, target) -> dict:
+    """Store weights as float16 (after the -O pipeline, so the weights are the fused kernels' final ones); on
+    targets with half-precision arithmetic (+fullfp16) run the graph in float16 too."""
+    compute = "fp16" if "+fullfp16" in target.features.split(",") else "fp32"
+    stats = _run(module, f"convert-fp16{{compute={compute}}}")
+    return {"mode": "fp16", "compute": compute, "passes": stats}

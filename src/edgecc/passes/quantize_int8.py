@@ -77,8 +77,15 @@ def quant_point(graph: Graph, node: Node) -> Value:
 
 def range_source(value: Value) -> Value:
     """The value a range is measured on: through range-preserving ops back to where the data was computed."""
-    while value.producer is not None and value.producer.op in RANGE_PRESERVING and not value.producer.domain:
-        value = value.producer.inputs[0]
+    while value.producer is not None and not value.producer.domain:
+        producer = value.producer
+        if producer.op in RANGE_PRESERVING:
+            value = producer.inputs[0]
+        elif producer.op == "DequantizeLinear" and producer.inputs[0].producer is not None \
+                and producer.inputs[0].producer.op == "QuantizeLinear":  # a pair this pass inserted
+            value = producer.inputs[0].producer.inputs[0]
+        else:
+            break
     return value
 
 
