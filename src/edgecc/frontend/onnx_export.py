@@ -24,16 +24,49 @@ def _node_proto(op: str, domain: str, inputs: list[str], outputs: list[str], att
     return proto
 
 
-def _expanded(node, names: dict, claim, initializers: list) -> list[onnx.NodeProto]:
-    """An edgecc fused node as the standard ONNX ops it stands for, so exported models run anywhere."""
+class _Stage(int):
+    """An expansion stage's input that is the result of stage number `int(self)` (not only the previous one)."""
+
+
+def qgemm_stages(inputs: list, attrs: dict) -> list[tuple[str, list, dict]]:
+    """edgecc.QGemm as the QDQ form onnxruntime reads: DequantizeLinear of A, B and the int32 bias C (scale
+    a_scale * b_scale, zero point 0), Gemm (2-D A) or MatMul + Add, QuantizeLinear to y's scale and zero point.
+    The float path equals QGemm's integer definition up to float32 accumulation and rounding ties (1 step)."""
+    a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = inputs[:8]
+    c = inputs[8] if len(inputs) > 8 else None
+    trans_b = int(attrs.get("transB", 0))
+    stages = [("DequantizeLinear", [a, a_s, a_zp], {}),
+              ("DequantizeLinear", [b, b_s, b_zp], {"axis": 0 if trans_b else 1})]
+    bias = None
+    if c is not None:
+        stages.append(("Mul", [a_s, b_s], {}))
+        stages.append(("DequantizeLinear", [c, _Stage(2)], {"axis": 0}))
+        bias = _Stage(3)
+    if a.type.rank == 2:
+        stages.append(("Gemm", [_Stage(0), _Stage(1)] + ([bias] if bias is not None else []), {"transB": trans_b}))
+    else:
+        weights = _Stage(1)
+        if trans_b:
+            stages.append(("Transpose", [_Stage(1)], {"perm": [1, 0]}))
+            weights = _Stage(len(stages) - 1)
+        stages.append(("MatMul", [_Stage(0), weights], {}))
+        if bias is not None:
+            stages.append(("Add", [PREVIOUS, bias], {}))
+    stages.append(("QuantizeLinear", [PREVIOUS, y_s, y_zp], {}))
+    return stages
+
+
+def _expanded(node, stages, names: dict, claim, initializers: list) -> list[onnx.NodeProto]:
+    """An edgecc node as the standard ONNX ops it stands for (`stages`), so exported models run anywhere."""
     out = node.outputs[0]
-    stages = onnx_stages(node.op, node.inputs, node.attrs)
-    protos, previous = [], ""
+    protos, results = [], []
     for k, (op, inputs, attrs) in enumerate(stages):
         names_in = []
         for v in inputs:
-            if v is PREVIOUS:
-                names_in.append(previous)
+            if isinstance(v, _Stage):
+                names_in.append(results[v])
+            elif v is PREVIOUS:
+                names_in.append(results[-1])
             elif isinstance(v, np.ndarray | np.generic):
                 const = Value(f"{out.name}_{op.lower()}_bound", const=np.asarray(v, out.type.dtype.numpy))
                 initializers.append(numpy_helper.from_array(const.const, claim(const, const.name)))
@@ -45,7 +78,7 @@ def _expanded(node, names: dict, claim, initializers: list) -> list[onnx.NodePro
         else:
             result = claim(Value(f"{out.name}_{op.lower()}"), f"{out.name}_{op.lower()}")
         protos.append(_node_proto(op, "", names_in, [result], attrs, f"{node.name}_{k}_{op.lower()}" if k else node.name))
-        previous = result
+        results.append(result)
     return protos
 
 
@@ -114,7 +147,10 @@ def export_model(module: Module) -> onnx.ModelProto:
             if value._id not in names:
                 claim(value, value.name or "v")
         if node.domain == EDGECC_DOMAIN and node.op in BASE_OP:
-            nodes.extend(_expanded(node, names, claim, initializers))
+            nodes.extend(_expanded(node, onnx_stages(node.op, node.inputs, node.attrs), names, claim, initializers))
+            continue
+        if node.domain == EDGECC_DOMAIN and node.op == "QGemm":
+            nodes.extend(_expanded(node, qgemm_stages(node.inputs, node.attrs), names, claim, initializers))
             continue
         nodes.append(_node_proto(node.op, node.domain, [names[v._id] if v is not None else "" for v in node.inputs],
                                  [names[v._id] for v in node.outputs], node.attrs, node.name))
