@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 from llvmlite import ir
 
-from edgecc.backends.codegen import COMPUTE, F32, FAST, I32, STORAGE, Buffer, KernelBuilder, strides_of
+from edgecc.backends.codegen import COMPUTE, F16, F32, FAST, I32, STORAGE, Buffer, KernelBuilder, strides_of
 from edgecc.backends.kernels import lowering
 from edgecc.backends.kernels.epilogue import Epilogue
 from edgecc.errors import EdgeccError
@@ -48,6 +48,19 @@ def node_call(kb: KernelBuilder) -> Call:
 def lanes(kb: KernelBuilder, bits: int = 32) -> int:
     """Elements of `bits` bits in one SIMD register of the target."""
     return max(1, kb.target.vector_bits // bits)
+
+
+def half_arithmetic(kb: KernelBuilder, dtype: DType) -> bool:
+    """float16 data is computed in half precision: the target has half arithmetic (AArch64 +fullfp16: `fmla v.8h`,
+    twice the lanes of float32). Elsewhere float16 is widened to float32 at load (F16C vcvtph2ps, fcvtl)."""
+    return dtype is DType.float16 and "+fullfp16" in kb.target.features.split(",")
+
+
+def compute_bits(kb: KernelBuilder, dtype: DType) -> int:
+    """Bits of one lane of `dtype`'s arithmetic in the Conv/Gemm kernels (see half_arithmetic)."""
+    if dtype.is_float:
+        return 16 if half_arithmetic(kb, dtype) else 32
+    return COMPUTE[dtype].width
 
 
 def vector_registers(kb: KernelBuilder) -> int:
@@ -120,14 +133,27 @@ def i32_vector(values) -> ir.Constant:
 
 
 class Vec:
-    """SIMD vectors of `dtype`'s compute type (float16 and float32 compute as f32): loads, stores, splats, FMA."""
+    """SIMD vectors of `dtype`'s compute type (float16 and float32 compute as f32): loads, stores, splats, FMA.
+    With `native_half`, float16 computes as f16 where the target has half arithmetic (see half_arithmetic); loads
+    and stores convert between each buffer's storage type and the compute type, so float16-stored weights serve
+    float32 data too."""
 
-    def __init__(self, kb: KernelBuilder, dtype: DType):
+    def __init__(self, kb: KernelBuilder, dtype: DType, native_half: bool = False):
         self.kb = kb
         self.b = kb.b
         self.dtype = dtype
-        self.elem = COMPUTE[dtype]
+        self.elem = F16 if native_half and half_arithmetic(kb, dtype) else COMPUTE[dtype]
         self.is_float = dtype.is_float
+
+    @property
+    def bits(self) -> int:
+        """Bits of one lane: kernels size their vectors by lanes(kb, vec.bits)."""
+        return 16 if isinstance(self.elem, ir.HalfType) else 32 if self.is_float else self.elem.width
+
+    def scalar(self, buf: Buffer, flat: ir.Value) -> ir.Value:
+        """buf[flat] in the compute type (a broadcast weight or input; LLVM folds f16 -> f32 -> f16 away)."""
+        value = self.kb.load(buf, flat)
+        return self.b.fptrunc(value, F16) if isinstance(self.elem, ir.HalfType) and value.type != F16 else value
 
     def ty(self, n: int) -> ir.VectorType:
         return ir.VectorType(self.elem, n)
@@ -148,7 +174,7 @@ class Vec:
         st = STORAGE[buf.dtype]
         align = buf.dtype.numpy.itemsize
         if stride == 0:
-            return self.splat(kb.load(buf, flat), n)
+            return self.splat(self.scalar(buf, flat), n)
         if n == 1 or stride == 1:
             raw = b.load(kb.element_ptr(buf, flat), typ=ir.VectorType(st, n), align=align)
         elif stride <= 4:
@@ -164,19 +190,28 @@ class Vec:
         return self.widen(buf.dtype, raw, n)
 
     def widen(self, dtype: DType, raw: ir.Value, n: int) -> ir.Value:
-        if dtype is DType.float16:
+        """n lanes loaded from storage of `dtype`, in the compute type."""
+        if dtype is DType.float16 and self.elem is not STORAGE[dtype]:
             return self.b.fpext(raw, ir.VectorType(F32, n))
+        if dtype is DType.float32 and isinstance(self.elem, ir.HalfType):
+            return self.b.fptrunc(raw, ir.VectorType(F16, n))
         return raw
 
     def store(self, buf: Buffer, flat: ir.Value, value: ir.Value, n: int) -> None:
         b = self.b
-        if buf.dtype is DType.float16:
+        if buf.dtype is DType.float16 and value.type.element != STORAGE[buf.dtype]:
             value = b.fptrunc(value, ir.VectorType(STORAGE[buf.dtype], n))
+        elif buf.dtype is DType.float32 and isinstance(value.type.element, ir.HalfType):
+            value = b.fpext(value, ir.VectorType(F32, n))
         b.store(value, self.kb.element_ptr(buf, flat), align=buf.dtype.numpy.itemsize)
 
     def const_vector(self, values) -> ir.Constant:
         values = list(values)
-        cast = float if self.is_float else int
+        if self.is_float:  # rounded to the lane type first: LLVM rejects inexact float constants
+            rounding = np.float16 if isinstance(self.elem, ir.HalfType) else np.float32
+            cast = lambda v: float(rounding(v))  # noqa: E731
+        else:
+            cast = int
         return ir.Constant(self.ty(len(values)), [ir.Constant(self.elem, cast(v)) for v in values])
 
     def store_strided(self, buf: Buffer, flat: ir.Value, value: ir.Value, n: int, stride: int) -> None:
@@ -185,6 +220,8 @@ class Vec:
             self.store(buf, flat, value, n)
             return
         b, kb = self.b, self.kb
+        if isinstance(self.elem, ir.HalfType):  # kb.store takes float32 compute values
+            value = b.fpext(value, ir.VectorType(F32, n))
         for j in range(n):
             lane = b.extract_element(value, ir.Constant(I32, j))
             kb.store(buf, b.add(flat, kb.i64(j * stride)) if j else flat, lane)
@@ -421,7 +458,7 @@ def strided_span_ok(ox_last: int, n: int, kx: int, sx: int, dx: int, px: int, wi
 
 def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, window,
                      group: int, epilogue: Epilogue) -> None:
-    vec = Vec(kb, x.dtype)
+    vec = Vec(kb, x.dtype, native_half=True)
     n_batch, channels = x.shape[:2]
     m_out = w.shape[0]
     cg, mg = channels // group, m_out // group
@@ -430,7 +467,7 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
     width_in, width_out, kw = spatial[-1], out[-1], kernel[-1]
     sx, dx, px = window.strides[-1], window.dilations[-1], window.pads_begin[-1]
 
-    vl = lanes(kb)
+    vl = lanes(kb, vec.bits)
     nr = chunk_width(width_out, vl)
     nvec = -(-nr // vl)
     budget = vector_registers(kb) * 3 // 4
@@ -453,7 +490,7 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
         slots = [(r, t) for t in range(count) for r in range(rows)]
         for r, t in slots:
             if bias is not None:
-                init = vec.splat(kb.load(bias, add_i64(kb, m0, r)), n)
+                init = vec.splat(vec.scalar(bias, add_i64(kb, m0, r)), n)
             else:
                 init = vec.zero(n)
             accs.set(("conv", r, t), init)
@@ -467,7 +504,7 @@ def emit_direct_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | Non
                 wc = add_i64(kb, w_base, mul_i64(kb, c, ws[1]))
                 values = {key: accs.get(("conv", *key), ty) for key in slots}
                 for kx in range(kw):
-                    weights = [vec.splat(kb.load(w, add_i64(kb, wc, r * ws[0] + kx)), n) for r in range(rows)]
+                    weights = [vec.splat(vec.scalar(w, add_i64(kb, wc, r * ws[0] + kx)), n) for r in range(rows)]
                     for t in range(count):
                         if static:
                             xv = load_row_inside(kb, vec, x, xc, ox0, n, kx, sx, dx, px, width_in, allow_wide=True)
@@ -536,14 +573,14 @@ def emit_transposed_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer |
     contiguous input loads, computed in register tiles like Conv and stored with stride s. Outer axes check per
     row which taps divide evenly. Each output element is written exactly once (bias when no tap reaches it)."""
     b = kb.b
-    vec = Vec(kb, x.dtype)
+    vec = Vec(kb, x.dtype, native_half=True)
     n_batch, channels = x.shape[:2]
     spatial = tuple(x.shape[2:])
     cg, mg = channels // group, w.shape[1]
     xs, ws, ys = strides_of(x.shape), strides_of(w.shape), strides_of(y.shape)
     width_in, width_out, kw = spatial[-1], out[-1], kernel[-1]
     sx, dx, px = strides[-1], dilations[-1], begin[-1]
-    vl = lanes(kb)
+    vl = lanes(kb, vec.bits)
     budget = vector_registers(kb) * 3 // 4
     mr = choose_block(mg, min(16, budget))
     accs = Accumulators(kb)
@@ -566,7 +603,7 @@ def emit_transposed_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer |
         m_local = m_first  # output channel within the group
         for rr in range(rows):
             if bias is not None:
-                init = vec.splat(kb.load(bias, add_i64(kb, mul_i64(kb, g_idx, mg), m_local, rr)), n)
+                init = vec.splat(vec.scalar(bias, add_i64(kb, mul_i64(kb, g_idx, mg), m_local, rr)), n)
             else:
                 init = vec.zero(n)
             accs.set(("convt", rr), init)
@@ -610,7 +647,7 @@ def emit_transposed_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer |
                         else:
                             xv = vec.load(x, add_i64(kb, xc, q0, ck), n)
                         for rr in range(rows):
-                            wv = kb.load(w, add_i64(kb, wc, rr * ws[1] + k))
+                            wv = vec.scalar(w, add_i64(kb, wc, rr * ws[1] + k))
                             values[rr] = vec.fma(vec.splat(wv, n), xv, values[rr])
                     for rr in range(rows):
                         accs.set(("convt", rr), values[rr])

@@ -17,7 +17,8 @@ import contextlib
 import numpy as np
 
 from edgecc.backends.codegen import Buffer, KernelBuilder, strides_of
-from edgecc.backends.kernels.conv import (Accumulators, Vec, _lane_range, add_i64, chunk_width, emit_tile_groups,
+from edgecc.backends.kernels.conv import (Accumulators, Vec, _lane_range, add_i64, chunk_width, compute_bits,
+                                          emit_tile_groups,
                                           enter_kernel_rows, for_blocks, lanes, mul_i64, plan_tiles, vector_registers)
 from edgecc.backends.kernels.epilogue import Epilogue
 from edgecc.backends.kernels.linalg import pack_panels
@@ -39,7 +40,7 @@ def prefers_channel_vectors(kb: KernelBuilder, channels_out: int, width_out: int
     w = kb.node.input(1)
     if group != 1 or w is None or not w.is_const or not kb.inputs[0].dtype.is_float:
         return False
-    vl = lanes(kb)
+    vl = lanes(kb, compute_bits(kb, kb.inputs[0].dtype))
     if vl < 4:
         return False
     channel_use = channels_out / (-(-channels_out // vl) * vl)
@@ -58,7 +59,7 @@ def pack_channel_blocks(w: np.ndarray, block: int) -> np.ndarray:
 
 def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, window,
                              epilogue: Epilogue) -> None:
-    vec = Vec(kb, x.dtype)
+    vec = Vec(kb, x.dtype, native_half=True)
     n_batch, channels = x.shape[:2]
     m_out = w.shape[0]
     spatial, out, kernel = tuple(x.shape[2:]), tuple(window.out), tuple(window.kernel)
@@ -68,7 +69,7 @@ def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buff
     sx, dx, px = window.strides[-1], window.dilations[-1], window.pads_begin[-1]
     plane = ys[1]  # output channel stride
 
-    vl = lanes(kb)
+    vl = lanes(kb, vec.bits)
     budget = vector_registers(kb) * 3 // 4
     mv = max(1, min(4, -(-m_out // vl), budget // min(width_out, 12)))
     p_cap = max(1, min(12, budget // mv))
@@ -108,7 +109,7 @@ def emit_channel_vector_conv(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buff
                     weights = [vec.load(packed, add_i64(kb, wc, kx * count + off), width) for off, width in vecs]
                     for q in range(j0, j1):
                         pos = add_i64(kb, xc, mul_i64(kb, ox0, sx), (q * sx) + kx * dx - px)
-                        xv = kb.load(x, pos)
+                        xv = vec.scalar(x, pos)
                         for v, (off, width) in enumerate(vecs):
                             values[v, q] = vec.fma(weights[v], vec.splat(xv, width), values[v, q])
                 for key in slots:

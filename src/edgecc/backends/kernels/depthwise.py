@@ -29,12 +29,12 @@ def suits_depthwise_rows(x: Buffer, w: Buffer, window, group: int) -> bool:
 def emit_depthwise_rows(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | None, y: Buffer, window,
                         epilogue: Epilogue) -> None:
     b = kb.b
-    vec = Vec(kb, x.dtype)
+    vec = Vec(kb, x.dtype, native_half=True)
     n_batch, channels, height, width_in = x.shape
     (kh, kw), (sy, sx), (dy, dx) = window.kernel, window.strides, window.dilations
     (py, px), (out_h, out_w) = window.pads_begin, window.out
     xs, ws, ys = strides_of(x.shape), strides_of(w.shape), strides_of(y.shape)
-    vl = lanes(kb)
+    vl = lanes(kb, vec.bits)
     nr = chunk_width(out_w, vl)
     tiles = [(ox0, min(nr, out_w - ox0)) for ox0 in range(0, out_w, nr)]
     budget = vector_registers(kb) * 3 // 4
@@ -45,7 +45,7 @@ def emit_depthwise_rows(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | 
         """Output rows oy0..oy0+count-1 of channel c."""
         for r in range(count):
             for t, (_, n) in enumerate(tiles):
-                init = vec.splat(kb.load(bias, c), n) if bias is not None else vec.zero(n)
+                init = vec.splat(vec.scalar(bias, c), n) if bias is not None else vec.zero(n)
                 accs.set(("dw", r, t), init)
         values = {(r, t): accs.get(("dw", r, t), vec.ty(n)) for r in range(count) for t, (_, n) in enumerate(tiles)}
         plane = add_i64(kb, mul_i64(kb, n_idx, xs[0]), mul_i64(kb, c, xs[1]))
@@ -60,7 +60,7 @@ def emit_depthwise_rows(kb: KernelBuilder, x: Buffer, w: Buffer, bias: Buffer | 
             inside = b.icmp_unsigned("<", iy, kb.i64(height))
             row = add_i64(kb, plane, mul_i64(kb, b.select(inside, iy, kb.i64(0)), xs[2]))
             for kx in range(kw):
-                weights = {ky: kb.load(w, add_i64(kb, w_plane, ky * ws[2] + kx)) for _, ky in users}
+                weights = {ky: vec.scalar(w, add_i64(kb, w_plane, ky * ws[2] + kx)) for _, ky in users}
                 for t, (ox0, n) in enumerate(tiles):
                     xv = load_row_inside(kb, vec, x, row, ox0, n, kx, sx, dx, px, width_in)
                     if xv is None:

@@ -12,13 +12,18 @@ import numpy as np
 from llvmlite import ir
 
 from edgecc.backends import mathlib
-from edgecc.backends.codegen import F32, Buffer, KernelBuilder
+from edgecc.backends.codegen import F16, F32, Buffer, KernelBuilder
 from edgecc.ops.fused import activation_params
 
 
 def fconst(value: float, like: ir.Value) -> ir.Constant:
-    """A float32 constant (rounded like np.float32(value)) of `like`'s type: a scalar or a splat vector."""
-    scalar = ir.Constant(F32, float(np.float32(value)))
+    """A float32 constant (rounded like np.float32(value)) of `like`'s type: a scalar or a splat vector; float16
+    (rounded like np.float16) when `like` is half (kernels computing in half, see conv.half_arithmetic)."""
+    element = like.type.element if isinstance(like.type, ir.VectorType) else like.type
+    if isinstance(element, ir.HalfType):
+        scalar = ir.Constant(F16, float(np.float16(value)))
+    else:
+        scalar = ir.Constant(F32, float(np.float32(value)))
     if isinstance(like.type, ir.VectorType):
         return ir.Constant(like.type, [scalar] * like.type.count)
     return scalar
@@ -66,13 +71,20 @@ def activate(kb: KernelBuilder, name: str, params: dict[str, float], x: ir.Value
         return hard_sigmoid(kb, x, params["alpha"], params["beta"])
     if name == "HardSwish":
         return hard_swish(kb, x)
-    if name == "Sigmoid":
-        return mathlib.sigmoid(kb, x)
-    if name == "Tanh":
-        return mathlib.tanh(kb, x)
-    if name == "Gelu":
-        return mathlib.gelu(kb, x)
+    if name in WIDE_ACTIVATIONS:
+        return _in_float32(kb, WIDE_ACTIVATIONS[name], x)
     raise ValueError(f"no epilogue for activation {name!r}")
+
+
+WIDE_ACTIVATIONS = {"Sigmoid": mathlib.sigmoid, "Tanh": mathlib.tanh, "Gelu": mathlib.gelu}
+"""Activations computed by edgecc's float32 math library (half values are widened for them and rounded back)."""
+
+
+def _in_float32(kb: KernelBuilder, fn, x: ir.Value) -> ir.Value:
+    if not isinstance(x.type, ir.VectorType) or not isinstance(x.type.element, ir.HalfType):
+        return fn(kb, x)
+    wide = ir.VectorType(F32, x.type.count)
+    return kb.b.fptrunc(fn(kb, kb.b.fpext(x, wide)), ir.VectorType(F16, x.type.count))
 
 
 class Epilogue:

@@ -18,11 +18,11 @@ from typing import Callable
 import numpy as np
 from llvmlite import ir
 
-from edgecc.backends.codegen import COMPUTE, F64, FAST, I32, Buffer, KernelBuilder, broadcast_strides, strides_of
+from edgecc.backends.codegen import F64, FAST, I32, Buffer, KernelBuilder, broadcast_strides, strides_of
 from edgecc.backends.kernels import lowering
 from edgecc.backends.kernels.epilogue import Epilogue
-from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, chunk_width, for_blocks, intrinsic,
-                                          lanes, mul_i64, node_call, vector_registers,
+from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, chunk_width, compute_bits,
+                                          for_blocks, intrinsic, lanes, mul_i64, node_call, vector_registers,
                                           _type_suffix)
 from edgecc.errors import EdgeccError
 from edgecc.ir.dtypes import DType
@@ -32,10 +32,6 @@ TileSink = Callable[[ir.Value, ir.Value, int, ir.Value], None]
 """epilogue(i, j0, n, values): output row i (i64), columns j0..j0+n-1, `values` a vector of n compute lanes."""
 
 _MATMUL_DTYPES = (DType.float32, DType.float16, DType.int32, DType.int64)
-
-
-def _compute_bits(dtype: DType) -> int:
-    return 32 if dtype.is_float else COMPUTE[dtype].width
 
 
 def emit_matmul(kb: KernelBuilder, dtype: DType, a: Buffer, a_off, sam: int, sak: int, bm: Buffer, b_off,
@@ -54,7 +50,7 @@ def emit_matmul(kb: KernelBuilder, dtype: DType, a: Buffer, a_off, sam: int, sak
 def row_tile(kb: KernelBuilder, dtype: DType, m: int, n: int) -> tuple[int, int]:
     """(MR, NR): the row form's register tile of MR rows x NR columns. Few rows (matrix-vector products) get up to
     8 vectors of columns each, so enough independent accumulators hide the FMA latency."""
-    vl = lanes(kb, _compute_bits(dtype))
+    vl = lanes(kb, compute_bits(kb, dtype))
     budget = vector_registers(kb) * 3 // 4
     nr = chunk_width(n, vl, 1 if m >= 4 else min(8, budget // max(m, 1)))
     return choose_block(m, min(16, budget // -(-nr // vl))), nr
@@ -67,9 +63,9 @@ def pack_panels(b: np.ndarray, nr: int) -> np.ndarray:
 
 
 def _emit_row_form(kb, dtype, a, a_off, sam, sak, bm, b_off, sbk, sbn, m, n, k, epilogue, b_panels) -> None:
-    vec = Vec(kb, dtype)
+    vec = Vec(kb, dtype, native_half=True)
     mr, nr = row_tile(kb, dtype, m, n)
-    vl = lanes(kb, _compute_bits(dtype))
+    vl = lanes(kb, compute_bits(kb, dtype))
     accs = Accumulators(kb)
 
     def tile(i0, rows: int, j0, width: int) -> None:
@@ -88,7 +84,7 @@ def _emit_row_form(kb, dtype, a, a_off, sam, sak, bm, b_off, sbk, sbn, m, n, k, 
             bvs = [vec.load(bm, add_i64(kb, b_row, s * step_n), w, step_n) for s, w in segments]
             a_k = mul_i64(kb, kk, sak)
             for r in range(rows):
-                av = kb.load(a, add_i64(kb, a_rows[r], a_k))
+                av = vec.scalar(a, add_i64(kb, a_rows[r], a_k))
                 for (s, w), bv in zip(segments, bvs):
                     accs.set(("mm", r, s), vec.fma(vec.splat(av, w), bv, accs.get(("mm", r, s), vec.ty(w))))
         for r in range(rows):
@@ -112,8 +108,8 @@ def _reduce(kb: KernelBuilder, vec: Vec, value: ir.Value) -> ir.Value:
 
 
 def _emit_dot_form(kb, dtype, a, a_off, sam, bm, b_off, sbn, m, n, k, epilogue) -> None:
-    vec = Vec(kb, dtype)
-    vl = lanes(kb, _compute_bits(dtype))
+    vec = Vec(kb, dtype, native_half=True)
+    vl = lanes(kb, compute_bits(kb, dtype))
     width = min(vl, k)
     chunks, tail = divmod(k, width)
     nt = min(n, 4)
@@ -171,7 +167,7 @@ def lower_gemm(kb: KernelBuilder) -> None:
     sam, sak = (1, m) if trans_a else (kk, 1)
     sbk, sbn = (1, kk) if trans_b else (n, 1)
     b = kb.b
-    vec = Vec(kb, dtype)
+    vec = Vec(kb, dtype, native_half=True)
     use_c = c is not None and beta != 0
     csm, csn = broadcast_strides(c.shape, (m, n)) if use_c else (0, 0)
     exact = not dtype.is_float and alpha == 1 and beta == 1
@@ -187,10 +183,10 @@ def lower_gemm(kb: KernelBuilder) -> None:
             cv = vec.load(c, add_i64(kb, mul_i64(kb, i, csm), mul_i64(kb, j0, csn)), width, csn)
         if dtype.is_float:
             if alpha != 1:
-                values = vec.mul(values, vec.splat(kb.const(dtype, alpha), width))
+                values = vec.mul(values, vec.const_vector([alpha] * width))
             if use_c:
                 if beta != 1:
-                    cv = vec.mul(cv, vec.splat(kb.const(dtype, beta), width))
+                    cv = vec.mul(cv, vec.const_vector([beta] * width))
                 values = vec.add(values, cv)
         elif exact:
             if use_c:
@@ -229,7 +225,7 @@ def lower_matmul(kb: KernelBuilder) -> None:
         raise EdgeccError(f"MatMul output shape {list(y.shape)} disagrees with {list(batch)} x {m} x {n}")
     if y.size == 0:
         return
-    vec = Vec(kb, dtype)
+    vec = Vec(kb, dtype, native_half=True)
     bias, finish = kb.optional_input(2), Epilogue(kb, kb.optional_input(3))
     if kk == 0:
         with kb.loop(y.size) as i:
