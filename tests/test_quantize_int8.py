@@ -48,8 +48,8 @@ def calibration(count: int = 16) -> np.ndarray:
     return RNG.standard_normal((count, 1, 3, 16, 16)).astype(np.float32)
 
 
-def ort_int8(model: onnx.ModelProto, samples: np.ndarray):
-    import onnxruntime as ort
+def ort_int8_model(model: onnx.ModelProto, samples: np.ndarray) -> bytes:
+    """onnxruntime's quantize_static of `model`: QDQ, per-channel int8 weights, uint8 activations, minmax."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -64,9 +64,16 @@ def ort_int8(model: onnx.ModelProto, samples: np.ndarray):
         onnx.save(model, src)
         quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        return ort.InferenceSession(dst, options, providers=["CPUExecutionProvider"])
+        with open(dst, "rb") as f:
+            return f.read()
+
+
+def ort_int8(model: onnx.ModelProto, samples: np.ndarray):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(ort_int8_model(model, samples), options, providers=["CPUExecutionProvider"])
 
 
 def output_step(compiled) -> float:
@@ -174,3 +181,17 @@ def test_cli_quantize_with_npz(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["precision"]["calibration_method"] == "percentile"
     assert (tmp_path / "out.o").exists()
+
+
+def test_a_quantised_model_compiles_to_integer_kernels_without_flags():
+    """A QDQ model from onnxruntime needs no --quantize: the -O pipelines lower it (lower-qdq) before folding."""
+    import onnxruntime as ort
+
+    quantised = onnx.load_from_string(ort_int8_model(small_cnn(), calibration()))
+    compiled = edgecc.compile(quantised, opt_level=2)
+    ops = compiled.report["ops"]
+    assert ops.get("QLinearConv") == 2 and ops.get("QGemm") == 1 and "Conv" not in ops, ops
+    session = ort.InferenceSession(quantised.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    step = output_step(compiled)
+    assert np.max(np.abs(session.run(None, {"x": x})[0] - compiled.run({"x": x})[0])) <= 3 * step + 1e-7
