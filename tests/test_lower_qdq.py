@@ -212,3 +212,177 @@ def test_export_of_lowered_graph_runs_in_onnxruntime(build, tmp_path):
     step = output_step(path)
     for feeds in _samples(model, 3, 11):
         assert np.abs(_ort_run(exported, feeds) - _edgecc_run(compiled, feeds)).max() <= step * 1.001
+
+
+# -- QOperator models ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build", [conv_relu, conv_s2_maxpool, depthwise, reshape],
+                         ids=["conv_relu", "conv_s2_maxpool", "depthwise", "reshape"])
+def test_qoperator_models_of_standard_ops_compile_and_match(build, tmp_path):
+    """QOperator output that stays in the ONNX domain (QLinearConv, integer MaxPool/Reshape) runs as it is."""
+    model, _ = build(np.random.default_rng(1))
+    path = ort_quantise(model, tmp_path, fmt="QOperator")
+    compiled = edgecc.compile(path, passes=PIPELINE)
+    assert "QLinearConv" in op_counts(compiled)
+    step = output_step(path)
+    for feeds in _samples(model, 3, 7):
+        assert np.abs(_edgecc_run(compiled, feeds) - _ort_run(path, feeds)).max() <= step * 1.001
+
+
+@pytest.mark.parametrize("build", [gemm, residual, concat], ids=["gemm", "residual", "concat"])
+def test_qoperator_microsoft_ops_are_listed_with_what_to_do(build, tmp_path):
+    model, _ = build(np.random.default_rng(1))
+    path = ort_quantise(model, tmp_path, fmt="QOperator")
+    with pytest.raises(EdgeccError) as info:
+        edgecc.compile(path, passes=PIPELINE, runtime="reference")
+    text = str(info.value)
+    assert "com.microsoft.Q" in text and "QDQ" in text and "quant_format" in text, text
+
+
+# -- hand-built QDQ patterns: what folds, what stays ------------------------------------------------------------
+
+def _const(name, value, dtype):
+    return numpy_helper.from_array(np.asarray(value, dtype), name)
+
+
+def qdq_conv(act=None, y_range=(0.0, 6.0), bias_scale_factor=1.0, weights="dq", x_type=np.uint8, seed=0):
+    """x -> Q -> DQ -> Conv(DQ(int8 w, per channel), DQ(int32 b)) [-> act] -> Q -> DQ -> y, written by hand."""
+    rng = np.random.default_rng(seed)
+    w_float = rng.standard_normal((4, 2, 3, 3)).astype(np.float32) * 0.3
+    w_scale = (np.abs(w_float).reshape(4, -1).max(axis=1) / 127).astype(np.float32)
+    w_q = np.clip(np.rint(w_float / w_scale[:, None, None, None]), -127, 127).astype(np.int8)
+    x_scale, x_zp = (np.float32(8 / 255), x_type(128)) if x_type == np.uint8 else (np.float32(8 / 255), x_type(0))
+    b_scale = (x_scale * w_scale * np.float32(bias_scale_factor)).astype(np.float32)
+    b_q = rng.integers(-300, 300, 4).astype(np.int32)
+    qmin, qmax = (0, 255) if x_type == np.uint8 else (-128, 127)
+    y_scale = np.float32((y_range[1] - y_range[0]) / (qmax - qmin))
+    y_zp = x_type(np.clip(np.rint(qmin - y_range[0] / y_scale), qmin, qmax))
+    inits = [_const("xs", x_scale, np.float32), _const("xz", x_zp, x_type), _const("ws", w_scale, np.float32),
+             _const("wz", np.zeros(4), np.int8), _const("bq", b_q, np.int32), _const("bs", b_scale, np.float32),
+             _const("bz", np.zeros(4), np.int32), _const("ys", y_scale, np.float32), _const("yz", y_zp, x_type)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], axis=0)]
+    if weights == "float":
+        inits.append(_const("wd", w_q.astype(np.float32) * w_scale[:, None, None, None], np.float32))
+    elif weights == "dq":
+        inits.append(_const("wq", w_q, np.int8))
+        nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0))
+    else:  # "q_of_const": PyTorch-style fake-quantised float weights
+        inits.append(_const("wf", w_float, np.float32))
+        nodes += [helper.make_node("QuantizeLinear", ["wf", "ws", "wz"], ["wq"], axis=0),
+                  helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0)]
+    nodes.append(helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], name="conv", pads=[1, 1, 1, 1]))
+    last = "c"
+    if act == "Relu":
+        nodes.append(helper.make_node("Relu", ["c"], ["a"], name="act"))
+        last = "a"
+    elif act is not None:  # ("Clip", lo, hi)
+        inits += [_const("lo", act[1], np.float32), _const("hi", act[2], np.float32)]
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["a"], name="act"))
+        last = "a"
+    nodes += [helper.make_node("QuantizeLinear", [last, "ys", "yz"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", [1, 2, 6, 6])], [tensor_info("y", [1, 4, 6, 6])], inits,
+                       opset=19, name="qdq_conv")
+    return model, float(y_scale)
+
+
+def float_path(model: onnx.ModelProto, feeds) -> np.ndarray:
+    """The QDQ model as written (DQ -> float op -> Q), by onnxruntime with its QDQ fusions turned off."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def check_against_float_path(model, step, lowered: bool, runtime="reference"):
+    compiled = edgecc.compile(model, passes=PIPELINE, runtime=runtime)
+    ops = op_counts(compiled)
+    assert ("QLinearConv" in ops) == lowered and ("Conv" in ops) != lowered, ops
+    for feeds in _samples(model, 4, 3):
+        feeds = {"x": feeds["x"] * 3}  # wide enough to saturate both ends of the output range
+        diff = np.abs(_edgecc_run(compiled, feeds) - float_path(model, feeds))
+        assert diff.max() <= step * 1.001, diff.max() / step
+    return compiled
+
+
+@pytest.mark.parametrize("act, y_range, lowered", [
+    (None, (-4.0, 6.0), True),
+    ("Relu", (0.0, 6.0), True),           # zero point 0 == qmin: the uint8 clamp is the Relu
+    ("Relu", (-1.0, 6.0), False),         # zero point 36: Relu(-0.5) = 0 -> 36, but Q(-0.5) = 31
+    (("Clip", 0.0, 6.0), (0.0, 6.0), True),
+    (("Clip", 0.0, 6.0), (0.0, 8.0), False),  # Q(6) = 191 < 255: the clip at 6 is not implied
+    (("Clip", -1.0, 6.0), (0.0, 6.0), True),  # Q(-1) saturates to 0 anyway
+], ids=["plain", "relu-exact", "relu-not-implied", "clip-exact", "clip-upper-not-implied", "clip-below-range"])
+def test_activation_folds_only_when_exact(act, y_range, lowered):
+    model, step = qdq_conv(act=act, y_range=y_range)
+    check_against_float_path(model, step, lowered)
+
+
+def test_int8_activations_lower_natively():
+    model, step = qdq_conv(act="Relu", y_range=(0.0, 6.0), x_type=np.int8)
+    compiled = check_against_float_path(model, step, lowered=True, runtime="native")
+    assert compiled.module.graph.nodes[1].inputs[0].type.dtype.name == "int8"
+
+
+def test_bias_with_another_scale_is_requantised():
+    """b_scale = 2 x_scale w_scale: the int32 bias is doubled at compile time (exact here), so QLinearConv's B
+    equals 2 * bq and the result matches the float path."""
+    model, step = qdq_conv(bias_scale_factor=2.0, y_range=(-4.0, 6.0))
+    compiled = check_against_float_path(model, step, lowered=True)
+    conv = next(n for n in compiled.module.graph.nodes if n.op == "QLinearConv")
+    bq = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "bq")
+    np.testing.assert_array_equal(conv.inputs[8].const, 2 * bq)
+
+
+def test_float_weights_leave_the_pattern_alone():
+    model, step = qdq_conv(weights="float", y_range=(-4.0, 6.0))
+    check_against_float_path(model, step, lowered=False)
+
+
+def test_fake_quantised_weights_are_quantised_at_compile_time():
+    model, step = qdq_conv(weights="q_of_const", y_range=(-4.0, 6.0))
+    check_against_float_path(model, step, lowered=True)
+
+
+def _lowered(model: onnx.ModelProto):
+    module = import_model(model)
+    PassManager(parse_pipeline("infer-shapes,lower-qdq"), PassContext()).run(module)
+    return [n.op for n in module.graph.nodes]
+
+
+def _qdq_chain(middle: list, scales=(0.05, 0.05), zps=(3, 3), x_shape=(1, 2, 4, 4), y_shape=(1, 2, 4, 4)):
+    """x -> Q(s0) -> DQ(s0) -> middle ops ('m' -> 'mo') -> Q(s1) -> DQ(s1) -> y."""
+    inits = [_const("s0", scales[0], np.float32), _const("z0", zps[0], np.uint8),
+             _const("s1", scales[1], np.float32), _const("z1", zps[1], np.uint8)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s0", "z0"], ["q0"]),
+             helper.make_node("DequantizeLinear", ["q0", "s0", "z0"], ["m"]), *middle,
+             helper.make_node("QuantizeLinear", ["mo", "s1", "z1"], ["q1"]),
+             helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["y"])]
+    return make_model(nodes, [tensor_info("x", list(x_shape))], [tensor_info("y", list(y_shape))], inits, opset=19)
+
+
+def test_quantize_of_dequantize_with_same_parameters_is_dropped():
+    model = _qdq_chain([helper.make_node("Identity", ["m"], ["mo"])])
+    assert _lowered(model) == ["QuantizeLinear", "Identity", "DequantizeLinear"]
+    model = _qdq_chain([helper.make_node("Neg", ["m"], ["n"]), helper.make_node("Neg", ["n"], ["mo"])])
+    ops = _lowered(model)
+    assert ops.count("QuantizeLinear") == 2 and "Neg" in ops  # float ops keep their DQ -> op -> Q
+
+
+@pytest.mark.parametrize("op, attrs, y_shape", [
+    ("MaxPool", {"kernel_shape": [2, 2], "pads": [1, 1, 0, 0]}, (1, 2, 4, 4)),
+    ("Transpose", {"perm": [0, 2, 3, 1]}, (1, 4, 4, 2)),
+    ("Flatten", {}, (1, 32)),
+])
+def test_data_movement_runs_on_integers_only_with_identical_parameters(op, attrs, y_shape):
+    middle = [helper.make_node(op, ["m"], ["mo"], **attrs)]
+    same = _qdq_chain(middle, y_shape=y_shape)
+    assert _lowered(same) == ["QuantizeLinear", op, "DequantizeLinear"]
+    other = _qdq_chain(middle, scales=(0.05, 0.07), y_shape=y_shape)
+    assert _lowered(other).count("DequantizeLinear") == 2
+    for model in (same, other):
+        compiled = edgecc.compile(model, passes=PIPELINE)
+        x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32) * 4
+        np.testing.assert_array_equal(_edgecc_run(compiled, {"x": x}), float_path(model, {"x": x}))

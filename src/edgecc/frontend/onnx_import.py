@@ -94,8 +94,12 @@ def check_supported(model: ModelProto, where: str) -> None:
     missing = sorted({f"{n.domain + '.' if n.domain not in ONNX_DOMAINS else ''}{n.op_type}"
                       for n in model.graph.node if ops.get(n.op_type, n.domain) is None})
     if missing:
-        raise UnsupportedOpError(f"unsupported op(s): {', '.join(missing)}", where=where,
-                                 hint="see `edgecc ops` for the supported set, or rewrite these ops before export")
+        hint = "see `edgecc ops` for the supported set, or rewrite these ops before export"
+        if any(m.startswith("com.microsoft.Q") or m.startswith("com.microsoft.Dynamic") for m in missing):
+            hint = ("these are onnxruntime's QOperator-format quantised ops: quantise the float model in QDQ format "
+                    "instead (onnxruntime.quantization.quantize_static(..., quant_format=QuantFormat.QDQ)), which "
+                    "edgecc lowers to its integer kernels; or compile the float model with --quantize int8")
+        raise UnsupportedOpError(f"unsupported op(s): {', '.join(missing)}", where=where, hint=hint)
 
 
 def lift_opset(model: ModelProto, where: str) -> ModelProto:

@@ -164,7 +164,8 @@ class LinearMatch:
     x: Quant
     w: Quant
     weights: np.ndarray
-    bias: np.ndarray | None
+    bias: np.ndarray | None      # int32 [N] in units of x_scale * w_scale
+    bias_data: Value | None      # the int32 constant the bias DQ read
     chain: list[Node]  # the float nodes the rewrite replaces, output side first
 
 
@@ -264,21 +265,24 @@ def match_linear(q: Node, graph: Graph) -> LinearMatch | str:
     channels = weights.shape[axis]
     if core.op != "MatMul":
         bias_value = core.input(2)
-    bias = None
+    bias = bias_data = None
     if bias_value is not None:
         bias = _bias(bias_value, np.float32(x.scale) * w.scale, channels)
         if isinstance(bias, str):
             return bias
-    return LinearMatch(q, y, core, x, w, weights, bias, chain)
+        bias_data = bias_value.producer.inputs[0]
+    return LinearMatch(q, y, core, x, w, weights, bias, bias_data, chain)
 
 
-def _scalar(graph: Graph, array, dtype, name: str) -> Value:
-    return graph.constant(np.asarray(array, dtype).reshape(()), name)
-
-
-def _per_channel(graph: Graph, array: np.ndarray, dtype, name: str) -> Value:
+def _constant(graph: Graph, original: Value | None, array, dtype, name: str) -> Value:
+    """A constant input for the integer op: per tensor as a scalar, per channel as a vector; the original
+    constant value when it already is exactly that (so the model's initializers are not duplicated)."""
     array = np.asarray(array, dtype)
-    return graph.constant(array.reshape(()) if array.size == 1 else array.reshape(-1), name)
+    array = array.reshape(()) if array.size == 1 else array.reshape(-1) if array.ndim <= 1 else array
+    old = const_of(original)
+    if old is not None and old.dtype == array.dtype and old.shape == array.shape and np.array_equal(old, array):
+        return original
+    return graph.constant(array, name)
 
 
 def replace_q(graph: Graph, q: Node, op: str, inputs: list[Value | None], attrs: dict, name: str,
@@ -314,16 +318,17 @@ class LowerQuantisedLinear(RewriteRule):
     def rewrite(self, node: Node, graph: Graph):
         m = match_linear(node, graph)
         base = m.core.name or m.core.op
-        x_s, x_zp = _scalar(graph, m.x.scale, np.float32, "x_scale"), _scalar(graph, m.x.zero_point,
-                                                                              m.x.dtype.numpy, "x_zero_point")
-        w_s = _per_channel(graph, m.w.scale, np.float32, "w_scale")
-        w_zp = _per_channel(graph, m.w.zero_point, np.int8, "w_zero_point")
-        y_s, y_zp = _scalar(graph, m.y.scale, np.float32, "y_scale"), _scalar(graph, m.y.zero_point,
-                                                                              m.y.dtype.numpy, "y_zero_point")
-        w = graph.constant(m.weights.astype(np.int8), f"{base}_wq")
-        inputs = [m.x.data, x_s, x_zp, w, w_s, w_zp, y_s, y_zp]
+        x, w, y = m.x, m.w, m.y
+        x_s = _constant(graph, x.node.input(1), x.scale, np.float32, f"{base}_x_scale")
+        x_zp = _constant(graph, x.node.input(2), x.zero_point, x.dtype.numpy, f"{base}_x_zero_point")
+        w_s = _constant(graph, w.node.input(1), w.scale, np.float32, f"{base}_w_scale")
+        w_zp = _constant(graph, w.node.input(2), w.zero_point, np.int8, f"{base}_w_zero_point")
+        y_s = _constant(graph, y.node.input(1), y.scale, np.float32, f"{base}_y_scale")
+        y_zp = _constant(graph, y.node.input(2), y.zero_point, y.dtype.numpy, f"{base}_y_zero_point")
+        weights = _constant(graph, w.data, m.weights, np.int8, f"{base}_wq")
+        inputs = [x.data, x_s, x_zp, weights, w_s, w_zp, y_s, y_zp]
         if m.bias is not None:
-            inputs.append(graph.constant(m.bias, f"{base}_bq"))
+            inputs.append(_constant(graph, m.bias_data, m.bias, np.int32, f"{base}_bq"))
         if m.core.op == "Conv":
             replace_q(graph, node, "QLinearConv", inputs, dict(m.core.attrs), m.core.name)
         else:
