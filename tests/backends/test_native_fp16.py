@@ -117,13 +117,25 @@ def test_half_arithmetic_on_fullfp16_uses_fmla_8h(case):
     assert not re.search(r"\bfmla\s+v\d+\.4s", text)
 
 
+def test_elementwise_ops_compute_in_half_on_fullfp16():
+    """Add and Mul of float16 values, computed in float32 and rounded once, equal the half operations (float32
+    holds every such result exactly before the rounding), so LLVM shrinks them to `fadd/fmul v.8h`."""
+    nodes = [helper.make_node("Add", ["x", "z"], ["s"]), helper.make_node("Mul", ["s", "x"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", [1, 64, 32]), tensor_info("z", [1, 64, 32])],
+                       [tensor_info("y", [1, 64, 32])], opset=18)
+    text = _assembly(model, "armv8.2", COMPUTE16)
+    assert re.search(r"\bfadd\s+v\d+\.8h", text) and re.search(r"\bfmul\s+v\d+\.8h", text)
+
+
 @pytest.mark.slow
 @needs_qemu
+@pytest.mark.parametrize("target, passes", [("armv8", PASSES), ("armv8.2", COMPUTE16)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_armv82_half_arithmetic_under_qemu(case):
+def test_arm_under_qemu(case, target, passes):
+    """armv8: float16-stored weights widened by fcvt/fcvtl; armv8.2: half arithmetic throughout."""
     model = CASES[case]()
     feeds = _feeds(model)
-    (y,) = edgecc.compile(model, passes=COMPUTE16, target="armv8.2").run(feeds)
+    (y,) = edgecc.compile(model, passes=passes, target=target).run(feeds)
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     _close(y, expected, 1e-2)
 
