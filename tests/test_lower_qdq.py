@@ -153,9 +153,15 @@ def op_counts(compiled) -> dict[str, int]:
     return counts
 
 
-def _ort_run(model, feeds):
+def _ort_run_session(model):
+    """A function running `model` (a path or a ModelProto) in onnxruntime: feeds -> first output."""
     source = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(None, feeds)[0]
+
+
+def _ort_run(model, feeds):
+    return _ort_run_session(model)(feeds)
 
 
 def _edgecc_run(compiled, feeds):
@@ -386,3 +392,35 @@ def test_data_movement_runs_on_integers_only_with_identical_parameters(op, attrs
         compiled = edgecc.compile(model, passes=PIPELINE)
         x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32) * 4
         np.testing.assert_array_equal(_edgecc_run(compiled, {"x": x}), float_path(model, {"x": x}))
+
+
+# -- trained models (../shared/data) ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preprocess", [False, True], ids=["as-is", "quant-pre-process"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "mobilenet"])
+def test_digits_qdq_accuracy_equals_onnxruntime(name, preprocess, shared_dir, tmp_path):
+    """The digits models quantised by onnxruntime (QDQ, per channel, the calibration split), with and without
+    onnxruntime's quant_pre_process (which folds BatchNormalization first): edgecc's accuracy on the test split
+    equals onnxruntime's on the same QDQ model within 0.2 points (one image of 500)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    data = shared_dir / "data"
+    if not (data / f"digits_{name}.onnx").is_file():
+        pytest.skip(f"{data} holds no digits_{name}.onnx")
+    source = data / f"digits_{name}.onnx"
+    if preprocess:
+        quant_pre_process(str(source), str(tmp_path / "pre.onnx"))
+        source = tmp_path / "pre.onnx"
+    calibration = [{"input": x} for x in np.load(data / f"digits_{name}_calib.npz")["input"]]
+    model = onnx.load(source)
+    model.graph.name = name
+    path = ort_quantise(model, tmp_path, calibration=calibration)
+    compiled = edgecc.compile(path, passes=PIPELINE)
+    counts = op_counts(compiled)
+    assert not FLOAT_LINEAR & counts.keys() and counts.get("QLinearConv", 0) + counts.get("QGemm", 0) > 0, counts
+    test = np.load(data / f"digits_{name}_test.npz")
+    ours = np.array([_edgecc_run(compiled, {"input": x}).argmax() for x in test["input"]])
+    theirs = np.array([_ort_run_session(path)({"input": x}).argmax() for x in test["input"]])
+    accuracy, reference = (ours == test["label"]).mean(), (theirs == test["label"]).mean()
+    assert abs(accuracy - reference) <= 0.002 + 1e-9, (accuracy, reference)

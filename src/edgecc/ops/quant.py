@@ -79,7 +79,8 @@ def _granularity(call: Call, x: TensorType, scale: TensorType, zero_point: Tenso
     """Check scale/zero-point shapes against x; returns the normalised axis (None for per-tensor)."""
     if block_size < 0:
         call.bad_attr(f"block_size {block_size} is negative", hint="use 0 (no blocking) or a positive block size")
-    if zero_point is not None and zero_point.shape != scale.shape:
+    # A [1] scale with a scalar zero point (or the reverse) is per tensor all the same: onnxruntime writes it.
+    if zero_point is not None and zero_point.shape != scale.shape and not zero_point.size == scale.size == 1:
         call.fail(f"{scale_name} has shape {list(scale.shape)} but the zero point has shape "
                   f"{list(zero_point.shape)}", hint="scale and zero point must have the same shape")
     if block_size > 0:
