@@ -54,10 +54,11 @@ def _schema_types(op: str) -> tuple[tuple[str, ...], bool, frozenset[str], froze
 
 
 def input_roles(node: Node) -> tuple[set[int], set[int]]:
-    """(follow, half_ok): inputs of the data's element type (that of the node's float outputs or of its first input:
-    they take the node's precision), and inputs that may be float16 at all. Read from ONNX's type constraints
-    (Resize's `scales` is tensor(float) only, Reshape's `shape` int64, Clip's bounds and Equal's operands follow the
-    data); edgecc's own fused ops take every input in one precision like the ONNX op at their core."""
+    """(follow, half_ok): inputs of the data's element type (that of the node's float outputs, or that the first
+    input shares with others: they take the node's precision), and inputs that may be float16 at all. Read from ONNX's
+    type constraints (Resize's `scales` is tensor(float) only, Reshape's `shape` int64, Clip's bounds and Equal's
+    operands follow the data, Cast's input keeps its type); edgecc's own fused ops take every input in one precision
+    like the ONNX op at their core."""
     n = len(node.inputs)
     if node.domain == EDGECC_DOMAIN:
         everything = set(range(n)) if node.op in BASE_OP else set()
@@ -67,7 +68,8 @@ def input_roles(node: Node) -> tuple[set[int], set[int]]:
         return set(), set()
     formal, variadic, half_outputs, half_inputs = types
     strs = [formal[min(i, len(formal) - 1)] if (i < len(formal) or variadic) else "" for i in range(n)]
-    data = set(half_outputs) | ({strs[0]} if strs and strs[0] in half_inputs else set())
+    shared_first = strs and strs[0] in half_inputs and strs.count(strs[0]) > 1
+    data = set(half_outputs) | ({strs[0]} if shared_first else set())
     return {i for i, t in enumerate(strs) if t in data}, {i for i, t in enumerate(strs) if t in half_inputs}
 
 
