@@ -424,3 +424,49 @@ def test_digits_qdq_accuracy_equals_onnxruntime(name, preprocess, shared_dir, tm
     theirs = np.array([_ort_run_session(path)({"input": x}).argmax() for x in test["input"]])
     accuracy, reference = (ours == test["label"]).mean(), (theirs == test["label"]).mean()
     assert abs(accuracy - reference) <= 0.002 + 1e-9, (accuracy, reference)
+
+
+def qdq_matmul(op="MatMul", per_channel=True, trans_b=0, bias_scale_factor=1.0, seed=0):
+    """x[2,3,8] (MatMul) or x[3,8] (Gemm) -> Q -> DQ -> op(DQ(int8 w), bias) -> Q -> DQ, the bias an Add of a
+    DQ'd int32 vector (MatMul) or Gemm's C."""
+    rng = np.random.default_rng(seed)
+    k, n = 8, 5
+    w_q = rng.integers(-127, 128, (n, k) if trans_b else (k, n)).astype(np.int8)
+    w_scale = (rng.uniform(0.5, 2, n) / 127).astype(np.float32) if per_channel else np.float32(1 / 127)
+    x_scale = np.float32(6 / 255)
+    b_scale = (x_scale * w_scale * np.float32(bias_scale_factor)).astype(np.float32)
+    inits = [_const("xs", x_scale, np.float32), _const("xz", 120, np.uint8), _const("wq", w_q, np.int8),
+             _const("ws", w_scale, np.float32), _const("wz", np.zeros(np.shape(w_scale)), np.int8),
+             _const("bq", rng.integers(-500, 500, n), np.int32), _const("bs", b_scale, np.float32),
+             _const("ys", 0.05, np.float32), _const("yz", 128, np.uint8)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0 if trans_b else 1),
+             helper.make_node("DequantizeLinear", ["bq", "bs"], ["bd"], axis=0)]
+    if op == "MatMul":
+        nodes += [helper.make_node("MatMul", ["xd", "wd"], ["m"], name="mm"),
+                  helper.make_node("Add", ["bd", "m"], ["s"], name="bias")]
+        x_shape, y_shape = [2, 3, k], [2, 3, n]
+    else:
+        nodes.append(helper.make_node("Gemm", ["xd", "wd", "bd"], ["s"], name="gemm", transB=trans_b))
+        x_shape, y_shape = [3, k], [3, n]
+    nodes += [helper.make_node("QuantizeLinear", ["s", "ys", "yz"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", x_shape)], [tensor_info("y", y_shape)], inits, opset=19)
+    return model, 0.05
+
+
+@pytest.mark.parametrize("op, per_channel, trans_b, factor", [
+    ("MatMul", True, 0, 1.0), ("MatMul", False, 0, 1.0), ("MatMul", True, 0, 0.5),
+    ("Gemm", True, 1, 1.0), ("Gemm", False, 0, 1.0), ("Gemm", True, 0, 3.0)],
+    ids=["matmul-add", "matmul-per-tensor", "matmul-bias-rescaled", "gemm-transB", "gemm-per-tensor",
+         "gemm-bias-rescaled"])
+def test_matmul_and_gemm_fold_their_int32_bias_into_qgemm(op, per_channel, trans_b, factor):
+    model, step = qdq_matmul(op, per_channel, trans_b, factor)
+    for runtime in ("reference", "native"):
+        compiled = edgecc.compile(model, passes=PIPELINE, runtime=runtime)
+        assert [n.op for n in compiled.module.graph.nodes] == ["QuantizeLinear", "QGemm", "DequantizeLinear"]
+        assert compiled.module.graph.nodes[1].input(8) is not None  # the bias went into QGemm's C
+        for feeds in _samples(model, 3, 4):
+            diff = np.abs(_edgecc_run(compiled, feeds) - float_path(model, feeds))
+            assert diff.max() <= step * 1.001, diff.max() / step
