@@ -187,8 +187,9 @@ def test_weights_bytes_halve():
 
 
 @pytest.mark.parametrize("passes", [PASSES, COMPUTE16])
-def test_export_is_valid_onnx_with_casts(passes):
-    model = residual()
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_export_is_valid_onnx_with_casts(name, passes):
+    model = MODELS[name]()
     feeds = _feeds(model)
     compiled = edgecc.compile(model, passes=passes, runtime="native")
     exported = compiled.to_onnx()
