@@ -470,3 +470,45 @@ def test_matmul_and_gemm_fold_their_int32_bias_into_qgemm(op, per_channel, trans
         for feeds in _samples(model, 3, 4):
             diff = np.abs(_edgecc_run(compiled, feeds) - float_path(model, feeds))
             assert diff.max() <= step * 1.001, diff.max() / step
+
+
+@pytest.mark.parametrize("op, trans_b", [("MatMul", 0), ("Gemm", 1)], ids=["matmul-add", "gemm-transB"])
+def test_export_of_qgemm_with_bias_matches(op, trans_b):
+    model, step = qdq_matmul(op, True, trans_b)
+    compiled = edgecc.compile(model, passes=PIPELINE)
+    exported = compiled.to_onnx()
+    onnx.checker.check_model(exported, full_check=True)
+    for feeds in _samples(model, 3, 9):
+        assert np.abs(_ort_run(exported, feeds) - _edgecc_run(compiled, feeds)).max() <= step * 1.001
+
+
+def test_export_of_qgemm_with_batched_a_and_transposed_b():
+    """A of rank 3 with transB = 1 is written as DQ -> Transpose -> MatMul -> Add -> Q."""
+    from edgecc.frontend.onnx_export import export_model
+    from edgecc.interpreter import run_module
+    from edgecc.ir.parser import parse_module
+
+    module = parse_module('''module @m {opset = 18} {
+      @as = const dense<[0.1]> : tensor<f32>
+      @az = const dense<[3]> : tensor<u8>
+      @b = const dense<[1, -2, 3, 4, 5, -6, 7, -8, 9, 10, -11, 12]> : tensor<3x4xi8>
+      @bs = const dense<[0.5, 0.25, 0.125]> : tensor<3xf32>
+      @bz = const dense<[0, 0, 0]> : tensor<3xi8>
+      @ys = const dense<[0.2]> : tensor<f32>
+      @yz = const dense<[128]> : tensor<u8>
+      @c = const dense<[40, -80, 7]> : tensor<3xi32>
+      graph @main(%a : tensor<2x2x4xu8>) {
+        %0 = "edgecc.QGemm"(%a, @as, @az, @b, @bs, @bz, @ys, @yz, @c) {transB = 1}
+        return %0 as "y"
+      }
+    }''')
+    PassManager(parse_pipeline("infer-shapes"), PassContext()).run(module)
+    exported = export_model(module)
+    onnx.checker.check_model(exported, full_check=True)
+    assert [n.op_type for n in exported.graph.node] == ["DequantizeLinear", "DequantizeLinear", "Mul",
+                                                         "DequantizeLinear", "Transpose", "MatMul", "Add",
+                                                         "QuantizeLinear"]
+    a = np.random.default_rng(0).integers(0, 40, (2, 2, 4)).astype(np.uint8)
+    ours = run_module(module, {"a": a})[0]
+    theirs = _ort_run(exported, {"a": a})
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1

@@ -115,10 +115,19 @@ def dequantized(value: Value | None) -> Quant | None:
 
 def quantizer(node: Node) -> Quant | None:
     """The parameters of a QuantizeLinear node reading float32, or None."""
-    if node.op != "QuantizeLinear" or node.domain or node.inputs[0].type.dtype != DType.float32:
+    if node.op != "QuantizeLinear" or node.domain or node.inputs[0].type.dtype != DType.float32 \
+            or node.attrs.get("precision", 0):  # a float16 division is not what the integer ops compute
         return None
     out = node.outputs[0]
     return _params(node, out, out.type.dtype, out.type.rank)
+
+
+def output_quant(q: Node) -> Quant | str:
+    """The parameters of the Q a pattern ends at, or why they do not suit an integer op's output."""
+    y = quantizer(q)
+    if y is None or not y.per_tensor or y.dtype not in INT8_TYPES:
+        return "the QuantizeLinear is not per tensor to int8/uint8 with constant parameters"
+    return y
 
 
 def constant_data(q: Quant) -> np.ndarray | None:
@@ -214,9 +223,9 @@ def _core_checks(core: Node) -> str | None:
 
 def match_linear(q: Node, graph: Graph) -> LinearMatch | str:
     """Match the quantised Conv/Gemm/MatMul pattern ending at Q, or say why not."""
-    y = quantizer(q)
-    if y is None or not y.per_tensor or y.dtype not in INT8_TYPES:
-        return "the QuantizeLinear is not per tensor to int8/uint8 with constant parameters"
+    y = output_quant(q)
+    if isinstance(y, str):
+        return y
     chain: list[Node] = []
     value = q.inputs[0]
     producer = value.producer
@@ -234,7 +243,9 @@ def match_linear(q: Node, graph: Graph) -> LinearMatch | str:
             return "the Add result has other readers"
         for i in (0, 1):
             mm = producer.inputs[i].producer
-            if mm is not None and mm.op == "MatMul" and dequantized(producer.inputs[1 - i]) is not None:
+            other = producer.inputs[1 - i]
+            if mm is not None and mm.op == "MatMul" and dequantized(other) is not None \
+                    and other.type.rank <= producer.inputs[i].type.rank:  # the bias does not add dimensions
                 chain.append(producer)
                 bias_value, value, producer = producer.inputs[1 - i], producer.inputs[i], mm
                 break
@@ -306,17 +317,27 @@ def remove_dead(graph: Graph, nodes: list[Node]) -> None:
                 remove_dead(graph, [p for p in producers if p.op in ("DequantizeLinear", "QuantizeLinear")])
 
 
-class LowerQuantisedLinear(RewriteRule):
-    """Conv -> QLinearConv; Gemm / MatMul (+ bias Add) -> edgecc.QGemm."""
+class MatchingRule(RewriteRule):
+    """A rule whose check is its matcher: `match` gives what the rewrite needs, or a string saying why not."""
 
-    name, roots = "lower-qdq-linear", ("QuantizeLinear",)
+    roots = ("QuantizeLinear",)
+
+    def match(self, node: Node, graph: Graph):
+        raise NotImplementedError
 
     def check(self, node: Node, graph: Graph):
-        match = match_linear(node, graph)
-        return match if isinstance(match, str) else None
+        found = self.match(node, graph)
+        return found if isinstance(found, str) else None
+
+
+class LowerQuantisedLinear(MatchingRule):
+    """Conv -> QLinearConv; Gemm / MatMul (+ bias Add) -> edgecc.QGemm."""
+
+    name = "lower-qdq-linear"
+    match = staticmethod(match_linear)
 
     def rewrite(self, node: Node, graph: Graph):
-        m = match_linear(node, graph)
+        m = self.match(node, graph)
         base = m.core.name or m.core.op
         x, w, y = m.x, m.w, m.y
         x_s = _constant(graph, x.node.input(1), x.scale, np.float32, f"{base}_x_scale")
@@ -363,10 +384,10 @@ class DropQuantDequant(RewriteRule):
 def match_movement(q: Node, graph: Graph) -> tuple[Node, list[Quant]] | str:
     """DQ -> data-movement op -> Q, all per tensor with one set of parameters (for MaxPool: a positive scale,
     so the order of integers is the order of reals)."""
-    y = quantizer(q)
+    y = output_quant(q)
+    if isinstance(y, str):
+        return y
     op = q.inputs[0].producer
-    if y is None or not y.per_tensor or y.dtype not in INT8_TYPES:
-        return "the QuantizeLinear is not per tensor to int8/uint8 with constant parameters"
     if op is None or op.op not in DATA_MOVEMENT or op.domain:
         return "the quantised value is not computed by a data-movement op"
     if not single_reader(graph, q.inputs[0]) or any(v.uses or graph.is_output(v) for v in op.outputs[1:]):
@@ -380,17 +401,14 @@ def match_movement(q: Node, graph: Graph) -> tuple[Node, list[Quant]] | str:
     return op, sources
 
 
-class LowerDataMovement(RewriteRule):
+class LowerDataMovement(MatchingRule):
     """Run MaxPool/Reshape/Transpose/Concat/... on the integer data instead of dequantised floats."""
 
-    name, roots = "lower-qdq-movement", ("QuantizeLinear",)
-
-    def check(self, node: Node, graph: Graph):
-        match = match_movement(node, graph)
-        return match if isinstance(match, str) else None
+    name = "lower-qdq-movement"
+    match = staticmethod(match_movement)
 
     def rewrite(self, node: Node, graph: Graph):
-        op, sources = match_movement(node, graph)
+        op, sources = self.match(node, graph)
         count = len(sources)
         inputs = [s.data for s in sources] + list(op.inputs[count:])
         replace_q(graph, node, op.op, inputs, dict(op.attrs), op.name)
