@@ -105,13 +105,13 @@ def check_qconv(model, feeds, target: str = "host", ort: bool = True) -> None:
 CONV_CASES = {
     "first_7x7_s2_3ch": ((1, 3, 30, 29), 16, 7, 1, dict(strides=[2, 2], pads=[3, 3, 3, 3])),
     "3x3_s1": ((1, 16, 14, 13), 24, 3, 1, dict(pads=[1, 1, 1, 1])),
-    "3x3_s2_odd_channels": ((1, 21, 15, 15), 37, 3, 1, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    "3x3_s2_odd_channels": ((1, 21, 15, 39), 37, 3, 1, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
     "1x1": ((1, 24, 9, 9), 40, 1, 1, {}),
     "1x1_s2": ((1, 12, 11, 11), 20, 1, 1, dict(strides=[2, 2])),
     "dilated_asymmetric_pads": ((2, 5, 12, 17), 6, 3, 1, dict(dilations=[2, 2], pads=[2, 1, 0, 3])),
     "narrow_7x7_map": ((1, 64, 7, 7), 48, 3, 1, dict(pads=[1, 1, 1, 1])),
-    "depthwise_s1": ((1, 24, 14, 13), 24, 3, 24, dict(pads=[1, 1, 1, 1])),
-    "depthwise_s2": ((1, 20, 15, 15), 20, 3, 20, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    "depthwise_s1": ((1, 24, 14, 37), 24, 3, 24, dict(pads=[1, 1, 1, 1])),
+    "depthwise_s2": ((1, 20, 15, 41), 20, 3, 20, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
     "depthwise_5x5_no_pad": ((1, 7, 12, 11), 7, 5, 7, {}),
 }
 

@@ -16,7 +16,7 @@ reductions go to the generic kernel in quant.py.
 
 Requantisation in fixed point (`QuantParams`): M = x_scale * w_scale / y_scale is computed in float32 as the
 reference does, then taken apart bit-exactly: M = m0 * 2^-s with m0 = mantissa << 7 in [2^30, 2^31), and
-y = clamp(((acc * m0) + 2^(s-1)) >> s + y_zp) in i64. The reference rounds the exact float64 product half to
+y = clamp((acc * m0 + 2^(s-1) + (y_zp << s)) >> s) in i64 (s <= 46, see MAX_SHIFT). The reference rounds the exact float64 product half to
 even; this rounds half up, so the two differ by 1 only at exact ties. Parameters are read at run time from the
 scale / zero-point / bias pointers (kernels are shared by layers of one shape, like the float ones).
 
@@ -51,6 +51,10 @@ MAX_SCRATCH = 256 * 1024
 """A layer whose one-output-row band needs more than this goes to the generic kernel."""
 MAX_K = (2 ** 31 - 1) // (255 * 128)
 """Largest reduction (taps * channels) whose u8 x s8 sum cannot overflow int32 (65793)."""
+CHUNK = 16
+"""Columns packed per vector step (16 bytes read from each channel row)."""
+MAX_SHIFT = 46
+"""Largest requantisation shift: |acc * m0| < 2^62 and |y_zp << 46| < 2^54 keep the i64 sum exact."""
 MAX_CHANNELS = 16384
 """Per-channel requantisation parameters live on the stack (12 bytes each)."""
 
@@ -162,7 +166,8 @@ _RANGE = {True: (-128, 127), False: (0, 255)}
 
 class QuantParams:
     """Per-channel fixed-point requantisation parameters, computed once per kernel call into stack arrays of
-    `padded` entries: corr (i32: bias - (x_zp + delta) * sum(w)), m0 (i32) and shift (i32)."""
+    `padded` entries: corr (i32: bias - (x_zp + delta) * sum(w)), m0 (i32), shift (i32) and the i64 offset
+    2^(shift-1) + (y_zp << shift) (rounding and output zero point in one add)."""
 
     def __init__(self, kb: KernelBuilder, channels: int, padded: int, x_scale: Buffer, x_zp: Buffer | None,
                  w_scale: Buffer, y_scale: Buffer, y_zp: Buffer | None, bias: Buffer | None, sums: Buffer,
@@ -173,60 +178,69 @@ class QuantParams:
         self.corr = stack_array(kb, I32, padded, "qcorr")
         self.m0 = stack_array(kb, I32, padded, "qm0")
         self.shift = stack_array(kb, I32, padded, "qshift")
+        self.offset = stack_array(kb, I64, padded, "qoffset")
         zp_x = (b.sext if x_zp.dtype.name == "int8" else b.zext)(kb.load(x_zp, kb.i64(0)), I32) \
             if x_zp is not None else ir.Constant(I32, 0)
-        offset = b.add(zp_x, ir.Constant(I32, delta))
-        self.y_zp = (b.sext if self.out_signed else b.zext)(kb.load(y_zp, kb.i64(0)), I64) \
+        x_offset = b.add(zp_x, ir.Constant(I32, delta))
+        zp_y = (b.sext if self.out_signed else b.zext)(kb.load(y_zp, kb.i64(0)), I64) \
             if y_zp is not None else kb.i64(0)
         xs, ys = kb.load(x_scale, kb.i64(0)), kb.load(y_scale, kb.i64(0))
+
+        def i32c(v: int) -> ir.Constant:
+            return ir.Constant(I32, v)
+
         with kb.loop(padded, "qp") as m:
             mc = b.select(b.icmp_signed("<", m, kb.i64(channels)), m, kb.i64(channels - 1))
             mult = b.fdiv(b.fmul(xs, kb.load(w_scale, mc if w_scale.size > 1 else kb.i64(0))), ys)
             bits = b.bitcast(mult, I32)
-            expo = b.and_(b.lshr(bits, ir.Constant(I32, 23)), ir.Constant(I32, 0xFF))
-            mant = b.or_(b.and_(bits, ir.Constant(I32, 0x7FFFFF)), ir.Constant(I32, 0x800000))
-            m0 = b.shl(mant, ir.Constant(I32, 7))  # in [2^30, 2^31): a positive i32
-            shift = b.sub(ir.Constant(I32, 157), expo)  # mult = m0 * 2^-shift
-            # multipliers below 2^-31 lose low bits (shift capped at 62); zero, subnormal or negative ones give 0
-            excess = b.sub(shift, ir.Constant(I32, 62))
-            excess = b.select(b.icmp_signed(">", excess, ir.Constant(I32, 31)), ir.Constant(I32, 31), excess)
-            m0 = b.select(b.icmp_signed(">", excess, ir.Constant(I32, 0)), b.lshr(m0, excess), m0)
-            usable = b.and_(b.icmp_unsigned("!=", expo, ir.Constant(I32, 0)),
-                            b.icmp_signed(">=", bits, ir.Constant(I32, 0)))
-            m0 = b.select(usable, m0, ir.Constant(I32, 0))
+            expo = b.and_(b.lshr(bits, i32c(23)), i32c(0xFF))
+            mant = b.or_(b.and_(bits, i32c(0x7FFFFF)), i32c(0x800000))
+            m0 = b.shl(mant, i32c(7))  # in [2^30, 2^31): a positive i32
+            shift = b.sub(i32c(157), expo)  # mult = m0 * 2^-shift exactly
+            # shift <= MAX_SHIFT keeps (acc * m0 + offset) inside i64: smaller multipliers (< 2^-15) drop low
+            # bits of m0, an error below |acc| * 2^-MAX_SHIFT <= 2^-15 of an output unit
+            excess = b.sub(shift, i32c(MAX_SHIFT))
+            excess = b.select(b.icmp_signed(">", excess, i32c(31)), i32c(31), excess)
+            m0 = b.select(b.icmp_signed(">", excess, i32c(0)), b.lshr(m0, excess), m0)
+            usable = b.and_(b.icmp_unsigned("!=", expo, i32c(0)), b.icmp_signed(">=", bits, i32c(0)))
+            m0 = b.select(usable, m0, i32c(0))  # zero, subnormal or negative multipliers give y_zp
             # shift >= 1: multipliers >= 2^30 saturate every nonzero accumulator either way
-            shift = b.select(b.icmp_signed(">", shift, ir.Constant(I32, 62)), ir.Constant(I32, 62), shift)
-            shift = b.select(b.icmp_signed("<", shift, ir.Constant(I32, 1)), ir.Constant(I32, 1), shift)
-            corr = b.mul(offset, kb.load(sums, m))
-            corr = b.sub(kb.load(bias, mc) if bias is not None else ir.Constant(I32, 0), corr)
-            for slot, value in ((self.corr, corr), (self.m0, m0), (self.shift, shift)):
-                store_to(kb, value, b.gep(slot, [m], inbounds=True, source_etype=I32), 4)
+            shift = b.select(b.icmp_signed(">", shift, i32c(MAX_SHIFT)), i32c(MAX_SHIFT), shift)
+            shift = b.select(b.icmp_signed("<", shift, i32c(1)), i32c(1), shift)
+            s64 = b.zext(shift, I64)
+            offset = b.add(b.shl(kb.i64(1), b.sub(s64, kb.i64(1))), b.shl(zp_y, s64))
+            corr = b.mul(x_offset, kb.load(sums, m))
+            corr = b.sub(kb.load(bias, mc) if bias is not None else i32c(0), corr)
+            for slot, value, align in ((self.corr, corr, 4), (self.m0, m0, 4), (self.shift, shift, 4),
+                                       (self.offset, offset, 8)):
+                store_to(kb, value, b.gep(slot, [m], inbounds=True, source_etype=value.type), align)
 
-    def load(self, slot: ir.Value, m, n: int | None = None) -> ir.Value:
+    def load(self, slot: ir.Value, ty: ir.Type, m, n: int | None = None) -> ir.Value:
         """One parameter (n None) or n consecutive ones as a vector."""
         b = self.kb.b
-        ptr = b.gep(slot, [self.kb.i64(m) if isinstance(m, int) else m], inbounds=True, source_etype=I32)
-        return b.load(ptr, typ=I32 if n is None else vec_ty(I32, n), align=4)
+        ptr = b.gep(slot, [self.kb.i64(m) if isinstance(m, int) else m], inbounds=True, source_etype=ty)
+        return b.load(ptr, typ=ty if n is None else vec_ty(ty, n), align=ty.width // 8)
+
+    def _params(self, m, n):
+        return (self.load(self.corr, I32, m, n), self.load(self.m0, I32, m, n), self.load(self.shift, I32, m, n),
+                self.load(self.offset, I64, m, n))
 
     def channel(self, m) -> tuple:
-        """(corr, m0, shift) of output channel m, as scalars."""
-        return self.load(self.corr, m), self.load(self.m0, m), self.load(self.shift, m)
+        """The parameters of output channel m, as scalars."""
+        return self._params(m, None)
 
     def lanes_of(self, m, n: int) -> tuple:
-        """(corr, m0, shift) of channels m..m+n-1 as <n x i32> vectors."""
-        return self.load(self.corr, m, n), self.load(self.m0, m, n), self.load(self.shift, m, n)
+        """The parameters of channels m..m+n-1, as vectors."""
+        return self._params(m, n)
 
     def apply(self, acc: ir.Value, params: tuple) -> ir.Value:
-        """<n x i32> accumulators to <n x i8> outputs: clamp(((acc + corr) * m0 + 2^(s-1)) >> s + y_zp)."""
+        """<n x i32> accumulators to <n x i8> outputs: clamp(((acc + corr) * m0 + offset) >> shift)."""
         b = self.kb.b
         n = acc.type.count
-        corr, m0, shift = (p if isinstance(p.type, ir.VectorType) else splat(b, p, n) for p in params)
+        corr, m0, shift, offset = (p if isinstance(p.type, ir.VectorType) else splat(b, p, n) for p in params)
         i64x = vec_ty(I64, n)
-        v = b.sext(b.add(acc, corr), i64x)
-        s = b.zext(shift, i64x)
-        one = ir.Constant(i64x, [ir.Constant(I64, 1)] * n)
-        v = b.add(b.mul(v, b.zext(m0, i64x)), b.shl(one, b.sub(s, one)))
-        v = b.add(b.ashr(v, s), splat(b, self.y_zp, n))
+        v = b.mul(b.sext(b.add(acc, corr), i64x), b.zext(m0, i64x))
+        v = b.ashr(b.add(v, offset), b.zext(shift, i64x))
         lo, hi = _RANGE[self.out_signed]
         lo_v, hi_v = (ir.Constant(i64x, [ir.Constant(I64, c)] * n) for c in (lo, hi))
         v = b.select(b.icmp_signed("<", v, lo_v), lo_v, v)
@@ -336,8 +350,12 @@ class BandPacker:
                                     srcs.append(add_i64(kb, mul_i64(kb, n_idx, geo.c * geo.h * geo.w),
                                                         mul_i64(kb, ch, geo.h * geo.w), mul_i64(kb, ih, geo.w),
                                                         px - geo.pl))
-                                if c_hi > c_lo:
-                                    with kb.loop(c_hi, "pc", start=c_lo) as col:
+                                chunks = self.chunks(c_lo, c_hi, px)
+                                if chunks:
+                                    with kb.loop(chunks, "pv") as k:
+                                        self.copy_chunk(srcs, dst, add_i64(kb, mul_i64(kb, k, CHUNK), c_lo))
+                                if c_hi > c_lo + chunks * CHUNK:
+                                    with kb.loop(c_hi, "pc", start=c_lo + chunks * CHUNK) as col:
                                         for j in range(g):
                                             v = kb.load(self.x, add_i64(kb, srcs[j], mul_i64(kb, col, geo.sx)))
                                             if self.flip:
@@ -346,6 +364,32 @@ class BandPacker:
                                                                      add_i64(kb, dst, mul_i64(kb, col, g), j)))
                             with otherwise:
                                 memset(kb, byte_ptr(kb, self.scratch, dst), self.fill, geo.wq * g)
+
+
+    def chunks(self, c_lo: int, c_hi: int, px: int) -> int:
+        """Whole CHUNKs of columns from c_lo whose vector reads (CHUNK * sx bytes) stay inside the input row."""
+        geo, k = self.geo, 0
+        while c_lo + (k + 1) * CHUNK <= c_hi and (c_lo + (k + 1) * CHUNK) * geo.sx - 1 + px - geo.pl <= geo.w - 1:
+            k += 1
+        return k
+
+    def copy_chunk(self, srcs, dst, col) -> None:
+        """Columns col..col+CHUNK-1 of the g channel rows at srcs into dst, interleaved by channel."""
+        kb, b, sx, g = self.kb, self.kb.b, self.geo.sx, self.g
+        rows = []
+        for src in srcs:
+            wide = b.load(kb.element_ptr(self.x, add_i64(kb, src, mul_i64(kb, col, sx))), typ=vec_ty(I8, CHUNK * sx),
+                          align=1)
+            rows.append(wide if sx == 1 else b.shuffle_vector(wide, wide, i32_vector(range(0, CHUNK * sx, sx))))
+        if g == 1:
+            value = rows[0]
+        else:  # g == 4: out[4i + j] = rows[j][i]
+            low = b.shuffle_vector(rows[0], rows[1], i32_vector(range(2 * CHUNK)))
+            high = b.shuffle_vector(rows[2], rows[3], i32_vector(range(2 * CHUNK)))
+            value = b.shuffle_vector(low, high, i32_vector(j * CHUNK + i for i in range(CHUNK) for j in range(4)))
+        if self.flip:
+            value = b.xor(value, ir.Constant(value.type, [ir.Constant(I8, self.flip)] * value.type.count))
+        store_to(kb, value, byte_ptr(kb, self.scratch, add_i64(kb, dst, mul_i64(kb, col, g))))
 
 
 def band_rows(geo: ConvGeometry, bytes_per_row: int, limit: int = BAND_BYTES) -> int:
@@ -468,60 +512,102 @@ def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y:
     return True
 
 
-def pack_depthwise_weights(w: np.ndarray) -> np.ndarray:
-    """[C, 1, kh, kw] int8 -> int32: the C sums, then the taps of each channel sign-extended."""
-    return np.concatenate([weight_sums(w), w.reshape(-1).astype(np.int32)])
+def window_groups(geo: ConvGeometry) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """The taps cut into windows of 4 consecutive packed positions of one phase row: (phase, position offset of
+    the window, [(byte j in the window, tap index)]). A 3x3 stride-1 kernel is 3 windows, stride 2 is 6."""
+    groups = []
+    for ky in range(geo.kh):
+        row_phase, row_off = ((ky * geo.dy) % geo.sy) * geo.sx, (ky * geo.dy // geo.sy) * geo.wq
+        for px in range(geo.sx):
+            offsets = [((kx * geo.dx) // geo.sx, ky * geo.kw + kx) for kx in range(geo.kw)
+                       if (kx * geo.dx) % geo.sx == px]
+            while offsets:
+                first = offsets[0][0]
+                inside = [(o - first, t) for o, t in offsets if o < first + 4]
+                groups.append((row_phase + px, row_off + first, inside))
+                offsets = offsets[len(inside):]
+    return groups
+
+
+def pack_depthwise_weights(w: np.ndarray, windows: tuple | None) -> np.ndarray:
+    """[C, 1, kh, kw] int8 -> int32: the C sums, then per channel either its taps sign-extended (windows None) or
+    one 4-byte word per window (byte j = the weight of the tap at window position j, 0 where there is none)."""
+    taps = w.reshape(w.shape[0], -1)
+    if windows is None:
+        return np.concatenate([weight_sums(w), taps.astype(np.int32).reshape(-1)])
+    words = np.zeros((w.shape[0], len(windows), 4), np.int8)
+    for g, inside in enumerate(windows):
+        for j, t in inside:
+            words[:, g, j] = taps[:, t]
+    return np.concatenate([weight_sums(w), words.view(np.int32).reshape(-1)])
 
 
 def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y: Buffer) -> bool:
-    """Depthwise QLinearConv: each channel's padded map packed (one byte per position), then per tap an i32
-    multiply-add over L positions (products of u8/s8 and s8 need 16 bits; sums need 32)."""
+    """Depthwise QLinearConv: each channel's padded map packed (one byte per position). With vpdpbusd (and
+    AVX-512 VBMI's byte permute) or sdot, up to 4 taps of one row are one dot4: lane i takes the 4 bytes at
+    positions i..i+3 of the window (a byte shuffle of one load), the weight word holds the taps' weights. Elsewhere
+    each tap is an i32 multiply-add over L positions (products of u8/s8 and s8 need 16 bits; sums need 32)."""
     b = kb.b
     act_signed = x.dtype.name == "int8"
     phases = geo.sy * geo.sx
     bytes_per_row = phases * geo.wq
     if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
         return False
+    dot = Dot4(kb)
+    features = set(kb.target.features.split(","))
+    windowed = dot.kind == "sdot" or (dot.kind == "vnni" and "+avx512vbmi" in features)
     rows = band_rows(geo, bytes_per_row)
-    L = max(1, lanes(kb))
+    L = dot.lanes if windowed else max(1, lanes(kb))
     budget = 12 if vector_registers(kb) >= 32 else 6
     _, nr = choose_tile(rows * geo.wq, L, budget * 4, 4)
     nr = min(nr, budget)
     T = nr * L
     n_tiles_max = -(-rows * geo.wq // T)
     taps = list(geo.taps())
-    packed = kb.packed_input(3, pack_depthwise_weights)
-    params = QuantParams(kb, geo.m, geo.m, *params_in, sums=packed, delta=0)
+    groups = window_groups(geo) if windowed else None
+    windows = tuple(tuple(inside) for _, _, inside in groups) if windowed else None
+    packed = kb.packed_input(3, lambda w: pack_depthwise_weights(w, windows))
+    flip, delta = dot.flip(act_signed) if windowed else (0, 0)
+    params = QuantParams(kb, geo.m, geo.m, *params_in, sums=packed, delta=delta)
     x_zp = params_in[1]
-    fill = kb.load(x_zp, kb.i64(0)) if x_zp is not None else ir.Constant(I8, 0)
-    packer = BandPacker(kb, x, geo, 1, rows, 0, fill)
-    slack = T + geo.ey * geo.wq + geo.ex + 1
+    fill = b.xor(kb.load(x_zp, kb.i64(0)), ir.Constant(I8, flip)) if x_zp is not None else ir.Constant(I8, flip)
+    packer = BandPacker(kb, x, geo, 1, rows, flip, fill)
+    window_bytes = max(16, 2 * L)  # one load covers the L + 3 bytes of a window's lanes
+    slack = T + geo.ey * geo.wq + geo.ex + 1 + window_bytes
     packer.scratch = stack_bytes(kb, packer.group_bytes + slack, "band")
     memset(kb, byte_ptr(kb, packer.scratch, packer.group_bytes), fill, slack)
     staging = stack_bytes(kb, n_tiles_max * T, "stage")
     acc_ty, x_ty = vec_ty(I32, L), vec_ty(I8, L)
     zero = ir.Constant(acc_ty, [ir.Constant(I32, 0)] * L)
     n_bands = -(-geo.oh // rows)
+    per_channel = len(groups) if windowed else len(taps)
+    spread = i32_vector(i + j for i in range(L) for j in range(4))
 
     with kb.loop(geo.n, "n") as n_idx, kb.loop(geo.c, "c") as c, kb.loop(n_bands, "band") as band:
         oh0 = mul_i64(kb, band, rows)
         left = b.sub(kb.i64(geo.oh), oh0)
         rb = b.select(b.icmp_signed("<", left, kb.i64(rows)), left, kb.i64(rows))
         packer.pack(n_idx, c, oh0, rb)
-        weights = [splat(b, kb.load(packed, add_i64(kb, mul_i64(kb, c, len(taps)), geo.m + ti)), L)
-                   for ti in range(len(taps))]
+        weights = [splat(b, kb.load(packed, add_i64(kb, mul_i64(kb, c, per_channel), geo.m + k)), L)
+                   for k in range(per_channel)]
         ch = params.channel(c)
         positions = b.sub(b.mul(rb, kb.i64(geo.wq)), kb.i64(geo.wq - geo.ow))
         n_tiles = b.sdiv(b.add(positions, kb.i64(T - 1)), kb.i64(T))
         with kb.loop(n_tiles, "tile") as t:
             q0 = mul_i64(kb, t, T)
             values = [zero] * nr
-            for ti, (phase, offset) in enumerate(taps):
+            reads = [(phase, offset) for phase, offset, _ in groups] if windowed else taps
+            for k, (phase, offset) in enumerate(reads):
                 for v in range(nr):
                     ptr = byte_ptr(kb, packer.scratch, add_i64(kb, q0, phase * packer.plane + offset + v * L))
-                    xv = b.load(ptr, typ=x_ty, align=1)
-                    xv = b.sext(xv, acc_ty) if act_signed else b.zext(xv, acc_ty)
-                    values[v] = b.add(values[v], b.mul(xv, weights[ti]))
+                    if windowed:
+                        wide = b.load(ptr, typ=vec_ty(I8, window_bytes), align=1)
+                        xv = b.shuffle_vector(wide, wide, spread)
+                        values[v] = dot.dot(values[v], xv, weights[k], dot.signed)
+                    else:
+                        xv = b.load(ptr, typ=x_ty, align=1)
+                        xv = b.sext(xv, acc_ty) if act_signed else b.zext(xv, acc_ty)
+                        values[v] = b.add(values[v], b.mul(xv, weights[k]))
             for v in range(nr):
                 store_to(kb, params.apply(values[v], ch), byte_ptr(kb, staging, add_i64(kb, q0, v * L)))
         with kb.loop(rb, "row") as rr:
