@@ -23,7 +23,6 @@ import pytest
 from onnx import helper, numpy_helper
 
 import edgecc
-import edgecc.passes.convert_fp16  # noqa: F401  (registers the pass until the package imports it)
 from edgecc.errors import EdgeccError
 from edgecc.ir.dtypes import DType
 from models import make_model, tensor_info
