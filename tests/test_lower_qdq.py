@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import edgecc
 from edgecc.errors import EdgeccError
@@ -179,7 +179,9 @@ def test_ort_qdq_models_lower_and_match_onnxruntime(build, tmp_path):
     for op, n in expected.items():
         assert counts.get(op, 0) == n, counts
     assert not FLOAT_LINEAR & counts.keys(), counts
-    # integer data flows between the lowered ops: no DQ -> Q pair is left inside the graph
+    # no DQ feeds a Q directly: integer data flows between the lowered ops
+    assert not [n for n in compiled.module.graph.nodes if n.op == "QuantizeLinear"
+                and n.inputs[0].producer is not None and n.inputs[0].producer.op == "DequantizeLinear"]
     step = output_step(path)
     for feeds in _samples(model, 4, 7):
         ours, theirs = _edgecc_run(compiled, feeds), _ort_run(path, feeds)

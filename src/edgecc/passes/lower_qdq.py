@@ -125,8 +125,8 @@ def quantizer(node: Node) -> Quant | None:
 def output_quant(q: Node) -> Quant | str:
     """The parameters of the Q a pattern ends at, or why they do not suit an integer op's output."""
     y = quantizer(q)
-    if y is None or not y.per_tensor or y.dtype not in INT8_TYPES:
-        return "the QuantizeLinear is not per tensor to int8/uint8 with constant parameters"
+    if y is None or not y.per_tensor or y.dtype not in INT8_TYPES or not y.scale > 0:
+        return "the QuantizeLinear is not per tensor to int8/uint8 with constant parameters and a positive scale"
     return y
 
 
@@ -193,7 +193,8 @@ def _bias(value: Value, acc_scale: np.ndarray, channels: int) -> np.ndarray | st
     data = constant_data(b)
     if data is None or b.dtype != DType.int32:
         return "the bias is not a constant int32 tensor"
-    if data.size != channels or (data.ndim > 1 and data.shape[-1] != channels) or not b.per_tensor and b.axis != data.ndim - 1:
+    per_channel_ok = b.per_tensor or b.axis == data.ndim - 1
+    if data.size != channels or (data.ndim > 1 and data.shape[-1] != channels) or not per_channel_ok:
         return f"the bias has shape {list(data.shape)}, not one value per output channel ({channels})"
     data = data.reshape(-1).astype(np.int64)
     b_scale = np.broadcast_to(b.scale.reshape(-1), (channels,))
