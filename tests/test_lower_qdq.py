@@ -383,9 +383,10 @@ def test_quantize_of_dequantize_with_same_parameters_is_dropped():
     ("MaxPool", {"kernel_shape": [2, 2], "pads": [1, 1, 0, 0]}, (1, 2, 4, 4)),
     ("Transpose", {"perm": [0, 2, 3, 1]}, (1, 4, 4, 2)),
     ("Flatten", {}, (1, 32)),
+    ("Concat", {"axis": 1}, (1, 4, 4, 4)),
 ])
 def test_data_movement_runs_on_integers_only_with_identical_parameters(op, attrs, y_shape):
-    middle = [helper.make_node(op, ["m"], ["mo"], **attrs)]
+    middle = [helper.make_node(op, ["m", "m"] if op == "Concat" else ["m"], ["mo"], **attrs)]
     same = _qdq_chain(middle, y_shape=y_shape)
     assert _lowered(same) == ["QuantizeLinear", op, "DequantizeLinear"]
     other = _qdq_chain(middle, scales=(0.05, 0.07), y_shape=y_shape)
