@@ -110,3 +110,21 @@ def test_builder_builds_a_runnable_module():
     data = np.arange(-3, 3, dtype=np.float32).reshape(2, 3)
     (y,) = run_module(module, {"x": data})
     np.testing.assert_array_equal(y, np.maximum(data[:, 1:] * 2, 0))
+
+
+def test_clone_is_independent_and_deep_graphs_clone():
+    from edgecc.interpreter import run_module
+
+    b = Builder()
+    x = b.input("x", DType.float32, (4,))
+    y = x
+    for _ in range(3000):  # deeper than Python's recursion limit: copy.deepcopy fails here
+        y = b.op("Relu", y)
+    b.output(y, "y")
+    module = b.module()
+    copy = module.clone()
+    assert print_module(copy) == print_module(module)
+    copy.graph.remove_node(copy.graph.nodes[-1])
+    assert len(module.graph.nodes) == 3000 and len(copy.graph.nodes) == 2999
+    data = np.array([-1, 0, 1, 2], np.float32)
+    np.testing.assert_array_equal(run_module(module, {"x": data})[0], np.maximum(data, 0))

@@ -120,8 +120,6 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
 
     With `min_sqnr` (dB), the layers whose quantisation loses the most signal (input SQNR minus output SQNR) stay
     float32, one at a time, until the model's output SQNR on the calibration data reaches it."""
-    import copy
-
     from edgecc.calibration import collect_ranges, load_calibration
     from edgecc.passes.quantize_int8 import QuantizeInt8Pass, needed_ranges
 
@@ -139,10 +137,10 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
     samples = load_calibration(calibration, module)
     ranges = collect_ranges(module, samples, needed_ranges(module), method=method, progress=progress)
     probe = samples[:SENSITIVITY_SAMPLES]
-    float_module = copy.deepcopy(module)
+    float_module = module.clone()
     kept = [n for n in keep.split(",") if n]
     while True:
-        qdq = copy.deepcopy(float_module)
+        qdq = float_module.clone()
         PassManager([QuantizeInt8Pass(keep_fp32=",".join(kept))], PassContext(calibration_ranges=ranges)).run(qdq)
         layers, output_sqnr = layer_sensitivity(float_module, qdq, probe)
         if min_sqnr is None or output_sqnr >= min_sqnr or not layers:

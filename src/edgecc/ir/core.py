@@ -217,3 +217,28 @@ class Module:
         self.name = name
         self.metadata: dict[str, str] = dict(metadata or {})
         self.memory_plan = None  # set by the plan-memory pass (edgecc.passes.plan_memory.MemoryPlan)
+
+    def clone(self) -> "Module":
+        """An independent copy of the graph (same names and types; constant arrays are shared, never written in
+        place). Iterative, so deep graphs do not hit Python's recursion limit as copy.deepcopy does."""
+        old = self.graph
+        graph = Graph(old.name)
+        graph._names = set(old._names)
+        mapped: dict[int, Value] = {}
+
+        def value(v: Value | None) -> Value | None:
+            if v is None:
+                return None
+            if v._id not in mapped:
+                copy = Value(v.name, v.type)
+                copy.const = v.const
+                mapped[v._id] = copy
+            return mapped[v._id]
+
+        graph.inputs = [value(v) for v in old.inputs]
+        for node in old.nodes:
+            graph.nodes.append(Node(node.op, [value(v) for v in node.inputs], [value(v) for v in node.outputs],
+                                    dict(node.attrs), node.name, node.domain))
+        graph.outputs = [value(v) for v in old.outputs]
+        graph.output_names = list(old.output_names)
+        return Module(graph, self.opset, self.name, self.metadata)
