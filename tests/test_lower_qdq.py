@@ -427,6 +427,10 @@ def test_digits_qdq_accuracy_equals_onnxruntime(name, preprocess, shared_dir, tm
     theirs = np.array([_ort_run_session(path)({"input": x}).argmax() for x in test["input"]])
     accuracy, reference = (ours == test["label"]).mean(), (theirs == test["label"]).mean()
     assert abs(accuracy - reference) <= 0.002 + 1e-9, (accuracy, reference)
+    # the lowered graph exported back runs in onnxruntime within one output step of edgecc
+    exported, step = _ort_run_session(compiled.to_onnx()), output_step(path)
+    for x in test["input"][:50]:
+        assert np.abs(exported({"input": x}) - _edgecc_run(compiled, {"input": x})).max() <= step * 1.001
 
 
 def qdq_matmul(op="MatMul", per_channel=True, trans_b=0, bias_scale_factor=1.0, seed=0):
