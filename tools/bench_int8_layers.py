@@ -3,6 +3,10 @@ convolution shapes: one-node models compiled for the host, timed with the profil
 thread). Needs a quiet machine for stable figures.
 
     python tools/bench_int8_layers.py [--runs 30] [--only resnet18|mobilenet_v2]
+    python tools/bench_int8_layers.py --model mobilenet_v2    # every Conv of a shared model, summed
+
+With --model, each distinct convolution shape of ../shared/models/NAME.onnx is timed once and counted as often as
+it occurs: the sum is the model's convolution time in fp32 and in int8 (QLinearConv, no other op).
 """
 
 from __future__ import annotations
@@ -27,15 +31,18 @@ MOBILENET_V2 = [("first", 3, 224, 32, 3, 2, 1, 1), ("dw112", 32, 112, 32, 3, 1, 
 LAYERS = {"resnet18": RESNET18, "mobilenet_v2": MOBILENET_V2}
 
 
-def conv_models(c, h, m, k, stride, pad, group, rng):
+def conv_models(c, h, m, k, stride, pad, group, rng, width=None, pads=None, dilation=1):
     """(float32 Conv model, QLinearConv model with constant per-channel int8 weights) of one layer."""
+    width = width or h
+    pads = pads or [pad] * 4
     w = rng.standard_normal((m, c // group, k, k)).astype(np.float32) * 0.1
-    attrs = dict(kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, group=group)
-    out = (h + 2 * pad - k) // stride + 1
+    attrs = dict(kernel_shape=[k, k], strides=[stride] * 2, pads=pads, group=group, dilations=[dilation] * 2)
+    oh = (h + pads[0] + pads[2] - dilation * (k - 1) - 1) // stride + 1
+    ow = (width + pads[1] + pads[3] - dilation * (k - 1) - 1) // stride + 1
     fp = helper.make_graph(
         [helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)], "fp32",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, h])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, m, out, out])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, m, oh, ow])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(m, np.float32), "b")])
     ws = (np.abs(w).reshape(m, -1).max(axis=1) / 127).astype(np.float32)
     wq = np.round(w / ws[:, None, None, None]).astype(np.int8)
@@ -44,8 +51,8 @@ def conv_models(c, h, m, k, stride, pad, group, rng):
               (rng.integers(-1000, 1000, m).astype(np.int32), "bq")]
     q = helper.make_graph(
         [helper.make_node("QLinearConv", ["x", "xs", "xz", "wq", "ws", "wz", "ys", "yz", "bq"], ["y"], **attrs)],
-        "int8", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, h, h])],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, m, out, out])],
+        "int8", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, h, width])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, m, oh, ow])],
         [numpy_helper.from_array(a, n) for a, n in params])
     opset = [helper.make_opsetid("", 18)]
     return helper.make_model(fp, opset_imports=opset), helper.make_model(q, opset_imports=opset)
@@ -58,11 +65,55 @@ def layer_ms(model, feeds, runs: int) -> float:
     return sum(row["ms"] for row in compiled.profile(feeds, runs))
 
 
+def model_convs(name: str) -> dict[tuple, int]:
+    """{(C, H, W, M, k, stride, pads, group, dilation): occurrences} over the Conv nodes of a shared model."""
+    import collections
+    import pathlib
+
+    import onnx
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / f"{name}.onnx"
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.value_info) + list(model.graph.input)}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    found = collections.Counter()
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        _, c, h, w = shapes[node.input[0]]
+        m, _, k, _ = weights[node.input[1]]
+        found[(c, h, w, m, k, attrs.get("strides", [1, 1])[0], tuple(attrs.get("pads", [0] * 4)),
+               attrs.get("group", 1), attrs.get("dilations", [1, 1])[0])] += 1
+    return dict(found)
+
+
+def bench_model(name: str, runs: int) -> None:
+    rng = np.random.default_rng(0)
+    totals = [0.0, 0.0]
+    print(f"{'C H W -> M k/s g':<30}{'count':>6}{'fp32 ms':>10}{'int8 ms':>10}{'ratio':>8}")
+    for (c, h, w, m, k, stride, pads, group, dil), count in sorted(model_convs(name).items()):
+        fp, q = conv_models(c, h, m, k, stride, 0, group, rng, width=w, pads=list(pads), dilation=dil)
+        x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+        fp_ms = layer_ms(fp, {"x": x}, runs)
+        q_ms = layer_ms(q, {"x": rng.integers(0, 256, x.shape).astype(np.uint8)}, runs)
+        totals[0] += fp_ms * count
+        totals[1] += q_ms * count
+        print(f"{f'{c} {h}x{w} -> {m} {k}x{k}/{stride} g{group}':<30}{count:>6}{fp_ms:>10.3f}{q_ms:>10.3f}"
+              f"{q_ms / fp_ms:>8.2f}")
+    print(f"{name + ' convolutions':<36}{totals[0]:>10.3f}{totals[1]:>10.3f}{totals[1] / totals[0]:>8.2f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--only", choices=sorted(LAYERS))
+    parser.add_argument("--model", help="time every Conv of ../shared/models/MODEL.onnx instead")
     args = parser.parse_args(argv)
+    if args.model:
+        bench_model(args.model, args.runs)
+        return 0
     rng = np.random.default_rng(0)
     print(f"{'layer':<22}{'fp32 ms':>10}{'int8 ms':>10}{'ratio':>8}")
     for model_name, layers in LAYERS.items():
