@@ -35,8 +35,10 @@ def qgemm_stages(inputs: list, attrs: dict) -> list[tuple[str, list, dict]]:
     a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = inputs[:8]
     c = inputs[8] if len(inputs) > 8 else None
     trans_b = int(attrs.get("transB", 0))
+    # a zero point of zeros is left out: ONNX wants a per-axis one shaped like the scale, edgecc keeps one scalar
+    b_inputs = [b, b_s] if b_zp.is_const and not np.asarray(b_zp.const).any() else [b, b_s, b_zp]
     stages = [("DequantizeLinear", [a, a_s, a_zp], {}),
-              ("DequantizeLinear", [b, b_s, b_zp], {"axis": 0 if trans_b else 1})]
+              ("DequantizeLinear", b_inputs, {"axis": 0 if trans_b else 1})]
     bias = None
     if c is not None:
         stages.append(("Mul", [a_s, b_s], {}))

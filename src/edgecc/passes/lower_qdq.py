@@ -297,6 +297,12 @@ def _constant(graph: Graph, original: Value | None, array, dtype, name: str) -> 
     return graph.constant(array, name)
 
 
+def _uniform_as_scalar(array: np.ndarray) -> np.ndarray:
+    """One value when every channel has the same (symmetric weights' zero points: one byte, not one per channel)."""
+    flat = np.asarray(array).reshape(-1)
+    return flat[:1] if flat.size and (flat == flat[0]).all() else array
+
+
 def replace_q(graph: Graph, q: Node, op: str, inputs: list[Value | None], attrs: dict, name: str,
               domain: str = "") -> Node:
     """Put `op(inputs)` where the Q node is, producing the Q's own output value (name, readers, graph outputs)."""
@@ -344,7 +350,7 @@ class LowerQuantisedLinear(MatchingRule):
         x_s = _constant(graph, x.node.input(1), x.scale, np.float32, f"{base}_x_scale")
         x_zp = _constant(graph, x.node.input(2), x.zero_point, x.dtype.numpy, f"{base}_x_zero_point")
         w_s = _constant(graph, w.node.input(1), w.scale, np.float32, f"{base}_w_scale")
-        w_zp = _constant(graph, w.node.input(2), w.zero_point, np.int8, f"{base}_w_zero_point")
+        w_zp = _constant(graph, w.node.input(2), _uniform_as_scalar(w.zero_point), np.int8, f"{base}_w_zero_point")
         y_s = _constant(graph, y.node.input(1), y.scale, np.float32, f"{base}_y_scale")
         y_zp = _constant(graph, y.node.input(2), y.zero_point, y.dtype.numpy, f"{base}_y_zero_point")
         weights = _constant(graph, w.data, m.weights, np.int8, f"{base}_wq")

@@ -146,14 +146,20 @@ class _Inserter:
         return activation_params(lo, hi)
 
     def dequantised_input(self, value: Value, before: Node) -> Value:
-        """DQ(Q(value)) for a node input, inserted before its first quantised reader."""
+        """DQ(Q(value)) for a node input, inserted before its first quantised reader. Every other reader of the value
+        reads the DQ too (as in onnxruntime's QDQ models): one precision per tensor, and integer readers downstream
+        (a residual Add) see quantised operands."""
         if value.producer is not None and value.producer.op == "DequantizeLinear":
             return value
         if value._id not in self.dequantised:
             scale, zero_point = self.params(value)
             s, z = self.graph.constant(scale, "scale"), self.graph.constant(zero_point, "zero_point")
+            readers = list(value.uses)
             q = self._node("QuantizeLinear", [value, s, z], f"{value.name}_q", before)
-            self.dequantised[value._id] = self._node("DequantizeLinear", [q, s, z], f"{value.name}_dq", before)
+            dq = self._node("DequantizeLinear", [q, s, z], f"{value.name}_dq", before)
+            for reader, index in readers:
+                reader.set_input(index, dq)
+            self.dequantised[value._id] = dq
         return self.dequantised[value._id]
 
     def quantise_output(self, value: Value) -> None:
