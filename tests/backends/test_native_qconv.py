@@ -109,7 +109,9 @@ CONV_CASES = {
     "1x1": ((1, 24, 9, 9), 40, 1, 1, {}),
     "1x1_s2": ((1, 12, 11, 11), 20, 1, 1, dict(strides=[2, 2])),
     "dilated_asymmetric_pads": ((2, 5, 12, 17), 6, 3, 1, dict(dilations=[2, 2], pads=[2, 1, 0, 3])),
-    "narrow_7x7_map": ((1, 64, 7, 7), 48, 3, 1, dict(pads=[1, 1, 1, 1])),
+    "narrow_7x7_map": ((1, 64, 7, 7), 48, 3, 1, dict(pads=[1, 1, 1, 1])),  # output channels in the lanes
+    "narrow_1x1_partial_channel_vector": ((2, 40, 7, 7), 60, 1, 1, {}),
+    "narrow_3x3_s2": ((1, 24, 13, 13), 32, 3, 1, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
     "depthwise_s1": ((1, 24, 14, 37), 24, 3, 24, dict(pads=[1, 1, 1, 1])),
     "depthwise_s2": ((1, 20, 15, 41), 20, 3, 20, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
     "depthwise_5x5_no_pad": ((1, 7, 12, 11), 7, 5, 7, {}),
@@ -205,7 +207,7 @@ ARM = {"armv8.2": ("qemu-aarch64", "aarch64-linux-gnu-gcc"), "armv7": ("qemu-arm
 def test_arm_targets_under_qemu(target):
     if any(shutil.which(t) is None for t in ARM[target]):
         pytest.skip(f"needs {', '.join(ARM[target])} (installed by .ci/run)")
-    for case in ("3x3_s2_odd_channels", "depthwise_s1"):
+    for case in ("3x3_s2_odd_channels", "depthwise_s1", "narrow_7x7_map"):
         x_shape, m, k, group, attrs = CONV_CASES[case]
         check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, ort=False)
     model, feeds = qgemm_model((3, 37), 21)
