@@ -55,8 +55,10 @@ CHUNK = 16
 """Columns packed per vector step (16 bytes read from each channel row)."""
 MAX_SHIFT = 46
 """Largest requantisation shift: |acc * m0| < 2^62 and |y_zp << 46| < 2^54 keep the i64 sum exact."""
-MAX_CHANNELS = 16384
-"""Per-channel requantisation parameters live on the stack (12 bytes each)."""
+STAGE_BYTES = 32 * 1024
+"""Stack scratch for the requantised rows of one channel block before they are copied out."""
+MAX_CHANNELS = 4096
+"""Per-channel requantisation parameters live on the stack (20 bytes each)."""
 
 
 def _i1(v: int) -> ir.Constant:
@@ -350,21 +352,30 @@ class BandPacker:
                                     srcs.append(add_i64(kb, mul_i64(kb, n_idx, geo.c * geo.h * geo.w),
                                                         mul_i64(kb, ch, geo.h * geo.w), mul_i64(kb, ih, geo.w),
                                                         px - geo.pl))
-                                chunks = self.chunks(c_lo, c_hi, px)
-                                if chunks:
-                                    with kb.loop(chunks, "pv") as k:
-                                        self.copy_chunk(srcs, dst, add_i64(kb, mul_i64(kb, k, CHUNK), c_lo))
-                                if c_hi > c_lo + chunks * CHUNK:
-                                    with kb.loop(c_hi, "pc", start=c_lo + chunks * CHUNK) as col:
-                                        for j in range(g):
-                                            v = kb.load(self.x, add_i64(kb, srcs[j], mul_i64(kb, col, geo.sx)))
-                                            if self.flip:
-                                                v = b.xor(v, ir.Constant(I8, self.flip))
-                                            store_to(kb, v, byte_ptr(kb, self.scratch,
-                                                                     add_i64(kb, dst, mul_i64(kb, col, g), j)))
+                                if g == 1 and geo.sx == 1 and not self.flip and c_hi > c_lo:  # one plain copy
+                                    memcpy(kb, byte_ptr(kb, self.scratch, add_i64(kb, dst, c_lo)),
+                                           kb.element_ptr(self.x, add_i64(kb, srcs[0], c_lo)), c_hi - c_lo)
+                                else:
+                                    self.copy_columns(srcs, dst, c_lo, c_hi, px)
                             with otherwise:
                                 memset(kb, byte_ptr(kb, self.scratch, dst), self.fill, geo.wq * g)
 
+    def copy_columns(self, srcs, dst, c_lo: int, c_hi: int, px: int) -> None:
+        """Columns c_lo..c_hi-1 of the g channel rows at srcs into the packed row at dst: whole CHUNKs by vectors,
+        the rest byte by byte."""
+        kb, b, geo, g = self.kb, self.kb.b, self.geo, self.g
+        chunks = self.chunks(c_lo, c_hi, px)
+        if chunks:
+            with kb.loop(chunks, "pv") as k:
+                self.copy_chunk(srcs, dst, add_i64(kb, mul_i64(kb, k, CHUNK), c_lo))
+        if c_hi > c_lo + chunks * CHUNK:
+            with kb.loop(c_hi, "pc", start=c_lo + chunks * CHUNK) as col:
+                for j in range(g):
+                    v = kb.load(self.x, add_i64(kb, srcs[j], mul_i64(kb, col, geo.sx)))
+                    if self.flip:
+                        v = b.xor(v, ir.Constant(I8, self.flip))
+                    store_to(kb, v, byte_ptr(kb, self.scratch,
+                                             add_i64(kb, dst, mul_i64(kb, col, g), j)))
 
     def chunks(self, c_lo: int, c_hi: int, px: int) -> int:
         """Whole CHUNKs of columns from c_lo whose vector reads (CHUNK * sx bytes) stay inside the input row."""
@@ -435,11 +446,11 @@ def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y:
     bytes_per_row = c4 * phases * geo.wq * 4
     if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
         return False
-    rows = band_rows(geo, bytes_per_row)
     L = dot.lanes
     budget = 24 if dot.registers >= 32 else 10
     if dot.kind == "generic":
         budget //= 2
+    rows = band_rows(geo, bytes_per_row, min(BAND_BYTES, (STAGE_BYTES // (budget * geo.wq) + geo.ey) * bytes_per_row))
     mr, nr = choose_tile(rows * geo.wq, L, budget, geo.m)
     T = nr * L
     n_tiles_max = -(-rows * geo.wq // T)
@@ -731,9 +742,12 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
 
 
 def emit_fast_qlinear_conv(kb: KernelBuilder) -> bool:
-    """QLinearConv by the fast kernels when they apply (2-D, constant int8 weights with zero points all 0, group
-    1 or depthwise, per-tensor x/y parameters, K <= MAX_K); False leaves the node to the generic kernel."""
+    """QLinearConv by the fast kernels when they apply (hosted target, 2-D, constant int8 weights with zero points
+    all 0, group 1 or depthwise, per-tensor x/y parameters, K <= MAX_K, M <= MAX_CHANNELS); False leaves the node
+    to the generic kernel."""
     node = kb.node
+    if not kb.target.hosted:  # the kernels keep up to ~150 KiB of stack scratch: too much for a microcontroller
+        return False
     x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = (kb.inputs + [None] * 9)[:8]
     bias = kb.optional_input(8)
     y = kb.outputs[0]

@@ -1,6 +1,6 @@
 """edgecc.QGemm: int8 matrix product with an int32 bias, requantised (ops/qgemm.py).
 
-Fast path (constant int8 B with zero points all 0, K <= qconv.MAX_K): output columns in the vector lanes. B is
+Fast path (hosted target, constant int8 B with zero points all 0, K <= qconv.MAX_K, N <= qconv.MAX_CHANNELS): output columns in the vector lanes. B is
 packed at compile time into panels of NB = NV * L columns, [K/4][NB][4 bytes] each (zero-padded in K and N), after
 the N column sums; a register tile is MR rows of A x NV column vectors: per 4 values of K it loads NV weight
 vectors, broadcasts one 32-bit word of each A row and does MR * NV dot4 steps (qconv.Dot4: vpdpbusd, sdot or the
@@ -48,7 +48,7 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
     out = kb.outputs[0]
     trans_b = int(kb.attrs["transB"])
     bv = kb.node.input(3)
-    if not bv.is_const or b_.dtype is not DType.int8:
+    if not kb.target.hosted or not bv.is_const or b_.dtype is not DType.int8:  # (stack: 20 bytes per column)
         return False
     zp = kb.const_input(5)
     if zp is None or np.any(zp != 0):
