@@ -12,7 +12,8 @@ from edgecc.frontend.onnx_import import CANONICAL_OPSET
 from edgecc.ir.core import Module, Value
 from edgecc.ir.dtypes import DType
 from edgecc.ops import get
-from edgecc.ops.fused import BASE_OP, PREVIOUS, onnx_stages
+from edgecc.ops.fused import BASE_OP, PREVIOUS, activation_params, onnx_stages
+from edgecc.ops.qelementwise import lookup_source
 from edgecc.ops.registry import EDGECC_DOMAIN
 
 
@@ -58,6 +59,35 @@ def qgemm_stages(inputs: list, attrs: dict) -> list[tuple[str, list, dict]]:
     return stages
 
 
+def qelementwise_stages(op: str, inputs: list, attrs: dict) -> list[tuple[str, list, dict]]:
+    """edgecc's integer elementwise ops as the QDQ form they are defined by: QLinearAdd as DequantizeLinear x2,
+    Add, its Relu/Clip, QuantizeLinear; QLookup as DequantizeLinear, the original op (attributes and constant
+    inputs from op_attrs/op_inputs), QuantizeLinear; QLinearGlobalAveragePool as DQ, GlobalAveragePool, Q."""
+    if op == "QLinearAdd":
+        a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = inputs
+        stages = [("DequantizeLinear", [a, a_s, a_zp], {}), ("DequantizeLinear", [b, b_s, b_zp], {}),
+                  ("Add", [_Stage(0), _Stage(1)], {})]
+        act = attrs.get("activation", "")
+        if act == "Relu":
+            stages.append(("Relu", [PREVIOUS], {}))
+        elif act == "Clip":
+            params = activation_params(act, attrs.get("activation_params"))
+            stages.append(("Clip", [PREVIOUS, np.float32(params["min"]), np.float32(params["max"])], {}))
+    elif op == "QLookup":
+        x, _table, x_s, x_zp, y_s, y_zp = inputs
+        source_attrs, extra = lookup_source(attrs)
+        stages = [("DequantizeLinear", [x, x_s, x_zp], {}),
+                  (attrs["op"], [PREVIOUS] + ["" if e is None else np.float32(e) for e in extra], source_attrs)]
+    else:  # QLinearGlobalAveragePool
+        x, x_s, x_zp, y_s, y_zp = inputs
+        stages = [("DequantizeLinear", [x, x_s, x_zp], {}), ("GlobalAveragePool", [PREVIOUS], {})]
+    stages.append(("QuantizeLinear", [PREVIOUS, y_s, y_zp], {}))
+    return stages
+
+
+QELEMENTWISE = ("QLinearAdd", "QLookup", "QLinearGlobalAveragePool")
+
+
 def _expanded(node, stages, names: dict, claim, initializers: list) -> list[onnx.NodeProto]:
     """An edgecc node as the standard ONNX ops it stands for (`stages`), so exported models run anywhere."""
     out = node.outputs[0]
@@ -69,8 +99,13 @@ def _expanded(node, stages, names: dict, claim, initializers: list) -> list[onnx
                 names_in.append(results[v])
             elif v is PREVIOUS:
                 names_in.append(results[-1])
+            elif isinstance(v, str):  # an absent optional input
+                names_in.append(v)
             elif isinstance(v, np.ndarray | np.generic):
-                const = Value(f"{out.name}_{op.lower()}_bound", const=np.asarray(v, out.type.dtype.numpy))
+                # float constants take a float output's type (float16 epilogues); next to integer outputs they
+                # are inputs of the float op inside a QDQ expansion and keep their own
+                dtype = out.type.dtype.numpy if out.type.dtype.is_float else np.asarray(v).dtype
+                const = Value(f"{out.name}_{op.lower()}_bound", const=np.asarray(v, dtype))
                 initializers.append(numpy_helper.from_array(const.const, claim(const, const.name)))
                 names_in.append(names[const._id])
             else:
@@ -153,6 +188,10 @@ def export_model(module: Module) -> onnx.ModelProto:
             continue
         if node.domain == EDGECC_DOMAIN and node.op == "QGemm":
             nodes.extend(_expanded(node, qgemm_stages(node.inputs, node.attrs), names, claim, initializers))
+            continue
+        if node.domain == EDGECC_DOMAIN and node.op in QELEMENTWISE:
+            stages = qelementwise_stages(node.op, node.inputs, node.attrs)
+            nodes.extend(_expanded(node, stages, names, claim, initializers))
             continue
         nodes.append(_node_proto(node.op, node.domain, [names[v._id] if v is not None else "" for v in node.inputs],
                                  [names[v._id] for v in node.outputs], node.attrs, node.name))

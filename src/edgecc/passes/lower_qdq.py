@@ -9,8 +9,14 @@ reproduces and replaces them (all rules are rooted at the Q):
 - the same with Gemm (alpha = beta = 1, transA = 0, any transB), or MatMul with a 2-D constant B, optionally
   followed by `Add(DQ(int32 bias [N]))`, becomes edgecc.QGemm;
 - `Q(DQ(x))` with identical parameters becomes x;
-- `DQ -> MaxPool|Reshape|Flatten|Transpose|Squeeze|Unsqueeze|Identity|Concat -> Q` with identical parameters
-  everywhere becomes the op on the integer data (their kernels copy bytes or, for MaxPool, compare integers).
+- `DQ -> MaxPool|Reshape|Flatten|Transpose|Squeeze|Unsqueeze|Identity|Concat|Slice -> Q` with identical parameters
+  everywhere becomes the op on the integer data (their kernels copy bytes or, for MaxPool, compare integers);
+- `DQ(a), DQ(b) -> Add [-> Relu|Clip] -> Q` becomes edgecc.QLinearAdd (the activation folded as an integer clamp,
+  which is exact for any output parameters because Q is monotone: Q(clip(v, lo, hi)) = clip(Q(v), Q(lo), Q(hi)));
+- `DQ -> GlobalAveragePool -> Q` becomes edgecc.QLinearGlobalAveragePool;
+- `DQ -> unary elementwise op -> Q` (HardSwish, Sigmoid, Tanh, LeakyRelu, Relu, Clip, Gelu, Exp, ..., or a binary
+  op with a constant float32 scalar) becomes edgecc.QLookup: a 256-entry table Q(op(DQ(v))) computed now with the
+  registry's references, so it is bit-exact to the float path.
 
 Conditions (anything else stays float, which is always correct): x is int8/uint8 per tensor; w is an int8
 constant (or a QuantizeLinear of a float constant, evaluated now) with zero point 0, per tensor or per output
@@ -26,6 +32,9 @@ any int32 bias already carries. A bias that does not fit int32 then leaves the p
 Activations fold only when exact: the output Q's saturation already implements them, i.e. Q(lo) <= qmin and
 Q(hi) >= qmax of the output type (for Relu, lo = 0: the zero point is qmin). Otherwise the pattern stays.
 
+QLinearAdd and QLinearGlobalAveragePool are defined as their QDQ computation; their kernels requantise in fixed
+point and may land one step away at (or within float32 rounding of) a tie. QLookup is exact.
+
 Results differ from the float path only as the integer op definitions imply: the accumulation is exact instead
 of float32, and the requantisation multiplies by x_scale * w_scale / y_scale instead of dividing by y_scale, so a
 value near a rounding tie may land one step away. Identity-like rewrites (Q(DQ(x)), data movement) are checked
@@ -37,6 +46,7 @@ before fold-constants and canonicalize (right after infer-shapes).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,8 +54,10 @@ import numpy as np
 from edgecc.ir.core import Graph, Module, Node, Value
 from edgecc.ir.dtypes import DType
 from edgecc.ops.apply import evaluate_node, infer_node
+from edgecc.ops.qelementwise import lookup_table
 from edgecc.ops.quant import quant_range, quantize
 from edgecc.ops.registry import EDGECC_DOMAIN
+from edgecc.ops.registry import get as get_op
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 from edgecc.passes.rewrite import RewriteRule, apply_rules, const_of, remove_if_dead, single_reader
@@ -53,7 +65,7 @@ from edgecc.passes.rewrite import RewriteRule, apply_rules, const_of, remove_if_
 INT8_TYPES = (DType.int8, DType.uint8)
 
 DATA_MOVEMENT = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-                           "Concat"})
+                           "Concat", "Slice"})
 """Ops whose integer result is exactly the quantised float result when input and output share their parameters."""
 
 SCALE_RTOL = 2.0 ** -20
@@ -422,11 +434,178 @@ class LowerDataMovement(MatchingRule):
         remove_dead(graph, [op])
 
 
+# -- integer elementwise ops: Add, lookup tables, GlobalAveragePool ---------------------------------------------
+
+def _per_tensor_8bit(value: Value) -> Quant | None:
+    """The per-tensor int8/uint8 DequantizeLinear producing `value` with a finite positive scale, or None."""
+    x = dequantized(value)
+    if x is None or not x.per_tensor or x.dtype not in INT8_TYPES or not (np.isfinite(x.scale) and x.scale > 0):
+        return None
+    return x
+
+
+def _clamp(act: Node) -> tuple[str, list[float]] | None:
+    """A Relu, or a Clip with constant (or absent) bounds, as QLinearAdd's activation attributes; else None."""
+    if act.op == "Relu":
+        return "Relu", []
+    bounds = [act.input(i) for i in (1, 2)]
+    if any(b is not None and (not b.is_const or b.type.size != 1) for b in bounds):
+        return None
+    lo, hi = (float(np.asarray(b.const).reshape(())) if b is not None else default
+              for b, default in zip(bounds, (-np.inf, np.inf)))
+    return "Clip", [lo, hi]
+
+
+@dataclass
+class AddMatch:
+    add: Node
+    a: Quant
+    b: Quant
+    y: Quant
+    activation: tuple[str, list[float]] | None
+    chain: list[Node]
+
+
+def match_add(q: Node, graph: Graph) -> AddMatch | str:
+    """`DQ(a), DQ(b) -> Add [-> Relu|Clip] -> Q`, all per tensor 8-bit."""
+    y = output_quant(q)
+    if isinstance(y, str):
+        return y
+    value, chain, activation = q.inputs[0], [], None
+    producer = value.producer
+    if producer is not None and producer.op in ("Relu", "Clip") and not producer.domain:
+        activation = _clamp(producer)
+        if activation is None or not single_reader(graph, value):
+            return f"the {producer.op} has runtime bounds or other readers"
+        chain.append(producer)
+        value, producer = producer.inputs[0], producer.inputs[0].producer
+    if producer is None or producer.op != "Add" or producer.domain:
+        return "the quantised value is not computed by Add"
+    if not single_reader(graph, value):
+        return "the Add result has other readers"
+    a, b = (_per_tensor_8bit(v) for v in producer.inputs)
+    if a is None or b is None:
+        return "the Add inputs are not both per-tensor DequantizeLinear of int8/uint8"
+    return AddMatch(producer, a, b, y, activation, chain + [producer])
+
+
+def match_lookup(q: Node, graph: Graph) -> tuple[Node, Quant, Quant, list] | str:
+    """`DQ(x) -> elementwise op -> Q`, per tensor 8-bit, where every other input of the op is a constant float32
+    scalar (so each output element is a function of the same element of x alone)."""
+    y = output_quant(q)
+    if isinstance(y, str):
+        return y
+    node = q.inputs[0].producer
+    opdef = get_op(node.op, node.domain) if node is not None else None
+    if opdef is None or opdef.kind != "elementwise" or node.domain:
+        return "the quantised value is not computed by an elementwise op"
+    x = _per_tensor_8bit(node.inputs[0])
+    if x is None:
+        return f"the {node.op} input is not a per-tensor DequantizeLinear of int8/uint8"
+    if not single_reader(graph, q.inputs[0]) or any(v.uses or graph.is_output(v) for v in node.outputs[1:]):
+        return f"the {node.op} results have other readers"
+    out = node.outputs[0].type
+    if out.dtype != DType.float32 or out.shape != node.inputs[0].type.shape:
+        return f"the {node.op} result is not float32 of its input's shape"
+    extra = []
+    for v in node.inputs[1:]:
+        if v is not None and (not v.is_const or v.type.size != 1 or v.type.dtype != DType.float32):
+            return f"the {node.op} has an input that is not a constant float32 scalar"
+        extra.append(None if v is None else float(np.asarray(v.const).reshape(())))
+    return node, x, y, extra
+
+
+def match_gap(q: Node, graph: Graph) -> tuple[Node, Quant, Quant] | str:
+    """`DQ(x) -> GlobalAveragePool -> Q`, per tensor 8-bit."""
+    y = output_quant(q)
+    if isinstance(y, str):
+        return y
+    node = q.inputs[0].producer
+    if node is None or node.op != "GlobalAveragePool" or node.domain:
+        return "the quantised value is not computed by GlobalAveragePool"
+    x = _per_tensor_8bit(node.inputs[0])
+    if x is None:
+        return "the GlobalAveragePool input is not a per-tensor DequantizeLinear of int8/uint8"
+    if not single_reader(graph, q.inputs[0]):
+        return "the GlobalAveragePool result has other readers"
+    return node, x, y
+
+
+def _quant_inputs(graph: Graph, quants: list[tuple[Quant, str]], base: str) -> list[Value]:
+    """[scale, zero point] of each (Quant, prefix) as constants, reusing the model's own where they fit."""
+    inputs = []
+    for qp, prefix in quants:
+        inputs.append(_constant(graph, qp.node.input(1), qp.scale, np.float32, f"{base}_{prefix}_scale"))
+        inputs.append(_constant(graph, qp.node.input(2), qp.zero_point, qp.dtype.numpy, f"{base}_{prefix}_zero_point"))
+    return inputs
+
+
+class LowerQuantisedAdd(MatchingRule):
+    """Add (+ Relu/Clip) -> edgecc.QLinearAdd."""
+
+    name = "lower-qdq-add"
+    match = staticmethod(match_add)
+
+    def rewrite(self, node: Node, graph: Graph):
+        m = self.match(node, graph)
+        base = m.add.name or "add"
+        a_p, b_p, y_p = (_quant_inputs(graph, [(qp, p)], base) for qp, p in ((m.a, "a"), (m.b, "b"), (m.y, "y")))
+        attrs = {}
+        if m.activation is not None:
+            attrs["activation"] = m.activation[0]
+            if m.activation[1]:
+                attrs["activation_params"] = m.activation[1]
+        replace_q(graph, node, "QLinearAdd", [m.a.data, *a_p, m.b.data, *b_p, *y_p], attrs, m.add.name,
+                  domain=EDGECC_DOMAIN)
+        remove_dead(graph, m.chain)
+
+
+class LowerLookup(MatchingRule):
+    """A unary elementwise op between DQ and Q -> edgecc.QLookup with its table computed now."""
+
+    name = "lower-qdq-lookup"
+    match = staticmethod(match_lookup)
+
+    def rewrite(self, node: Node, graph: Graph):
+        op, x, y, extra = self.match(node, graph)
+        base = op.name or op.op.lower()
+        attrs = {k: _jsonable(v) for k, v in op.attrs.items()}
+        table = lookup_table(op.op, attrs, [None if e is None else np.float32(e) for e in extra],
+                             x.scale, x.zero_point, y.scale, y.zero_point)
+        new_attrs = {"op": op.op, "op_attrs": json.dumps(attrs, sort_keys=True), "op_inputs": json.dumps(extra)}
+        inputs = [x.data, graph.constant(table, f"{base}_table"), *_quant_inputs(graph, [(x, "x"), (y, "y")], base)]
+        replace_q(graph, node, "QLookup", inputs, new_attrs, op.name, domain=EDGECC_DOMAIN)
+        remove_dead(graph, [op])
+
+
+def _jsonable(value):
+    """An attribute value as plain Python (JSON) data."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class LowerGlobalAveragePool(MatchingRule):
+    """GlobalAveragePool -> edgecc.QLinearGlobalAveragePool."""
+
+    name = "lower-qdq-gap"
+    match = staticmethod(match_gap)
+
+    def rewrite(self, node: Node, graph: Graph):
+        op, x, y = self.match(node, graph)
+        inputs = [x.data, *_quant_inputs(graph, [(x, "x"), (y, "y")], op.name or "gap")]
+        replace_q(graph, node, "QLinearGlobalAveragePool", inputs, {}, op.name, domain=EDGECC_DOMAIN)
+        remove_dead(graph, [op])
+
+
 @register_pass
 @dataclass(frozen=True)
 class LowerQdqPass(Pass):
     """Lower QuantizeLinear/DequantizeLinear patterns to integer ops (QLinearConv, edgecc.QGemm, integer data
-    movement) and drop redundant Q(DQ(x)) pairs.
+    movement, edgecc.QLinearAdd, edgecc.QLinearGlobalAveragePool, edgecc.QLookup for unary elementwise ops) and
+    drop redundant Q(DQ(x)) pairs.
 
     A Relu/Clip between the op and its Q folds only when exact: the Q's saturation implies it (Q(lo) <= qmin and
     Q(hi) >= qmax of the output type; for Relu, the zero point is qmin); otherwise the pattern stays float.
@@ -444,8 +623,10 @@ class LowerQdqPass(Pass):
     preserves = frozenset({TOPO_SORTED, SHAPES_INFERRED})
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
-        rules = [LowerQuantisedLinear(), DropQuantDequant(), LowerDataMovement()]
+        rules = [LowerQuantisedLinear(), DropQuantDequant(), LowerDataMovement(), LowerQuantisedAdd(),
+                 LowerGlobalAveragePool(), LowerLookup()]
         fired = apply_rules(module.graph, rules, ctx)
         stats = {"ops-lowered": fired.get(rules[0].name, 0), "pairs-dropped": fired.get(rules[1].name, 0),
-                 "movement-lowered": fired.get(rules[2].name, 0)}
+                 "movement-lowered": fired.get(rules[2].name, 0), "adds-lowered": fired.get(rules[3].name, 0),
+                 "pools-lowered": fired.get(rules[4].name, 0), "lookups-made": fired.get(rules[5].name, 0)}
         return PassResult(bool(fired), stats)

@@ -1,0 +1,153 @@
+"""Integer elementwise kernels for int8 graphs (ops/qelementwise.py): edgecc.QLinearAdd, edgecc.QLookup and
+edgecc.QLinearGlobalAveragePool.
+
+Requantisation is fixed point with one shared shift S and one integer multiplier per input,
+
+    y = (sum_k q_k * M_k + C) >> S          M_k = round(r_k * 2^S), C = -sum_k zp_k * M_k + y_zp * 2^S + 2^(S-1)
+
+(r_k = in_scale_k / out_scale; for the pool r = x_scale / (count * y_scale)), rounded half to even like the
+references (a remainder of exactly one half rounds to the even result of the reference's rint before y_zp is
+added). S is the largest shift (at most 30 for i32, 62 for i64) for which the whole sum fits the accumulator:
+sum_k 255 * |M_k| + 256 * 2^S < 2^31 (resp. 2^63); intermediate wrap-around is harmless (two's complement), the
+final sum is in range. This is TFLite's idea (a left shift and one multiplier per input) with a single rounding:
+each M_k is off by at most half a unit, so the result is off by at most 255 * #inputs * 2^-(S+1) steps (about
+2^-13 of a step for Add with r ~ 1, where S ~ 21), plus the references' own float32 rounding: the two agree
+except within that distance of a rounding tie, never by more than one step.
+
+QLinearAdd computes in i32 lanes (vpmulld, mul), the pool sums bytes in i32 and requantises each channel once in
+i64. QLookup is a byte gather from the 256-entry table, which stays in L1: y[i] = table[x[i] - min].
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+
+from edgecc.backends.codegen import COMPUTE, I8, I32, I64, Buffer, KernelBuilder, broadcast_strides, strides_of
+from edgecc.backends.kernels import lowering
+from edgecc.backends.kernels.elementwise import _coalesce
+from edgecc.errors import EdgeccError
+from edgecc.ir.dtypes import DType
+from edgecc.ops.fused import activation_params
+from edgecc.ops.quant import quant_range, quantize
+
+
+def _scalar(kb: KernelBuilder, index: int) -> float | int:
+    value = kb.const_input(index)
+    if value is None:
+        raise EdgeccError(f"{kb.node.op} needs constant scales and zero points (input {index} is computed)",
+                          where=kb.node.label, hint="lower-qdq only creates it from constant QDQ parameters")
+    return np.asarray(value).reshape(()).item()
+
+
+def fixed_point(reals: list[float], spans: list[int], zero_points: list[int], y_zp: int,
+                width: int) -> tuple[int, list[int], int]:
+    """(S, [M_k], C) for y = (sum_k q_k * M_k + C) >> S ~ sum_k r_k * (q_k - zp_k) + y_zp + 1/2 in a `width`-bit
+    accumulator, where |q_k - zp_k| <= spans[k] (see the module docstring). Raises when no shift >= 1 fits (an
+    output scale about 2^20 times finer than the inputs', where everything saturates anyway)."""
+    limit = 2 ** (width - 1) - 1
+    need = sum(abs(r) * s + 0.5 * s for r, s in zip(reals, spans)) + 257  # 0.5 * span: M_k's rounding
+    shift = min(width - 2, math.floor(math.log2(limit / need)))
+    if shift < 1:
+        raise EdgeccError(f"requantisation multipliers {reals} are too large for a {width}-bit fixed-point kernel",
+                          hint="the output scale is far finer than the inputs'; quantise with a wider output range")
+    mults = [int(round(r * 2.0 ** shift)) for r in reals]
+    offset = -sum(z * m for z, m in zip(zero_points, mults)) + (y_zp << shift) + (1 << (shift - 1))
+    return shift, mults, offset
+
+
+def round_shift(kb: KernelBuilder, acc: ir.Value, shift: int, y_zp: int) -> ir.Value:
+    """floor(acc / 2^shift), where acc already holds the + 1/2: round half up, then ties (remainder exactly 0)
+    moved to the even value of (result - y_zp), as the references round before adding y_zp."""
+    b = kb.b
+    ty = acc.type
+    q = b.ashr(acc, ir.Constant(ty, shift))
+    tie = b.icmp_signed("==", b.and_(acc, ir.Constant(ty, (1 << shift) - 1)), ir.Constant(ty, 0))
+    odd = b.trunc(b.and_(b.xor(q, ir.Constant(ty, y_zp)), ir.Constant(ty, 1)), ir.IntType(1))
+    return b.sub(q, b.zext(b.and_(tie, odd), ty))
+
+
+def clamp_store(kb: KernelBuilder, out: Buffer, flat: ir.Value, q: ir.Value, lo: int, hi: int) -> None:
+    """Store an integer clamped to [lo, hi] (within the output type's range) in the output's 8-bit type."""
+    b = kb.b
+    ty = q.type
+    q = b.select(b.icmp_signed("<", q, ir.Constant(ty, lo)), ir.Constant(ty, lo), q)
+    q = b.select(b.icmp_signed(">", q, ir.Constant(ty, hi)), ir.Constant(ty, hi), q)
+    kb.store(out, flat, b.trunc(q, COMPUTE[out.dtype]))
+
+
+def widen(kb: KernelBuilder, dtype: DType, v: ir.Value, ty: ir.Type) -> ir.Value:
+    return kb.b.zext(v, ty) if dtype is DType.uint8 else kb.b.sext(v, ty)
+
+
+def output_bounds(kb: KernelBuilder, dtype: DType, scale: float, zp: int) -> tuple[int, int]:
+    """The integer range of the output: the type's, narrowed by a folded Relu/Clip to [Q(lo), Q(hi)] (exact, as
+    Q is monotone)."""
+    qmin, qmax = quant_range(dtype.numpy)
+    act = kb.attrs.get("activation", "")
+    if not act:
+        return qmin, qmax
+    params = {"min": 0.0, "max": np.inf} if act == "Relu" else activation_params(act, kb.attrs["activation_params"])
+    lo, hi = (int(quantize(np.float32(params[k]), np.float32(scale), zp, dtype.numpy)) for k in ("min", "max"))
+    return max(qmin, lo), min(qmax, hi)
+
+
+@lowering("QLinearAdd")
+def lower_qlinear_add(kb: KernelBuilder) -> None:
+    """y = clamp((a * Ma + b * Mb + C) >> S) over the broadcast output, one flat loop per merged run of dims."""
+    a, b_in, out = kb.inputs[0], kb.inputs[3], kb.outputs[0]
+    a_s, a_zp, b_s, b_zp, y_s, y_zp = (_scalar(kb, i) for i in (1, 2, 4, 5, 6, 7))
+    reals = [float(np.float64(a_s) / np.float64(y_s)), float(np.float64(b_s) / np.float64(y_s))]
+    shift, (ma, mb), offset = fixed_point(reals, [255, 255], [int(a_zp), int(b_zp)], int(y_zp), 32)
+    lo, hi = output_bounds(kb, out.dtype, y_s, int(y_zp))
+    if out.size == 0:
+        return
+    strides = [broadcast_strides(buf.shape, out.shape) for buf in (a, b_in)] + [strides_of(out.shape)]
+    shape, strides = _coalesce(list(out.shape), strides)
+    b = kb.b
+    with kb.loop_nest(shape) as idx:
+        va = widen(kb, a.dtype, kb.load(a, kb.linear(idx, strides[0])), I32)
+        vb = widen(kb, b_in.dtype, kb.load(b_in, kb.linear(idx, strides[1])), I32)
+        acc = b.add(b.add(b.mul(va, ir.Constant(I32, ma)), b.mul(vb, ir.Constant(I32, mb))), ir.Constant(I32, offset))
+        clamp_store(kb, out, kb.linear(idx, strides[2]), round_shift(kb, acc, shift, int(y_zp)), lo, hi)
+
+
+@lowering("QLookup")
+def lower_qlookup(kb: KernelBuilder) -> None:
+    """y[i] = table[x[i] - min]: a byte loop over a 256-byte table (read through its pointer, so lookups of one
+    shape share the kernel)."""
+    x, table, out = kb.inputs[0], kb.inputs[1], kb.outputs[0]
+    b = kb.b
+    with kb.loop(out.size) as i:
+        v = kb.load(x, i)
+        if x.dtype is DType.int8:
+            v = b.xor(v, ir.Constant(I8, 0x80))  # -128..127 -> 0..255
+        kb.store(out, i, kb.load(table, b.zext(v, I64)))
+
+
+@lowering("QLinearGlobalAveragePool")
+def lower_qlinear_global_average_pool(kb: KernelBuilder) -> None:
+    """Per (n, c): the exact i32 sum of the map's integers (count * 255 < 2^31 for maps below 2^23 positions),
+    then y = clamp((sum * M + C) >> S) in i64 with C folding x_zp * count, y_zp and the rounding half."""
+    x, out = kb.inputs[0], kb.outputs[0]
+    x_s, x_zp, y_s, y_zp = (_scalar(kb, i) for i in (1, 2, 3, 4))
+    count = int(np.prod(x.shape[2:], dtype=np.int64))
+    if count == 0 or count * 255 >= 2 ** 31:
+        raise EdgeccError(f"QLinearGlobalAveragePool over {count} positions has no kernel",
+                          where=kb.node.label, hint="maps of 1 to 2^23 positions are supported")
+    real = float(np.float64(x_s) / (np.float64(y_s) * count))
+    shift, (mult,), offset = fixed_point([real], [255 * count], [int(x_zp) * count], int(y_zp), 64)
+    lo, hi = quant_range(out.dtype.numpy)
+    b = kb.b
+    slot = b.alloca(I32, name="sum")
+    with kb.loop(int(np.prod(x.shape[:2], dtype=np.int64)), "nc") as nc:
+        base = b.mul(nc, kb.i64(count))
+        b.store(ir.Constant(I32, 0), slot)
+        with kb.loop(count, "p") as p:
+            v = widen(kb, x.dtype, kb.load(x, b.add(base, p)), I32)
+            b.store(b.add(b.load(slot, typ=I32), v), slot)
+        total = b.sext(b.load(slot, typ=I32), I64)
+        acc = b.add(b.mul(total, ir.Constant(I64, mult)), ir.Constant(I64, offset))
+        clamp_store(kb, out, nc, round_shift(kb, acc, shift, int(y_zp)), lo, hi)
