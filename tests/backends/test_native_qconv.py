@@ -32,7 +32,7 @@ def _np(dtype) -> int:
 
 
 def qconv_model(x_shape, m: int, k: int, group: int = 1, x_dtype=np.uint8, y_dtype=np.uint8, per_channel=True,
-                bias=True, **attrs) -> tuple[onnx.ModelProto, dict]:
+                bias=True, y_scale=0.2, **attrs) -> tuple[onnx.ModelProto, dict]:
     """One QLinearConv with every parameter a constant (weights symmetric int8) and a random input."""
     c = x_shape[1]
     info = np.iinfo(x_dtype)
@@ -43,7 +43,7 @@ def qconv_model(x_shape, m: int, k: int, group: int = 1, x_dtype=np.uint8, y_dty
     y_zp = np.array(100 if y_dtype == np.uint8 else -10, y_dtype)
     x_zp = np.array(7 if x_dtype == np.uint8 else -5, x_dtype)
     params = [("x_scale", np.array(0.05, np.float32)), ("x_zp", x_zp), ("w", w), ("w_scale", w_scale),
-              ("w_zp", np.zeros(w_scale.shape, np.int8)), ("y_scale", np.array(0.2, np.float32)), ("y_zp", y_zp)]
+              ("w_zp", np.zeros(w_scale.shape, np.int8)), ("y_scale", np.array(y_scale, np.float32)), ("y_zp", y_zp)]
     if bias:
         params.append(("b", RNG.integers(-20000, 20000, m).astype(np.int32)))
     node = helper.make_node("QLinearConv", ["x"] + [n for n, _ in params], ["y"], group=group, **attrs)
@@ -135,6 +135,12 @@ def test_qlinear_conv_signed_activations_and_outputs(x_dtype, y_dtype):
     check_qconv(*qconv_model((1, 10, 8, 9), 12, 3, x_dtype=x_dtype, y_dtype=y_dtype, pads=[1, 1, 1, 1]), ort=ort)
     check_qconv(*qconv_model((1, 10, 8, 9), 10, 3, group=10, x_dtype=x_dtype, y_dtype=y_dtype, pads=[1, 1, 1, 1]),
                 ort=ort)
+
+
+@pytest.mark.parametrize("group", [1, 6, 12])
+def test_qlinear_conv_multipliers_of_one_half_and_more(group):
+    """x_scale * w_scale / y_scale >= 1/2 for some channels: the exact (i64, variable shift) requantisation."""
+    check_qconv(*qconv_model((1, 12, 7, 9), 12, 3, group=group, y_scale=0.0003, pads=[1, 1, 1, 1]))
 
 
 def test_qlinear_conv_per_tensor_scale_without_bias():

@@ -114,18 +114,17 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
                 step(mul_i64(kb, g, 4), add_i64(kb, w_panel, mul_i64(kb, g, nb)))
         if k % 4:
             step(k4 * 4, add_i64(kb, w_panel, k4 * nb), k % 4)
-        for r in range(count):
-            row_flat = mul_i64(kb, add_i64(kb, row0, r), n)
-            for v in range(nvec):
-                c = add_i64(kb, col0, v * L)
-                q = params.apply(accs.get(("g", r, v), acc_ty), params.lanes_of(c, L))
-                valid = min(L, width - v * L)
-                flat = add_i64(kb, row_flat, c)
-                if valid == L:
-                    store_to(kb, q, kb.element_ptr(out, flat))
-                else:
-                    for j in range(valid):
-                        kb.store(out, add_i64(kb, flat, j), b.extract_element(q, ir.Constant(I32, j)))
+        def store(k: int, q: ir.Value) -> None:
+            r, v = slots[k]
+            flat = add_i64(kb, mul_i64(kb, add_i64(kb, row0, r), n), col0, v * L)
+            valid = min(L, width - v * L)
+            if valid == L:
+                store_to(kb, q, kb.element_ptr(out, flat))
+            else:
+                for j in range(valid):
+                    kb.store(out, add_i64(kb, flat, j), b.extract_element(q, ir.Constant(I32, j)))
+
+        params.requantise([(accs.get(("g", r, v), acc_ty), add_i64(kb, col0, v * L), L) for r, v in slots], store)
 
     for_blocks(kb, rows, mr, lambda row0, count: for_blocks(
         kb, n, nb, lambda col0, width: tile(row0, count, col0, width), "nb"), "mb")
