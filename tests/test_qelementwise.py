@@ -302,7 +302,31 @@ def test_quantize_static_model_lowers_add_activation_and_pool(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("qemu-aarch64") is None, reason="needs qemu-aarch64 (installed by .ci/run)")
 def test_armv8_under_qemu():
+    """The tbl lookup (16 bytes per step, then the byte loop for the 7 left of 231), the i32 Add and the pool."""
     for model, feeds in (add_model((2, 3, 5, 7), (1, 3, 1, 1), act="Relu"), unary_model("HardSwish"),
+                         unary_model("Sigmoid", shape=(3, 7, 11), x=(0.05, -3, np.int8), y=(0.004, -128, np.int8)),
                          gap_model((1, 16, 7, 7))):
         ref = compiled(model).run(feeds)[0]
         assert_within_one_step(compiled(model, "native", target="armv8").run(feeds)[0], ref)
+
+
+def _asm(model, target: str) -> str:
+    import os
+    import tempfile
+
+    c = edgecc.compile(model, passes=PIPELINE, target=target, runtime="native")
+    with tempfile.TemporaryDirectory() as tmp:
+        (text,) = c.artifacts(os.path.join(tmp, "model"), emit="asm").values()
+    return text.decode()
+
+
+def test_lookup_shuffles_registers_where_the_target_can():
+    """AArch64: tbl over four q registers; x86 with AVX-512 VBMI: vpermi2b/vpermt2b (else a byte loop)."""
+    import re
+
+    from edgecc.backends.llvm_driver import host_features
+
+    model, _ = unary_model("HardSwish", shape=(4, 256))
+    assert re.search(r"\btbl\s+v\d+\.16b, \{ ?v\d+\.16b, v\d+\.16b, v\d+\.16b, v\d+\.16b ?\}", _asm(model, "armv8"))
+    if "+avx512vbmi" in host_features().split(","):
+        assert re.search(r"\bvperm[it]2b\s+.*zmm", _asm(model, "host"))
