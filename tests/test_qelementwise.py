@@ -49,15 +49,15 @@ def _random_int(rng, shape, dtype):
 # -- QDQ models written by hand: integer in, integer out -------------------------------------------------------
 
 def add_model(a_shape, b_shape, a=(0.0473, 128, np.uint8), b=(0.0311, -3, np.int8), y=(0.0687, 100, np.uint8),
-              act=None):
-    """a, b (integers) -> DQ -> Add [-> Relu | Clip(lo, hi)] -> Q -> y (integers). Scales like 0.05 and 0.07 put
+              act=None, op="Add"):
+    """a, b (integers) -> DQ -> Add|Mul [-> Relu | Clip(lo, hi)] -> Q -> y (integers). Scales like 0.05 and 0.07 put
     many sums exactly on a tie in real arithmetic, where the float32 reference and the fixed point may round either
     way: the defaults are calibration-like arbitrary values."""
     inits = [_const("as", a[0], np.float32), _const("az", a[1], a[2]), _const("bs", b[0], np.float32),
              _const("bz", b[1], b[2]), _const("ys", y[0], np.float32), _const("yz", y[1], y[2])]
     nodes = [helper.make_node("DequantizeLinear", ["a", "as", "az"], ["ad"]),
              helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bd"]),
-             helper.make_node("Add", ["ad", "bd"], ["s"], name="add")]
+             helper.make_node(op, ["ad", "bd"], ["s"], name="add")]
     last = "s"
     if act == "Relu":
         nodes.append(helper.make_node("Relu", ["s"], ["r"], name="relu"))
@@ -176,11 +176,15 @@ ADD_CASES = {
 }
 
 
+@pytest.mark.parametrize("op", ["Add", "Mul"])
 @pytest.mark.parametrize("case", sorted(ADD_CASES))
-def test_qlinear_add_reference_and_native_match_onnxruntime(case):
-    model, feeds = add_model(**ADD_CASES[case])
+def test_qlinear_add_mul_reference_and_native_match_onnxruntime(case, op):
+    params = dict(ADD_CASES[case])
+    if op == "Mul" and "y" not in params:
+        params["y"] = (0.0913, 100, np.uint8)  # products reach about +-24
+    model, feeds = add_model(**params, op=op)
     ref = compiled(model)
-    assert ops_of(ref) == ["QLinearAdd"], ops_of(ref)
+    assert ops_of(ref) == [f"QLinear{op}"], ops_of(ref)
     expected = float_path(model, feeds)
     assert_within_one_step(ref.run(feeds)[0], expected, exact=0.999)
     native = compiled(model, "native").run(feeds)[0]
@@ -237,11 +241,12 @@ def test_patterns_that_stay_float():
 @pytest.mark.parametrize("build", [
     lambda: add_model((1, 3, 4, 4), (1, 3, 1, 1), act="Relu"),
     lambda: add_model((2, 8), (2, 8), act=("Clip", 0.0, 2.0)),
+    lambda: add_model((1, 3, 4, 4), (1, 3, 1, 1), op="Mul"),
     lambda: unary_model("HardSwish"),
     lambda: unary_model("Clip", extra=(None, 1.0)),
     lambda: unary_model("LeakyRelu", {"alpha": 0.2}, x=(0.04, 0, np.int8), y=(0.03, 0, np.int8)),
     lambda: gap_model((1, 6, 5, 5)),
-], ids=["add-relu", "add-clip", "hardswish", "clip-max-only", "leakyrelu", "gap"])
+], ids=["add-relu", "add-clip", "mul", "hardswish", "clip-max-only", "leakyrelu", "gap"])
 def test_export_writes_qdq_that_onnxruntime_runs(build):
     model, feeds = build()
     c = compiled(model, "native")
@@ -304,6 +309,7 @@ def test_quantize_static_model_lowers_add_activation_and_pool(tmp_path):
 def test_armv8_under_qemu():
     """The tbl lookup (16 bytes per step, then the byte loop for the 7 left of 231), the i32 Add and the pool."""
     for model, feeds in (add_model((2, 3, 5, 7), (1, 3, 1, 1), act="Relu"), unary_model("HardSwish"),
+                         add_model((2, 3, 5, 7), (1, 3, 1, 1), y=(0.0913, 100, np.uint8), op="Mul"),
                          unary_model("Sigmoid", shape=(3, 7, 11), x=(0.05, -3, np.int8), y=(0.004, -128, np.int8)),
                          gap_model((1, 16, 7, 7))):
         ref = compiled(model).run(feeds)[0]

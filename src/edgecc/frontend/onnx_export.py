@@ -60,13 +60,13 @@ def qgemm_stages(inputs: list, attrs: dict) -> list[tuple[str, list, dict]]:
 
 
 def qelementwise_stages(op: str, inputs: list, attrs: dict) -> list[tuple[str, list, dict]]:
-    """edgecc's integer elementwise ops as the QDQ form they are defined by: QLinearAdd as DequantizeLinear x2,
-    Add, its Relu/Clip, QuantizeLinear; QLookup as DequantizeLinear, the original op (attributes and constant
+    """edgecc's integer elementwise ops as the QDQ form they are defined by: QLinearAdd/Mul as DequantizeLinear
+    x2, Add/Mul, its Relu/Clip, QuantizeLinear; QLookup as DequantizeLinear, the original op (attributes and constant
     inputs from op_attrs/op_inputs), QuantizeLinear; QLinearGlobalAveragePool as DQ, GlobalAveragePool, Q."""
-    if op == "QLinearAdd":
+    if op in ("QLinearAdd", "QLinearMul"):
         a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = inputs
         stages = [("DequantizeLinear", [a, a_s, a_zp], {}), ("DequantizeLinear", [b, b_s, b_zp], {}),
-                  ("Add", [_Stage(0), _Stage(1)], {})]
+                  (op[len("QLinear"):], [_Stage(0), _Stage(1)], {})]
         act = attrs.get("activation", "")
         if act == "Relu":
             stages.append(("Relu", [PREVIOUS], {}))
@@ -85,7 +85,7 @@ def qelementwise_stages(op: str, inputs: list, attrs: dict) -> list[tuple[str, l
     return stages
 
 
-QELEMENTWISE = ("QLinearAdd", "QLookup", "QLinearGlobalAveragePool")
+QELEMENTWISE = ("QLinearAdd", "QLinearMul", "QLookup", "QLinearGlobalAveragePool")
 
 
 def _expanded(node, stages, names: dict, claim, initializers: list) -> list[onnx.NodeProto]:

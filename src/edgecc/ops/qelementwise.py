@@ -4,12 +4,13 @@ by definition and lower-qdq may swap the float pattern for them.
 
     edgecc.QLinearAdd(A, a_scale, a_zp, B, b_scale, b_zp, y_scale, y_zp)   activation='' | 'Relu' | 'Clip'
         y = Q(act(DQ(A) + DQ(B)))      multidirectional broadcasting; float32 steps, round half to even
+    edgecc.QLinearMul(...)             the same with DQ(A) * DQ(B)
     edgecc.QLookup(X, table, x_scale?, x_zp?, y_scale?, y_zp?)              op=..., op_attrs='{json}'
         y = table[x]                   table[v] = Q(op(DQ(v))) for each of the 256 values v of X's type
     edgecc.QLinearGlobalAveragePool(X, x_scale, x_zp, y_scale, y_zp)
         y = Q(GlobalAveragePool(DQ(X)))
 
-The activation of QLinearAdd is exact for any output parameters: Q is monotone (positive scale), so
+The activation of QLinearAdd/QLinearMul is exact for any output parameters: Q is monotone (positive scale), so
 Q(clip(v, lo, hi)) = clip(Q(v), Q(lo), Q(hi)); a kernel applies it as an integer clamp after requantising.
 QLookup's quantisation parameters are not used by the computation (the table holds it all); they record what the
 table was built from, so export can write the lookup back as DQ -> op -> Q. `op_attrs` holds the original op's
@@ -29,7 +30,7 @@ from edgecc.ops.registry import EDGECC_DOMAIN, AttrSpec, Call, get, op
 
 _INT8 = (DType.int8, DType.uint8)
 ADD_ACTIVATIONS = ("", "Relu", "Clip")
-"""Activations QLinearAdd folds: monotone clamps, exact as integer clamps after the requantisation."""
+"""Activations QLinearAdd/QLinearMul fold: monotone clamps, exact as integer clamps after the requantisation."""
 
 
 def _dq(x, scale, zp) -> np.ndarray:
@@ -58,23 +59,33 @@ def _check_params(call: Call, specs) -> None:
             call.fail(f"{call.op} {name}_zero_point is {zp.dtype.name} but {name} is {data.dtype.name}")
 
 
-# -- QLinearAdd ----------------------------------------------------------------------------------------------
+# -- QLinearAdd, QLinearMul -------------------------------------------------------------------------------------
 
-def _infer_qlinear_add(call: Call):
+BINARY = {"QLinearAdd": "Add", "QLinearMul": "Mul"}
+"""The integer binary ops and the float op each stands for."""
+
+
+def _infer_qlinear_binary(call: Call):
     a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = (call.input(i) for i in range(8))
     _check_params(call, ((a, a_s, a_zp, "a"), (b, b_s, b_zp, "b"), (None, y_s, y_zp, "y")))
     if call.attrs.get("activation", "") not in ADD_ACTIVATIONS:
-        call.bad_attr(f"QLinearAdd activation {call.attrs['activation']!r} is not folded",
+        call.bad_attr(f"{call.op} activation {call.attrs['activation']!r} is not folded",
                       hint="use '', 'Relu' or 'Clip' (monotone clamps); other activations stay a separate op")
     return [tensor(y_zp.dtype, broadcast_shapes(call, a.shape, b.shape))]
 
 
-@op("QLinearAdd", infer=_infer_qlinear_add, inputs=(8, 8), domain=EDGECC_DOMAIN, attrs=dict(EPILOGUE_ATTRS))
-def qlinear_add(call: Call):
-    """Q(act(DQ(A) + DQ(B))): the float32 QDQ computation onnxruntime's QLinearAdd also follows."""
+def _qlinear_binary(call: Call):
+    """Q(act(DQ(A) op DQ(B))): the float32 QDQ computation (onnxruntime's QLinearAdd/QLinearMul follow it too)."""
     a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = call.inputs
-    total = (_dq(a, a_s, a_zp) + _dq(b, b_s, b_zp)).astype(np.float32)
-    return [_q(apply_activation(call, total), y_s, y_zp)]
+    float_op = get(BINARY[call.op])
+    result = float_op.run_reference(Call(BINARY[call.op], [_dq(a, a_s, a_zp), _dq(b, b_s, b_zp)], {}))[0]
+    return [_q(apply_activation(call, result), y_s, y_zp)]
+
+
+for _name in BINARY:
+    # not `commutative`: that would let passes reorder all eight inputs, not the (data, scale, zero point) triples
+    op(_name, infer=_infer_qlinear_binary, inputs=(8, 8), domain=EDGECC_DOMAIN,
+       attrs=dict(EPILOGUE_ATTRS))(_qlinear_binary)
 
 
 # -- QLookup ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ reproduces and replaces them (all rules are rooted at the Q):
 - `Q(DQ(x))` with identical parameters becomes x;
 - `DQ -> MaxPool|Reshape|Flatten|Transpose|Squeeze|Unsqueeze|Identity|Concat|Slice -> Q` with identical parameters
   everywhere becomes the op on the integer data (their kernels copy bytes or, for MaxPool, compare integers);
-- `DQ(a), DQ(b) -> Add [-> Relu|Clip] -> Q` becomes edgecc.QLinearAdd (the activation folded as an integer clamp,
+- `DQ(a), DQ(b) -> Add|Mul [-> Relu|Clip] -> Q` becomes edgecc.QLinearAdd|QLinearMul (the activation folded as an integer clamp,
   which is exact for any output parameters because Q is monotone: Q(clip(v, lo, hi)) = clip(Q(v), Q(lo), Q(hi)));
 - `DQ -> GlobalAveragePool -> Q` becomes edgecc.QLinearGlobalAveragePool;
 - `DQ -> unary elementwise op -> Q` (HardSwish, Sigmoid, Tanh, LeakyRelu, Relu, Clip, Gelu, Exp, ..., or a binary
@@ -32,7 +32,7 @@ any int32 bias already carries. A bias that does not fit int32 then leaves the p
 Activations fold only when exact: the output Q's saturation already implements them, i.e. Q(lo) <= qmin and
 Q(hi) >= qmax of the output type (for Relu, lo = 0: the zero point is qmin). Otherwise the pattern stays.
 
-QLinearAdd and QLinearGlobalAveragePool are defined as their QDQ computation; their kernels requantise in fixed
+QLinearAdd/Mul and QLinearGlobalAveragePool are defined as their QDQ computation; their kernels requantise in fixed
 point and may land one step away at (or within float32 rounding of) a tie. QLookup is exact.
 
 Results differ from the float path only as the integer op definitions imply: the accumulation is exact instead
@@ -467,7 +467,7 @@ class AddMatch:
 
 
 def match_add(q: Node, graph: Graph) -> AddMatch | str:
-    """`DQ(a), DQ(b) -> Add [-> Relu|Clip] -> Q`, all per tensor 8-bit."""
+    """`DQ(a), DQ(b) -> Add|Mul [-> Relu|Clip] -> Q`, all per tensor 8-bit."""
     y = output_quant(q)
     if isinstance(y, str):
         return y
@@ -479,13 +479,13 @@ def match_add(q: Node, graph: Graph) -> AddMatch | str:
             return f"the {producer.op} has runtime bounds or other readers"
         chain.append(producer)
         value, producer = producer.inputs[0], producer.inputs[0].producer
-    if producer is None or producer.op != "Add" or producer.domain:
-        return "the quantised value is not computed by Add"
+    if producer is None or producer.op not in ("Add", "Mul") or producer.domain:
+        return "the quantised value is not computed by Add or Mul"
     if not single_reader(graph, value):
-        return "the Add result has other readers"
+        return f"the {producer.op} result has other readers"
     a, b = (_per_tensor_8bit(v) for v in producer.inputs)
     if a is None or b is None:
-        return "the Add inputs are not both per-tensor DequantizeLinear of int8/uint8"
+        return f"the {producer.op} inputs are not both per-tensor DequantizeLinear of int8/uint8"
     return AddMatch(producer, a, b, y, activation, chain + [producer])
 
 
@@ -541,7 +541,7 @@ def _quant_inputs(graph: Graph, quants: list[tuple[Quant, str]], base: str) -> l
 
 
 class LowerQuantisedAdd(MatchingRule):
-    """Add (+ Relu/Clip) -> edgecc.QLinearAdd."""
+    """Add / Mul (+ Relu/Clip) -> edgecc.QLinearAdd / edgecc.QLinearMul."""
 
     name = "lower-qdq-add"
     match = staticmethod(match_add)
@@ -555,7 +555,7 @@ class LowerQuantisedAdd(MatchingRule):
             attrs["activation"] = m.activation[0]
             if m.activation[1]:
                 attrs["activation_params"] = m.activation[1]
-        replace_q(graph, node, "QLinearAdd", [m.a.data, *a_p, m.b.data, *b_p, *y_p], attrs, m.add.name,
+        replace_q(graph, node, f"QLinear{m.add.op}", [m.a.data, *a_p, m.b.data, *b_p, *y_p], attrs, m.add.name,
                   domain=EDGECC_DOMAIN)
         remove_dead(graph, m.chain)
 
@@ -604,7 +604,7 @@ class LowerGlobalAveragePool(MatchingRule):
 @dataclass(frozen=True)
 class LowerQdqPass(Pass):
     """Lower QuantizeLinear/DequantizeLinear patterns to integer ops (QLinearConv, edgecc.QGemm, integer data
-    movement, edgecc.QLinearAdd, edgecc.QLinearGlobalAveragePool, edgecc.QLookup for unary elementwise ops) and
+    movement, edgecc.QLinearAdd/QLinearMul, edgecc.QLinearGlobalAveragePool, edgecc.QLookup for unary elementwise ops) and
     drop redundant Q(DQ(x)) pairs.
 
     A Relu/Clip between the op and its Q folds only when exact: the Q's saturation implies it (Q(lo) <= qmin and

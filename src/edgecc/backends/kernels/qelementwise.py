@@ -1,22 +1,25 @@
-"""Integer elementwise kernels for int8 graphs (ops/qelementwise.py): edgecc.QLinearAdd, edgecc.QLookup and
-edgecc.QLinearGlobalAveragePool.
+"""Integer elementwise kernels for int8 graphs (ops/qelementwise.py): edgecc.QLinearAdd, edgecc.QLinearMul,
+edgecc.QLookup and edgecc.QLinearGlobalAveragePool.
 
 Requantisation is fixed point with one shared shift S and one integer multiplier per input,
 
     y = (sum_k q_k * M_k + C) >> S          M_k = round(r_k * 2^S), C = -sum_k zp_k * M_k + y_zp * 2^S + 2^(S-1)
 
-(r_k = in_scale_k / out_scale; for the pool r = x_scale / (count * y_scale)), rounded half to even like the
-references (a remainder of exactly one half rounds to the even result of the reference's rint before y_zp is
-added). S is the largest shift (at most 30 for i32, 62 for i64) for which the whole sum fits the accumulator:
-sum_k 255 * |M_k| + 256 * 2^S < 2^31 (resp. 2^63); intermediate wrap-around is harmless (two's complement), the
-final sum is in range. This is TFLite's idea (a left shift and one multiplier per input) with a single rounding:
-each M_k is off by at most half a unit, so the result is off by at most 255 * #inputs * 2^-(S+1) steps (about
-2^-13 of a step for Add with r ~ 1, where S ~ 21), plus the references' own float32 rounding: the two agree
-except within that distance of a rounding tie, never by more than one step.
+where r_k = in_scale_k / out_scale (Add: a and b; Mul: one input, the exact product (a - za) * (b - zb), with
+r = a_scale * b_scale / y_scale; the pool: the sum of the map, r = x_scale / (count * y_scale)). Rounding is half
+to even like the references (a remainder of exactly one half goes to the even result of rint before y_zp is
+added). S is the largest shift for which the whole sum fits the accumulator (i32 for Add, i64 for Mul and the
+pool): sum_k span_k * (|r_k| + 1/2) + 257 <= 2^(width-1) / 2^S, span_k bounding |q_k - zp_k| (255, 255^2,
+255 * count); intermediate wrap-around is harmless (two's complement), the final sum is in range. This is
+TFLite's idea (a left shift and one multiplier per input) with a single rounding: each M_k is off by at most half
+a unit, so the result is off by at most sum_k span_k * 2^-(S+1) steps (about 2^-13 of a step for Add with r ~ 1,
+where S ~ 21), plus the references' own float32 rounding: the two agree except within that distance of a
+rounding tie, never by more than one step.
 
-QLinearAdd computes in i32 lanes (vpmulld, mul), the pool sums bytes in i32 and requantises each channel once in
-i64. QLookup y[i] = table[x[i] - min] shuffles whole registers of bytes through the 256-byte table where the
-target can (AVX-512 VBMI vpermi2b, AArch64 tbl: TableShuffle), else loops over bytes (the table stays in L1).
+QLinearAdd computes in i32 lanes (vpmulld, mul), QLinearMul scales its product in i64, the pool sums bytes in
+i32 and requantises each channel once in i64. QLookup y[i] = table[x[i] - min] shuffles whole registers of bytes
+through the 256-byte table where the target can (AVX-512 VBMI vpermi2b, AArch64 tbl: TableShuffle), else loops
+over bytes (the table stays in L1).
 """
 
 from __future__ import annotations
@@ -96,14 +99,20 @@ def output_bounds(kb: KernelBuilder, dtype: DType, scale: float, zp: int) -> tup
     return max(qmin, lo), min(qmax, hi)
 
 
-@lowering("QLinearAdd")
-def lower_qlinear_add(kb: KernelBuilder) -> None:
-    """y = clamp((a * Ma + b * Mb + C) >> S) over the broadcast output, one flat loop per merged run of dims."""
+@lowering("QLinearAdd", "QLinearMul")
+def lower_qlinear_binary(kb: KernelBuilder) -> None:
+    """Over the broadcast output (one flat loop per merged run of dims): Add y = clamp((a * Ma + b * Mb + C) >> S)
+    in i32; Mul y = clamp(((a - za) * (b - zb) * M + C) >> S), the exact product (|p| <= 255^2) scaled in i64."""
     a, b_in, out = kb.inputs[0], kb.inputs[3], kb.outputs[0]
     a_s, a_zp, b_s, b_zp, y_s, y_zp = (_scalar(kb, i) for i in (1, 2, 4, 5, 6, 7))
-    reals = [float(np.float64(a_s) / np.float64(y_s)), float(np.float64(b_s) / np.float64(y_s))]
-    shift, (ma, mb), offset = fixed_point(reals, [255, 255], [int(a_zp), int(b_zp)], int(y_zp), 32)
-    lo, hi = output_bounds(kb, out.dtype, y_s, int(y_zp))
+    y_zp = int(y_zp)
+    if kb.node.op == "QLinearAdd":
+        reals = [float(np.float64(a_s) / np.float64(y_s)), float(np.float64(b_s) / np.float64(y_s))]
+        shift, mults, offset = fixed_point(reals, [255, 255], [int(a_zp), int(b_zp)], y_zp, 32)
+    else:
+        real = float(np.float64(a_s) * np.float64(b_s) / np.float64(y_s))
+        shift, mults, offset = fixed_point([real], [255 * 255], [0], y_zp, 64)
+    lo, hi = output_bounds(kb, out.dtype, y_s, y_zp)
     if out.size == 0:
         return
     strides = [broadcast_strides(buf.shape, out.shape) for buf in (a, b_in)] + [strides_of(out.shape)]
@@ -112,8 +121,14 @@ def lower_qlinear_add(kb: KernelBuilder) -> None:
     with kb.loop_nest(shape) as idx:
         va = widen(kb, a.dtype, kb.load(a, kb.linear(idx, strides[0])), I32)
         vb = widen(kb, b_in.dtype, kb.load(b_in, kb.linear(idx, strides[1])), I32)
-        acc = b.add(b.add(b.mul(va, ir.Constant(I32, ma)), b.mul(vb, ir.Constant(I32, mb))), ir.Constant(I32, offset))
-        clamp_store(kb, out, kb.linear(idx, strides[2]), round_shift(kb, acc, shift, int(y_zp)), lo, hi)
+        if kb.node.op == "QLinearAdd":
+            ma, mb = mults
+            acc = b.add(b.add(b.mul(va, ir.Constant(I32, ma)), b.mul(vb, ir.Constant(I32, mb))),
+                        ir.Constant(I32, offset))
+        else:
+            product = b.mul(b.sub(va, ir.Constant(I32, int(a_zp))), b.sub(vb, ir.Constant(I32, int(b_zp))))
+            acc = b.add(b.mul(b.sext(product, I64), ir.Constant(I64, mults[0])), ir.Constant(I64, offset))
+        clamp_store(kb, out, kb.linear(idx, strides[2]), round_shift(kb, acc, shift, y_zp), lo, hi)
 
 
 class TableShuffle:
