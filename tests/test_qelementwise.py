@@ -302,6 +302,34 @@ def test_quantize_static_model_lowers_add_activation_and_pool(tmp_path):
         assert diff.max() <= step * 1.001, diff.max() / step
 
 
+@pytest.mark.slow
+def test_digits_mobilenet_runs_on_integers_end_to_end(shared_dir, tmp_path):
+    """The trained digits MobileNet (HardSwish, residual Adds, GlobalAveragePool) after onnxruntime's
+    quant_pre_process (HardSwish -> HardSigmoid * x) and quantize_static: every op between the input's Q and the
+    output's DQ is integer, and the accuracy on the test split equals onnxruntime's on the same QDQ model."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from test_lower_qdq import ort_quantise
+
+    data = shared_dir / "data"
+    if not (data / "digits_mobilenet.onnx").is_file():
+        pytest.skip(f"{data} holds no digits_mobilenet.onnx")
+    quant_pre_process(str(data / "digits_mobilenet.onnx"), str(tmp_path / "pre.onnx"))
+    model = onnx.load(tmp_path / "pre.onnx")
+    calibration = [{"input": x} for x in np.load(data / "digits_mobilenet_calib.npz")["input"]]
+    path = ort_quantise(model, tmp_path, calibration=calibration)
+    c = edgecc.compile(path, passes=PIPELINE)
+    ops = ops_of(c)
+    assert {"QLinearAdd", "QLinearMul", "QLookup", "QLinearGlobalAveragePool"} <= set(ops), ops
+    assert ops[0] == "QuantizeLinear" and ops[-1] == "DequantizeLinear" and not QDQ & set(ops[1:-1]), ops
+    assert not {"Add", "Mul", "HardSigmoid", "GlobalAveragePool"} & set(ops), ops
+    test = np.load(data / "digits_mobilenet_test.npz")
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ours = np.array([c.run({"input": x})[0].argmax() for x in test["input"]])
+    theirs = np.array([session.run(None, {"input": x})[0].argmax() for x in test["input"]])
+    assert abs((ours == test["label"]).mean() - (theirs == test["label"]).mean()) <= 0.002 + 1e-9
+
+
 # -- ARM under qemu ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

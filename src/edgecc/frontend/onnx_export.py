@@ -7,6 +7,7 @@ import onnx
 import onnx.defs
 from onnx import helper, numpy_helper
 
+from edgecc.errors import EdgeccError
 from edgecc.frontend.attributes import python_to_attribute
 from edgecc.frontend.onnx_import import CANONICAL_OPSET
 from edgecc.ir.core import Module, Value
@@ -74,6 +75,9 @@ def qelementwise_stages(op: str, inputs: list, attrs: dict) -> list[tuple[str, l
             params = activation_params(act, attrs.get("activation_params"))
             stages.append(("Clip", [PREVIOUS, np.float32(params["min"]), np.float32(params["max"])], {}))
     elif op == "QLookup":
+        if len(inputs) < 6 or any(v is None for v in inputs):
+            raise EdgeccError("edgecc.QLookup without its x/y scales and zero points cannot be exported as QDQ",
+                              hint="give the lookup the parameters its table was built from (lower-qdq does)")
         x, _table, x_s, x_zp, y_s, y_zp = inputs
         source_attrs, extra = lookup_source(attrs)
         stages = [("DequantizeLinear", [x, x_s, x_zp], {}),
