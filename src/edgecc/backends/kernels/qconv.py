@@ -1,5 +1,6 @@
-"""Fast int8 convolution for QLinearConv with constant symmetric weights (w_zero_point 0): one "dot4" step,
-fixed-point requantisation, and two kernels (group 1 by dot4, depthwise by widened multiply-adds).
+"""Fast int8 convolution for QLinearConv with constant symmetric weights (w_zero_point 0), as the int8
+quantisation produces: one "dot4" step, fixed-point requantisation (`QuantParams`, shared with qgemm.py) and three
+kernels; every other QLinearConv keeps the generic, bit-exact kernel of quant.py.
 
 Dot4 (`Dot4`): acc_i32[lane] += sum of 4 byte products (activation x int8 weight) per 32-bit lane:
 - x86 with +avx512vnni (512-bit vectors): `vpdpbusd` (u8 x s8, 16 lanes);
@@ -11,27 +12,32 @@ Dot4 (`Dot4`): acc_i32[lane] += sum of 4 byte products (activation x int8 weight
 Zero points: acc = sum x * w over the padded input (padding holds x_zp, so it contributes x_zp * w, exactly what
 the correction removes): y_acc = acc - (x_zp + delta) * sum(w) + B, where sum(w) per output channel is computed
 when the weights are packed (stored before them in the packed buffer) and delta is the activation flip's shift.
-Overflow: |acc| <= K * 255 * 128, so K = C/group * kh * kw must be at most 65793 (2^31 / 32640); larger
-reductions go to the generic kernel in quant.py.
+Overflow: |acc| <= K * 255 * 128, so K = C/group * kh * kw must be at most 65793 (MAX_K = 2^31 / 32640); larger
+reductions go to the generic kernel.
 
-Requantisation in fixed point (`QuantParams`): M = x_scale * w_scale / y_scale is computed in float32 as the
-reference does, then taken apart bit-exactly: M = m0 * 2^-s with m0 = mantissa << 7 in [2^30, 2^31), and
-y = clamp((acc * m0 + 2^(s-1) + (y_zp << s)) >> s) in i64 (s <= 46, see MAX_SHIFT). The reference rounds the exact float64 product half to
-even; this rounds half up, so the two differ by 1 only at exact ties. Parameters are read at run time from the
-scale / zero-point / bias pointers (kernels are shared by layers of one shape, like the float ones).
+Requantisation (`QuantParams`): M = x_scale * w_scale / y_scale in float32 as the reference computes it, taken
+apart bit-exactly into an integer multiplier and a shift; results are within 1 of the reference (exact but at
+ties, see the class). Parameters are read at run time from the scale / zero-point / bias pointers, so a kernel
+is shared by layers of one shape, like the float ones.
 
-Convolution layout ("flattened padded rows", `emit_dot_conv`): per band of output rows the uint8 input is packed
-into stack scratch (<= BAND_BYTES) as [C/4][stride phase y][stride phase x][rows][Wq][4 channels], padding filled
-with x_zp, so that for every tap the T consecutive flattened output positions q = oh * Wq + ow read one contiguous
-run of 4-byte words (a few junk columns ow >= OW are computed and not stored). Weights are packed at compile time
-as [output-channel block][C/4][tap][MR][4]: each inner step broadcasts one 32-bit weight word per channel. A
-register tile is MR channels x NR vectors of positions. Results go to a small staging row per channel and are
-copied out row by row.
+Kernels:
+- `emit_dot_conv` (group 1), "flattened padded rows": per band of output rows the input is packed into stack
+  scratch (<= BAND_BYTES) as [C/4][stride phase y][stride phase x][rows][Wq][4 channels], padding filled with
+  x_zp, so that for every tap T consecutive flattened output positions q = oh * Wq + ow read one contiguous run
+  of 4-byte words (the Wq - OW junk columns are computed and not stored). Weights are packed at compile time as
+  [output-channel block][C/4][tap][MR][4]: each step broadcasts one 32-bit weight word per channel into MR x NR
+  register tiles (24 accumulators on AVX-512). Results go to a staging row per channel, copied out per row.
+- `emit_channel_dot_conv` (group 1, small maps: 7x7): output channels in the lanes, positions broadcast, when
+  that fills lanes clearly better (`channel_lanes_pay`).
+- `emit_depthwise_qconv`: each channel's padded map packed one byte per position; with vpdpbusd (+avx512vbmi's
+  vpermb) or sdot, up to 4 taps of a row are one dot4 over a byte window; elsewhere i32 multiply-adds.
 
-Depthwise (`emit_depthwise_qconv`): dot4 sums over 4 channels, which depthwise lacks; each channel's padded map
-is packed the same way (one channel per byte) and each tap is an i32 multiply-add over L positions.
-
-Measured (Zen 4, one thread, tools/bench_int8_layers.py; see the report there).
+Measured on Zen 4 (AVX-512 VNNI), one thread, median, tools/bench_int8_layers.py (layers) and tools/bench_int8.py
+(whole models quantised by edgecc, int8 / fp32): ResNet-18 3x3 layers 0.13-0.31x fp32 (0.52 ms for 512x7x7 ->
+512), its 7x7/2 first layer 0.39x; MobileNet-v2 pointwise layers 0.33-0.55x, depthwise 0.8-2x (requantisation,
+about 10 vector operations per 16 outputs, costs as much as the 9-tap float layer); whole models: resnet18 9.7 ms
+(0.29x fp32, onnxruntime int8 QDQ 38 ms), mobilenet_v2 3.3 ms (0.45x, ort 8.6), squeezenet1_1 3.1 ms (0.42x, ort
+9.5), shufflenet_v2_x1_0 1.8 ms (0.49x, ort 5.1).
 """
 
 from __future__ import annotations
@@ -130,6 +136,11 @@ class Dot4:
         else:
             self.kind, self.lanes, self.signed = "generic", max(1, lanes(kb)), None
         self.registers = vector_registers(kb)
+
+    def accumulators(self) -> int:
+        """Accumulator vectors a register tile may hold (the generic form needs temporaries of its own)."""
+        budget = 24 if self.registers >= 32 else 10
+        return budget // 2 if self.kind == "generic" else budget
 
     def flip(self, act_signed: bool) -> tuple[int, int]:
         """(xor mask applied to activation bytes when packed, delta): the dot sees x + delta."""
@@ -357,6 +368,12 @@ class ConvGeometry:
         """Columns of a packed phase row: every tap's read of an output row stays inside it."""
         return self.ow + self.ex
 
+    @property
+    def window_extent(self) -> tuple[int, int]:
+        """(rows, columns) of the padded input that the whole output reads."""
+        return ((self.oh - 1) * self.sy + (self.kh - 1) * self.dy + 1,
+                (self.ow - 1) * self.sx + (self.kw - 1) * self.dx + 1)
+
     def taps(self):
         """(phase index, position offset) of each tap (kh, kw), row-major."""
         for ky in range(self.kh):
@@ -470,6 +487,21 @@ class BandPacker:
         store_to(kb, value, byte_ptr(kb, self.scratch, add_i64(kb, dst, mul_i64(kb, col, g))))
 
 
+def band_span(kb: KernelBuilder, geo: ConvGeometry, band, rows: int) -> tuple:
+    """(first output row, row count) of band `band` of `rows` rows (the last one may be shorter)."""
+    b = kb.b
+    oh0 = mul_i64(kb, band, rows)
+    left = b.sub(kb.i64(geo.oh), oh0)
+    return oh0, b.select(b.icmp_signed("<", left, kb.i64(rows)), left, kb.i64(rows))
+
+
+def packed_zero_point(kb: KernelBuilder, x_zp: Buffer | None, flip: int) -> ir.Value:
+    """The byte that packed padding holds: x's zero point after the activation flip."""
+    if x_zp is None:
+        return ir.Constant(I8, flip)
+    return kb.b.xor(kb.load(x_zp, kb.i64(0)), ir.Constant(I8, flip))
+
+
 def band_rows(geo: ConvGeometry, bytes_per_row: int, limit: int = BAND_BYTES) -> int:
     """Output rows per band: as many as fit `limit`, balanced over the bands."""
     rows = max(1, min(geo.oh, limit // bytes_per_row - geo.ey))
@@ -514,9 +546,7 @@ def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y:
     if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
         return False
     L = dot.lanes
-    budget = 24 if dot.registers >= 32 else 10
-    if dot.kind == "generic":
-        budget //= 2
+    budget = dot.accumulators()
     rows = band_rows(geo, bytes_per_row, min(BAND_BYTES, (STAGE_BYTES // (budget * geo.wq) + geo.ey) * bytes_per_row))
     mr, nr = choose_tile(rows * geo.wq, L, budget, geo.m)
     T = nr * L
@@ -528,7 +558,7 @@ def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y:
     params = QuantParams(kb, geo.m, blocks * mr, *params_in, sums=packed, delta=delta)
 
     x_zp = params_in[1]
-    fill = b.xor(kb.load(x_zp, kb.i64(0)), ir.Constant(I8, flip)) if x_zp is not None else ir.Constant(I8, flip)
+    fill = packed_zero_point(kb, x_zp, flip)
     packer = BandPacker(kb, x, geo, 4, rows, flip, fill)
     slack = (T + geo.ey * geo.wq + geo.ex + 1) * 4
     packer.scratch = stack_bytes(kb, c4 * packer.group_bytes + slack, "band")
@@ -580,9 +610,7 @@ def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y:
                                                                                   r * stage_stride)), geo.ow)
 
     with kb.loop(geo.n, "n") as n_idx, kb.loop(n_bands, "band") as band:
-        oh0 = mul_i64(kb, band, rows)
-        left = b.sub(kb.i64(geo.oh), oh0)
-        rb = b.select(b.icmp_signed("<", left, kb.i64(rows)), left, kb.i64(rows))
+        oh0, rb = band_span(kb, geo, band, rows)
         packer.pack(n_idx, kb.i64(0), oh0, rb, c4)
         for_blocks(kb, geo.m, mr, lambda m0, count: channel_block(n_idx, oh0, rb, m0, count), "mb")
     return True
@@ -593,7 +621,7 @@ def channel_lanes_pay(geo: ConvGeometry, dot: Dot4) -> bool:
     lanes clearly better (10 points) than flattened positions do: 7x7 maps use 49 of 64 position lanes (ResNet-18's
     last stage: 0.66 -> 0.50 ms per 512-channel 3x3 layer on Zen 4); 14x14 ones already 88%."""
     c4 = -(-geo.c // 4)
-    rows_in, cols_in = (geo.oh - 1) * geo.sy + (geo.kh - 1) * geo.dy + 1, (geo.ow - 1) * geo.sx + (geo.kw - 1) * geo.dx + 1
+    rows_in, cols_in = geo.window_extent
     if rows_in * cols_in * c4 * 4 > BAND_BYTES:
         return False
     L = dot.lanes
@@ -612,13 +640,10 @@ def emit_channel_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, param
     act_signed = x.dtype.name == "int8"
     flip, delta = dot.flip(act_signed)
     c4 = -(-geo.c // 4)
-    rows_in = (geo.oh - 1) * geo.sy + (geo.kh - 1) * geo.dy + 1
-    cols_in = (geo.ow - 1) * geo.sx + (geo.kw - 1) * geo.dx + 1
+    rows_in, cols_in = geo.window_extent
     pos_bytes = c4 * 4
     L = dot.lanes
-    budget = 24 if dot.registers >= 32 else 10
-    if dot.kind == "generic":
-        budget //= 2
+    budget = dot.accumulators()
     mv = max(1, min(4, -(-geo.m // L), budget // 4))
     block = mv * L
     p_full = max(1, budget // mv)
@@ -628,7 +653,7 @@ def emit_channel_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, param
     blocks = -(-geo.m // block)
     params = QuantParams(kb, geo.m, blocks * block, *params_in, sums=packed, delta=delta)
     x_zp = params_in[1]
-    fill = b.xor(kb.load(x_zp, kb.i64(0)), ir.Constant(I8, flip)) if x_zp is not None else ir.Constant(I8, flip)
+    fill = packed_zero_point(kb, x_zp, flip)
     scratch = stack_bytes(kb, rows_in * cols_in * pos_bytes, "map")
     offsets = kb.table(np.array([((p // geo.ow) * geo.sy * cols_in + (p % geo.ow) * geo.sx) * pos_bytes
                                  for p in range(n_pos)], np.int64), "qpos")
@@ -757,7 +782,7 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
     flip, delta = dot.flip(act_signed) if windowed else (0, 0)
     params = QuantParams(kb, geo.m, geo.m, *params_in, sums=packed, delta=delta)
     x_zp = params_in[1]
-    fill = b.xor(kb.load(x_zp, kb.i64(0)), ir.Constant(I8, flip)) if x_zp is not None else ir.Constant(I8, flip)
+    fill = packed_zero_point(kb, x_zp, flip)
     packer = BandPacker(kb, x, geo, 1, rows, flip, fill)
     window_bytes = max(16, 2 * L)  # one load covers the L + 3 bytes of a window's lanes
     slack = T + geo.ey * geo.wq + geo.ex + 1 + window_bytes
@@ -771,9 +796,7 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
     spread = i32_vector(i + j for i in range(L) for j in range(4))
 
     with kb.loop(geo.n, "n") as n_idx, kb.loop(geo.c, "c") as c, kb.loop(n_bands, "band") as band:
-        oh0 = mul_i64(kb, band, rows)
-        left = b.sub(kb.i64(geo.oh), oh0)
-        rb = b.select(b.icmp_signed("<", left, kb.i64(rows)), left, kb.i64(rows))
+        oh0, rb = band_span(kb, geo, band, rows)
         packer.pack(n_idx, c, oh0, rb)
         weights = [splat(b, kb.load(packed, add_i64(kb, mul_i64(kb, c, per_channel), geo.m + k)), L)
                    for k in range(per_channel)]

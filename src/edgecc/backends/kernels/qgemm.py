@@ -1,12 +1,12 @@
 """edgecc.QGemm: int8 matrix product with an int32 bias, requantised (ops/qgemm.py).
 
-Fast path (hosted target, constant int8 B with zero points all 0, K <= qconv.MAX_K, N <= qconv.MAX_CHANNELS): output columns in the vector lanes. B is
-packed at compile time into panels of NB = NV * L columns, [K/4][NB][4 bytes] each (zero-padded in K and N), after
-the N column sums; a register tile is MR rows of A x NV column vectors: per 4 values of K it loads NV weight
-vectors, broadcasts one 32-bit word of each A row and does MR * NV dot4 steps (qconv.Dot4: vpdpbusd, sdot or the
-widened generic form). Rows of one (GEMV, a Linear layer at batch 1) get the widest panels. The correction for
-A's zero point and the fixed-point requantisation are qconv's (QuantParams), so results are within 1 of the
-reference (exact but at ties).
+Fast path (hosted target, constant int8 B with zero points all 0, K <= qconv.MAX_K, N <= qconv.MAX_CHANNELS):
+output columns in the vector lanes. B is packed at compile time into panels of NB = NV * L columns,
+[K/4][NB][4 bytes] each (zero-padded in K and N), after the N column sums; a register tile is MR rows of A x NV
+column vectors: per 4 values of K it loads NV weight vectors, broadcasts one 32-bit word of each A row and does
+MR * NV dot4 steps (qconv.Dot4: vpdpbusd, sdot or the widened generic form). Rows of one (GEMV, a Linear layer
+at batch 1) get the widest panels. The correction for A's zero point and the fixed-point requantisation are
+qconv's (QuantParams), so results are within 1 of the reference (exact but near ties).
 
 Otherwise (runtime B, nonzero b_zero_point) the generic integer matmul of quant.py with the reference's exact
 float requantisation; a runtime B with transB=1 has no kernel (the quantisation passes only make constant ones).
@@ -59,9 +59,7 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
     rows = int(np.prod(a.shape[:-1]))
     dot = Dot4(kb)
     L = dot.lanes
-    budget = 24 if dot.registers >= 32 else 10
-    if dot.kind == "generic":
-        budget //= 2
+    budget = dot.accumulators()
     nv = max(1, min(-(-n // L), budget if rows == 1 else 4))
     mr = max(1, min(rows, budget // nv))
     nb = nv * L
