@@ -333,15 +333,18 @@ def test_digits_mobilenet_runs_on_integers_end_to_end(shared_dir, tmp_path):
 # -- ARM under qemu ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("qemu-aarch64") is None, reason="needs qemu-aarch64 (installed by .ci/run)")
-def test_armv8_under_qemu():
-    """The tbl lookup (16 bytes per step, then the byte loop for the 7 left of 231), the i32 Add and the pool."""
+@pytest.mark.parametrize("target, qemu", [("armv8", "qemu-aarch64"), ("armv7", "qemu-arm")])
+def test_arm_under_qemu(target, qemu):
+    """armv8: the tbl lookup (16 bytes per step, then the byte loop for the 7 left of 231); armv7: the byte loop;
+    both: the i32 Add, the i64 Mul (no vector i64 multiply on NEON) and the pool."""
+    if shutil.which(qemu) is None:
+        pytest.skip(f"needs {qemu} (installed by .ci/run)")
     for model, feeds in (add_model((2, 3, 5, 7), (1, 3, 1, 1), act="Relu"), unary_model("HardSwish"),
                          add_model((2, 3, 5, 7), (1, 3, 1, 1), y=(0.0913, 100, np.uint8), op="Mul"),
                          unary_model("Sigmoid", shape=(3, 7, 11), x=(0.05, -3, np.int8), y=(0.004, -128, np.int8)),
                          gap_model((1, 16, 7, 7))):
         ref = compiled(model).run(feeds)[0]
-        assert_within_one_step(compiled(model, "native", target="armv8").run(feeds)[0], ref)
+        assert_within_one_step(compiled(model, "native", target=target).run(feeds)[0], ref)
 
 
 def _asm(model, target: str) -> str:
