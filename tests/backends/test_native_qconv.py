@@ -200,6 +200,19 @@ def test_generic_dot4_on_avx2():
                      reference(model, feeds))
 
 
+@pytest.mark.skipif(not {"+avx512vnni", "+avx512vl"} <= set(host_features().split(",")),
+                    reason="the host has no AVX-512 VNNI with VL")
+def test_256_bit_vpdpbusd():
+    """256-bit vectors with VNNI (as AVX-VNNI machines have): the ymm vpdpbusd, run on this host."""
+    features = "+avx2,+fma,+f16c,+avx512vnni,+avx512vl"
+    model, feeds = qconv_model((1, 9, 10, 11), 13, 3, pads=[1, 1, 1, 1])
+    compiled = edgecc.compile(model, target="x86-64-v3", mattr=features)
+    assert_close_int(compiled.run(feeds)[0], reference(model, feeds))
+    assert re.search(r"\bvpdpbusd\s+.*ymm", _kernel_asm(model, "x86-64-v3", "QLinearConv", features))
+    model, feeds = qgemm_model((3, 45), 19)
+    assert_close_int(edgecc.compile(model, target="x86-64-v3", mattr=features).run(feeds)[0], reference(model, feeds))
+
+
 def _needs(*tools):
     missing = [t for t in tools if shutil.which(t) is None]
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (installed by .ci/run)")
@@ -220,14 +233,17 @@ def test_arm_targets_under_qemu(target):
     assert_close_int(edgecc.compile(model, runtime="native", target=target).run(feeds)[0], reference(model, feeds))
 
 
-def _kernel_asm(model, target: str, op: str) -> str:
-    compiled = edgecc.compile(model, opt_level=3, target=target, runtime="native")
-    import tempfile
+def _kernel_asm(model, target: str, op: str, mattr: str | None = None) -> str:
+    """The -O3 assembly of the model's `op` kernels (from each kernel's label to its end)."""
     import os
+    import tempfile
 
+    compiled = edgecc.compile(model, opt_level=3, target=target, runtime="native", mattr=mattr)
     with tempfile.TemporaryDirectory() as tmp:
         (text,) = compiled.artifacts(os.path.join(tmp, "model"), emit="asm").values()
-    return text.decode()
+    bodies = re.findall(rf"^(\w*_k\d+_{op}_\w+):\n(.*?)^\.Lfunc_end", text.decode(), re.S | re.M)
+    assert bodies, f"no {op} kernel in the {target} assembly"
+    return "\n".join(body for _, body in bodies)
 
 
 def test_armv82_kernels_use_sdot():

@@ -3,7 +3,8 @@ quantisation produces: one "dot4" step, fixed-point requantisation (`QuantParams
 kernels; every other QLinearConv keeps the generic, bit-exact kernel of quant.py.
 
 Dot4 (`Dot4`): acc_i32[lane] += sum of 4 byte products (activation x int8 weight) per 32-bit lane:
-- x86 with +avx512vnni (512-bit vectors): `vpdpbusd` (u8 x s8, 16 lanes);
+- x86 with +avx512vnni (512-bit vectors): `vpdpbusd` (u8 x s8, 16 lanes); with 256-bit vectors and +avxvnni
+  (or +avx512vnni,+avx512vl) its ymm form (8 lanes);
 - AArch64 with +dotprod: `sdot` (s8 x s8, 4 lanes); uint8 activations are flipped to int8 (xor 0x80) as they are
   packed, and the shift (-128 * sum of the weights) goes into the per-channel correction;
 - elsewhere a widened form LLVM vectorises (i16 products, which cannot overflow: 255 * 128 < 2^15, then pairwise
@@ -131,6 +132,9 @@ class Dot4:
         triple = kb.target.triple
         if triple.startswith("x86_64") and "+avx512vnni" in features and kb.target.vector_bits >= 512:
             self.kind, self.lanes, self.signed = "vnni", 16, False
+        elif triple.startswith("x86_64") and kb.target.vector_bits >= 256 and (
+                "+avxvnni" in features or {"+avx512vnni", "+avx512vl"} <= features):
+            self.kind, self.lanes, self.signed = "vnni", 8, False  # the 256-bit form (AVX-VNNI or AVX512-VL)
         elif triple.startswith(("aarch64", "arm64")) and "+dotprod" in features:
             self.kind, self.lanes, self.signed = "sdot", 4, True
         else:
@@ -152,8 +156,8 @@ class Dot4:
         """acc + dot4(x, w): x is <4L x i8> activations (after the flip), w is <L x i32> weight words."""
         b, n = self.kb.b, self.lanes
         if self.kind == "vnni":
-            ty = vec_ty(I32, 16)
-            fn = intrinsic(self.kb, "llvm.x86.avx512.vpdpbusd.512", ty, [ty, ty, ty])
+            ty = vec_ty(I32, n)
+            fn = intrinsic(self.kb, f"llvm.x86.avx512.vpdpbusd.{32 * n}", ty, [ty, ty, ty])
             return b.call(fn, [acc, b.bitcast(x, ty), w])
         if self.kind == "sdot":
             ty, by = vec_ty(I32, 4), vec_ty(I8, 16)
