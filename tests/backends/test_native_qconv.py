@@ -112,6 +112,7 @@ CONV_CASES = {
     "narrow_7x7_map": ((1, 64, 7, 7), 48, 3, 1, dict(pads=[1, 1, 1, 1])),  # output channels in the lanes
     "narrow_1x1_partial_channel_vector": ((2, 40, 7, 7), 60, 1, 1, {}),
     "narrow_3x3_s2": ((1, 24, 13, 13), 32, 3, 1, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    "same_upper_s2": ((1, 8, 10, 11), 12, 3, 1, dict(auto_pad="SAME_UPPER", strides=[2, 2])),
     "depthwise_s1": ((1, 24, 14, 37), 24, 3, 24, dict(pads=[1, 1, 1, 1])),
     "depthwise_s2": ((1, 20, 15, 41), 20, 3, 20, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
     "depthwise_5x5_no_pad": ((1, 7, 12, 11), 7, 5, 7, {}),
@@ -195,6 +196,8 @@ def test_qgemm_generic_fallbacks_are_exact():
 def test_generic_dot4_on_avx2():
     """The x86-64-v3 preset has no VNNI: the widened generic dot4 (runs on this host)."""
     check_qconv(*qconv_model((1, 9, 10, 11), 13, 3, pads=[1, 1, 1, 1]), target="x86-64-v3", ort=False)
+    check_qconv(*qconv_model((1, 9, 10, 11), 13, 3, x_dtype=np.int8, y_dtype=np.int8, pads=[1, 1, 1, 1]),
+                target="x86-64-v3", ort=False)
     model, feeds = qgemm_model((3, 45), 19)
     assert_close_int(edgecc.compile(model, runtime="native", target="x86-64-v3").run(feeds)[0],
                      reference(model, feeds))
@@ -229,6 +232,8 @@ def test_arm_targets_under_qemu(target):
     for case in ("3x3_s2_odd_channels", "depthwise_s1", "narrow_7x7_map"):
         x_shape, m, k, group, attrs = CONV_CASES[case]
         check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, ort=False)
+    check_qconv(*qconv_model((1, 10, 8, 9), 12, 3, x_dtype=np.int8, y_dtype=np.int8, pads=[1, 1, 1, 1]),
+                target=target, ort=False)
     model, feeds = qgemm_model((3, 37), 21)
     assert_close_int(edgecc.compile(model, runtime="native", target=target).run(feeds)[0], reference(model, feeds))
 
