@@ -55,6 +55,9 @@ def fixed_point(reals: list[float], spans: list[int], zero_points: list[int], y_
     limit = 2 ** (width - 1) - 1
     need = sum(abs(r) * s + 0.5 * s for r, s in zip(reals, spans)) + 257  # 0.5 * span: M_k's rounding
     shift = min(width - 2, math.floor(math.log2(limit / need)))
+    # multipliers below 2^31 even in i64: a 32 x 32 -> 64-bit product (vpmuldq, smull) instead of a full
+    # 64-bit multiply, and still 2^-31 relative precision
+    shift = min(shift, math.floor(math.log2((2 ** 31 - 1) / (max(abs(r) for r in reals) + 2 ** -40))) - 1)
     if shift < 1:
         raise EdgeccError(f"requantisation multipliers {reals} are too large for a {width}-bit fixed-point kernel",
                           hint="the output scale is far finer than the inputs'; quantise with a wider output range")
