@@ -127,7 +127,7 @@ def models_rows(names: list[str], calib_count: int) -> list[str]:
         theirs = np.concatenate([ort_q.run(None, {input_name: e})[0].ravel() for e in evaluation])
         fp32 = edgecc.compile(path, opt_level=3, progress=False, runtime="reference")
         fp16 = edgecc.compile(path, opt_level=3, progress=False, runtime="reference", quantize="fp16")
-        rows.append(f"| {name} | {sqnr_db(ref, ours):.1f} | {sqnr_db(ref, theirs):.1f} | {weight_bytes(fp32)} | "
+        rows.append(f"| {name} | {sqnr_db(ref, ours):.2f} | {sqnr_db(ref, theirs):.2f} | {weight_bytes(fp32)} | "
                     f"{weight_bytes(q)} ({100 * weight_bytes(q) / weight_bytes(fp32):.1f}%) | {weight_bytes(fp16)} "
                     f"({100 * weight_bytes(fp16) / weight_bytes(fp32):.1f}%) | {seconds:.1f} |")
         print(rows[-1], flush=True)

@@ -10,6 +10,7 @@ reproduces and replaces them (all rules are rooted at the Q):
   followed by `Add(DQ(int32 bias [N]))`, becomes edgecc.QGemm;
 - `Q(DQ(x))` with identical parameters becomes x;
 - `DQ -> MaxPool|Reshape|Flatten|Transpose|Squeeze|Unsqueeze|Identity|Concat|Slice -> Q` with identical parameters
+  (a Concat input with other per-tensor parameters is first requantised by a 256-entry lookup, bit-exact)
   everywhere becomes the op on the integer data (their kernels copy bytes or, for MaxPool, compare integers);
 - `DQ(a), DQ(b) -> Add|Mul [-> Relu|Clip] -> Q` becomes edgecc.QLinearAdd|QLinearMul (the activation folded as an integer clamp,
   which is exact for any output parameters because Q is monotone: Q(clip(v, lo, hi)) = clip(Q(v), Q(lo), Q(hi)));
@@ -413,11 +414,28 @@ def match_movement(q: Node, graph: Graph) -> tuple[Node, list[Quant]] | str:
         return f"the {op.op} results have other readers"
     data = op.inputs if op.op == "Concat" else op.inputs[:1]
     sources = [dequantized(v) for v in data]
-    if any(s is None or not s.same_as(y) for s in sources):
+    if op.op == "Concat" and all(s is not None and s.per_tensor and s.dtype == y.dtype for s in sources):
+        pass  # inputs with other parameters are requantised to the output's by a lookup table (rewrite)
+    elif any(s is None or not s.same_as(y) for s in sources):
         return f"the {op.op} inputs are not dequantised with the output's parameters"
     if not y.round_trips():
         return "Q(DQ(q)) != q for some q (degenerate scale)"
     return op, sources
+
+
+def _requantised(graph: Graph, source: Quant, y: Quant, before: Node) -> Value:
+    """source's integers in y's parameters: Q_y(DQ_source(v)) as a 256-entry lookup (what a Concat input
+    quantised with its own range and read back through DQ -> Concat -> Q gives, bit for bit)."""
+    base = f"{before.name or 'concat'}_{source.data.name}_requantised"
+    table = lookup_table("Identity", {}, [], source.scale, source.zero_point, y.scale, y.zero_point)
+    inputs = [source.data, graph.constant(table, f"{base}_table"),
+              *_quant_inputs(graph, [(source, "x"), (y, "y")], base)]
+    out = Value(graph.unique_name(base))
+    node = Node("QLookup", inputs, [out], {"op": "Identity", "op_attrs": "{}", "op_inputs": "[]"}, name=base,
+                domain=EDGECC_DOMAIN)
+    graph.add_node(node, before=before)
+    out.type = infer_node(node)[0]
+    return out
 
 
 class LowerDataMovement(MatchingRule):
@@ -429,7 +447,8 @@ class LowerDataMovement(MatchingRule):
     def rewrite(self, node: Node, graph: Graph):
         op, sources = self.match(node, graph)
         count = len(sources)
-        inputs = [s.data for s in sources] + list(op.inputs[count:])
+        y = output_quant(node)
+        inputs = [s.data if s.same_as(y) else _requantised(graph, s, y, op) for s in sources] + list(op.inputs[count:])
         replace_q(graph, node, op.op, inputs, dict(op.attrs), op.name)
         remove_dead(graph, [op])
 

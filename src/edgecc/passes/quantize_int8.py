@@ -29,12 +29,15 @@ from edgecc.errors import PassError
 from edgecc.ir.core import Graph, Module, Node, Value
 from edgecc.ir.dtypes import DType
 from edgecc.ops.apply import infer_node
+from edgecc.ops.registry import get as get_op
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 from edgecc.passes.rewrite import const_of, single_reader
 
-RANGE_PRESERVING = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
-"""Ops whose output values are a selection of their input's: the output is quantised like the input."""
+RANGE_PRESERVING = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                              "Slice"})
+"""Ops whose output values are a selection of their input's: the output is quantised like the input, so lower-qdq
+runs them on the integer data."""
 
 FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
@@ -89,6 +92,32 @@ def range_source(value: Value) -> Value:
     return value
 
 
+def _float_data(value: Value | None) -> bool:
+    return value is not None and not value.is_const and value.type is not None and value.type.dtype == DType.float32
+
+
+def integer_binary(node: Node) -> bool:
+    """Add/Mul of two float32 tensors: lower-qdq makes them edgecc.QLinearAdd/QLinearMul."""
+    return node.op in ("Add", "Mul") and not node.domain and all(_float_data(v) for v in node.inputs)
+
+
+def integer_unary(node: Node) -> bool:
+    """GlobalAveragePool, or an elementwise op of one float32 tensor (other inputs constant scalars) that keeps its
+    shape: lower-qdq makes them edgecc.QLinearGlobalAveragePool / a 256-entry edgecc.QLookup."""
+    if node.domain or not _float_data(node.input(0)) or len(node.outputs) != 1:
+        return False
+    if node.op == "GlobalAveragePool":
+        return True
+    opdef = get_op(node.op)
+    return opdef is not None and opdef.kind == "elementwise" and node.op not in ("Add", "Mul") \
+        and node.outputs[0].type.shape == node.inputs[0].type.shape \
+        and all(v is None or (v.is_const and v.const.size == 1) for v in node.inputs[1:])
+
+
+def _float_concat(node: Node) -> bool:
+    return node.op == "Concat" and not node.domain and all(_float_data(v) for v in node.inputs)
+
+
 def needed_ranges(module: Module, keep: frozenset[str] = frozenset()) -> list[str]:
     """Names of the values whose calibration range quantize-int8 will read."""
     graph = module.graph
@@ -97,7 +126,22 @@ def needed_ranges(module: Module, keep: frozenset[str] = frozenset()) -> list[st
         if quantisable(node, keep):
             names[range_source(node.inputs[0]).name] = None
             names[range_source(quant_point(graph, node)).name] = None
+        elif _float_concat(node):
+            for value in node.inputs + node.outputs:
+                names[range_source(value).name] = None
+        elif integer_binary(node):
+            for value in node.inputs + [quant_point(graph, node)]:
+                names[range_source(value).name] = None
+        elif integer_unary(node):
+            names[range_source(node.outputs[0]).name] = None
     return list(names)
+
+
+def _dequantised(value: Value) -> bool:
+    """True if `value` is DQ(Q(v)), a pair this pass inserted."""
+    producer = value.producer
+    return producer is not None and producer.op == "DequantizeLinear" and producer.inputs[0].producer is not None \
+        and producer.inputs[0].producer.op == "QuantizeLinear"
 
 
 def activation_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
@@ -238,7 +282,26 @@ class QuantizeInt8Pass(Pass):
         graph = module.graph
         inserter = _Inserter(graph, ranges)
         quantised = 0
-        for node in [n for n in graph.nodes if quantisable(n, keep)]:
+        for node in list(graph.nodes):
+            if node.op in RANGE_PRESERVING and not node.domain and _dequantised(node.inputs[0]):
+                for out in node.outputs:  # the selection keeps its input's parameters: lower-qdq makes it integer
+                    inserter.quantise_output(out)
+                continue
+            if _float_concat(node) and all(range_source(v).name in inserter.ranges for v in node.inputs):
+                for index, value in enumerate(node.inputs):
+                    node.set_input(index, inserter.dequantised_input(value, node))
+                inserter.quantise_output(node.outputs[0])
+                continue
+            if integer_binary(node) and node.name not in keep:
+                for index, value in enumerate(node.inputs):
+                    node.set_input(index, inserter.dequantised_input(value, node))
+                inserter.quantise_output(quant_point(graph, node))
+                continue
+            if integer_unary(node) and node.name not in keep and _dequantised(node.inputs[0]):
+                inserter.quantise_output(node.outputs[0])
+                continue
+            if not quantisable(node, keep):
+                continue
             point = quant_point(graph, node)
             x_dq = inserter.dequantised_input(node.inputs[0], node)
             node.set_input(0, x_dq)
