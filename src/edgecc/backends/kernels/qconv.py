@@ -185,16 +185,17 @@ class QuantParams:
     """Per-channel fixed-point requantisation parameters, computed once per kernel call into stack arrays of
     `padded` entries, and the requantisation itself (`requantise`).
 
-    Two forms, chosen at run time for the whole call:
+    Accumulators start at `initial(m)` = corr + 2^31 (wrapping i32), corr = bias - (x_zp + delta) * sum(w): the
+    reference's int32 sum v = acc - 2^31 then reads as the unsigned value v + 2^31, at no cost per output. Two
+    forms, chosen at run time for the whole call:
     - "high word" when every multiplier is below 1/2 (the usual case): m1 = round(M * 2^32) < 2^31 and
-      y = clamp(((acc + corr) * m1 + 2^31 + (y_zp << 32)) >> 32): the result is the high 32 bits of the i64 sum,
-      gathered by one permute, then clamped in i32 (about 9 vector operations per 16 outputs on AVX-512 instead of
-      15). m1 keeps 32 + log2(M) bits: the error is below |acc| * 2^-33 < 1/4 of an output unit, so results stay
-      within 1 of the reference, and exact but near ties (a gap under 2^-12 for M >= 2^-12, where outputs in
-      range need |acc| < 2^21).
-    - exact: M = m0 * 2^-shift with m0 = mantissa << 7 (exact), y = clamp(((acc + corr) * m0 + offset) >> shift)
-      with offset = 2^(shift-1) + (y_zp << shift), all in i64.
-    corr = bias - (x_zp + delta) * sum(w) is added in i32 (wrapping as the reference's int32 sum does)."""
+      y = clamp(((v + 2^31) * m1 + offset) >> 32) with offset = 2^31 + (y_zp << 32) - (m1 << 31): unsigned
+      32 x 32 -> 64-bit products of the even and odd lanes (vpmuludq / umull), the high words gathered by one
+      shuffle, then clamped in i32 (8 vector operations per 16 outputs on AVX-512). m1 keeps 32 + log2(M)
+      bits: the error is below |v| * 2^-33 < 1/4 of an output unit, so results stay within 1 of the reference,
+      and exact but near ties (a gap under 2^-12 for M >= 2^-12, where outputs in range need |v| < 2^21).
+    - exact: M = m0 * 2^-shift with m0 = mantissa << 7 (exact), y = clamp((v * m0 + offset) >> shift) with
+      offset = 2^(shift-1) + (y_zp << shift), all in i64."""
 
     def __init__(self, kb: KernelBuilder, channels: int, padded: int, x_scale: Buffer, x_zp: Buffer | None,
                  w_scale: Buffer, y_scale: Buffer, y_zp: Buffer | None, bias: Buffer | None, sums: Buffer,
@@ -202,17 +203,18 @@ class QuantParams:
         b = kb.b
         self.kb = kb
         self.out_signed = y_zp is not None and y_zp.dtype.name == "int8"
-        self.corr = stack_array(kb, I32, padded, "qcorr")
+        self.init = stack_array(kb, I32, padded, "qinit")
         self.m0 = stack_array(kb, I32, padded, "qm0")
         self.shift = stack_array(kb, I32, padded, "qshift")
         self.offset = stack_array(kb, I64, padded, "qoffset")
         self.m1 = stack_array(kb, I32, padded, "qm1")
+        self.offset1 = stack_array(kb, I64, padded, "qoffset1")
         zp_x = (b.sext if x_zp.dtype.name == "int8" else b.zext)(kb.load(x_zp, kb.i64(0)), I32) \
             if x_zp is not None else ir.Constant(I32, 0)
         x_offset = b.add(zp_x, ir.Constant(I32, delta))
         zp_y = (b.sext if self.out_signed else b.zext)(kb.load(y_zp, kb.i64(0)), I64) \
             if y_zp is not None else kb.i64(0)
-        self.offset32 = b.add(kb.i64(1 << 31), b.shl(zp_y, kb.i64(32)))
+        offset32 = b.add(kb.i64(1 << 31), b.shl(zp_y, kb.i64(32)))
         xs, ys = kb.load(x_scale, kb.i64(0)), kb.load(y_scale, kb.i64(0))
         small_slot = stack_array(kb, I8, 1, "qsmall")
         store_to(kb, ir.Constant(I8, 1), small_slot)
@@ -252,8 +254,10 @@ class QuantParams:
             offset = b.add(b.shl(kb.i64(1), b.sub(s64, kb.i64(1))), b.shl(zp_y, s64))
             corr = b.mul(x_offset, kb.load(sums, m))
             corr = b.sub(kb.load(bias, mc) if bias is not None else i32c(0), corr)
-            for slot, value, align in ((self.corr, corr, 4), (self.m0, m0, 4), (self.shift, shift, 4),
-                                       (self.offset, offset, 8), (self.m1, m1, 4)):
+            offset1 = b.sub(offset32, b.shl(b.zext(m1, I64), kb.i64(31)))
+            for slot, value, align in ((self.init, b.add(corr, i32c(-2 ** 31)), 4), (self.m0, m0, 4),
+                                       (self.shift, shift, 4), (self.offset, offset, 8), (self.m1, m1, 4),
+                                       (self.offset1, offset1, 8)):
                 store_to(kb, value, b.gep(slot, [m], inbounds=True, source_etype=value.type), align)
         self.small = b.icmp_unsigned("!=", b.load(small_slot, typ=I8), ir.Constant(I8, 0))
 
@@ -263,9 +267,14 @@ class QuantParams:
         ptr = b.gep(slot, [self.kb.i64(m) if isinstance(m, int) else m], inbounds=True, source_etype=ty)
         return b.load(ptr, typ=ty if n is None else vec_ty(ty, n), align=ty.width // 8)
 
+    def initial(self, m, n: int, lanes_: int | None = None) -> ir.Value:
+        """The <n x i32> accumulator start: channel m's in every lane (lanes_ None), or channels m..m+n-1."""
+        return self._vector(self.init, I32, m, lanes_, n)
+
     def requantise(self, items, store) -> None:
-        """items: [(acc <n x i32>, channel m, lanes)]: lanes None means every lane is channel m, else lane i is
-        channel m + i. Calls store(k, <n x i8>) for each, in whichever form (see the class) applies."""
+        """items: [(acc <n x i32> started at `initial`, channel m, lanes)]: lanes None means every lane is channel
+        m, else lane i is channel m + i. Calls store(k, <n x i8>) for each, in whichever form (see the class)
+        applies."""
         with self.kb.b.if_else(self.small) as (high, exact):
             with high:
                 for k, (acc, m, lanes_) in enumerate(items):
@@ -291,45 +300,42 @@ class QuantParams:
         b = self.kb.b
         n = acc.type.count
         i64x = vec_ty(I64, n)
-        v = b.add(acc, self._vector(self.corr, I32, m, lanes_, n))
+        v = b.xor(acc, ir.Constant(acc.type, [ir.Constant(I32, -2 ** 31)] * n))  # acc - 2^31: the signed sum
         v = b.mul(b.sext(v, i64x), b.zext(self._vector(self.m0, I32, m, lanes_, n), i64x))
         v = b.ashr(b.add(v, self._vector(self.offset, I64, m, lanes_, n)),
                    b.zext(self._vector(self.shift, I32, m, lanes_, n), i64x))
         return self._clamp_narrow(v)
 
     def _high_word(self, acc: ir.Value, m, lanes_) -> ir.Value:
-        """Even and odd i32 lanes multiplied as i64 pairs (vpmuldq / smull), high words gathered by one shuffle."""
+        """Even and odd lanes multiplied as unsigned 32 x 32 -> 64-bit pairs, high words gathered by a shuffle."""
         b = self.kb.b
         n = acc.type.count
         if n % 2:
-            return self._high_word_wide(acc, m, lanes_)
+            i64x = vec_ty(I64, n)
+            v = b.mul(b.zext(acc, i64x), b.zext(self._vector(self.m1, I32, m, lanes_, n), i64x))
+            v = b.add(v, self._vector(self.offset1, I64, m, lanes_, n))
+            return self._clamp_narrow(b.trunc(b.lshr(v, ir.Constant(i64x, [ir.Constant(I64, 32)] * n)),
+                                              vec_ty(I32, n)))
         half = vec_ty(I64, n // 2)
 
         def const(v: int) -> ir.Constant:
             return ir.Constant(half, [ir.Constant(I64, v)] * (n // 2))
 
-        v = b.bitcast(b.add(acc, self._vector(self.corr, I32, m, lanes_, n)), half)
-        even = b.ashr(b.shl(v, const(32)), const(32))
-        odd = b.ashr(v, const(32))
+        v = b.bitcast(acc, half)
+        parts = [b.and_(v, const(0xFFFFFFFF)), b.lshr(v, const(32))]
         if lanes_ is None:
-            m_even = m_odd = splat(b, b.zext(self.load(self.m1, I32, m), I64), n // 2)
+            mults = [splat(b, b.zext(self.load(self.m1, I32, m), I64), n // 2)] * 2
+            offsets = [splat(b, self.load(self.offset1, I64, m), n // 2)] * 2
         else:
             pair = b.bitcast(self.load(self.m1, I32, m, lanes_), half)
-            m_even, m_odd = b.and_(pair, const(0xFFFFFFFF)), b.lshr(pair, const(32))
-        offset = splat(b, self.offset32, n // 2)
+            mults = [b.and_(pair, const(0xFFFFFFFF)), b.lshr(pair, const(32))]
+            wide = self.load(self.offset1, I64, m, lanes_)
+            offsets = [b.shuffle_vector(wide, wide, i32_vector(range(first, n, 2))) for first in (0, 1)]
         words = [b.bitcast(b.add(b.mul(part, mult), offset), vec_ty(I32, n))
-                 for part, mult in ((even, m_even), (odd, m_odd))]
+                 for part, mult, offset in zip(parts, mults, offsets)]
         # lane 2i: the high word (dword 2i+1) of even product i; lane 2i+1: that of odd product i
         high = b.shuffle_vector(words[0], words[1], i32_vector(j + 1 if j % 2 == 0 else n + j for j in range(n)))
         return self._clamp_narrow(high)
-
-    def _high_word_wide(self, acc: ir.Value, m, lanes_) -> ir.Value:
-        b = self.kb.b
-        n = acc.type.count
-        i64x = vec_ty(I64, n)
-        v = b.sext(b.add(acc, self._vector(self.corr, I32, m, lanes_, n)), i64x)
-        v = b.add(b.mul(v, b.zext(self._vector(self.m1, I32, m, lanes_, n), i64x)), splat(b, self.offset32, n))
-        return self._clamp_narrow(b.trunc(b.lshr(v, ir.Constant(i64x, [ir.Constant(I64, 32)] * n)), vec_ty(I32, n)))
 
 
 def weight_sums(w: np.ndarray) -> np.ndarray:
@@ -572,7 +578,6 @@ def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y:
     accs = Accumulators(kb)
     acc_ty = vec_ty(I32, L)
     x_ty = vec_ty(I8, 4 * L)
-    zero = ir.Constant(acc_ty, [ir.Constant(I32, 0)] * L)
     n_bands = -(-geo.oh // rows)
 
     def channel_block(n_idx, oh0, rb, m0, count: int):
@@ -583,8 +588,9 @@ def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y:
         with kb.loop(n_tiles, "tile") as t:
             q0 = mul_i64(kb, t, T)
             slots = [(r, v) for r in range(count) for v in range(nr)]
-            for key in slots:
-                accs.set(("q", *key), zero)
+            starts = [params.initial(add_i64(kb, m0, r), L) for r in range(count)]
+            for r, v in slots:
+                accs.set(("q", r, v), starts[r])
             with kb.loop(c4, "c4") as g:
                 base = add_i64(kb, mul_i64(kb, g, packer.group_bytes), mul_i64(kb, q0, 4))
                 wg = add_i64(kb, w_block, mul_i64(kb, g, len(taps) * mr))
@@ -664,7 +670,6 @@ def emit_channel_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, param
     accs = Accumulators(kb)
     acc_ty = vec_ty(I32, L)
     bytes_ty = vec_ty(I8, 4 * L)
-    zero = ir.Constant(acc_ty, [ir.Constant(I32, 0)] * L)
     r_lo, r_hi = max(0, geo.pt), min(rows_in, geo.h + geo.pt)
     c_lo, c_hi = max(0, geo.pl), min(cols_in, geo.w + geo.pl)
 
@@ -685,8 +690,9 @@ def emit_channel_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, param
     def tile(n_idx, m0, count: int, p0, n: int) -> None:
         nvec = -(-count // L)
         slots = [(v, q) for v in range(nvec) for q in range(n)]
-        for key in slots:
-            accs.set(("c", *key), zero)
+        starts = [params.initial(add_i64(kb, m0, v * L), L, L) for v in range(nvec)]
+        for v, q in slots:
+            accs.set(("c", v, q), starts[v])
         pos = [b.load(b.gep(offsets, [add_i64(kb, p0, q)], inbounds=True, source_etype=I64), typ=I64)
                for q in range(n)]
         blk = m0 // block if isinstance(m0, int) else b.sdiv(m0, kb.i64(block))
@@ -794,7 +800,6 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
     memset(kb, byte_ptr(kb, packer.scratch, packer.group_bytes), fill, slack)
     staging = stack_bytes(kb, n_tiles_max * T, "stage")
     acc_ty, x_ty = vec_ty(I32, L), vec_ty(I8, L)
-    zero = ir.Constant(acc_ty, [ir.Constant(I32, 0)] * L)
     n_bands = -(-geo.oh // rows)
     per_channel = len(groups) if windowed else len(taps)
     spread = i32_vector(i + j for i in range(L) for j in range(4))
@@ -804,11 +809,12 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
         packer.pack(n_idx, c, oh0, rb)
         weights = [splat(b, kb.load(packed, add_i64(kb, mul_i64(kb, c, per_channel), geo.m + k)), L)
                    for k in range(per_channel)]
+        start = params.initial(c, L)
         positions = b.sub(b.mul(rb, kb.i64(geo.wq)), kb.i64(geo.wq - geo.ow))
         n_tiles = b.sdiv(b.add(positions, kb.i64(T - 1)), kb.i64(T))
         with kb.loop(n_tiles, "tile") as t:
             q0 = mul_i64(kb, t, T)
-            values = [zero] * nr
+            values = [start] * nr
             reads = [(phase, offset) for phase, offset, _ in groups] if windowed else taps
             for k, (phase, offset) in enumerate(reads):
                 for v in range(nr):

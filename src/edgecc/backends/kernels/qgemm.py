@@ -72,7 +72,6 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
     accs = Accumulators(kb)
     acc_ty = vec_ty(I32, L)
     bytes_ty = vec_ty(I8, 4 * L)
-    zero = ir.Constant(acc_ty, [ir.Constant(I32, 0)] * L)
     sign = act_signed if dot.signed is None else dot.signed
     mask = ir.Constant(I32, flip * 0x01010101)
 
@@ -92,8 +91,9 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
         """Rows row0..row0+count-1, columns col0..col0+width-1 (a panel's valid columns)."""
         nvec = -(-width // L)
         slots = [(r, v) for r in range(count) for v in range(nvec)]
-        for key in slots:
-            accs.set(("g", *key), zero)
+        starts = [params.initial(add_i64(kb, col0, v * L), L, L) for v in range(nvec)]
+        for r, v in slots:
+            accs.set(("g", r, v), starts[v])
         w_panel = add_i64(kb, mul_i64(kb, col0, (k + 3) // 4), panels * nb)  # panel col0 / nb
 
         def step(kk, wk, tail: int = 0) -> None:
