@@ -46,7 +46,7 @@ def _keep_list(keep_fp32) -> str:
     return ",".join(n.strip() for n in names if n.strip())
 
 
-SENSITIVITY_SAMPLES = 8
+SENSITIVITY_SAMPLES = 4
 """Calibration samples the per-layer SQNR is measured on (the interpreter runs the float and QDQ graphs on each)."""
 
 
