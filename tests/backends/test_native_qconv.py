@@ -3,11 +3,12 @@ edgecc.QGemm, native against the op's registry reference (which follows the ONNX
 onnxruntime; on the host (AVX-512 VNNI here), the AVX2 preset (the generic dot4), and armv8.2 (sdot) and armv7
 (generic NEON) under qemu-user.
 
-Tolerance: atol 1 (uint8/int8 units) with at least 99% of outputs exact. The kernels requantise in fixed point:
-the multiplier x_scale * w_scale / y_scale is the reference's float32 value taken apart exactly (24-bit mantissa
-and a shift), so the only difference is the rounding of exact ties (half up here, half to even in the reference,
-which also rounds its float32 product once more); onnxruntime's own requantisation differs from the reference by
-the same kind of rounding, hence the same bound against it.
+Tolerance: atol 1 (uint8/int8 units) with at least 99% of outputs exact. The kernels requantise in fixed point
+(qconv.QuantParams): with every multiplier M = x_scale * w_scale / y_scale below 1/2, an integer multiplier
+round(M * 2^32) and the high word of the product, whose error is below |acc| * 2^-33 < 1/4 of a unit; otherwise
+M's exact mantissa and a shift. So results differ from the reference (the float64 product rounded half to even)
+by at most 1, and only for products within that error of a tie; onnxruntime's own requantisation differs from
+the reference by the same kind of rounding, hence the same bound against it. The generic fallbacks stay exact.
 """
 
 from __future__ import annotations

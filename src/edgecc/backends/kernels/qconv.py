@@ -34,11 +34,12 @@ Kernels:
   vpermb) or sdot, up to 4 taps of a row are one dot4 over a byte window; elsewhere i32 multiply-adds.
 
 Measured on Zen 4 (AVX-512 VNNI), one thread, median, tools/bench_int8_layers.py (layers) and tools/bench_int8.py
-(whole models quantised by edgecc, int8 / fp32): ResNet-18 3x3 layers 0.13-0.31x fp32 (0.52 ms for 512x7x7 ->
-512), its 7x7/2 first layer 0.39x; MobileNet-v2 pointwise layers 0.33-0.55x, depthwise 0.8-2x (requantisation,
-about 10 vector operations per 16 outputs, costs as much as the 9-tap float layer); whole models: resnet18 9.7 ms
-(0.29x fp32, onnxruntime int8 QDQ 38 ms), mobilenet_v2 3.3 ms (0.45x, ort 8.6), squeezenet1_1 3.1 ms (0.42x, ort
-9.5), shufflenet_v2_x1_0 1.8 ms (0.49x, ort 5.1).
+(whole models quantised by edgecc; int8 / edgecc fp32 / onnxruntime int8 QDQ): ResNet-18 3x3 layers 0.13-0.31x
+fp32 (0.52 ms for 512x7x7 -> 512), its 7x7/2 first layer 0.39x; MobileNet-v2 pointwise layers 0.19-0.54x,
+depthwise 0.65-1.0x (1.7x for 576x14x14 stride 2: requantising costs 8 vector operations per 16 outputs, about
+what the whole 9-tap float layer spends), all its convolutions 0.44x; whole models: resnet18 9.7 ms (0.29x fp32
+33.9 ms; ort 37.7 ms), mobilenet_v2 3.1 ms (0.43x of 7.3; ort 8.5), squeezenet1_1 2.5 ms (0.34x of 7.3; ort 9.6),
+shufflenet_v2_x1_0 1.5 ms (0.40x of 3.7; ort 5.3).
 """
 
 from __future__ import annotations
