@@ -735,20 +735,19 @@ def emit_channel_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, param
         for_blocks(kb, geo.m, block, channel_block, "cb")
 
 
-def window_groups(geo: ConvGeometry) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """The taps cut into windows of 4 consecutive packed positions of one phase row: (phase, position offset of
-    the window, [(byte j in the window, tap index)]). A 3x3 stride-1 kernel is 3 windows, stride 2 is 6."""
+def window_groups(geo: ConvGeometry, row_bytes: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """The taps cut into windows of 4 consecutive bytes of one packed row (rows of `row_bytes`, one plane per
+    stride phase along y): (y phase, byte offset of the window, [(byte j in the window, tap index)]). A 3x3
+    kernel is 3 windows at any stride (2 dilated by 2)."""
     groups = []
     for ky in range(geo.kh):
-        row_phase, row_off = ((ky * geo.dy) % geo.sy) * geo.sx, (ky * geo.dy // geo.sy) * geo.wq
-        for px in range(geo.sx):
-            offsets = [((kx * geo.dx) // geo.sx, ky * geo.kw + kx) for kx in range(geo.kw)
-                       if (kx * geo.dx) % geo.sx == px]
-            while offsets:
-                first = offsets[0][0]
-                inside = [(o - first, t) for o, t in offsets if o < first + 4]
-                groups.append((row_phase + px, row_off + first, inside))
-                offsets = offsets[len(inside):]
+        phase, row_off = (ky * geo.dy) % geo.sy, (ky * geo.dy // geo.sy) * row_bytes
+        offsets = [(kx * geo.dx, ky * geo.kw + kx) for kx in range(geo.kw)]
+        while offsets:
+            first = offsets[0][0]
+            inside = [(o - first, t) for o, t in offsets if o < first + 4]
+            groups.append((phase, row_off + first, inside))
+            offsets = offsets[len(inside):]
     return groups
 
 
@@ -767,43 +766,51 @@ def pack_depthwise_weights(w: np.ndarray, windows: tuple | None) -> np.ndarray:
 
 def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y: Buffer) -> bool:
     """Depthwise QLinearConv: each channel's padded map packed (one byte per position). With vpdpbusd (and
-    AVX-512 VBMI's byte permute) or sdot, up to 4 taps of one row are one dot4: lane i takes the 4 bytes at
-    positions i..i+3 of the window (a byte shuffle of one load), the weight word holds the taps' weights. Elsewhere
-    each tap is an i32 multiply-add over L positions (products of u8/s8 and s8 need 16 bits; sums need 32)."""
+    AVX-512 VBMI's byte permute) or sdot, up to 4 taps of one kernel row are one dot4: the rows are packed whole
+    (one plane per y stride phase), and lane i takes the 4 bytes at sx * i + 0..3 of the window (a byte shuffle of
+    one load), the weight word holding the taps' weights. Elsewhere the input is packed by stride phases as in
+    emit_dot_conv and each tap is an i32 multiply-add over L positions (u8/s8 x s8 products need 16 bits; sums
+    need 32)."""
     b = kb.b
     act_signed = x.dtype.name == "int8"
-    phases = geo.sy * geo.sx
-    bytes_per_row = phases * geo.wq
-    if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
-        return False
     dot = Dot4(kb)
     features = set(kb.target.features.split(","))
     windowed = dot.kind == "sdot" or (dot.kind == "vnni" and "+avx512vbmi" in features)
-    rows = band_rows(geo, bytes_per_row)
     L = dot.lanes if windowed else max(1, lanes(kb))
+    window_bytes = next((n for n in (16, 32, 64) if n >= (L - 1) * geo.sx + 4), None)
+    windowed = windowed and window_bytes is not None
+    if windowed:  # whole rows; q = oh * wq + ow reads from byte sx * q of a y-phase plane
+        sx = geo.sx
+        wq = max(geo.ow, geo.ow - 1 + -(-((geo.kw - 1) * geo.dx + 1) // sx))
+        pack_geo = dataclasses.replace(geo, sx=1, kw=1, dx=1, ow=wq * sx)
+    else:
+        sx, wq, pack_geo = 1, geo.wq, geo
+    bytes_per_row = pack_geo.sy * pack_geo.sx * pack_geo.wq
+    if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
+        return False
+    rows = band_rows(geo, bytes_per_row)
     budget = 12 if vector_registers(kb) >= 32 else 6
-    _, nr = choose_tile(rows * geo.wq, L, budget * 4, 4)
+    _, nr = choose_tile(rows * wq, L, budget * 4, 4)
     nr = min(nr, budget)
     T = nr * L
-    n_tiles_max = -(-rows * geo.wq // T)
+    n_tiles_max = -(-rows * wq // T)
     taps = list(geo.taps())
-    groups = window_groups(geo) if windowed else None
+    groups = window_groups(geo, pack_geo.wq) if windowed else None
     windows = tuple(tuple(inside) for _, _, inside in groups) if windowed else None
     packed = kb.packed_input(3, lambda w: pack_depthwise_weights(w, windows))
     flip, delta = dot.flip(act_signed) if windowed else (0, 0)
     params = QuantParams(kb, geo.m, geo.m, *params_in, sums=packed, delta=delta)
-    x_zp = params_in[1]
-    fill = packed_zero_point(kb, x_zp, flip)
-    packer = BandPacker(kb, x, geo, 1, rows, flip, fill)
-    window_bytes = max(16, 2 * L)  # one load covers the L + 3 bytes of a window's lanes
-    slack = T + geo.ey * geo.wq + geo.ex + 1 + window_bytes
+    fill = packed_zero_point(kb, params_in[1], flip)
+    packer = BandPacker(kb, x, pack_geo, 1, rows, flip, fill)
+    slack = sx * T + geo.ey * pack_geo.wq + (geo.kw - 1) * geo.dx + 1 + (window_bytes or 0)
     packer.scratch = stack_bytes(kb, packer.group_bytes + slack, "band")
     memset(kb, byte_ptr(kb, packer.scratch, packer.group_bytes), fill, slack)
     staging = stack_bytes(kb, n_tiles_max * T, "stage")
     acc_ty, x_ty = vec_ty(I32, L), vec_ty(I8, L)
     n_bands = -(-geo.oh // rows)
     per_channel = len(groups) if windowed else len(taps)
-    spread = i32_vector(i + j for i in range(L) for j in range(4))
+    spread = i32_vector(sx * i + j for i in range(L) for j in range(4))
+    reads = [(phase, offset) for phase, offset, _ in groups] if windowed else taps
 
     with kb.loop(geo.n, "n") as n_idx, kb.loop(geo.c, "c") as c, kb.loop(n_bands, "band") as band:
         oh0, rb = band_span(kb, geo, band, rows)
@@ -811,15 +818,15 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
         weights = [splat(b, kb.load(packed, add_i64(kb, mul_i64(kb, c, per_channel), geo.m + k)), L)
                    for k in range(per_channel)]
         start = params.initial(c, L)
-        positions = b.sub(b.mul(rb, kb.i64(geo.wq)), kb.i64(geo.wq - geo.ow))
+        positions = b.sub(b.mul(rb, kb.i64(wq)), kb.i64(wq - geo.ow))
         n_tiles = b.sdiv(b.add(positions, kb.i64(T - 1)), kb.i64(T))
         with kb.loop(n_tiles, "tile") as t:
             q0 = mul_i64(kb, t, T)
             values = [start] * nr
-            reads = [(phase, offset) for phase, offset, _ in groups] if windowed else taps
             for k, (phase, offset) in enumerate(reads):
                 for v in range(nr):
-                    ptr = byte_ptr(kb, packer.scratch, add_i64(kb, q0, phase * packer.plane + offset + v * L))
+                    at_ = add_i64(kb, mul_i64(kb, q0, sx), phase * packer.plane + offset + v * L * sx)
+                    ptr = byte_ptr(kb, packer.scratch, at_)
                     if windowed:
                         wide = b.load(ptr, typ=vec_ty(I8, window_bytes), align=1)
                         xv = b.shuffle_vector(wide, wide, spread)
@@ -833,7 +840,7 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
         with kb.loop(rb, "row") as rr:
             flat = add_i64(kb, mul_i64(kb, n_idx, geo.m * geo.oh * geo.ow), mul_i64(kb, c, geo.oh * geo.ow),
                            mul_i64(kb, add_i64(kb, oh0, rr), geo.ow))
-            memcpy(kb, kb.element_ptr(y, flat), byte_ptr(kb, staging, mul_i64(kb, rr, geo.wq)), geo.ow)
+            memcpy(kb, kb.element_ptr(y, flat), byte_ptr(kb, staging, mul_i64(kb, rr, wq)), geo.ow)
     return True
 
 
