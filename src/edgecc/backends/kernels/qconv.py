@@ -36,8 +36,8 @@ Kernels:
 Measured on Zen 4 (AVX-512 VNNI), one thread, median, tools/bench_int8_layers.py (layers) and tools/bench_int8.py
 (whole models quantised by edgecc; int8 / edgecc fp32 / onnxruntime int8 QDQ): ResNet-18 3x3 layers 0.13-0.31x
 fp32 (0.52 ms for 512x7x7 -> 512), its 7x7/2 first layer 0.39x; MobileNet-v2 pointwise layers 0.19-0.54x,
-depthwise 0.65-1.0x (1.7x for 576x14x14 stride 2: requantising costs 8 vector operations per 16 outputs, about
-what the whole 9-tap float layer spends), all its convolutions 0.44x; whole models: resnet18 9.7 ms (0.29x fp32
+depthwise 0.5-1.0x (1.9x for 960x7x7, whose per-channel packing and requantising of 4 vectors for 49 outputs
+cost more than the 9-tap float layer), all its convolutions 0.45x; whole models: resnet18 9.7 ms (0.29x fp32
 33.9 ms; ort 37.7 ms), mobilenet_v2 3.1 ms (0.43x of 7.3; ort 8.5), squeezenet1_1 2.5 ms (0.34x of 7.3; ort 9.6),
 shufflenet_v2_x1_0 1.5 ms (0.40x of 3.7; ort 5.3).
 """
