@@ -97,3 +97,29 @@ def test_tiny_shared_models_run_on_cortex_m(shared_dir, tmp_path, target, name, 
     got = np.array([float(v) for v in run.stdout.split()], np.float32)
     expected = ref["output"].reshape(-1)
     assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) <= 1e-4
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+                    reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (installed by .ci/run)")
+def test_int8_model_runs_on_cortex_m4(shared_dir, tmp_path):
+    """digits_cnn quantised to int8 (integer kernels in plain C-like code on Cortex-M4) against the same int8 graph in
+    edgecc's reference interpreter (its ops are checked against onnxruntime's QDQ models in test_lower_qdq): within
+    two output steps (fixed-point requantisation rounds ties up where the references round half to even)."""
+    import edgecc
+
+    data = shared_dir / "data"
+    model, calib = data / "digits_cnn.onnx", data / "digits_cnn_calib.npz"
+    if not model.is_file():
+        pytest.skip(f"{data} holds no digits_cnn.onnx")
+    x = np.load(data / "digits_cnn_test.npz")["input"][0]
+    x.astype(np.float32).tofile(tmp_path / "input.bin")
+    assert main([str(model), "-O3", "--target", "cortex-m4", "--quantize", "int8", "--calibration", str(calib),
+                 "-o", str(tmp_path / "model")]) == 0
+    run = _run_on_board("cortex-m4", _semihosting_firmware(tmp_path, "cortex-m4"), tmp_path / "input.bin")
+    got = np.array([float(v) for v in run.stdout.split()], np.float32)
+    reference = edgecc.compile(str(model), opt_level=3, quantize="int8", calibration=str(calib), runtime="reference")
+    expected = reference.run([x])[0].reshape(-1)
+    step = float(np.asarray(reference.module.graph.outputs[0].producer.inputs[1].const).reshape(-1)[0])
+    assert np.max(np.abs(got - expected)) <= 2 * step + 1e-6
