@@ -57,14 +57,15 @@ def qconv_model(x_shape, m: int, k: int, group: int = 1, x_dtype=np.uint8, y_dty
     return model, {"x": x}
 
 
-def qgemm_model(a_shape, n: int, trans_b: int = 1, a_dtype=np.uint8, const_b=True, b_zp=None):
+def qgemm_model(a_shape, n: int, trans_b: int = 1, a_dtype=np.uint8, const_b=True, b_zp=None, y_scale=0.25,
+                bias=20000):
     """One edgecc.QGemm (domain edgecc), B int8 [N, K] (transB) or [K, N], per-column scales, int32 bias."""
     k = a_shape[-1]
     b = RNG.integers(-127, 128, (n, k) if trans_b else (k, n)).astype(np.int8)
     params = [("a_scale", np.array(0.03, np.float32)), ("a_zp", np.array(9 if a_dtype == np.uint8 else -4, a_dtype)),
               ("b", b), ("b_scale", (RNG.random(n) * 0.004 + 0.0005).astype(np.float32)),
-              ("b_zp", np.zeros(n, np.int8) if b_zp is None else b_zp), ("y_scale", np.array(0.25, np.float32)),
-              ("y_zp", np.array(120, np.uint8)), ("c", RNG.integers(-20000, 20000, n).astype(np.int32))]
+              ("b_zp", np.zeros(n, np.int8) if b_zp is None else b_zp), ("y_scale", np.array(y_scale, np.float32)),
+              ("y_zp", np.array(120, np.uint8)), ("c", RNG.integers(-bias, bias, n).astype(np.int32))]
     info = np.iinfo(a_dtype)
     feeds = {"a": RNG.integers(info.min, int(info.max) + 1, a_shape).astype(a_dtype)}
     inputs = [helper.make_tensor_value_info("a", _np(a_dtype), a_shape)]
@@ -81,7 +82,7 @@ def qgemm_model(a_shape, n: int, trans_b: int = 1, a_dtype=np.uint8, const_b=Tru
 def reference(model, feeds) -> np.ndarray:
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        return edgecc.compile(model).run(feeds)[0]
+        return edgecc.compile(model, runtime="reference").run(feeds)[0]
 
 
 def assert_close_int(got: np.ndarray, want: np.ndarray) -> None:
@@ -183,6 +184,16 @@ def test_qgemm(case):
     a_shape, n, trans_b, a_dtype = QGEMM_CASES[case]
     model, feeds = qgemm_model(a_shape, n, trans_b, a_dtype)
     assert_close_int(edgecc.compile(model, runtime="native").run(feeds)[0], reference(model, feeds))
+
+
+def test_qgemm_small_multipliers_with_large_accumulators():
+    """A classifier whose int32 bias dwarfs its products (|acc| ~ 2^29, M ~ 2^-23, as on shufflenet's last Gemm): a
+    32-bit multiplier of M keeps only ~9 bits and put 2.8% of the outputs off by one, so such multipliers take the
+    exact form."""
+    model, feeds = qgemm_model((1, 1024), 1000, 1, y_scale=750.0, bias=2 ** 30)
+    got, want = edgecc.compile(model, runtime="native").run(feeds)[0], reference(model, feeds)
+    assert len(np.unique(want)) > 100  # the outputs spread over the range
+    assert_close_int(got, want)
 
 
 def test_qgemm_generic_fallbacks_are_exact():

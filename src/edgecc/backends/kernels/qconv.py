@@ -189,7 +189,7 @@ class QuantParams:
     Accumulators start at `initial(m)` = corr + 2^31 (wrapping i32), corr = bias - (x_zp + delta) * sum(w): the
     reference's int32 sum v = acc - 2^31 then reads as the unsigned value v + 2^31, at no cost per output. Two
     forms, chosen at run time for the whole call:
-    - "high word" when every multiplier is below 1/2 (the usual case): m1 = round(M * 2^32) < 2^31 and
+    - "high word" when every multiplier is in [2^-12, 1/2) (the usual case): m1 = round(M * 2^32) < 2^31 and
       y = clamp(((v + 2^31) * m1 + offset) >> 32) with offset = 2^31 + (y_zp << 32) - (m1 << 31): unsigned
       32 x 32 -> 64-bit products of the even and odd lanes (vpmuludq / umull), the high words gathered by one
       shuffle, then clamped in i32 (8 vector operations per 16 outputs on AVX-512). m1 keeps 32 + log2(M)
@@ -245,7 +245,11 @@ class QuantParams:
             usable = b.and_(b.icmp_unsigned("!=", expo, i32c(0)), b.icmp_signed(">=", bits, i32c(0)))
             m0 = b.select(usable, m0, i32c(0))  # zero, subnormal or negative multipliers give y_zp
             m1 = b.select(usable, m1, i32c(0))
-            small = b.or_(b.icmp_signed("<", expo, i32c(126)), b.not_(usable))
+            # the high word keeps 32 + log2(M) bits of M: from M >= 2^-12 on that is >= 20 bits, an error below
+            # 2^-12 of an output unit for every accumulator whose output is in range; smaller multipliers (large
+            # accumulators, e.g. a wide final Gemm with M ~ 2^-23) take the exact form
+            small = b.or_(b.and_(b.icmp_signed("<", expo, i32c(126)), b.icmp_signed(">=", expo, i32c(115))),
+                          b.not_(usable))
             was = b.load(small_slot, typ=I8)
             store_to(kb, b.and_(was, b.zext(small, I8)), small_slot)
             # shift >= 1: multipliers >= 2^30 saturate every nonzero accumulator either way
