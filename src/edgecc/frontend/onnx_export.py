@@ -30,6 +30,32 @@ class _Stage(int):
     """An expansion stage's input that is the result of stage number `int(self)` (not only the previous one)."""
 
 
+def _without_zero_zero_point(data, scale, zero_point) -> list:
+    """DequantizeLinear's inputs, leaving out a zero point of zeros: ONNX wants a per-axis one shaped like the scale,
+    where edgecc keeps one scalar."""
+    if zero_point is None or (zero_point.is_const and not np.asarray(zero_point.const).any()):
+        return [data, scale]
+    return [data, scale, zero_point]
+
+
+def qlinear_conv_stages(inputs: list, attrs: dict) -> list[tuple[str, list, dict]] | None:
+    """QLinearConv in QDQ form (DequantizeLinear of x, w and the int32 bias B, Conv, QuantizeLinear), so an int8 model
+    exports in one format; None (keep QLinearConv, standard ONNX too) for a nonzero scalar zero point of per-channel
+    weights, which DequantizeLinear cannot express."""
+    x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = inputs[:8]
+    b = inputs[8] if len(inputs) > 8 else None
+    w_inputs = _without_zero_zero_point(w, w_s, w_zp)
+    if len(w_inputs) == 3 and w_s.type.size > 1 and w_zp.type.size != w_s.type.size:
+        return None
+    stages = [("DequantizeLinear", [x, x_s, x_zp], {}), ("DequantizeLinear", w_inputs, {"axis": 0})]
+    conv_inputs = [_Stage(0), _Stage(1)]
+    if b is not None:
+        stages += [("Mul", [x_s, w_s], {}), ("DequantizeLinear", [b, _Stage(2)], {"axis": 0})]
+        conv_inputs.append(_Stage(3))
+    stages += [("Conv", conv_inputs, dict(attrs)), ("QuantizeLinear", [PREVIOUS, y_s, y_zp], {})]
+    return stages
+
+
 def qgemm_stages(inputs: list, attrs: dict) -> list[tuple[str, list, dict]]:
     """edgecc.QGemm as the QDQ form onnxruntime reads: DequantizeLinear of A, B and the int32 bias C (scale
     a_scale * b_scale, zero point 0), Gemm (2-D A) or MatMul + Add, QuantizeLinear to y's scale and zero point.
@@ -37,8 +63,7 @@ def qgemm_stages(inputs: list, attrs: dict) -> list[tuple[str, list, dict]]:
     a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp = inputs[:8]
     c = inputs[8] if len(inputs) > 8 else None
     trans_b = int(attrs.get("transB", 0))
-    # a zero point of zeros is left out: ONNX wants a per-axis one shaped like the scale, edgecc keeps one scalar
-    b_inputs = [b, b_s] if b_zp.is_const and not np.asarray(b_zp.const).any() else [b, b_s, b_zp]
+    b_inputs = _without_zero_zero_point(b, b_s, b_zp)
     stages = [("DequantizeLinear", [a, a_s, a_zp], {}),
               ("DequantizeLinear", b_inputs, {"axis": 0 if trans_b else 1})]
     bias = None
@@ -190,6 +215,11 @@ def export_model(module: Module) -> onnx.ModelProto:
         if node.domain == EDGECC_DOMAIN and node.op in BASE_OP:
             nodes.extend(_expanded(node, onnx_stages(node.op, node.inputs, node.attrs), names, claim, initializers))
             continue
+        if not node.domain and node.op == "QLinearConv":
+            stages = qlinear_conv_stages(node.inputs, node.attrs)
+            if stages is not None:
+                nodes.extend(_expanded(node, stages, names, claim, initializers))
+                continue
         if node.domain == EDGECC_DOMAIN and node.op == "QGemm":
             nodes.extend(_expanded(node, qgemm_stages(node.inputs, node.attrs), names, claim, initializers))
             continue

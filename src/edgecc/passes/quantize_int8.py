@@ -169,7 +169,7 @@ class _Inserter:
     def __init__(self, graph: Graph, ranges: dict[str, tuple[float, float]]):
         self.graph = graph
         self.ranges = ranges
-        self.dequantised: dict[int, Value] = {}  # float value id -> its DQ(Q(value))
+        self._dq_of: dict[int, Value] = {}  # float value id -> its DQ(Q(value))
         self.count = 0
 
     def _node(self, op: str, inputs: list, name: str, before: Node | None, attrs: dict | None = None) -> Value:
@@ -189,43 +189,35 @@ class _Inserter:
         lo, hi = self.ranges[source.name]
         return activation_params(lo, hi)
 
-    def dequantised_input(self, value: Value, before: Node) -> Value:
-        """DQ(Q(value)) for a node input, inserted before its first quantised reader. Every other reader of the value
-        reads the DQ too (as in onnxruntime's QDQ models): one precision per tensor, and integer readers downstream
-        (a residual Add) see quantised operands."""
+    def _after_producer(self, value: Value) -> Node | None:
+        """Where a value's Q/DQ go: right after its producer (first for graph inputs), so every reader, earlier or
+        later than the quantised one, comes after the DQ; None means at the end."""
+        nodes = self.graph.nodes
+        if value.producer is None:
+            return nodes[0] if nodes else None
+        after = nodes.index(value.producer) + 1
+        return nodes[after] if after < len(nodes) else None
+
+    def dequantised(self, value: Value) -> Value:
+        """DQ(Q(value)), shared: every reader of the value, and the graph output, reads the DQ (as in onnxruntime's
+        QDQ models): one precision per tensor, and integer readers downstream (a residual Add) see quantised
+        operands."""
         if value.producer is not None and value.producer.op == "DequantizeLinear":
             return value
-        if value._id not in self.dequantised:
+        if value._id not in self._dq_of:
             scale, zero_point = self.params(value)
             s, z = self.graph.constant(scale, "scale"), self.graph.constant(zero_point, "zero_point")
             readers = list(value.uses)
+            was_output = [i for i, v in enumerate(self.graph.outputs) if v is value]
+            before = self._after_producer(value)
             q = self._node("QuantizeLinear", [value, s, z], f"{value.name}_q", before)
             dq = self._node("DequantizeLinear", [q, s, z], f"{value.name}_dq", before)
             for reader, index in readers:
                 reader.set_input(index, dq)
-            self.dequantised[value._id] = dq
-        return self.dequantised[value._id]
-
-    def quantise_output(self, value: Value) -> None:
-        """Route every reader of `value` (and the graph output) through DQ(Q(value)), placed after its producer."""
-        if value._id in self.dequantised:
-            return
-        nodes = self.graph.nodes
-        after = nodes.index(value.producer) + 1
-        before = nodes[after] if after < len(nodes) else None
-        readers = list(value.uses)
-        was_output = [i for i, v in enumerate(self.graph.outputs) if v is value]
-        dq = self.dequantised_input(value, before) if before is not None else None
-        if dq is None:  # the producer is the last node: append at the end
-            scale, zero_point = self.params(value)
-            s, z = self.graph.constant(scale, "scale"), self.graph.constant(zero_point, "zero_point")
-            q = self._node("QuantizeLinear", [value, s, z], f"{value.name}_q", None)
-            dq = self._node("DequantizeLinear", [q, s, z], f"{value.name}_dq", None)
-            self.dequantised[value._id] = dq
-        for reader, index in readers:
-            reader.set_input(index, dq)
-        for i in was_output:
-            self.graph.outputs[i] = dq
+            for i in was_output:
+                self.graph.outputs[i] = dq
+            self._dq_of[value._id] = dq
+        return self._dq_of[value._id]
 
     def weights(self, node: Node, index: int, q: np.ndarray, scale: np.ndarray, axis: int) -> None:
         zeros = np.zeros(scale.shape, np.int8)
@@ -285,25 +277,25 @@ class QuantizeInt8Pass(Pass):
         for node in list(graph.nodes):
             if node.op in RANGE_PRESERVING and not node.domain and _dequantised(node.inputs[0]):
                 for out in node.outputs:  # the selection keeps its input's parameters: lower-qdq makes it integer
-                    inserter.quantise_output(out)
+                    inserter.dequantised(out)
                 continue
             if _float_concat(node) and all(range_source(v).name in inserter.ranges for v in node.inputs):
                 for index, value in enumerate(node.inputs):
-                    node.set_input(index, inserter.dequantised_input(value, node))
-                inserter.quantise_output(node.outputs[0])
+                    node.set_input(index, inserter.dequantised(value))
+                inserter.dequantised(node.outputs[0])
                 continue
             if integer_binary(node) and node.name not in keep:
                 for index, value in enumerate(node.inputs):
-                    node.set_input(index, inserter.dequantised_input(value, node))
-                inserter.quantise_output(quant_point(graph, node))
+                    node.set_input(index, inserter.dequantised(value))
+                inserter.dequantised(quant_point(graph, node))
                 continue
             if integer_unary(node) and node.name not in keep and _dequantised(node.inputs[0]):
-                inserter.quantise_output(node.outputs[0])
+                inserter.dequantised(node.outputs[0])
                 continue
             if not quantisable(node, keep):
                 continue
             point = quant_point(graph, node)
-            x_dq = inserter.dequantised_input(node.inputs[0], node)
+            x_dq = inserter.dequantised(node.inputs[0])
             node.set_input(0, x_dq)
             x_scale = x_dq.producer.inputs[1].const
             axis = _weight_axis(node)
@@ -312,6 +304,6 @@ class QuantizeInt8Pass(Pass):
             inserter.weights(node, 1, w_q, w_scale, axis)
             if bias is not None:
                 inserter.bias(node, 2, bias, np.float32(x_scale) * w_scale)
-            inserter.quantise_output(point)
+            inserter.dequantised(point)
             quantised += 1
         return PassResult(quantised > 0, {"ops-quantised": quantised, "qdq-nodes-added": inserter.count})
