@@ -111,12 +111,17 @@ def standalone_peak_rss_kib(compiled, feeds) -> int | None:
             return int(f.read().split()[-1])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_arguments(doc: str) -> argparse.Namespace:
+    """--models, --runs and --write, the options every benchmark script takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--write", metavar="FILE.md")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = bench_arguments(__doc__)
     if not (SHARED / "models").is_dir():
         print(f"bench: {SHARED}/models not found (set EDGECC_SHARED)", file=sys.stderr)
         return 1

@@ -8,17 +8,14 @@ activations). The three engines run alternately (warm-up first); medians in ms.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
 import numpy as np
 
-from bench import SHARED, cpu_name
+from bench import SHARED, bench_arguments, cpu_name
 from quant_eval import _session, ort_quantized, sqnr_db
-
-MODELS = ["mlp_mnist", "lenet5", "bert_tiny_enc", "shufflenet_v2_x1_0", "squeezenet1_1", "mobilenet_v2", "resnet18"]
 
 
 def bench_model(name: str, runs: int) -> dict:
@@ -49,11 +46,7 @@ def bench_model(name: str, runs: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--write", metavar="FILE.md")
-    args = parser.parse_args()
+    args = bench_arguments(__doc__)
     rows = ["| model | edgecc fp32 ms | edgecc int8 ms | onnxruntime int8 QDQ ms | int8 / own fp32 | int8 / ORT int8 "
             "| output SQNR dB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in args.models.split(","):
