@@ -66,9 +66,26 @@ def quantisable(node: Node, keep: frozenset[str] = frozenset()) -> bool:
     return True
 
 
+def bias_add(graph: Graph, node: Node) -> tuple[Node, int] | None:
+    """(Add, index of its constant) when a MatMul's lone reader adds a constant float32 vector over the output's
+    last axis: its bias, which becomes QGemm's int32 C."""
+    out = node.outputs[0]
+    if node.op != "MatMul" or not single_reader(graph, out):
+        return None
+    add, index = out.uses[0]
+    other = add.input(1 - index) if add.op == "Add" and not add.domain and len(add.inputs) == 2 else None
+    n = out.type.shape[-1]
+    if other is None or not other.is_const or other.const.dtype != np.float32 or other.const.size != n \
+            or other.const.shape[-1:] != (n,) or add.outputs[0].type.shape != out.type.shape:
+        return None
+    return add, 1 - index
+
+
 def quant_point(graph: Graph, node: Node) -> Value:
     """The value whose range the node's output is quantised with: a lone Relu/Clip reader's result (folded), or
-    the node's own result."""
+    the node's own result; for a MatMul with a bias Add, the same after the Add."""
+    if (bias := bias_add(graph, node)) is not None:
+        node = bias[0]
     out = node.outputs[0]
     if single_reader(graph, out):
         reader = out.uses[0][0]
@@ -274,7 +291,10 @@ class QuantizeInt8Pass(Pass):
         graph = module.graph
         inserter = _Inserter(graph, ranges)
         quantised = 0
+        biases = set()  # the bias Adds of quantised MatMuls (their constant becomes an int32 DequantizeLinear)
         for node in list(graph.nodes):
+            if node._id in biases:
+                continue
             if node.op in RANGE_PRESERVING and not node.domain and _dequantised(node.inputs[0]):
                 for out in node.outputs:  # the selection keeps its input's parameters: lower-qdq makes it integer
                     inserter.dequantised(out)
@@ -304,6 +324,10 @@ class QuantizeInt8Pass(Pass):
             inserter.weights(node, 1, w_q, w_scale, axis)
             if bias is not None:
                 inserter.bias(node, 2, bias, np.float32(x_scale) * w_scale)
+            if (matmul_bias := bias_add(graph, node)) is not None:
+                add, index = matmul_bias
+                inserter.bias(add, index, add.inputs[index].const, np.float32(x_scale) * w_scale)
+                biases.add(add._id)
             inserter.dequantised(point)
             quantised += 1
         return PassResult(quantised > 0, {"ops-quantised": quantised, "qdq-nodes-added": inserter.count})
