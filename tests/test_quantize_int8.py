@@ -229,3 +229,20 @@ def test_digits_int8_accuracy(name, shared_dir):
     acc_ours = accuracy(lambda x: ours.run([x])[0])
     acc_theirs = accuracy(lambda x: theirs.run(None, {"input": x})[0])
     assert acc_ours >= acc_fp32 - 0.5 and acc_ours >= acc_theirs, (acc_fp32, acc_ours, acc_theirs)
+
+
+def test_matmul_bias_add_becomes_the_int32_bias():
+    """MatMul + Add(constant vector) (transformer layers) quantise to one QGemm with its int32 bias: no float Add
+    is left, and the result stays within 3 output steps of onnxruntime's int8 model."""
+    k, n = 16, 8
+    inits = [numpy_helper.from_array((RNG.standard_normal((k, n)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array((RNG.standard_normal(n) * 0.2).astype(np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Add", ["m", "b"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", [1, 5, k])], [tensor_info("y", [1, 5, n])], inits)
+    samples = RNG.standard_normal((16, 1, 5, k)).astype(np.float32)
+    compiled = edgecc.compile(model, quantize="int8", calibration={"x": samples})
+    assert compiled.report["ops"].get("QGemm") == 1 and "Add" not in compiled.report["ops"], compiled.report["ops"]
+    session = ort_int8(model, samples)
+    x = RNG.standard_normal((1, 5, k)).astype(np.float32)
+    step = output_step(compiled)
+    assert np.max(np.abs(session.run(None, {"x": x})[0] - compiled.run({"x": x})[0])) <= 3 * step + 1e-7
