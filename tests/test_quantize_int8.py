@@ -242,6 +242,7 @@ def test_matmul_bias_add_becomes_the_int32_bias():
     samples = RNG.standard_normal((16, 1, 5, k)).astype(np.float32)
     compiled = edgecc.compile(model, quantize="int8", calibration={"x": samples})
     assert compiled.report["ops"].get("QGemm") == 1 and "Add" not in compiled.report["ops"], compiled.report["ops"]
+    assert [layer["node"] for layer in compiled.report["precision"]["layers"]] == ["mm"]  # measured after the Add
     session = ort_int8(model, samples)
     x = RNG.standard_normal((1, 5, k)).astype(np.float32)
     step = output_step(compiled)

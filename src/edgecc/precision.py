@@ -39,11 +39,12 @@ def _run(module: Module, pipeline: str, ctx: PassContext | None = None) -> dict:
     return {r.name: r.stats for r in manager.history}
 
 
-def _keep_list(keep_fp32) -> str:
+def _keep_list(keep_fp32) -> list[str]:
+    """Node names from a comma-separated string or a list."""
     if not keep_fp32:
-        return ""
+        return []
     names = keep_fp32.split(",") if isinstance(keep_fp32, str) else list(keep_fp32)
-    return ",".join(n.strip() for n in names if n.strip())
+    return [n.strip() for n in names if n.strip()]
 
 
 SENSITIVITY_SAMPLES = 4
@@ -61,12 +62,10 @@ def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
 
 def _quantised_points(qdq: Module) -> dict[str, str]:
     """{float value name: its DQ(Q(value)) value name} for every activation quantize-int8 routed through QDQ."""
-    points = {}
-    for node in qdq.graph.nodes:
-        if node.op == "DequantizeLinear" and node.inputs[0].producer is not None \
-                and node.inputs[0].producer.op == "QuantizeLinear":
-            points[node.inputs[0].producer.inputs[0].name] = node.outputs[0].name
-    return points
+    from edgecc.passes.quantize_int8 import is_qdq_pair
+
+    return {node.inputs[0].producer.inputs[0].name: node.outputs[0].name for node in qdq.graph.nodes
+            if is_qdq_pair(node.outputs[0])}
 
 
 def _collect(module: Module, samples: list, names: set[str]) -> dict[str, list[np.ndarray]]:
@@ -83,24 +82,22 @@ def _collect(module: Module, samples: list, names: set[str]) -> dict[str, list[n
     return seen
 
 
-def layer_sensitivity(float_module: Module, qdq: Module, samples: list) -> tuple[list[dict], float]:
-    """Per quantised op: the SQNR (dB) of its quantised output and of its quantised input against the float
-    module's on `samples`; plus the model's output SQNR. Values keep their names through quantize-int8."""
+def quantised_layers(float_module: Module, keep: frozenset[str]) -> list[tuple[str, str, str, str]]:
+    """(node, op, input value, output value) of each layer quantize-int8 quantises, read on the float module with the
+    pass's own rules (`quantisable`, `quant_point`: a folded Relu/Clip or MatMul bias Add moves the output point);
+    values keep their names through the pass."""
+    from edgecc.passes.quantize_int8 import quant_point, quantisable
+
+    graph = float_module.graph
+    return [(n.name, n.op, n.inputs[0].name, quant_point(graph, n).name) for n in graph.nodes if quantisable(n, keep)]
+
+
+def layer_sensitivity(float_values: dict[str, list[np.ndarray]], qdq: Module, layers: list,
+                      samples: list) -> tuple[list[dict], float]:
+    """Per quantised layer: the SQNR (dB) of its quantised input and output against the float module's values
+    (`float_values`, from `_collect` on the same samples); plus the model's output SQNR."""
     points = _quantised_points(qdq)
-    ops = []
-    for node in qdq.graph.nodes:
-        if node.op in ("Conv", "Gemm", "MatMul") and all(
-                v.producer is not None and v.producer.op == "DequantizeLinear" for v in node.inputs[:2]):
-            x_float = node.inputs[0].producer.inputs[0].producer.inputs[0].name
-            out = node.outputs[0]
-            reader = out.uses[0][0] if len(out.uses) == 1 else None
-            point = reader.outputs[0].name if reader is not None and reader.op in ("Relu", "Clip") \
-                and reader.outputs[0].name in points else out.name
-            if point in points:
-                ops.append((node, x_float, point))
-    float_values = _collect(float_module, samples, {x for _, x, _ in ops} | {p for _, _, p in ops})
-    quant_names = {points[x] for _, x, _ in ops if x in points} | {points[p] for _, _, p in ops}
-    quant_values = _collect(qdq, samples, quant_names)
+    quant_values = _collect(qdq, samples, {points[v] for _, _, x, p in layers for v in (x, p) if v in points})
 
     def sqnr(name: str) -> float:
         if name not in points:
@@ -108,10 +105,10 @@ def layer_sensitivity(float_module: Module, qdq: Module, samples: list) -> tuple
         return sqnr_db(np.concatenate([a.ravel() for a in float_values[name]]),
                        np.concatenate([a.ravel() for a in quant_values[points[name]]]))
 
-    layers = [{"node": node.name, "op": node.op, "input_sqnr_db": round(sqnr(x), 2), "sqnr_db": round(sqnr(p), 2)}
-              for node, x, p in ops]
+    report = [{"node": node, "op": op, "input_sqnr_db": round(sqnr(x), 2), "sqnr_db": round(sqnr(p), 2)}
+              for node, op, x, p in layers if p in points]
     output = sqnr_db(np.concatenate(float_values["<outputs>"]), np.concatenate(quant_values["<outputs>"]))
-    return layers, output
+    return report, output
 
 
 def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32=None, progress=None,
@@ -127,10 +124,10 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
         raise EdgeccError("--quantize int8 needs calibration data", where="--calibration",
                           hint="pass --calibration DATA.npz (one array per input, samples stacked on the first "
                                "axis), a folder of .npy/.npz files, or in Python an iterable of feed dicts")
-    keep = _keep_list(keep_fp32)
+    kept = _keep_list(keep_fp32)
     _run(module, PREPARE_PIPELINE)
     known = {n.name for n in module.graph.nodes}
-    unknown = [n for n in keep.split(",") if n and n not in known]
+    unknown = [n for n in kept if n not in known]
     if unknown:
         raise EdgeccError(f"--keep-fp32 names no node called {', '.join(unknown)}", where="--keep-fp32",
                           hint="node names are the ONNX node names (see `edgecc MODEL --emit ir`)")
@@ -138,11 +135,14 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
     ranges = collect_ranges(module, samples, needed_ranges(module), method=method, progress=progress)
     probe = samples[:SENSITIVITY_SAMPLES]
     float_module = module.clone()
-    kept = [n for n in keep.split(",") if n]
+    # falling back only removes layers, so the float values of the first round serve every round
+    first = quantised_layers(float_module, frozenset(kept))
+    float_values = _collect(float_module, probe, {v for _, _, x, p in first for v in (x, p)})
     while True:
         qdq = float_module.clone()
         PassManager([QuantizeInt8Pass(keep_fp32=",".join(kept))], PassContext(calibration_ranges=ranges)).run(qdq)
-        layers, output_sqnr = layer_sensitivity(float_module, qdq, probe)
+        layers, output_sqnr = layer_sensitivity(float_values, qdq, quantised_layers(float_module, frozenset(kept)),
+                                                probe)
         if min_sqnr is None or output_sqnr >= min_sqnr or not layers:
             break
         worst = max(layers, key=lambda r: r["input_sqnr_db"] - r["sqnr_db"])

@@ -42,14 +42,17 @@ runs them on the integer data."""
 FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 
+def _float_data(value: Value | None) -> bool:
+    return value is not None and not value.is_const and value.type is not None and value.type.dtype == DType.float32
+
+
 def quantisable(node: Node, keep: frozenset[str] = frozenset()) -> bool:
     """Conv, Gemm (no transA, alpha = beta = 1, vector bias) or 2-D-weight MatMul with float32 data and constant
     float32 weights (and bias)."""
     if node.name in keep or node.op not in ("Conv", "Gemm", "MatMul") or node.domain:
         return False
-    x, w = node.input(0), node.input(1)
-    weights = const_of(w)
-    if x is None or x.is_const or x.type is None or x.type.dtype != DType.float32:
+    weights = const_of(node.input(1))
+    if not _float_data(node.input(0)):
         return False
     if weights is None or weights.dtype != np.float32:
         return False
@@ -95,22 +98,24 @@ def quant_point(graph: Graph, node: Node) -> Value:
     return out
 
 
+def is_qdq_pair(value: Value) -> bool:
+    """True if `value` is DQ(Q(v)), a pair this pass inserted."""
+    producer = value.producer
+    return producer is not None and producer.op == "DequantizeLinear" and producer.inputs[0].producer is not None \
+        and producer.inputs[0].producer.op == "QuantizeLinear"
+
+
 def range_source(value: Value) -> Value:
     """The value a range is measured on: through range-preserving ops back to where the data was computed."""
     while value.producer is not None and not value.producer.domain:
         producer = value.producer
         if producer.op in RANGE_PRESERVING:
             value = producer.inputs[0]
-        elif producer.op == "DequantizeLinear" and producer.inputs[0].producer is not None \
-                and producer.inputs[0].producer.op == "QuantizeLinear":  # a pair this pass inserted
+        elif is_qdq_pair(value):
             value = producer.inputs[0].producer.inputs[0]
         else:
             break
     return value
-
-
-def _float_data(value: Value | None) -> bool:
-    return value is not None and not value.is_const and value.type is not None and value.type.dtype == DType.float32
 
 
 def integer_binary(node: Node) -> bool:
@@ -152,13 +157,6 @@ def needed_ranges(module: Module, keep: frozenset[str] = frozenset()) -> list[st
         elif integer_unary(node):
             names[range_source(node.outputs[0]).name] = None
     return list(names)
-
-
-def _dequantised(value: Value) -> bool:
-    """True if `value` is DQ(Q(v)), a pair this pass inserted."""
-    producer = value.producer
-    return producer is not None and producer.op == "DequantizeLinear" and producer.inputs[0].producer is not None \
-        and producer.inputs[0].producer.op == "QuantizeLinear"
 
 
 def activation_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
@@ -295,7 +293,7 @@ class QuantizeInt8Pass(Pass):
         for node in list(graph.nodes):
             if node._id in biases:
                 continue
-            if node.op in RANGE_PRESERVING and not node.domain and _dequantised(node.inputs[0]):
+            if node.op in RANGE_PRESERVING and not node.domain and is_qdq_pair(node.inputs[0]):
                 for out in node.outputs:  # the selection keeps its input's parameters: lower-qdq makes it integer
                     inserter.dequantised(out)
                 continue
@@ -309,7 +307,7 @@ class QuantizeInt8Pass(Pass):
                     node.set_input(index, inserter.dequantised(value))
                 inserter.dequantised(quant_point(graph, node))
                 continue
-            if integer_unary(node) and node.name not in keep and _dequantised(node.inputs[0]):
+            if integer_unary(node) and node.name not in keep and is_qdq_pair(node.inputs[0]):
                 inserter.dequantised(node.outputs[0])
                 continue
             if not quantisable(node, keep):
