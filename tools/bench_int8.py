@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from bench import SHARED, bench_arguments, cpu_name
-from quant_eval import _session, ort_quantized, sqnr_db
+from edgecc.precision import sqnr_db
+from quant_eval import _session, ort_quantized
 
 
 def bench_model(name: str, runs: int) -> dict:

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 import edgecc
+from edgecc.precision import sqnr_db
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared"))
@@ -61,12 +62,6 @@ def ort_quantized(path: str, input_name: str, samples: np.ndarray, method: str =
 def accuracy(run, inputs: np.ndarray, labels: np.ndarray) -> float:
     good = sum(int(np.argmax(run(x)) == y) for x, y in zip(inputs, labels))
     return 100.0 * good / len(labels)
-
-
-def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    noise = np.sum((reference.astype(np.float64) - other.astype(np.float64)) ** 2)
-    signal = np.sum(reference.astype(np.float64) ** 2)
-    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
 
 
 def weight_bytes(compiled) -> int:
