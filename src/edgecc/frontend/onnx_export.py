@@ -13,6 +13,7 @@ from edgecc.frontend.onnx_import import CANONICAL_OPSET
 from edgecc.ir.core import Module, Value
 from edgecc.ir.dtypes import DType
 from edgecc.ops import get
+from edgecc.ops.codebook import with_dense_weights
 from edgecc.ops.fused import BASE_OP, PREVIOUS, activation_params, onnx_stages
 from edgecc.ops.qelementwise import lookup_source
 from edgecc.ops.registry import EDGECC_DOMAIN
@@ -175,7 +176,9 @@ def _opset_for(module: Module, nodes: list[onnx.NodeProto]) -> int:
 
 
 def export_model(module: Module) -> onnx.ModelProto:
-    """Build a ModelProto with the module's graph; opset is the module's (at least the canonical 18)."""
+    """Build a ModelProto with the module's graph; opset is the module's (at least the canonical 18). Weights shared
+    through a codebook (edgecc.CodebookDecode) are written dense."""
+    module = with_dense_weights(module)
     graph = module.graph
     names: dict[int, str] = {}
     taken: set[str] = set()
