@@ -8,12 +8,12 @@ import os
 
 import numpy as np
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import LarkError, UnexpectedInput
+from lark.exceptions import LarkError, UnexpectedInput, VisitError
 
 from edgecc.errors import IRParseError
 from edgecc.ir.core import Graph, Module, Node, Value
 from edgecc.ir.dtypes import DType
-from edgecc.ir.types import TensorType
+from edgecc.ir.types import SparseEncoding, TensorType
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,9 +60,18 @@ class _Literal:
 
 @v_args(inline=True)
 class _ToTree(Transformer):
-    def tensor_type(self, token):
+    def tensor_type(self, token, sparse=None):
         *dims, dtype = str(token).split("x")
-        return TensorType(DType.from_short(dtype), tuple(int(d) for d in dims))
+        return TensorType(DType.from_short(dtype), tuple(int(d) for d in dims), sparse=sparse)
+
+    def sparse_csr(self):
+        return SparseEncoding("csr")
+
+    def sparse_block(self, token):
+        try:
+            return SparseEncoding("block", tuple(int(d) for d in str(token).split("x")))
+        except ValueError as exc:
+            raise IRParseError(str(exc), hint="blocks are written 1xV, e.g. sparse<block 1x8>") from None
 
     def value_ref(self, token):
         return ("value", _unquote(token))
@@ -147,7 +156,13 @@ def parse_module(text: str, source: str = "<ir>", side_arrays=None) -> Module:
                            f"{exc.get_context(text).strip().splitlines()[0]!r}", where=source) from None
     except LarkError as exc:
         raise IRParseError(f"cannot parse: {exc}", where=source) from None
-    tree = _ToTree().transform(tree)
+    try:
+        tree = _ToTree().transform(tree)
+    except VisitError as exc:
+        if isinstance(exc.orig_exc, IRParseError):
+            exc.orig_exc.where = source
+            raise exc.orig_exc from None
+        raise
     return _Builder(source, side_arrays).build(tree.children[0])
 
 
@@ -171,6 +186,8 @@ class _Builder:
                 exc.where = f"{self.source}: @{name}"
                 raise
             constants[name] = Value(name, const=array)
+            if ttype.sparse is not None:
+                constants[name].type = ttype
         graph = self._graph(graph_tree, constants)
         opset = attrs.get("opset")
         if not isinstance(opset, int):

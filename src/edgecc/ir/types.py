@@ -18,12 +18,40 @@ class QuantParams:
     axis: int | None = None
 
 
+SPARSE_KINDS = ("csr", "block")
+
+
 @dataclass(frozen=True)
 class SparseEncoding:
-    """How a constant tensor is stored: `csr` or `block` (with block shape); filled by the sparsity pass."""
+    """How a constant weight is stored, set by the encode-sparsity pass; the constant's array stays the dense
+    (zero-filled) tensor, so every reader that ignores the encoding still computes the same thing.
+
+    The weight is seen as a matrix [K, N]: K the reduction (Gemm/MatMul B's rows, a Conv's input channels x
+    taps), N the outputs (columns, output channels). `csr`: one entry per nonzero (block (1, 1)). `block`:
+    `block` = (1, V), V consecutive outputs at one reduction index stored together whenever any is nonzero, V
+    the target's vector lanes, so each stored block is one vector operation. Printed `sparse<csr>` and
+    `sparse<block 1x8>` inside the tensor type.
+    """
 
     kind: str
     block: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        block = tuple(int(d) for d in self.block) or (1, 1)
+        object.__setattr__(self, "block", block)
+        if self.kind not in SPARSE_KINDS:
+            raise ValueError(f"sparse encoding kind '{self.kind}' is not one of {', '.join(SPARSE_KINDS)}")
+        if len(block) != 2 or block[0] != 1 or block[1] < 1 or (self.kind == "csr" and block != (1, 1)):
+            raise ValueError(f"sparse {self.kind} encoding cannot have block {'x'.join(map(str, block))}: "
+                             "blocks are 1xV (V >= 1), csr is 1x1")
+
+    @property
+    def width(self) -> int:
+        """V: the outputs one stored entry covers."""
+        return self.block[1]
+
+    def __str__(self) -> str:
+        return "sparse<csr>" if self.kind == "csr" else f"sparse<block {'x'.join(map(str, self.block))}>"
 
 
 @dataclass(frozen=True)
@@ -63,4 +91,5 @@ class TensorType:
 
     def __str__(self) -> str:
         dims = "".join(f"{d}x" for d in self.shape)
-        return f"tensor<{dims}{self.dtype.short}>"
+        encoding = f", {self.sparse}" if self.sparse is not None else ""
+        return f"tensor<{dims}{self.dtype.short}{encoding}>"

@@ -10,7 +10,8 @@ def verify(module: Module, *, require_types: bool = False, where: str = "") -> N
     """Raise VerificationError naming the first broken invariant.
 
     Checks: nodes in topological order (so no cycles), every input defined before use, every value produced
-    once, use lists consistent with inputs, graph outputs defined, and (optionally) every value typed.
+    once, use lists consistent with inputs, graph outputs defined, sparse encodings only on constants, and
+    (optionally) every value typed.
     """
     problems = problems_of(module, require_types=require_types)
     if problems:
@@ -41,6 +42,9 @@ def problems_of(module: Module, *, require_types: bool = False) -> list[str]:
                 problems.append(f"{node.label}: output '{value.name}' has no type")
             defined.add(value._id)
     for value in graph.values():
+        if value.type is not None and value.type.sparse is not None and not value.is_const:
+            problems.append(f"value '{value.name}' has a sparse encoding but is not a constant (only stored weights "
+                            "are encoded)")
         for user, index in value.uses:
             if user.input(index) is not value:
                 problems.append(f"use list of '{value.name}' names {user.label} input {index}, which reads another value")

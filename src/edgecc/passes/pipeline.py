@@ -13,14 +13,15 @@ OPT_PIPELINES: dict[int, str] = {
     0: "infer-shapes",
     1: "infer-shapes,lower-qdq,canonicalize,fold-constants,dce",
     2: "infer-shapes,lower-qdq,canonicalize,fold-constants,fold-batchnorm,cse,canonicalize,fold-constants,dce,"
-       "fuse-epilogues",
+       "fuse-epilogues,encode-sparsity",
     3: "infer-shapes,lower-qdq,canonicalize,fold-constants,fold-batchnorm,cse,canonicalize,fold-constants,cse,dce,"
-       "fuse-epilogues",
+       "fuse-epilogues,encode-sparsity",
 }
 """Named pipelines. None of them changes numerics beyond float rounding of folded constants; precision and
 compression passes are only run when the user asks for them. lower-qdq comes before fold-constants, which would
 turn the DequantizeLinear of a quantised model's int8 weights into float weights; it only rewrites what the
-integer ops define exactly (a model that arrives quantised runs on integer kernels)."""
+integer ops define exactly (a model that arrives quantised runs on integer kernels). encode-sparsity comes last
+and only encodes weights that are mostly zeros (a model pruned elsewhere); dense models are unchanged."""
 
 
 def split_top_level(text: str) -> list[str]:

@@ -324,9 +324,13 @@ def lower_conv(kb: KernelBuilder) -> None:
     x, w, y, window = pointwise_as_1d(x, w, y, window)
     epilogue = Epilogue(kb, kb.optional_input(3))
     group = int(kb.attrs["group"])
-    # imported here: both modules build on this one's helpers
+    # imported here: these modules build on this one's helpers
     from edgecc.backends.kernels.conv_channels import emit_channel_vector_conv, prefers_channel_vectors
     from edgecc.backends.kernels.depthwise import emit_depthwise_rows, suits_depthwise_rows
+    from edgecc.backends.kernels.sparse import sparse_pointwise_conv
+
+    if sparse_pointwise_conv(kb, x, y, bias, window, epilogue):
+        return
 
     if suits_depthwise_rows(x, w, window, group):
         emit_depthwise_rows(kb, x, w, bias, y, window, epilogue)

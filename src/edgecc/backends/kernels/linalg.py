@@ -21,6 +21,7 @@ from llvmlite import ir
 from edgecc.backends.codegen import F64, FAST, I32, Buffer, KernelBuilder, broadcast_strides, strides_of
 from edgecc.backends.kernels import lowering
 from edgecc.backends.kernels.epilogue import Epilogue
+from edgecc.backends.kernels.sparse import emit_sparse_matmul, sparse_weights
 from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, chunk_width, compute_bits,
                                           for_blocks, intrinsic, lanes, mul_i64, node_call, vector_registers,
                                           _type_suffix)
@@ -173,7 +174,8 @@ def lower_gemm(kb: KernelBuilder) -> None:
     exact = not dtype.is_float and alpha == 1 and beta == 1
     finish = Epilogue(kb)
     _, nr = row_tile(kb, dtype, m, n)
-    packed = kb.packed_input(1, lambda w: pack_panels(w.T if trans_b else w, nr))
+    sparse = sparse_weights(kb)
+    packed = None if sparse else kb.packed_input(1, lambda w: pack_panels(w.T if trans_b else w, nr))
     if packed is not None:
         bm = packed
 
@@ -200,6 +202,9 @@ def lower_gemm(kb: KernelBuilder) -> None:
             values = b.fptosi(values, vec.ty(width))
         vec.store(y, flat, finish.apply(vec, values, flat, width), width)
 
+    if sparse:
+        emit_sparse_matmul(kb, sparse, a, 0, sam, sak, m, n, epilogue)
+        return
     emit_matmul(kb, dtype, a, 0, sam, sak, bm, 0, sbk, sbn, m, n, kk, epilogue, b_panels=packed is not None)
 
 
@@ -232,7 +237,8 @@ def lower_matmul(kb: KernelBuilder) -> None:
             kb.store(y, i, kb.const(dtype, 0))
         return
     _, nr = row_tile(kb, dtype, m, n)
-    packed = kb.packed_input(1, lambda w: pack_panels(w, nr)) if bm.type.rank == 2 else None
+    sparse = sparse_weights(kb)
+    packed = kb.packed_input(1, lambda w: pack_panels(w, nr)) if bm.type.rank == 2 and not sparse else None
     if packed is not None:
         bm = packed
     a_batch = [s * m * kk for s in broadcast_strides(a_shape[:-2], batch)]
@@ -247,7 +253,10 @@ def lower_matmul(kb: KernelBuilder) -> None:
                 values = vec.add(values, vec.load(bias, j0, width))
             vec.store(y, flat, finish.apply(vec, values, flat, width), width)
 
-        emit_matmul(kb, dtype, a, a_off, kk, 1, bm, b_off, n, 1, m, n, kk, epilogue, b_panels=packed is not None)
+        if sparse:
+            emit_sparse_matmul(kb, sparse, a, a_off, kk, 1, m, n, epilogue)
+        else:
+            emit_matmul(kb, dtype, a, a_off, kk, 1, bm, b_off, n, 1, m, n, kk, epilogue, b_panels=packed is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

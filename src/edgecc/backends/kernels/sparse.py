@@ -1,0 +1,222 @@
+"""Sparse-weight kernels: Gemm / MatMul with an encoded constant B and 1x1 Conv with an encoded W (float32).
+
+The Gemm, MatMul and Conv lowerings hand a node over here when its weight's type carries a SparseEncoding (see
+edgecc.ops.sparse for the stored layout: per column block of V outputs, a list of entries [k, V values]). The
+weights are packed at compile time into one int32 array (`KernelBuilder.packed_input`), and the kernel walks
+the offsets it reads at run time, so the pattern is data and same-shaped layers share one kernel.
+
+- Matrix product (`emit_sparse_matmul`): output-stationary over column blocks. For MR rows of A and one column block,
+  MR accumulators of V lanes; each stored entry is one V-lane load of weights, MR broadcasts of A[i, k] and MR
+  fused multiply-adds. The entry loop is unrolled U times into U independent accumulator sets (summed at the
+  end), so a matrix-vector product (M = 1) is not bound by the FMA latency of one chain.
+- 1x1 convolution (`sparse_pointwise_conv`), after Elsen et al. 2019 ("Fast Sparse ConvNets"): output
+  positions in vectors. A step covers T strips of lanes consecutive positions; for each column block
+  (V output channels) the kernel walks its entries: one input load per strip for channel k, reused by the V
+  channels' broadcast weights (V x T FMAs). Strided 1x1 convolutions (ResNet's downsampling) read strided lanes.
+
+Both finish each output vector with the same epilogue code as the dense kernels (bias / C, residual,
+activation), so fused nodes stay fused.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+
+from edgecc.backends.codegen import F32, I32, I64, Buffer, KernelBuilder, strides_of
+from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, i32_vector, lanes, mul_i64,
+                                          vector_registers)
+from edgecc.ir.dtypes import DType
+from edgecc.ops.sparse import WEIGHT_INPUT, matrix_view, pack, sparse_capable
+
+
+def sparse_weights(kb: KernelBuilder) -> tuple[Buffer, int, int] | None:
+    """(packed weights, V, J) when the node's weight is encoded and a sparse kernel computes it, else None (the
+    dense kernel runs: the constant's array is the dense weight either way)."""
+    value = kb.node.input(WEIGHT_INPUT)
+    if value is None or value.type is None or value.type.sparse is None or sparse_capable(kb.node) is not None:
+        return None
+    width = value.type.sparse.width
+    view = matrix_view(kb.node)
+    packed = kb.packed_input(WEIGHT_INPUT, lambda w: pack(view(w), width))
+    blocks = -(-view(value.const).shape[1] // width)
+    return packed, width, blocks
+
+
+class _Entries:
+    """Reads the packed entries: the offset range of a column block, an entry's k and its V weights."""
+
+    def __init__(self, kb: KernelBuilder, words: Buffer, width: int, blocks: int):
+        self.kb, self.words, self.width, self.base = kb, words, width, blocks + 1
+
+    def word(self, flat) -> ir.Value:
+        return self.kb.b.sext(self.kb.load(self.words, add_i64(self.kb, flat)), I64)
+
+    def span(self, block) -> tuple[ir.Value, ir.Value]:
+        return self.word(block), self.word(add_i64(self.kb, block, 1))
+
+    def record(self, entry) -> ir.Value:
+        return add_i64(self.kb, mul_i64(self.kb, entry, 1 + self.width), self.base)
+
+    def k(self, record) -> ir.Value:
+        return self.word(record)
+
+    def weights(self, record, count: int | None = None) -> ir.Value:
+        """The entry's first `count` (default V) weights as a float vector."""
+        count = count or self.width
+        ptr = self.kb.element_ptr(self.words, add_i64(self.kb, record, 1))
+        return self.kb.b.load(ptr, typ=ir.VectorType(F32, count), align=4)
+
+    def weight(self, record, c: int) -> ir.Value:
+        ptr = self.kb.element_ptr(self.words, add_i64(self.kb, record, 1 + c))
+        return self.kb.b.load(ptr, typ=F32, align=4)
+
+
+def _first_lanes(kb: KernelBuilder, value: ir.Value, count: int) -> ir.Value:
+    if value.type.count == count:
+        return value
+    return kb.b.shuffle_vector(value, ir.Constant(value.type, ir.Undefined), i32_vector(range(count)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matrix product
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int], a: Buffer, a_off, sam: int, sak: int,
+                       m: int, n: int, epilogue) -> None:
+    """C = A @ B for B the node's encoded weight (`found` = sparse_weights(kb), B's [K, N] view), C handed to
+    `epilogue(i, j0, width, values)` in row segments like linalg.emit_matmul's."""
+    if m == 0 or n == 0:
+        return
+    words, width, blocks = found
+    entries = _Entries(kb, words, width, blocks)
+    vec = Vec(kb, DType.float32)
+    b = kb.b
+    budget = vector_registers(kb) * 3 // 4
+    nvec = -(-width // lanes(kb))
+    mr = choose_block(m, max(1, min(4, budget // nvec)))
+    unroll = max(1, min(4, budget // (mr * nvec)))
+    accs = Accumulators(kb)
+    ty = vec.ty(width)
+
+    def step(record, rows_a, u: int, rows: int) -> None:
+        kk = entries.k(record)
+        wv = entries.weights(record)
+        for r in range(rows):
+            av = vec.scalar(a, add_i64(kb, rows_a[r], b.mul(kk, kb.i64(sak)) if sak != 1 else kk))
+            accs.set(("sp", u, r), vec.fma(vec.splat(av, width), wv, accs.get(("sp", u, r), ty)))
+
+    def column_block(i0, rows: int, jb, cols: int) -> None:
+        rows_a = [add_i64(kb, a_off, mul_i64(kb, add_i64(kb, i0, r), sam)) for r in range(rows)]
+        for u in range(unroll):
+            for r in range(rows):
+                accs.set(("sp", u, r), vec.zero(width))
+        first, end = entries.span(jb)
+        count = b.sub(end, first)
+        if unroll > 1:
+            steps = b.udiv(count, kb.i64(unroll))
+            with kb.loop(steps, "e") as s:
+                e0 = add_i64(kb, first, mul_i64(kb, s, unroll))
+                for u in range(unroll):
+                    step(entries.record(add_i64(kb, e0, u)), rows_a, u, rows)
+            first = add_i64(kb, first, b.mul(steps, kb.i64(unroll)))
+        with kb.loop(end, "er", start=first) as e:
+            step(entries.record(e), rows_a, 0, rows)
+        for r in range(rows):
+            total = accs.get(("sp", 0, r), ty)
+            for u in range(1, unroll):
+                total = vec.add(total, accs.get(("sp", u, r), ty))
+            epilogue(add_i64(kb, i0, r), mul_i64(kb, jb, width), cols, _first_lanes(kb, total, cols))
+
+    def row_block(i0, rows: int) -> None:
+        full, tail = divmod(n, width)
+        if full:
+            with kb.loop(full, "jb") as jb:
+                column_block(i0, rows, jb, width)
+        if tail:
+            column_block(i0, rows, full, tail)
+
+    full_rows, rest = divmod(m, mr)
+    if full_rows:
+        with kb.loop(full_rows, "ib") as ib:
+            row_block(mul_i64(kb, ib, mr), mr)
+    if rest:
+        row_block(full_rows * mr, rest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1x1 convolution
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | None, window, epilogue) -> bool:
+    """Y = W * X (+ bias, epilogue) for a 1x1, unpadded, group-1 Conv whose W is encoded. `window` is the
+    reference's geometry (after conv.pointwise_as_1d, which views stride-1 maps as one row). False (nothing
+    emitted) when W is not encoded or the geometry is not a plain 1x1 one."""
+    if set(window.kernel) != {1} or any(window.pads_begin) or any(window.pads_end):
+        return False
+    found = sparse_weights(kb)
+    if found is None:
+        return False
+    words, width, blocks = found
+    entries = _Entries(kb, words, width, blocks)
+    vec = Vec(kb, DType.float32)
+    b = kb.b
+    n_batch, channels_out = x.shape[0], y.shape[1]
+    out = tuple(window.out)
+    xs, ys = strides_of(x.shape), strides_of(y.shape)
+    strides = tuple(window.strides)
+    sx = strides[-1]
+    vl = lanes(kb)
+    budget = vector_registers(kb) * 3 // 4
+    chunk = min(width, budget)  # channels of a block accumulated per walk of its entries
+    strips = max(1, min(8, budget // chunk))
+    accs = Accumulators(kb)
+
+    def channel_block(n_idx, oys, ox0, widths: list[int], jb, cols: int) -> None:
+        first, end = entries.span(jb)
+        x_row = add_i64(kb, mul_i64(kb, n_idx, xs[0]),
+                        *[mul_i64(kb, oy, strides[a] * xs[2 + a]) for a, oy in enumerate(oys)], mul_i64(kb, ox0, sx))
+        y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), *[mul_i64(kb, oy, ys[2 + a]) for a, oy in enumerate(oys)], ox0)
+        offsets = [sum(widths[:t]) for t in range(len(widths))]
+        for c0 in range(0, cols, chunk):
+            group = range(c0, min(cols, c0 + chunk))
+            for c in group:
+                co = add_i64(kb, mul_i64(kb, jb, width), c)
+                for t, w in enumerate(widths):
+                    init = vec.splat(vec.scalar(bias, co), w) if bias is not None else vec.zero(w)
+                    accs.set(("pw", c, t), init)
+            with kb.loop(end, "e", start=first) as e:
+                record = entries.record(e)
+                x_chan = add_i64(kb, x_row, b.mul(entries.k(record), kb.i64(xs[1])))
+                weights = [vec.splat(entries.weight(record, c), max(widths)) for c in group]
+                for t, w in enumerate(widths):
+                    xv = vec.load(x, add_i64(kb, x_chan, offsets[t] * sx), w, sx)
+                    for c, wsplat in zip(group, weights):
+                        ws = _first_lanes(kb, wsplat, w)
+                        accs.set(("pw", c, t), vec.fma(ws, xv, accs.get(("pw", c, t), vec.ty(w))))
+            for c in group:
+                co = add_i64(kb, mul_i64(kb, jb, width), c)
+                for t, w in enumerate(widths):
+                    flat = add_i64(kb, y_row, mul_i64(kb, co, ys[1]), offsets[t])
+                    value = epilogue.apply(vec, accs.get(("pw", c, t), vec.ty(w)), flat, w)
+                    vec.store(y, flat, value, w)
+
+    def positions(n_idx, oys, ox0, widths: list[int]) -> None:
+        full, tail = divmod(channels_out, width)
+        if full:
+            with kb.loop(full, "jb") as jb:
+                channel_block(n_idx, oys, ox0, widths, jb, width)
+        if tail:
+            channel_block(n_idx, oys, ox0, widths, full, tail)
+
+    width_out = out[-1]
+    step = strips * vl
+    steps, rest = divmod(width_out, step)
+    with kb.loop(n_batch, "n") as n_idx, kb.loop_nest(out[:-1], "oy") as oys:
+        if steps:
+            with kb.loop(steps, "px") as s:
+                positions(n_idx, oys, mul_i64(kb, s, step), [vl] * strips)
+        if rest:
+            positions(n_idx, oys, steps * step, [vl] * (rest // vl) + ([rest % vl] if rest % vl else []))
+    return True

@@ -1,0 +1,108 @@
+"""Sparse weights: which layers take them, the [K, N] view an encoding is defined on, and the stored layout.
+
+Shared by the encode-sparsity pass (what to encode, how many bytes it takes) and the sparse kernels (which pack
+it at compile time), so both agree on one format.
+
+A weight is seen as a matrix [K, N], K the reduction, N the outputs: Gemm's B (B^T with transB=1), MatMul's 2-D
+B, a 1x1 Conv's W[co, ci] transposed. The stored form of an encoding with entries 1xV (`csr`: V = 1) is one int32
+array (float32 values kept as their bits), so same-shaped layers share one kernel and the pattern is data:
+
+    words[0 : J + 1]      entry offsets of the J = ceil(N / V) column blocks (column block j: columns jV..jV+V-1)
+    then per entry        [k, v_0, ..., v_{V-1}]   (1 + V words; columns past N hold 0)
+
+An entry is stored wherever any of its V values is nonzero; column block j's entries are in increasing k.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from edgecc.ir.core import Node
+from edgecc.ir.dtypes import DType
+from edgecc.ir.types import SparseEncoding
+
+SPARSE_OPS = ("Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv")
+WEIGHT_INPUT = 1
+"""The weight operand of every op above (Gemm/MatMul B, Conv W)."""
+
+
+def sparse_capable(node: Node) -> str | None:
+    """None if the sparse kernels compute `node` with its weight encoded, else why not (one line)."""
+    if node.op not in SPARSE_OPS or node.domain not in ("", "edgecc"):
+        return f"{node.op} has no sparse kernel"
+    x, w = node.input(0), node.input(WEIGHT_INPUT)
+    if w is None or not w.is_const:
+        return "the weight is not a constant"
+    if x is None or x.type is None or x.type.dtype is not DType.float32 or w.type.dtype is not DType.float32:
+        return "only float32 layers have sparse kernels"
+    if node.op in ("MatMul", "FusedMatMul"):
+        return None if w.type.rank == 2 else "MatMul weight is not 2-D"
+    if node.op in ("Conv", "FusedConv"):
+        kernel = w.type.shape[2:]
+        if node.attrs.get("group", 1) != 1:
+            return "grouped convolution"
+        if any(d != 1 for d in kernel) or x.type.rank < 3:
+            return f"{'x'.join(map(str, kernel))} kernel (only 1x1 convolutions have a sparse kernel)"
+        if any(node.attrs.get("pads", ())) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return "padded 1x1 convolution"
+    return None
+
+
+def matrix_view(node: Node) -> Callable[[np.ndarray], np.ndarray]:
+    """The function taking `node`'s weight array to the [K, N] matrix encodings are defined on (a view). It
+    depends only on the op and transB, so kernels shared by same-shaped layers can keep it as their packing."""
+    if node.op in ("Conv", "FusedConv"):
+        return _conv_view
+    if node.op in ("Gemm", "FusedGemm") and node.attrs.get("transB", 0):
+        return np.transpose
+    return np.asarray
+
+
+def _conv_view(array: np.ndarray) -> np.ndarray:
+    return array.reshape(array.shape[0], -1).T
+
+
+def weight_matrix(node: Node, array: np.ndarray) -> np.ndarray:
+    """The weight `array` of `node` as its [K, N] matrix."""
+    return matrix_view(node)(array)
+
+
+def entry_mask(matrix: np.ndarray, width: int) -> np.ndarray:
+    """[K, J] booleans: which 1 x width entries of the [K, N] matrix are stored (any value nonzero)."""
+    k, n = matrix.shape
+    blocks = -(-n // width)
+    padded = np.zeros((k, blocks * width), dtype=bool)
+    padded[:, :n] = matrix != 0
+    return padded.reshape(k, blocks, width).any(axis=2)
+
+
+def stored_words(matrix: np.ndarray, width: int) -> int:
+    """int32 words of the stored form (offsets + entries)."""
+    blocks = -(-matrix.shape[1] // width)
+    return blocks + 1 + int(entry_mask(matrix, width).sum()) * (1 + width)
+
+
+def pack(matrix: np.ndarray, width: int) -> np.ndarray:
+    """The stored form (module docstring) of a float32 [K, N] matrix with 1 x width entries."""
+    k, n = matrix.shape
+    blocks = -(-n // width)
+    values = np.zeros((k, blocks * width), dtype=np.float32)
+    values[:, :n] = matrix
+    values = values.reshape(k, blocks, width).transpose(1, 0, 2)  # [J, K, V]
+    mask = entry_mask(matrix, width).T  # [J, K]
+    counts = mask.sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    js, ks = np.nonzero(mask)  # row-major over [J, K]: by column block, then increasing k
+    records = np.empty((len(ks), 1 + width), dtype=np.int32)
+    records[:, 0] = ks
+    records[:, 1:] = values[js, ks].view(np.int32)
+    return np.concatenate([offsets, records.reshape(-1)])
+
+
+def encoded_bytes_of(matrix: np.ndarray, encoding: SparseEncoding | None, itemsize: int = 4) -> int:
+    """Bytes the [K, N] weight takes stored with `encoding` (None: dense)."""
+    if encoding is None:
+        return int(matrix.size) * itemsize
+    return stored_words(matrix, encoding.width) * 4

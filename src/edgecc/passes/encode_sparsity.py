@@ -1,0 +1,161 @@
+"""encode-sparsity: store each sparse constant weight as CSR or 1xV blocks where a sparse kernel is faster."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgecc.errors import PassError
+from edgecc.ir.core import Module, Node, Value
+from edgecc.ir.types import SparseEncoding
+from edgecc.ops.costs import node_macs
+from edgecc.ops.sparse import WEIGHT_INPUT, encoded_bytes_of, entry_mask, matrix_view, sparse_capable
+from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
+from edgecc.passes.registry import register_pass
+
+CONV_ENTRY_COST = 1.25
+"""Time of one stored weight value of the 1x1 Conv kernel (positions in vectors, one strip load and FMA per value)
+relative to one MAC of the dense kernel: measured by tools/bench_sparse.py (host, AVX2; see
+docs/performance-sparse.md). The entry's index load and broadcast are shared by a strip of positions."""
+GEMM_ENTRY_COST = 1.5
+"""The same for the matrix-product kernel with V >= the target's lanes (one vector FMA per entry, as the dense
+kernel's per MAC, plus the index and A loads). With V < lanes an entry fills only V of the lanes, so its cost is
+scaled by lanes / V (CSR, V = 1, costs `lanes` times a dense vector MAC)."""
+WIN = 0.8
+"""A sparse encoding is chosen only if its modelled time is below this fraction of the dense kernel's (and it
+stores fewer bytes): a margin for the model's error, so a weight is never made slower."""
+ENCODINGS = ("auto", "dense", "csr", "block")
+
+
+def target_lanes(target: str) -> int:
+    """float32 lanes of `target`'s vectors (1 on scalar cores)."""
+    from edgecc.backends.targets import resolve_target  # the target presets are data kept with the backends
+
+    try:
+        return max(1, resolve_target(target).vector_bits // 32)
+    except Exception:  # an unknown name: the backend will report it; model a 128-bit target meanwhile
+        return 4
+
+
+def candidates(lanes: int) -> list[SparseEncoding]:
+    """CSR, and blocks of the target's vector width and of 4 (a NEON register; a small block keeps more zeros out)."""
+    return [SparseEncoding("csr")] + [SparseEncoding("block", (1, v)) for v in sorted({4, lanes}) if v > 1]
+
+
+def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lanes: int) -> float:
+    """Modelled time of the layer with `encoding`, as a fraction of the dense kernel's: the values stored (entries
+    x V, the zeros inside stored blocks included) over K x N, times the kernel's relative cost per stored value."""
+    stored = int(entry_mask(matrix, encoding.width).sum()) * encoding.width
+    fraction = stored / max(1, matrix.size)
+    if node.op in ("Conv", "FusedConv"):
+        return fraction * CONV_ENTRY_COST
+    return fraction * GEMM_ENTRY_COST * max(1.0, lanes / encoding.width)
+
+
+def choose_encoding(node: Node, matrix: np.ndarray, lanes: int) -> SparseEncoding | None:
+    """The cheapest encoding by modelled time, if it wins by WIN and stores fewer bytes; None: dense."""
+    best, best_time = None, WIN
+    if np.count_nonzero(matrix) >= WIN * matrix.size:  # every kernel costs >= 1 dense MAC per value kept
+        return None
+    for encoding in candidates(lanes):
+        time = modelled_time(node, matrix, encoding, lanes)
+        if time < best_time and encoded_bytes_of(matrix, encoding) < matrix.size * 4:
+            best, best_time = encoding, time
+    return best
+
+
+def readers(value: Value) -> list[Node] | None:
+    """The nodes reading `value` as their weight, if all its readers do, the sparse kernels compute them all and
+    they see the same [K, N] matrix; else None."""
+    nodes = value.users
+    if not nodes or any(index != WEIGHT_INPUT for _, index in value.uses):
+        return None
+    if any(sparse_capable(n) is not None for n in nodes) or len({matrix_view(n) for n in nodes}) != 1:
+        return None
+    return nodes
+
+
+def encoded_bytes(value: Value) -> int:
+    """Bytes `value` takes as stored: the dense array, or values + indices + block offsets of its encoding."""
+    encoding = value.type.sparse if value.type is not None else None
+    if encoding is None or not value.uses:
+        return int(value.const.nbytes) if value.is_const else value.type.nbytes
+    return encoded_bytes_of(matrix_view(value.users[0])(value.const), encoding)
+
+
+def encode_sparsity(module: Module, target: str = "host", encoding: str = "auto", width: int = 0) -> list[dict]:
+    """Set (or clear) the sparse encoding of every weight a sparse kernel can read; one record per weight layer.
+
+    encoding: "auto" (the cost model), or force "dense", "csr" or "block" on every capable layer whose weight has
+    a zero (for tests and benchmarks); width: V of forced blocks (0: the target's lanes)."""
+    if encoding not in ENCODINGS:
+        raise PassError(f"encode-sparsity: unknown encoding '{encoding}'", where="encoding",
+                        hint=f"use one of {', '.join(ENCODINGS)}")
+    lanes = target_lanes(target)
+    forced = {"dense": None, "csr": SparseEncoding("csr"),
+              "block": SparseEncoding("block", (1, width or lanes))}.get(encoding)
+    records, seen = [], set()
+    for node in module.graph.nodes:
+        value = node.input(WEIGHT_INPUT)
+        if node.op not in ("Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv") or value is None \
+                or not value.is_const or value._id in seen:
+            continue
+        seen.add(value._id)
+        record = {"layer": node.name, "op": node.op, "nodes": [n.name for n in value.users], "weight": value.name,
+                  "bytes_before": int(value.const.nbytes), "macs_before": node_macs(node), "skipped": None}
+        nodes = readers(value)
+        if nodes is None:
+            record["skipped"] = sparse_capable(node) or "the weight is shared with a layer of another form"
+            chosen = None
+        else:
+            matrix = matrix_view(node)(value.const)
+            if encoding == "auto":
+                chosen = choose_encoding(node, matrix, lanes)
+            else:
+                chosen = forced if forced is not None and not np.all(matrix != 0) else None
+        value.type = dataclasses.replace(value.type, sparse=chosen)
+        record.update(encoding=str(chosen) if chosen else "dense", bytes_after=encoded_bytes(value),
+                      macs_after=record["macs_before"],
+                      sparsity=float(np.mean(value.const == 0)) if value.const.size else 0.0)
+        records.append(record)
+    return records
+
+
+@register_pass
+@dataclass(frozen=True)
+class EncodeSparsity(Pass):
+    """Store sparse constant weights (Gemm/MatMul B, 1x1 Conv W, fused forms; float32) as CSR or as blocks of 1xV
+    outputs (V = the target's float lanes, or 4), where the sparse kernels are modelled faster than the dense
+    ones. Weights pruned elsewhere are encoded too; a dense weight stays dense, so ordinary models are unchanged.
+
+    Cost model (per weight, as a fraction of the dense kernel's time): the values stored (entries x V, zeros inside
+    stored blocks included) over K x N, times the kernel's cost per stored value relative to a dense MAC
+    (CONV_ENTRY_COST for the 1x1 Conv kernel, positions in vectors; GEMM_ENTRY_COST x lanes / V for the matrix
+    product, whose entries fill V lanes), measured by tools/bench_sparse.py. The cheapest encoding is taken if it
+    is below WIN (0.8) and stores fewer bytes (values + int32 indices + block offsets) than the dense array.
+
+    The constant keeps its dense array (the interpreter, export and every other reader are unchanged); the
+    encoding is in its type (`tensor<..., sparse<block 1x8>>`) and the kernels pack it at compile time.
+    Options: `encoding` = auto | dense | csr | block forces one form on every capable layer with a zero weight;
+    `width` = V of forced blocks (0: the target's lanes). Stats: layers per encoding, weight bytes before/after.
+    """
+
+    name = "encode-sparsity"
+    encoding: str = "auto"
+    width: int = 0
+    requires = frozenset({TOPO_SORTED, SHAPES_INFERRED})
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        before = [(v, v.type.sparse) for v in module.graph.constants()]
+        records = encode_sparsity(module, ctx.target, self.encoding, self.width)
+        stats: dict[str, int] = {}
+        for record in records:
+            if record["encoding"] != "dense":
+                key = "layers-" + record["encoding"].split("<")[1].split()[0].rstrip(">")
+                stats[key] = stats.get(key, 0) + 1
+        if stats:  # nothing to say about a dense model
+            stats["weight-bytes-before"] = sum(r["bytes_before"] for r in records)
+            stats["weight-bytes-after"] = sum(r["bytes_after"] for r in records)
+        return PassResult(any(v.type.sparse != old for v, old in before), stats)
