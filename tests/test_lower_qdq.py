@@ -20,6 +20,7 @@ from edgecc.frontend.onnx_import import import_model
 from edgecc.passes import PassContext, PassManager, parse_pipeline
 
 from models import make_model, tensor_info
+from qdq_reference import float_path, qdq_runner, reference_runner
 
 ort = pytest.importorskip("onnxruntime")
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -153,15 +154,10 @@ def op_counts(compiled) -> dict[str, int]:
     return counts
 
 
-def _ort_run_session(model):
-    """A function running `model` (a path or a ModelProto) in onnxruntime: feeds -> first output."""
-    source = model if isinstance(model, str) else model.SerializeToString()
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    return lambda feeds: session.run(None, feeds)[0]
 
 
 def _ort_run(model, feeds):
-    return _ort_run_session(model)(feeds)
+    return qdq_runner(model)(feeds)
 
 
 def _edgecc_run(compiled, feeds):
@@ -232,9 +228,9 @@ def test_qoperator_models_of_standard_ops_compile_and_match(build, tmp_path):
     path = ort_quantise(model, tmp_path, fmt="QOperator")
     compiled = edgecc.compile(path, passes=PIPELINE)
     assert "QLinearConv" in op_counts(compiled)
-    step = output_step(path)
+    step, reference = output_step(path), reference_runner(path)
     for feeds in _samples(model, 3, 7):
-        assert np.abs(_edgecc_run(compiled, feeds) - _ort_run(path, feeds)).max() <= step * 1.001
+        assert np.abs(_edgecc_run(compiled, feeds) - reference(feeds)).max() <= step * 1.001
 
 
 @pytest.mark.parametrize("build", [gemm, residual, concat], ids=["gemm", "residual", "concat"])
@@ -294,14 +290,6 @@ def qdq_conv(act=None, y_range=(0.0, 6.0), bias_scale_factor=1.0, weights="dq", 
     model = make_model(nodes, [tensor_info("x", [1, 2, 6, 6])], [tensor_info("y", [1, 4, 6, 6])], inits,
                        opset=19, name="qdq_conv")
     return model, float(y_scale)
-
-
-def float_path(model: onnx.ModelProto, feeds) -> np.ndarray:
-    """The QDQ model as written (DQ -> float op -> Q), by onnxruntime with its QDQ fusions turned off."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
 
 
 def check_against_float_path(model, step, lowered: bool, runtime="reference"):
@@ -408,7 +396,7 @@ def test_data_movement_runs_on_integers_only_with_identical_parameters(op, attrs
 def test_digits_qdq_accuracy_equals_onnxruntime(name, preprocess, shared_dir, tmp_path):
     """The digits models quantised by onnxruntime (QDQ, per channel, the calibration split), with and without
     onnxruntime's quant_pre_process (which folds BatchNormalization first): edgecc's accuracy on the test split
-    equals onnxruntime's on the same QDQ model within 0.2 points (one image of 500)."""
+    equals onnxruntime's on the same QDQ model (run as written: qdq_reference) within 0.2 points (one image of 500)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     data = shared_dir / "data"
@@ -427,11 +415,11 @@ def test_digits_qdq_accuracy_equals_onnxruntime(name, preprocess, shared_dir, tm
     assert not FLOAT_LINEAR & counts.keys() and counts.get("QLinearConv", 0) + counts.get("QGemm", 0) > 0, counts
     test = np.load(data / f"digits_{name}_test.npz")
     ours = np.array([_edgecc_run(compiled, {"input": x}).argmax() for x in test["input"]])
-    theirs = np.array([_ort_run_session(path)({"input": x}).argmax() for x in test["input"]])
+    theirs = np.array([qdq_runner(path)({"input": x}).argmax() for x in test["input"]])
     accuracy, reference = (ours == test["label"]).mean(), (theirs == test["label"]).mean()
     assert abs(accuracy - reference) <= 0.002 + 1e-9, (accuracy, reference)
     # the lowered graph exported back runs in onnxruntime within one output step of edgecc
-    exported, step = _ort_run_session(compiled.to_onnx()), output_step(path)
+    exported, step = qdq_runner(compiled.to_onnx()), output_step(path)
     for x in test["input"][:50]:
         assert np.abs(exported({"input": x}) - _edgecc_run(compiled, {"input": x})).max() <= step * 1.001
 

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import edgecc
 
 from models import make_model, tensor_info
+from qdq_reference import float_path, qdq_session
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -111,13 +112,6 @@ def gap_model(shape, x=(0.02, 128, np.uint8), y=(0.01, 120, np.uint8)):
 
 
 # -- runners ------------------------------------------------------------------------------------------------
-
-def float_path(model: onnx.ModelProto, feeds) -> np.ndarray:
-    """onnxruntime on the QDQ model as written (its QDQ fusions off: DQ, the float op, Q)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
 
 
 def compiled(model, runtime="reference", target="host"):
@@ -296,7 +290,7 @@ def test_quantize_static_model_lowers_add_activation_and_pool(tmp_path):
     # integers flow from the input's Q to the output's DQ
     assert ops[0] == "QuantizeLinear" and ops[-1] == "DequantizeLinear" and not QDQ & set(ops[1:-1]), ops
     step = output_step(path)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = qdq_session(path)
     for feeds in _samples(model, 4, 9):
         diff = np.abs(c.run(feeds)[0] - session.run(None, feeds)[0])
         assert diff.max() <= step * 1.001, diff.max() / step
@@ -306,7 +300,8 @@ def test_quantize_static_model_lowers_add_activation_and_pool(tmp_path):
 def test_digits_mobilenet_runs_on_integers_end_to_end(shared_dir, tmp_path):
     """The trained digits MobileNet (HardSwish, residual Adds, GlobalAveragePool) after onnxruntime's
     quant_pre_process (HardSwish -> HardSigmoid * x) and quantize_static: every op between the input's Q and the
-    output's DQ is integer, and the accuracy on the test split equals onnxruntime's on the same QDQ model."""
+    output's DQ is integer, and the accuracy on the test split equals onnxruntime's on the same QDQ model (run as
+    written: qdq_reference)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from test_lower_qdq import ort_quantise
@@ -324,7 +319,7 @@ def test_digits_mobilenet_runs_on_integers_end_to_end(shared_dir, tmp_path):
     assert ops[0] == "QuantizeLinear" and ops[-1] == "DequantizeLinear" and not QDQ & set(ops[1:-1]), ops
     assert not {"Add", "Mul", "HardSigmoid", "GlobalAveragePool"} & set(ops), ops
     test = np.load(data / "digits_mobilenet_test.npz")
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = qdq_session(path)
     ours = np.array([c.run({"input": x})[0].argmax() for x in test["input"]])
     theirs = np.array([session.run(None, {"input": x})[0].argmax() for x in test["input"]])
     assert abs((ours == test["label"]).mean() - (theirs == test["label"]).mean()) <= 0.002 + 1e-9

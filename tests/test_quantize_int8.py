@@ -73,11 +73,10 @@ def ort_int8_model_named(model: onnx.ModelProto, samples: np.ndarray, input_name
 
 
 def ort_int8(model: onnx.ModelProto, samples: np.ndarray):
-    import onnxruntime as ort
+    """onnxruntime's quantize_static model, run as written (see qdq_reference: its fused kernels depend on the CPU)."""
+    from qdq_reference import qdq_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(ort_int8_model(model, samples), options, providers=["CPUExecutionProvider"])
+    return qdq_session(ort_int8_model(model, samples))
 
 
 def output_step(compiled) -> float:
@@ -133,12 +132,11 @@ def test_keep_fp32_and_min_sqnr_fallback():
 
 
 def test_int8_export_runs_in_onnxruntime():
-    import onnxruntime as ort
+    from qdq_reference import qdq_session
 
     model = small_cnn()
     compiled = edgecc.compile(model, quantize="int8", calibration={"x": calibration()}, runtime="reference")
-    exported = compiled.to_onnx()
-    session = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = qdq_session(compiled.to_onnx())
     x = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
     step = output_step(compiled)
     assert np.max(np.abs(session.run(None, {"x": x})[0] - compiled.run({"x": x})[0])) <= step + 1e-7

@@ -7,6 +7,7 @@ from edgecc.passes import (canonicalize, convert_fp16, cse, dce, fold_batchnorm,
                            fuse_epilogues, infer_shapes, lower_qdq, plan_memory, quantize_int8)  # noqa: F401
 from edgecc.passes import prune  # noqa: F401  (compression, opt-in)
 from edgecc.passes import prune_channels  # noqa: F401  (compression, opt-in)
+from edgecc.passes import low_rank  # noqa: F401  (compression, opt-in)
 from edgecc.passes import encode_sparsity  # noqa: F401  (end of -O2/-O3)
 from edgecc.passes import cluster_weights  # noqa: F401  (compression, opt-in)
 from edgecc.passes.base import CANONICAL, SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
