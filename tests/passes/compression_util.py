@@ -13,6 +13,7 @@ from edgecc.frontend.onnx_export import export_model
 from edgecc.frontend.onnx_import import import_model
 from edgecc.interpreter import run_module
 from edgecc.ir.core import Module
+from edgecc.passes import PassContext, PassManager, parse_pipeline
 
 
 def init(rng, name, shape, scale=0.3) -> onnx.TensorProto:
@@ -29,7 +30,7 @@ def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 def prepared(model) -> Module:
     """The module compression sees: imported, then edgecc.precision.PREPARE_PIPELINE."""
     module = import_model(model)
-    precision._run(module, precision.PREPARE_PIPELINE)
+    PassManager(parse_pipeline(precision.PREPARE_PIPELINE), PassContext()).run(module)
     return module
 
 

@@ -108,7 +108,8 @@ def test_global_keeps_one_weight_per_output_channel():
     weights = next(v.const for v in module.graph.constants() if v.name == conv2["weight"])
     original = initializer(model, "w2")
     assert (weights != 0).reshape(8, -1).sum(axis=1).tolist() == [1] * 8
-    np.testing.assert_array_equal(np.abs(weights).reshape(8, -1).max(axis=1), np.abs(original).reshape(8, -1).max(axis=1))
+    np.testing.assert_array_equal(np.abs(weights).reshape(8, -1).max(axis=1),
+                                  np.abs(original).reshape(8, -1).max(axis=1))
     assert "8 output channel(s)" in conv2["note"]
     assert all("note" not in r for r in records if r["layer"] != "conv2")
 
@@ -130,8 +131,10 @@ def test_min_elements_skips_small_layers():
 def test_ties_and_shared_weights_are_deterministic():
     """Equal magnitudes are zeroed in position order; a weight two MatMuls share is pruned once and shared."""
     w = np.tile(np.array([1, -1, 2, -2], np.float32), 100).reshape(20, 20)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"), helper.make_node("MatMul", ["h", "w"], ["y"], name="b")]
-    model = make_model(nodes, [tensor_info("x", [2, 20])], [tensor_info("y", [2, 20])], [numpy_helper.from_array(w, "w")])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="b")]
+    model = make_model(nodes, [tensor_info("x", [2, 20])], [tensor_info("y", [2, 20])],
+                       [numpy_helper.from_array(w, "w")])
     module = prepared(model)
     records = prune_magnitude(module, 0.25, min_elements=0)
     assert records[0]["weight"] == records[1]["weight"]

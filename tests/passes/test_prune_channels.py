@@ -64,10 +64,13 @@ def conv_chain():
     """Conv 4->16 -> Relu -> Conv 16->8 -> Relu -> GlobalAveragePool -> Flatten -> Gemm 8->10 (graph output)."""
     rng = np.random.default_rng(1)
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", **CONV),
-             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
              helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1)]
-    inits = [init(rng, "w1", (16, 4, 3, 3)), init(rng, "b1", (16,)), init(rng, "w2", (8, 16, 3, 3)), init(rng, "b2", (8,)),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1)]
+    inits = [init(rng, "w1", (16, 4, 3, 3)), init(rng, "b1", (16,)), init(rng, "w2", (8, 16, 3, 3)),
+             init(rng, "b2", (8,)),
              init(rng, "w3", (10, 8)), init(rng, "b3", (10,))]
     return _model(nodes, inits, [1, 10])
 
@@ -112,7 +115,8 @@ def test_through_depthwise_to_the_next_conv(multiplier):
              helper.make_node("Gemm", ["m", "w4", "b4"], ["y"], name="fc")]
     inits = [init(rng, "w1", (16, 4, 3, 3)), init(rng, "b1", (16,)), init(rng, "wd", (dw_out, 1, 3, 3)),
              init(rng, "bd", (dw_out,)), init(rng, "w3", (12, dw_out, 1, 1)), init(rng, "b3", (12,)),
-             init(rng, "w4", (12, 5)), init(rng, "b4", (5,)), numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+             init(rng, "w4", (12, 5)), init(rng, "b4", (5,)),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
     model = make_model(nodes, [tensor_info("x", [1, 4, 8, 8])], [tensor_info("y", [1, 5])], inits, opset=18)
     module = prepared(model)
     records = prune_channels(module, 0.25)
@@ -159,7 +163,8 @@ def test_concat_offsets_and_per_channel_constants():
              helper.make_node("Mul", ["r", "s"], ["m"]), helper.make_node("Add", ["t", "m"], ["t2"]),
              helper.make_node("PRelu", ["t2", "slope"], ["p"]),
              helper.make_node("Conv", ["p", "wc", "bc"], ["c"], name="conv_c", strides=[2, 2]),
-             helper.make_node("Reshape", ["c", "shape"], ["f"]), helper.make_node("MatMul", ["f", "wm"], ["y"], name="mm")]
+             helper.make_node("Reshape", ["c", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "wm"], ["y"], name="mm")]
     inits = [init(rng, "wa", (8, 4, 3, 3)), init(rng, "ba", (8,)), init(rng, "wb", (6, 4, 3, 3)), init(rng, "bb", (6,)),
              init(rng, "s", (14, 1, 1)), init(rng, "t", (1, 14, 1, 1)), init(rng, "slope", (14, 1, 1)),
              init(rng, "wc", (5, 14, 3, 3)), init(rng, "bc", (5,)),
@@ -180,7 +185,8 @@ def test_concat_offsets_and_per_channel_constants():
 def test_residual_add_is_refused():
     rng = np.random.default_rng(7)
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", **CONV),
-             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", **CONV),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", **CONV),
              helper.make_node("Add", ["c2", "r1"], ["s"]), helper.make_node("Relu", ["s"], ["r2"]),
              helper.make_node("Conv", ["r2", "w3"], ["y"], name="conv3")]
     inits = [init(rng, "w1", (8, 4, 3, 3)), init(rng, "b1", (8,)), init(rng, "w2", (8, 8, 3, 3)), init(rng, "b2", (8,)),
@@ -200,8 +206,10 @@ def test_channel_shuffle_reshape_is_refused():
     """Reshape 1x8xHxW -> 1x2x4xHxW splits the channel axis: conv1 is left alone, conv2 is pruned."""
     rng = np.random.default_rng(8)
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", **CONV),
-             helper.make_node("Reshape", ["c1", "s1"], ["g"]), helper.make_node("Transpose", ["g"], ["t"], perm=[0, 2, 1, 3, 4]),
-             helper.make_node("Reshape", ["t", "s2"], ["u"]), helper.make_node("Conv", ["u", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Reshape", ["c1", "s1"], ["g"]),
+             helper.make_node("Transpose", ["g"], ["t"], perm=[0, 2, 1, 3, 4]),
+             helper.make_node("Reshape", ["t", "s2"], ["u"]),
+             helper.make_node("Conv", ["u", "w2", "b2"], ["c2"], name="conv2"),
              helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("Conv", ["r2", "w3"], ["y"], name="conv3")]
     inits = [init(rng, "w1", (8, 4, 3, 3)), init(rng, "b1", (8,)), init(rng, "w2", (6, 8, 1, 1)), init(rng, "b2", (6,)),
              init(rng, "w3", (2, 6, 1, 1)), numpy_helper.from_array(np.array([1, 2, 4, 8, 8], np.int64), "s1"),

@@ -15,8 +15,7 @@ import numpy as np
 from edgecc.ir.core import Graph, Module, Node, Value
 from edgecc.ops.apply import infer_node, opdef_of
 from edgecc.ops.costs import node_macs
-from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
-from edgecc.passes.prune import check_fraction, layer_record, weight_layers
+from edgecc.passes.prune import CompressionPass, check_fraction, layer_record, weight_layers
 from edgecc.passes.registry import register_pass
 
 
@@ -113,7 +112,7 @@ def low_rank(module: Module, energy: float) -> list[dict]:
 
 @register_pass
 @dataclass(frozen=True)
-class LowRankPass(Pass):
+class LowRankPass(CompressionPass):
     """Low-rank factorisation: truncated SVD of Gemm / MatMul weights (2-D constants) and 1x1 Conv weights.
 
     x @ W (K x N) becomes MatMul(x, P) then the original op with Q and its bias, P = U_r sqrt(S_r) and Q =
@@ -130,13 +129,9 @@ class LowRankPass(Pass):
     """
 
     name = "low-rank"
-    requires = frozenset({TOPO_SORTED, SHAPES_INFERRED})
-    preserves = frozenset({TOPO_SORTED, SHAPES_INFERRED})
-    changes_numerics = True
+    done_stat = "layers-factorised"
 
     energy: float = 0.95
 
-    def run(self, module: Module, ctx: PassContext) -> PassResult:
-        records = low_rank(module, self.energy)
-        done = sum(r["skipped"] is None for r in records)
-        return PassResult(done > 0, {"layers-factorised": done, "layers-skipped": len(records) - done})
+    def compress(self, module: Module) -> list[dict]:
+        return low_rank(module, self.energy)

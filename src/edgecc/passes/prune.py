@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -75,6 +76,24 @@ def check_fraction(value, option: str, what: str, upper_closed: bool = False) ->
         raise EdgeccError(f"{what} must be a number in {interval}, got {value!r}", where=option,
                           hint=f"e.g. {option} 0.8" if not upper_closed else f"e.g. {option} 0.95")
     return float(value)
+
+
+class CompressionPass(Pass):
+    """A compression function as a pass: `compress` returns the per-layer records; the stats count the layers
+    changed (`done_stat`) and left alone. Opt-in passes that change numerics, keeping sorted order and types."""
+
+    requires = frozenset({TOPO_SORTED, SHAPES_INFERRED})
+    preserves = frozenset({TOPO_SORTED, SHAPES_INFERRED})
+    changes_numerics = True
+    done_stat: ClassVar[str] = "layers-compressed"
+
+    def compress(self, module: Module) -> list[dict]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        records = self.compress(module)
+        done = sum(r["skipped"] is None for r in records)
+        return PassResult(done > 0, {self.done_stat: done, "layers-skipped": len(records) - done})
 
 
 # -- magnitude pruning ------------------------------------------------------------------------------------------
@@ -165,7 +184,7 @@ def prune_magnitude(module: Module, sparsity: float, scope: str = "layer", min_e
 
 @register_pass
 @dataclass(frozen=True)
-class PrunePass(Pass):
+class PrunePass(CompressionPass):
     """Unstructured magnitude pruning: zero the smallest |w| of every Conv / Gemm / MatMul weight.
 
     `scope=layer` prunes each layer to `sparsity` (round(sparsity * numel) zeros, ties by position);
@@ -181,15 +200,11 @@ class PrunePass(Pass):
     """
 
     name = "prune"
-    requires = frozenset({TOPO_SORTED, SHAPES_INFERRED})
-    preserves = frozenset({TOPO_SORTED, SHAPES_INFERRED})
-    changes_numerics = True
+    done_stat = "layers-pruned"
 
     sparsity: float = 0.8
     scope: str = "layer"
     min_elements: int = 256
 
-    def run(self, module: Module, ctx: PassContext) -> PassResult:
-        records = prune_magnitude(module, self.sparsity, self.scope, self.min_elements)
-        done = sum(r["skipped"] is None for r in records)
-        return PassResult(done > 0, {"layers-pruned": done, "layers-skipped": len(records) - done})
+    def compress(self, module: Module) -> list[dict]:
+        return prune_magnitude(module, self.sparsity, self.scope, self.min_elements)

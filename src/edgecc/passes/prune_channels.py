@@ -17,9 +17,9 @@ import numpy as np
 from edgecc.ir.core import Graph, Module, Node, Value
 from edgecc.ops.apply import opdef_of
 from edgecc.ops.costs import node_macs
-from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
+from edgecc.passes.base import PassContext
 from edgecc.passes.infer_shapes import InferShapesPass
-from edgecc.passes.prune import check_fraction, layer_record, new_constant, weight_layers
+from edgecc.passes.prune import CompressionPass, check_fraction, layer_record, new_constant, weight_layers
 from edgecc.passes.registry import register_pass
 
 NOT_CHANNELWISE = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -114,7 +114,8 @@ class _Planner:
     def run(self) -> Plan:
         nodes = self.graph.nodes
         for node in nodes[nodes.index(self.start) + 1:]:
-            carried = {i: self.flow[v._id][1] for i, v in enumerate(node.inputs) if v is not None and v._id in self.flow}
+            carried = {i: self.flow[v._id][1] for i, v in enumerate(node.inputs)
+                       if v is not None and v._id in self.flow}
             if not carried:
                 continue
             try:
@@ -408,7 +409,7 @@ def _prune_layer(module: Module, node: Node, fraction: float, record: dict) -> s
 
 @register_pass
 @dataclass(frozen=True)
-class PruneChannelsPass(Pass):
+class PruneChannelsPass(CompressionPass):
     """Structured pruning: remove each layer's output channels with the smallest L1 norm, physically.
 
     For every Conv (group=1) / Gemm / MatMul in graph order, round(fraction * C) output channels go (at least one
@@ -427,13 +428,9 @@ class PruneChannelsPass(Pass):
     """
 
     name = "prune-channels"
-    requires = frozenset({TOPO_SORTED, SHAPES_INFERRED})
-    preserves = frozenset({TOPO_SORTED, SHAPES_INFERRED})
-    changes_numerics = True
+    done_stat = "layers-pruned"
 
     fraction: float = 0.3
 
-    def run(self, module: Module, ctx: PassContext) -> PassResult:
-        records = prune_channels(module, self.fraction)
-        done = sum(r["skipped"] is None for r in records)
-        return PassResult(done > 0, {"layers-pruned": done, "layers-skipped": len(records) - done})
+    def compress(self, module: Module) -> list[dict]:
+        return prune_channels(module, self.fraction)
