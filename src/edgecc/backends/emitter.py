@@ -110,9 +110,9 @@ class ModuleEmitter:
             raise
         kb.b.ret_void()
         for index, packed in kb.packed.items():  # packed once, here; the entry then finds it by key
-            key = (node.inputs[index]._id, kb.packings[index])
-            if key not in self.constant_pointers:
-                self.constant_pointers[key] = self.globals.constant(packed, "w")
+            pointer_key = (node.inputs[index]._id, kb.packings[index])
+            if pointer_key not in self.constant_pointers:
+                self.constant_pointers[pointer_key] = self.globals.constant(packed, "w")
         declaration = ir.Function(self.llvm, fn_type, name=symbol)
         self.kernels.setdefault(key, []).append((kb.const_reads, const_key(kb.const_reads), declaration,
                                                  kb.packings))

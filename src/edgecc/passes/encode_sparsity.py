@@ -15,14 +15,15 @@ from edgecc.ops.sparse import WEIGHT_INPUT, encoded_bytes_of, entry_mask, matrix
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 
-CONV_ENTRY_COST = 1.25
-"""Time of one stored weight value of the 1x1 Conv kernel (positions in vectors, one strip load and FMA per value)
-relative to one MAC of the dense kernel: measured by tools/bench_sparse.py (host, AVX2; see
-docs/performance-sparse.md). The entry's index load and broadcast are shared by a strip of positions."""
-GEMM_ENTRY_COST = 1.5
-"""The same for the matrix-product kernel with V >= the target's lanes (one vector FMA per entry, as the dense
-kernel's per MAC, plus the index and A loads). With V < lanes an entry fills only V of the lanes, so its cost is
-scaled by lanes / V (CSR, V = 1, costs `lanes` times a dense vector MAC)."""
+CONV_VALUE_COST, CONV_ENTRY_COST = 1.6, 0.8
+"""The 1x1 Conv kernel (positions in vectors): time per stored value, and per entry (its index and input-strip
+load, shared by the entry's V output channels), in dense-kernel MACs. Fitted to tools/bench_sparse.py on the host
+(Zen 3, AVX2) at 90%: unstructured (V = 1) 0.20-0.29 of dense, 1x8 blocks 0.16-0.23 (docs/performance-sparse.md)."""
+GEMM_VALUE_COST = 1.8
+"""The matrix-product kernel (V outputs in one vector): time per stored value in dense MACs when V >= the target's
+lanes (1x8 blocks at 90%: 0.16-0.24 of dense on the large layers). With V < lanes an entry fills only V lanes and
+costs more per value: x lanes / V (at 90% unstructured zeros, CSR measured 0.57-1.05 of dense, 1x4 blocks 0.72-0.84:
+unstructured FC weights stay dense unless very sparse)."""
 WIN = 0.8
 """A sparse encoding is chosen only if its modelled time is below this fraction of the dense kernel's (and it
 stores fewer bytes): a margin for the model's error, so a weight is never made slower."""
@@ -46,12 +47,13 @@ def candidates(lanes: int) -> list[SparseEncoding]:
 
 def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lanes: int) -> float:
     """Modelled time of the layer with `encoding`, as a fraction of the dense kernel's: the values stored (entries
-    x V, the zeros inside stored blocks included) over K x N, times the kernel's relative cost per stored value."""
-    stored = int(entry_mask(matrix, encoding.width).sum()) * encoding.width
-    fraction = stored / max(1, matrix.size)
+    x V, the zeros inside stored blocks included) over K x N times the kernel's cost per stored value, plus (Conv)
+    the entries' own cost."""
+    entries = int(entry_mask(matrix, encoding.width).sum())
+    fraction = entries * encoding.width / max(1, matrix.size)
     if node.op in ("Conv", "FusedConv"):
-        return fraction * CONV_ENTRY_COST
-    return fraction * GEMM_ENTRY_COST * max(1.0, lanes / encoding.width)
+        return fraction * CONV_VALUE_COST + entries / max(1, matrix.size) * CONV_ENTRY_COST
+    return fraction * GEMM_VALUE_COST * max(1.0, lanes / encoding.width)
 
 
 def choose_encoding(node: Node, matrix: np.ndarray, lanes: int) -> SparseEncoding | None:
@@ -132,9 +134,10 @@ class EncodeSparsity(Pass):
 
     Cost model (per weight, as a fraction of the dense kernel's time): the values stored (entries x V, zeros inside
     stored blocks included) over K x N, times the kernel's cost per stored value relative to a dense MAC
-    (CONV_ENTRY_COST for the 1x1 Conv kernel, positions in vectors; GEMM_ENTRY_COST x lanes / V for the matrix
-    product, whose entries fill V lanes), measured by tools/bench_sparse.py. The cheapest encoding is taken if it
-    is below WIN (0.8) and stores fewer bytes (values + int32 indices + block offsets) than the dense array.
+    (1x1 Conv, positions in vectors: 1.6 per value + 0.8 per entry, whose input load serves V channels; matrix
+    product, V outputs per vector: 1.8 per value, x lanes / V when V < lanes), fitted to tools/bench_sparse.py.
+    The cheapest encoding is taken if it is below WIN (0.8) and stores fewer bytes (values + int32 indices + block
+    offsets) than the dense array.
 
     The constant keeps its dense array (the interpreter, export and every other reader are unchanged); the
     encoding is in its type (`tensor<..., sparse<block 1x8>>`) and the kernels pack it at compile time.

@@ -126,7 +126,7 @@ def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int], a: Buf
             total = accs.get(("sp", 0, r), ty)
             for u in range(1, unroll):
                 total = vec.add(total, accs.get(("sp", u, r), ty))
-            epilogue(add_i64(kb, i0, r), mul_i64(kb, jb, width), cols, _first_lanes(kb, total, cols))
+            epilogue(add_i64(kb, i0, r), add_i64(kb, mul_i64(kb, jb, width)), cols, _first_lanes(kb, total, cols))
 
     def row_block(i0, rows: int) -> None:
         full, tail = divmod(n, width)

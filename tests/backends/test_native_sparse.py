@@ -1,0 +1,211 @@
+"""Sparse kernels (Gemm/MatMul with an encoded B, 1x1 Conv with an encoded W) against onnxruntime on the same ONNX
+model, whose weights are the dense, zero-filled arrays.
+
+Tolerance: 1e-5 of the output's largest magnitude. The sparse kernels add only the nonzero products, in increasing
+k, with fused multiply-adds; onnxruntime sums all K products in its own order. Both are float32 sums of at most a
+few hundred terms here, whose rounding differs by a few ulps of the largest partial sum (~K * 2^-24 relative in the
+worst case, ~3e-6 for K = 37 at most 1e-5 for these sizes); any indexing error is of the order of the output itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import zlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgecc
+from edgecc.backends.kernels import sparse as sparse_kernels
+
+RTOL = 1e-5
+
+
+def _model(nodes, inputs, output_shape, inits, opset=18):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _sparse(rng, shape, level, zero_columns=(), axis=-1):
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) < level] = 0
+    for c in zero_columns:
+        if c < w.shape[axis]:
+            np.moveaxis(w, axis, 0)[c] = 0
+    return w
+
+
+def gemm_case(rng, m=3, k=37, n=29, trans_b=0, activation="Relu", level=0.8, zero=False):
+    shape = (n, k) if trans_b else (k, n)
+    w = np.zeros(shape, np.float32) if zero else _sparse(rng, shape, level, zero_columns=(0, 9, 10, 11, 12, 13, 14, 15),
+                                                         axis=0 if trans_b else 1)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g" if activation else "y"], transB=trans_b, alpha=0.5)]
+    if activation:
+        nodes.append(helper.make_node(activation, ["g"], ["y"]))
+    model = _model(nodes, [("x", [m, k])], [m, n], {"w": w, "b": rng.standard_normal(n).astype(np.float32)})
+    return model, {"x": rng.standard_normal((m, k)).astype(np.float32)}
+
+
+def matmul_case(rng, batch=(2, 5), k=16, n=21, level=0.9):
+    w = _sparse(rng, (k, n), level, zero_columns=(3,))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["s"]),
+             helper.make_node("Add", ["s", "r"], ["y"])]
+    model = _model(nodes, [("x", [*batch, k]), ("r", [*batch, n])], [*batch, n],
+                   {"w": w, "b": rng.standard_normal(n).astype(np.float32)})
+    return model, {"x": rng.standard_normal((*batch, k)).astype(np.float32),
+                   "r": rng.standard_normal((*batch, n)).astype(np.float32)}
+
+
+def conv_case(rng, c=19, co=13, h=5, w=7, stride=1, level=0.7, residual=True, activation="Clip", batch=1):
+    weights = _sparse(rng, (co, c, 1, 1), level, zero_columns=(2,), axis=0)
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=[stride, stride])]
+    inputs = [("x", [batch, c, h, w])]
+    feeds = {"x": rng.standard_normal((batch, c, h, w)).astype(np.float32)}
+    last = "c"
+    if residual:
+        nodes.append(helper.make_node("Add", ["c", "r"], ["a"]))
+        inputs.append(("r", [batch, co, oh, ow]))
+        feeds["r"] = rng.standard_normal((batch, co, oh, ow)).astype(np.float32)
+        last = "a"
+    inits = {"w": weights, "b": rng.standard_normal(co).astype(np.float32)}
+    if activation == "Clip":
+        inits.update(lo=np.array(-0.5, np.float32), hi=np.array(1.5, np.float32))
+        nodes.append(helper.make_node("Clip", [last, "lo", "hi"], ["y"]))
+    else:
+        nodes[-1].output[0] = "y"
+    return _model(nodes, inputs, [batch, co, oh, ow], inits), feeds
+
+
+def _check(model: onnx.ModelProto, feeds, encoding: str, width: int = 0, target: str = "host"):
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    spec = f"encode-sparsity{{encoding={encoding}" + (f",width={width}" if width else "") + "}"
+    compiled = edgecc.compile(model, target=target, passes=f"-O2,{spec}", progress=False)
+    encoded = [v.type.sparse for v in compiled.module.graph.constants() if v.type.sparse is not None]
+    assert len(encoded) == 1 and encoded[0].kind == encoding
+    got = compiled.run(feeds)[0]
+    scale = max(float(np.max(np.abs(reference))), 1e-30)
+    assert np.max(np.abs(got - reference)) <= RTOL * scale
+    return compiled
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch):
+    """Counts the sparse kernels built (so a test fails if the dense kernel quietly ran instead)."""
+    calls = []
+    original = sparse_kernels.sparse_weights
+
+    def spy(kb):
+        found = original(kb)
+        if found is not None:
+            calls.append(kb.node.op)
+        return found
+
+    monkeypatch.setattr(sparse_kernels, "sparse_weights", spy)
+    import edgecc.backends.kernels.linalg as linalg
+
+    monkeypatch.setattr(linalg, "sparse_weights", spy)
+    return calls
+
+
+ENCODINGS = [("csr", 0), ("block", 4), ("block", 8), ("block", 16)]
+
+
+@pytest.mark.parametrize("encoding, width", ENCODINGS)
+@pytest.mark.parametrize("case", ["gemm", "gemm_transb_m1", "gemm_plain", "matmul_batched", "conv", "conv_s2_batch",
+                                  "conv_plain_wide"])
+def test_sparse_kernels_match_onnxruntime(case, encoding, width, sparse_calls):
+    rng = np.random.default_rng(zlib.crc32(f"{case} {encoding} {width}".encode()))
+    model, feeds = {
+        "gemm": lambda: gemm_case(rng),
+        "gemm_transb_m1": lambda: gemm_case(rng, m=1, k=64, n=20, trans_b=1, activation="Sigmoid", level=0.95),
+        "gemm_plain": lambda: gemm_case(rng, m=6, k=5, n=3, activation="", level=0.5),
+        "matmul_batched": lambda: matmul_case(rng),
+        "conv": lambda: conv_case(rng),
+        "conv_s2_batch": lambda: conv_case(rng, c=8, co=10, h=9, w=11, stride=2, residual=False, activation="", batch=2),
+        "conv_plain_wide": lambda: conv_case(rng, c=24, co=36, h=9, w=13, level=0.9, residual=False, activation=""),
+    }[case]()
+    _check(model, feeds, encoding, width)
+    assert sparse_calls, "the sparse kernel did not run"
+
+
+def test_all_zero_weight(sparse_calls):
+    rng = np.random.default_rng(1)
+    model, feeds = gemm_case(rng, zero=True, activation="")
+    _check(model, feeds, "block", 8)
+    model, feeds = gemm_case(rng, zero=True, activation="")
+    _check(model, feeds, "csr")
+    assert len(sparse_calls) == 2
+
+
+def test_same_shaped_layers_share_one_sparse_kernel():
+    """The pattern is data: two 1x1 convolutions of one shape but different zeros compile to one kernel."""
+    rng = np.random.default_rng(2)
+    w1, w2 = _sparse(rng, (8, 8, 1, 1), 0.8), _sparse(rng, (8, 8, 1, 1), 0.8)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"]), helper.make_node("Conv", ["h", "w2"], ["y"])]
+    model = _model(nodes, [("x", [1, 8, 6, 6])], [1, 8, 6, 6], {"w1": w1, "w2": w2})
+    compiled = _check_two(model, {"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)})
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (text,) = compiled.artifacts(os.path.join(tmp, "m"), emit="llvm").values()
+    assert len(set(__import__("re").findall(r"define[^@]*@(\w+_k\d+_Conv_\w+)", text.decode()))) == 1
+
+
+def _check_two(model, feeds):
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    compiled = edgecc.compile(model, passes="-O2,encode-sparsity{encoding=csr}", progress=False)
+    assert sum(v.type.sparse is not None for v in compiled.module.graph.constants()) == 2
+    got = compiled.run(feeds)[0]
+    assert np.max(np.abs(got - reference)) <= RTOL * np.max(np.abs(reference))
+    return compiled
+
+
+ARM = {"armv8": ("qemu-aarch64", "aarch64-linux-gnu-gcc"), "armv7": ("qemu-arm", "arm-linux-gnueabihf-gcc")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", sorted(ARM))
+def test_arm_targets_under_qemu(target):
+    if any(shutil.which(t) is None for t in ARM[target]):
+        pytest.skip(f"needs {', '.join(ARM[target])} (installed by .ci/run)")
+    rng = np.random.default_rng(3)
+    for encoding, width in [("csr", 0), ("block", 4), ("block", 8)]:
+        for model, feeds in (gemm_case(rng), matmul_case(rng), conv_case(rng),
+                             conv_case(rng, c=8, co=10, h=9, w=11, stride=2, residual=False, activation="")):
+            _check(model, feeds, encoding, width, target=target)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+                    reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (installed by .ci/run)")
+def test_pruned_model_on_cortex_m4(tmp_path):
+    """A 1x1 Conv + Gemm model with 90% zeros at -O3 for Cortex-M4: the cost model encodes both (scalar target:
+    CSR), and the firmware's output under qemu-system-arm matches onnxruntime."""
+    from test_bare_metal import _run_on_board, _semihosting_firmware
+
+    from edgecc.cli import main
+
+    rng = np.random.default_rng(4)
+    w1 = _sparse(rng, (16, 8, 1, 1), 0.9)
+    w2 = _sparse(rng, (16 * 25, 10), 0.9)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "w2"], ["y"])]
+    model = _model(nodes, [("x", [1, 8, 5, 5])], [1, 10], {"w1": w1, "b1": rng.standard_normal(16).astype(np.float32),
+                                                             "w2": w2})
+    onnx.save(model, tmp_path / "m.onnx")
+    x = rng.standard_normal((1, 8, 5, 5)).astype(np.float32)
+    x.tofile(tmp_path / "input.bin")
+    compiled = edgecc.compile(model, target="cortex-m4", opt_level=3, runtime="native", progress=False)
+    assert sum(v.type.sparse is not None for v in compiled.module.graph.constants()) == 2
+    assert main([str(tmp_path / "m.onnx"), "-O3", "--target", "cortex-m4", "-o", str(tmp_path / "model")]) == 0
+    run = _run_on_board("cortex-m4", _semihosting_firmware(tmp_path, "cortex-m4"), tmp_path / "input.bin")
+    got = np.array([float(v) for v in run.stdout.split()], np.float32)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0].reshape(-1)
+    assert np.max(np.abs(got - expected)) <= RTOL * np.max(np.abs(expected))

@@ -1,0 +1,156 @@
+"""encode-sparsity: the encoding as an IR type (print, parse, clone, verify), the cost model's choices, bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgecc
+from edgecc.errors import IRParseError, PassError, VerificationError
+from edgecc.ir.parser import parse_module
+from edgecc.ir.printer import print_module
+from edgecc.ir.types import SparseEncoding
+from edgecc.ir.verifier import verify
+from edgecc.ops.sparse import pack
+from edgecc.passes.encode_sparsity import encode_sparsity, encoded_bytes
+
+
+def _model(conv_w, fc_w, fc_rows=1):
+    """x -> 1x1 Conv -> Relu -> Flatten -> Gemm (fc_rows = 1) or x2 -> MatMul (fc_rows rows)."""
+    c = conv_w.shape[1]
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "fw"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, fc_w.shape[1]])],
+                              [numpy_helper.from_array(conv_w, "cw"), numpy_helper.from_array(fc_w, "fw")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _weights(rng, level_conv, level_fc, fc_block=1):
+    conv = rng.standard_normal((32, 16, 1, 1)).astype(np.float32)
+    conv[rng.random(conv.shape) < level_conv] = 0
+    fc = rng.standard_normal((32 * 16, 64)).astype(np.float32)
+    if fc_block > 1:
+        keep = np.repeat(rng.random((fc.shape[0], 64 // fc_block)) >= level_fc, fc_block, axis=1)
+    else:
+        keep = rng.random(fc.shape) >= level_fc
+    return conv, np.where(keep, fc, 0).astype(np.float32)
+
+
+def _encodings(compiled) -> dict[str, str]:
+    return {n.op: str(n.inputs[1].type.sparse) for n in compiled.module.graph.nodes
+            if n.op in ("FusedConv", "Conv", "Gemm", "FusedGemm")}
+
+
+def test_dense_model_is_unchanged_by_o2():
+    """A dense model prints the same with and without encode-sparsity at the end of -O2 (it is a no-op)."""
+    rng = np.random.default_rng(0)
+    model = _model(*_weights(rng, 0.0, 0.0))
+    with_pass = edgecc.compile(model, opt_level=2, runtime="reference")
+    without = edgecc.compile(model, runtime="reference", passes="infer-shapes,lower-qdq,canonicalize,fold-constants,"
+                             "fold-batchnorm,cse,canonicalize,fold-constants,dce,fuse-epilogues")
+    assert with_pass.ir_text() == without.ir_text()
+    assert "sparse<" not in with_pass.ir_text()
+    assert _encodings(with_pass) == {"FusedConv": "None", "Gemm": "None"}
+
+
+def test_cost_model_choices_on_the_host():
+    """90% unstructured zeros: the 1x1 Conv becomes CSR (positions in vectors pay off), the unstructured FC stays
+    dense (CSR entries fill one lane of eight); 90% zeros in 1x8 blocks: the FC takes 1x8 blocks."""
+    rng = np.random.default_rng(1)
+    lanes = edgecc.backends.targets.resolve_target("host").vector_bits // 32
+    compiled = edgecc.compile(_model(*_weights(rng, 0.9, 0.9)), opt_level=3, runtime="reference")
+    assert _encodings(compiled)["FusedConv"] == "sparse<csr>"
+    if lanes >= 4:
+        assert _encodings(compiled)["Gemm"] == "None"
+    compiled = edgecc.compile(_model(*_weights(rng, 0.9, 0.9, fc_block=lanes)), opt_level=3, runtime="reference")
+    assert _encodings(compiled)["Gemm"] == f"sparse<block 1x{lanes}>"
+    stats = compiled.report["passes"] if "passes" in compiled.report else None
+    assert stats is None or any("encode-sparsity" in str(p) for p in stats)
+
+
+def test_scalar_target_takes_csr_for_fc():
+    """Cortex-M4 has no vectors: a dense FC kernel gains nothing per MAC that CSR loses, so 90% zeros encode."""
+    rng = np.random.default_rng(2)
+    module = edgecc.compile(_model(*_weights(rng, 0.9, 0.9)), runtime="reference",
+                            passes="infer-shapes,fold-constants").module
+    records = encode_sparsity(module, "cortex-m4")
+    assert [r["encoding"] for r in records] == ["sparse<csr>", "sparse<csr>"]
+
+
+def test_records_and_bytes():
+    """At 90% zeros the CSR weight takes <= 25% of its dense float32 bytes (values + int32 indices + offsets)."""
+    rng = np.random.default_rng(3)
+    module = edgecc.compile(_model(*_weights(rng, 0.9, 0.9)), runtime="reference",
+                            passes="infer-shapes,fold-constants").module
+    records = encode_sparsity(module, "host", encoding="csr")
+    assert [r["op"] for r in records] == ["Conv", "Gemm"]
+    for record in records:
+        assert record["encoding"] == "sparse<csr>" and record["skipped"] is None
+        assert record["bytes_after"] <= 0.25 * record["bytes_before"]
+        assert 0.85 < record["sparsity"] < 0.95
+    fc = module.graph.nodes[-1].inputs[1]
+    nonzeros = int(np.count_nonzero(fc.const))
+    assert encoded_bytes(fc) == 4 * (64 + 1 + 2 * nonzeros)  # offsets per column, then [k, value] per nonzero
+    assert encoded_bytes(module.graph.nodes[0].inputs[0]) == module.graph.nodes[0].inputs[0].type.nbytes
+
+
+def test_pack_layout():
+    matrix = np.array([[0, 2, 0], [3, 0, 0], [0, 0, 5]], np.float32)  # [K=3, N=3]
+    words = pack(matrix, 2)  # column blocks {0, 1}: rows 0 and 1; {2}: row 2
+    assert words[:3].tolist() == [0, 2, 3]
+    records = words[3:].reshape(-1, 3)
+    assert records[:, 0].tolist() == [0, 1, 2]
+    assert records[:, 1:].view(np.float32).tolist() == [[0, 2], [3, 0], [5, 0]]
+
+
+def test_weight_shared_with_a_reader_without_sparse_kernel_is_skipped():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    w[rng.random(w.shape) < 0.95] = 0
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Add", ["a", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])],
+                              [numpy_helper.from_array(w, "w")])
+    module = edgecc.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                            runtime="reference", passes="infer-shapes").module
+    (record,) = encode_sparsity(module, "host", encoding="csr")
+    assert record["encoding"] == "dense" and record["skipped"]
+
+
+def test_bad_encoding_option():
+    with pytest.raises(PassError, match="unknown encoding"):
+        edgecc.compile(_model(*_weights(np.random.default_rng(5), 0.5, 0.5)), runtime="reference",
+                       passes="infer-shapes,encode-sparsity{encoding=coo}")
+
+
+def test_textual_ir_round_trip_and_clone():
+    rng = np.random.default_rng(6)
+    compiled = edgecc.compile(_model(*_weights(rng, 0.9, 0.9)), runtime="reference",
+                              passes="-O2,encode-sparsity{encoding=block,width=4}")
+    text = compiled.ir_text()
+    assert "tensor<16x512xf32, sparse<block 1x4>>" not in text  # Gemm's B is [512, 64]
+    assert "tensor<512x64xf32, sparse<block 1x4>>" in text and "tensor<32x16x1x1xf32, sparse<block 1x4>>" in text
+    module = parse_module(text)
+    assert print_module(module) == text
+    assert print_module(module.clone()) == text
+    verify(module)
+    encoded = [v for v in module.graph.constants() if v.type.sparse is not None]
+    assert {v.type.sparse for v in encoded} == {SparseEncoding("block", (1, 4))}
+    csr = text.replace("sparse<block 1x4>", "sparse<csr>")
+    assert print_module(parse_module(csr)) == csr
+
+
+def test_parse_errors_and_verifier():
+    text = ('module @m {opset = 18} {\n  graph @g(%x : tensor<2x2xf32, sparse<block 2x4>>) {\n'
+            '    return %x as "y"\n  }\n}\n')
+    with pytest.raises(IRParseError, match="blocks are 1xV"):
+        parse_module(text)
+    with pytest.raises(IRParseError, match="syntax error"):
+        parse_module(text.replace("sparse<block 2x4>", "sparse<coo>"))
+    module = parse_module(text.replace("sparse<block 2x4>", "sparse<csr>"))
+    with pytest.raises(VerificationError, match="not a constant"):
+        verify(module)
+    with pytest.raises(ValueError):
+        SparseEncoding("csr", (1, 8))

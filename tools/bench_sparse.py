@@ -1,0 +1,185 @@
+"""Sparse against dense edgecc kernels, single thread: layer shapes of ../shared/models and whole pruned models.
+
+    python tools/bench_sparse.py [--levels 0.5,0.8,0.9,0.95] [--runs 200] [--models mobilenet_v2,mlp_mnist]
+                                 [--write docs/performance-sparse.md]
+
+Layers: 1x1 convolutions (mobilenet_v2, squeezenet1_1, resnet18's strided downsampling) and fully connected
+layers (mlp_mnist, bert_tiny_enc's MatMuls with 128 rows, mobilenet_v2's classifier) as one-node models with
+seeded random weights, pruned by magnitude to each level either unstructured or in 1xV blocks of outputs
+(V = the host's float lanes; a block is zeroed when its L1 norm is among the smallest). Each is compiled dense
+(`encode-sparsity{encoding=dense}`) and sparse (csr for unstructured, block for block pruning, forced), plus what
+the cost model (`encoding=auto`) picks; times are the kernel's median cycles from CompiledModel.profile.
+Whole models: the float model, and the same model with every 1x1 Conv and Gemm/MatMul weight magnitude-pruned to
+90% (numpy, unstructured, on the ONNX initializers), both at -O3, median wall time of CompiledModel.run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bench import SHARED, cpu_name
+
+CONV_LAYERS = [  # (source, C_in, C_out, H, W, stride)
+    ("mobilenet_v2", 24, 144, 56, 56, 1), ("mobilenet_v2", 32, 192, 28, 28, 1),
+    ("mobilenet_v2", 576, 96, 14, 14, 1), ("mobilenet_v2", 160, 960, 7, 7, 1), ("mobilenet_v2", 960, 160, 7, 7, 1),
+    ("squeezenet1_1", 128, 32, 27, 27, 1), ("squeezenet1_1", 512, 64, 13, 13, 1),
+    ("resnet18", 64, 128, 56, 56, 2), ("resnet18", 256, 512, 14, 14, 2),
+]
+FC_LAYERS = [  # (source, M, K, N)
+    ("mlp_mnist", 1, 784, 256), ("mlp_mnist", 1, 256, 128), ("mobilenet_v2", 1, 1280, 1000),
+    ("bert_tiny_enc", 128, 128, 512), ("bert_tiny_enc", 128, 512, 128),
+]
+
+
+def prune(matrix: np.ndarray, level: float, width: int) -> np.ndarray:
+    """`matrix` [K, N] with the smallest `level` fraction of its 1 x width blocks (L1 norm) zeroed."""
+    k, n = matrix.shape
+    blocks = -(-n // width)
+    padded = np.zeros((k, blocks * width), np.float32)
+    padded[:, :n] = matrix
+    norms = np.abs(padded).reshape(k, blocks, width).sum(axis=2)
+    cut = np.sort(norms, axis=None)[min(norms.size - 1, int(level * norms.size))]
+    keep = np.repeat(norms >= cut, width, axis=1)[:, :n]
+    return np.where(keep, matrix, 0).astype(np.float32)
+
+
+def layer_model(kind: str, shape, level: float, width: int, rng) -> tuple[onnx.ModelProto, dict]:
+    if kind == "conv":
+        _, c, co, h, w, s = shape
+        weights = prune(rng.standard_normal((c, co)).astype(np.float32), level, width).T.reshape(co, c, 1, 1)
+        oh, ow = (h - 1) // s + 1, (w - 1) // s + 1
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[s, s])
+        x_shape, y_shape = [1, c, h, w], [1, co, oh, ow]
+        bias = rng.standard_normal(co).astype(np.float32)
+    else:
+        _, m, k, n = shape
+        weights = prune(rng.standard_normal((k, n)).astype(np.float32), level, width)
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"]) if m == 1 else helper.make_node("MatMul", ["x", "w"],
+                                                                                                 ["y"])
+        x_shape, y_shape = [m, k], [m, n]
+        bias = rng.standard_normal(n).astype(np.float32)
+    inits = [numpy_helper.from_array(weights, "w")] + ([numpy_helper.from_array(bias, "b")] if len(node.input) > 2
+                                                        else [])
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return model, {"x": rng.standard_normal(x_shape).astype(np.float32)}
+
+
+def kernel_ms(model, feeds, encoding: str, runs: int) -> tuple[float, object]:
+    import edgecc
+
+    compiled = edgecc.compile(model, opt_level=3, passes=f"-O3,encode-sparsity{{encoding={encoding}}}",
+                              progress=False)
+    rows = compiled.profile(feeds, runs)
+    return sum(r["ms"] for r in rows), compiled
+
+
+def encoding_of(compiled) -> str:
+    found = [str(v.type.sparse) for v in compiled.module.graph.constants() if v.type.sparse is not None]
+    return found[0].replace("sparse<", "").rstrip(">") if found else "dense"
+
+
+def bench_layers(levels, runs: int, lanes: int):
+    rng = np.random.default_rng(0)
+    rows = []
+    for kind, shapes in (("conv", CONV_LAYERS), ("fc", FC_LAYERS)):
+        for shape in shapes:
+            label = (f"{shape[0]} 1x1 {shape[1]}->{shape[2]} @{shape[3]}x{shape[4]}" + (f" s{shape[5]}" if shape[5] > 1
+                     else "")) if kind == "conv" else f"{shape[0]} FC {shape[2]}->{shape[3]} M={shape[1]}"
+            model, feeds = layer_model(kind, shape, 0.0, 1, rng)
+            dense, _ = kernel_ms(model, feeds, "dense", runs)
+            for pattern, width, forced in (("unstructured", 1, "csr"), (f"block 1x{lanes}", lanes, "block")):
+                for level in levels:
+                    model, feeds = layer_model(kind, shape, level, width, rng)
+                    sparse, _ = kernel_ms(model, feeds, forced, runs)
+                    _, auto = kernel_ms(model, feeds, "auto", 3)
+                    rows.append((label, pattern, level, dense, sparse, encoding_of(auto)))
+                    print(f"| {label} | {pattern} | {level:.0%} | {dense:.4f} | {sparse:.4f} | {sparse / dense:.2f} | "
+                          f"{encoding_of(auto)} |", flush=True)
+    return rows
+
+
+def pruned_model(path: str, level: float) -> onnx.ModelProto:
+    """The model with every 1x1 Conv and Gemm/MatMul initializer weight magnitude-pruned to `level`."""
+    model = onnx.load(path)
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if node.op_type == "Conv" and (w.shape[2:] != (1, 1) or
+                                       any(a.name == "group" and a.i != 1 for a in node.attribute)):
+            continue
+        cut = np.quantile(np.abs(w), level)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.where(np.abs(w) > cut, w, 0).astype(w.dtype),
+                                                              node.input[1]))
+    return model
+
+
+def bench_model(name: str, runs: int) -> dict:
+    import edgecc
+
+    path = str(SHARED / "models" / f"{name}.onnx")
+    feeds = {"input": np.load(SHARED / "models" / f"{name}.ref.npz")["input"]}
+    dense = edgecc.compile(path, opt_level=3, progress=False)
+    sparse = edgecc.compile(pruned_model(path, 0.9), opt_level=3, progress=False)
+    encoded = sum(1 for v in sparse.module.graph.constants() if v.type.sparse is not None)
+    times = {"dense": [], "sparse": []}
+    for _ in range(3):
+        dense.run(feeds), sparse.run(feeds)
+    for _ in range(runs):
+        for key, compiled in (("dense", dense), ("sparse", sparse)):
+            t = time.perf_counter()
+            compiled.run(feeds)
+            times[key].append(time.perf_counter() - t)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"model": name, **ms, "encoded": encoded}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default="0.5,0.8,0.9,0.95")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--models", default="mobilenet_v2,mlp_mnist")
+    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--write", metavar="FILE.md")
+    args = parser.parse_args()
+    from edgecc.backends.targets import resolve_target
+
+    lanes = max(1, resolve_target("host").vector_bits // 32)
+    levels = [float(v) for v in args.levels.split(",")]
+    out = []
+    if args.layers:
+        out += ["| layer | pruning | sparsity | dense ms | sparse ms | sparse / dense | auto picks |",
+                "|---|---|---:|---:|---:|---:|---|"]
+        print("\n".join(out), flush=True)
+        rows = bench_layers(levels, args.runs, lanes)
+        out += [f"| {r[0]} | {r[1]} | {r[2]:.0%} | {r[3]:.4f} | {r[4]:.4f} | {r[4] / r[3]:.2f} | {r[5]} |" for r in rows]
+    models = []
+    if args.models:
+        models = ["", "| model (1x1 Conv + FC weights pruned to 90%) | dense ms | sparse ms | sparse / dense | "
+                  "layers encoded |", "|---|---:|---:|---:|---:|"]
+        for name in args.models.split(","):
+            r = bench_model(name, max(20, args.runs // 10))
+            models.append(f"| {name} | {r['dense']:.3f} | {r['sparse']:.3f} | {r['sparse'] / r['dense']:.2f} | "
+                          f"{r['encoded']} |")
+            print(models[-1], flush=True)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(f"# Sparse kernels\n\n`python tools/bench_sparse.py --runs {args.runs} --levels {args.levels} "
+                    f"--models {args.models}` on {cpu_name()}, one thread, host target ({lanes} float lanes). "
+                    "Layer times are the kernel's median over the runs (profile entry's cycle counter); model times "
+                    "the median wall time of a run.\n\n" + "\n".join(out + models) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
