@@ -48,14 +48,16 @@ def decode_model(shape, bits: int, entries: int, packed: np.ndarray | None = Non
 
 
 CASES = [((3, 5, 7), 1, 2), ((4, 9), 2, 3), ((2, 33), 2, 4), ((5, 5, 3), 4, 16), ((101,), 4, 11), ((17, 16), 8, 256),
-         ((9,), 8, 200)]
-"""(shape, bits, entries): sizes with a partial last byte, and codebooks shorter than 2^bits."""
+         ((9,), 8, 200), ((7, 64), 4, 16)]
+"""(shape, bits, entries): sizes with a partial last byte, codebooks shorter than 2^bits, sizes below one vector
+step (the byte loop alone) and above (register permutes, then the byte loop for the rest)."""
 
 
+@pytest.mark.parametrize("target", ["host", "x86-64"])  # the AVX2 permutes here; the byte loop alone on SSE2
 @pytest.mark.parametrize("shape, bits, entries", CASES)
-def test_decode_on_the_host(shape, bits, entries):
+def test_decode_on_the_host(shape, bits, entries, target):
     model, x, expected = decode_model(shape, bits, entries)
-    np.testing.assert_array_equal(edgecc.compile(model).run([x])[0], expected)
+    np.testing.assert_array_equal(edgecc.compile(model, target=target).run([x])[0], expected)
 
 
 def test_out_of_range_indices_are_clamped_to_the_codebook():
@@ -149,3 +151,15 @@ def test_clustered_model_on_cortex_m4(tmp_path):
     got = np.array([float(v) for v in run.stdout.split()], np.float32)
     expected = dense_expected(model, edgecc.compile(model, passes=CLUSTER, runtime="reference"), x).reshape(-1)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("target, instruction", [("x86-64-v3", r"\bvperm(ps|d)\s+%ymm"),
+                                                 ("armv8", r"\btbl\s+v\d+\.16b, \{ v\d+\.16b, v\d+\.16b, v\d+\.16b, v\d+\.16b \}")])
+def test_4_bit_indices_are_looked_up_by_register_permutes(target, instruction):
+    import re
+
+    from test_native_qconv import _kernel_asm
+
+    model, _, _ = decode_model((64, 64), 4, 16)
+    assert re.search(instruction, _kernel_asm(model, target, "CodebookDecode"))
+
