@@ -18,6 +18,8 @@ import edgecc
 from edgecc.errors import EdgeccError
 from edgecc.frontend.onnx_import import import_model
 from edgecc.interpreter import run_module
+from edgecc.ir.parser import parse_module
+from edgecc.ir.printer import print_module
 from edgecc.passes import PassManager, parse_pipeline
 from edgecc.passes.cluster_weights import (cluster_weights, codebook_of, decoder_of, indices_of, kmeans_1d,
                                            set_codebook)
@@ -169,6 +171,8 @@ def test_records_bytes_and_the_rewritten_graph():
         assert 0 < rec["error"] < 0.15
     ops = [n.op for n in module.graph.nodes]
     assert ops.count("CodebookDecode") == 2
+    text = print_module(module)
+    assert '"edgecc.CodebookDecode"' in text and print_module(parse_module(text)) == text
     for node in module.graph.nodes:
         decode = decoder_of(node)
         if decode is not None:  # runs right before its reader
