@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgecc
+from compression_util import ort_run, prepared
 from edgecc.errors import EdgeccError
-from edgecc.frontend.onnx_import import import_model
 from edgecc.interpreter import run_module
 from edgecc.ir.parser import parse_module
 from edgecc.ir.printer import print_module
-from edgecc.passes import PassManager, parse_pipeline
 from edgecc.passes.cluster_weights import (cluster_weights, codebook_of, decoder_of, indices_of, kmeans_1d,
                                            set_codebook)
 from edgecc.ops.codebook import decode_indices, pack_indices, with_dense_weights
@@ -127,17 +125,6 @@ def _model(shared: bool = False) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def _prepared(model: onnx.ModelProto):
-    module = import_model(model)
-    PassManager(parse_pipeline(PREPARE_PIPELINE)).run(module)
-    return module
-
-
-def _onnxruntime(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
 def _dense_model(model: onnx.ModelProto, module) -> onnx.ModelProto:
     """`model` with each clustered layer's weight initializer replaced by the tensor its CodebookDecode decodes,
     computed by the independent unpacking."""
@@ -158,7 +145,7 @@ def _dense_model(model: onnx.ModelProto, module) -> onnx.ModelProto:
 
 
 def test_records_bytes_and_the_rewritten_graph():
-    module = _prepared(_model())
+    module = prepared(_model())
     records = {r["layer"]: r for r in cluster_weights(module, 16)}
     assert set(records) == {"conv", "fc", "small"}
     conv, fc, small = records["conv"], records["fc"], records["small"]
@@ -181,11 +168,11 @@ def test_records_bytes_and_the_rewritten_graph():
 
 def test_clustered_model_matches_onnxruntime_on_the_decoded_weights():
     model = _model(shared=True)
-    module = _prepared(model)
+    module = prepared(model)
     records = cluster_weights(module, 16)
     assert sum(r["skipped"] is None for r in records) == 4  # conv, fc, mm1, mm2 (one fit for the shared weight)
     x = RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)
-    expected = _onnxruntime(_dense_model(model, module), {"x": x})
+    expected = ort_run(_dense_model(model, module), {"x": x})
     got = run_module(module, {"x": x})
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=RTOL, atol=RTOL * np.abs(e).max())
@@ -203,14 +190,14 @@ def test_native_compile_and_export_through_the_pipeline():
     x = RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)
     exported = compiled.to_onnx()
     assert not any(n.op_type == "CodebookDecode" for n in exported.graph.node)
-    (expected,) = _onnxruntime(_dense_model(model, compiled.module), {"x": x})
+    (expected,) = ort_run(_dense_model(model, compiled.module), {"x": x})
     np.testing.assert_allclose(compiled.run([x])[0], expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
-    np.testing.assert_allclose(_onnxruntime(exported, {"x": x})[0], expected, rtol=RTOL,
+    np.testing.assert_allclose(ort_run(exported, {"x": x})[0], expected, rtol=RTOL,
                                atol=RTOL * np.abs(expected).max())
 
 
 def test_set_codebook_changes_the_decoded_weights_only_there():
-    module = _prepared(_model())
+    module = prepared(_model())
     cluster_weights(module, 8)
     conv = next(n for n in module.graph.nodes if n.name == "conv")
     decode = decoder_of(conv)
@@ -227,7 +214,7 @@ def test_set_codebook_changes_the_decoded_weights_only_there():
 
 @pytest.mark.parametrize("clusters", [1, 0, 257, 2.5, True, "16"])
 def test_bad_cluster_counts(clusters):
-    module = _prepared(_model())
+    module = prepared(_model())
     with pytest.raises(EdgeccError) as info:
         cluster_weights(module, clusters)
     assert info.value.where == "--cluster-weights" and info.value.hint
@@ -239,7 +226,7 @@ def test_bad_cluster_count_in_a_pipeline():
 
 
 def test_codebook_that_saves_nothing_is_skipped():
-    module = _prepared(_model())
+    module = prepared(_model())
     records = {r["layer"]: r for r in cluster_weights(module, 256, min_elements=16)}
     assert "no fewer bytes" in records["small"]["skipped"]  # 40 indices + 1 KB of codebook > 160 bytes
     assert records["conv"]["skipped"] is None and records["conv"]["bits"] == 8
@@ -257,7 +244,7 @@ def test_digits_models_take_at_most_14_percent(shared_dir, name):
     """16 clusters: the clustered layers' indices + codebooks <= 14% of their float32 bytes; the clustered model
     agrees with onnxruntime on its decoded weights for 20 test images."""
     path = shared_dir / "data" / f"{name}.onnx"
-    module = _prepared(onnx.load(path))
+    module = prepared(onnx.load(path))
     records = cluster_weights(module, 16)
     done = [r for r in records if r["skipped"] is None]
     assert done
@@ -275,9 +262,9 @@ def test_digits_models_take_at_most_14_percent(shared_dir, name):
             twin.set_input(1, dense.graph.constant(codebook_of(decode)[index].reshape(shape), "dense"))
     from edgecc.frontend.onnx_export import export_model
 
-    session = ort.InferenceSession(export_model(dense).SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = export_model(dense)
     input_name = module.graph.inputs[0].name
     for image in images:
-        (expected,) = session.run(None, {input_name: image})
+        (expected,) = ort_run(reference, {input_name: image})
         (got,) = run_module(module, {input_name: image})
         np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
