@@ -66,7 +66,8 @@ def compile_module(module: Module):
 
 def run_shared_model(shared_dir, name: str, compress) -> tuple[list[dict], np.ndarray]:
     """Prepare ../shared/data/<name>.onnx, apply `compress(module) -> records`, compile it natively and run the
-    first test sample; returns the records and the output after checking it is finite and shaped as the original's."""
+    first test sample; returns the records and the output after checking it is finite, shaped as the original's, and
+    equal (1e-4 of the largest output) to edgecc's interpreter and to onnxruntime on the exported module."""
     path = shared_dir / "data" / f"{name}.onnx"
     module = prepared(str(path))
     records = compress(module)
@@ -76,5 +77,6 @@ def run_shared_model(shared_dir, name: str, compress) -> tuple[list[dict], np.nd
     assert output.shape == expected.shape and np.isfinite(output).all()
     reference = run_module(module, {"input": sample})[0]
     close(output, reference, 1e-4)
+    close(ort_run(export_model(module), {"input": sample})[0], reference, 1e-4)  # exports as a valid ONNX model
     return records, output
 

@@ -124,8 +124,66 @@ def test_kxk_and_grouped_convolutions_are_skipped():
     model = make_model(nodes, [tensor_info("x", [1, 4, 6, 6])], [tensor_info("y", [1, 8, 6, 6])],
                        [_f32("w1", RNG.standard_normal((8, 4, 3, 3))), _f32("w2", RNG.standard_normal((8, 1, 1, 1)))])
     records = low_rank(prepared(model), 0.5)
-    assert [r["skipped"] for r in records] == ["3x3 convolution (only 1x1 kernels are factorised)",
+    assert [r["skipped"] for r in records] == ["3x3 convolution (tucker=true factorises KxK kernels)",
                                                "grouped convolution (only group=1 1x1 convolutions are factorised)"]
+
+
+def conv3x3():
+    """A 3x3 Conv 24 -> 32 (stride 2, pads 1) whose weight is a Tucker-2 product of ranks 6 (in) / 8 (out) plus 1%
+    noise."""
+    rng = np.random.default_rng(21)
+    a, _ = np.linalg.qr(rng.standard_normal((24, 6)))
+    b, _ = np.linalg.qr(rng.standard_normal((32, 8)))
+    w = np.einsum("rshw,nr,cs->nchw", rng.standard_normal((8, 6, 3, 3)), b, a)
+    w += 0.01 * rng.standard_normal(w.shape)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", strides=[2, 2], pads=[1, 1, 1, 1])
+    model = make_model([node], [tensor_info("x", [1, 24, 9, 9])], [tensor_info("y", [1, 32, 5, 5])],
+                       [_f32("w", w), _f32("b", rng.standard_normal(32))])
+    return model, w.astype(np.float32).astype(np.float64)
+
+
+def hosvd(w, energy):
+    """numpy's own Tucker-2 truncation of a conv weight: (reconstruction, ranks, dropped squares per mode)."""
+    n, c = w.shape[:2]
+    result = []
+    for mode in (w.reshape(n, -1), np.moveaxis(w, 1, 0).reshape(c, -1)):
+        u, s, _ = np.linalg.svd(mode, full_matrices=False)
+        squares = np.cumsum(s ** 2)
+        r = int(np.argmax(squares >= energy * squares[-1])) + 1
+        result.append((u[:, :r], r, squares[-1] - squares[r - 1]))
+    (b, r_out, d_out), (a, r_in, d_in) = result
+    projected = np.einsum("nchw,nr,mr,cs,ds->mdhw", w, b, b, a, a)  # W x_0 B B^T x_1 A A^T
+    return projected, (r_in, r_out), d_in + d_out
+
+
+def test_tucker2_conv_against_onnxruntime():
+    model, w = conv3x3()
+    x = RNG.standard_normal((1, 24, 9, 9)).astype(np.float32)
+    module = prepared(model)
+    (record,) = low_rank(module, 0.995, tucker=True)  # keeps the 6 / 8 components, drops the noise
+    verify(module, require_types=True)
+    reconstruction, (r_in, r_out), dropped = hosvd(w, 0.995)
+    assert (r_in, r_out) == (6, 8) and record["skipped"] is None
+    assert record["rank"] == [6, 8] and record["full_rank"] == [24, 32]
+    assert record["energy_kept"] == pytest.approx(np.sum(reconstruction ** 2) / np.sum(w ** 2), rel=1e-9)
+    assert [n.op for n in module.graph.nodes] == ["Conv"] * 3 and record["nodes"][-1] == "conv"
+    assert record["bytes_after"] == (24 * 6 + 6 * 8 * 9 + 8 * 32) * 4 and record["bytes_before"] == w.size * 4
+    assert record["macs_after"] == 81 * 24 * 6 + 25 * (6 * 8 * 9 + 8 * 32) and record["macs_before"] == 25 * w.size
+
+    produced = run_module(module, {"x": x})[0]
+    close(produced, ort_run(with_initializers(model, {"w": reconstruction}), {"x": x})[0], 1e-5)
+    close(compile_module(module).run({"x": x})[0], produced, 1e-5)
+    # ||conv(x, dW)||_F <= sqrt(taps) ||x||_F ||dW||_F (each input value is in at most 9 windows), and the
+    # truncated HOSVD's ||dW||_F^2 is at most the dropped squares of both unfoldings
+    error = np.linalg.norm(produced - ort_run(model, {"x": x})[0])
+    assert 0 < error <= 3 * np.linalg.norm(x) * np.sqrt(dropped) * (1 + 1e-5)
+
+
+def test_tucker2_needs_savings():
+    model, _ = conv3x3()
+    (record,) = low_rank(prepared(model), 1.0, tucker=True)
+    assert record["skipped"].startswith("ranks 24/32 save nothing")
+    assert record["rank"] == [24, 32]
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.01, float("nan"), "0.9"])
@@ -141,12 +199,16 @@ def test_pass_in_a_pipeline():
     manager.run(module)
     assert manager.history[-1].stats == {"layers-factorised": 1, "layers-skipped": 0}
     assert [n.op for n in module.graph.nodes] == ["MatMul", "MatMul"]
+    module = prepared(conv3x3()[0])
+    manager = PassManager(parse_pipeline("low-rank{energy=0.995,tucker=true}"), PassContext(verify_each=True))
+    manager.run(module)
+    assert manager.history[-1].stats == {"layers-factorised": 1, "layers-skipped": 0}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "digits_mobilenet"])
 def test_shared_digits_models(shared_dir, name):
-    records, _ = run_shared_model(shared_dir, name, lambda m: low_rank(m, 0.9))
+    records, _ = run_shared_model(shared_dir, name, lambda m: low_rank(m, 0.9, tucker=name == "digits_cnn"))
     assert records
     for record in records:
         if record["skipped"] is None:
