@@ -66,7 +66,7 @@ def _insert(graph: Graph, node: Node, op: str, x: Value, weight: np.ndarray, att
     hidden = Value(graph.unique_name(f"{node.outputs[0].name}_{suffix}"))
     constant = graph.constant(np.ascontiguousarray(weight).astype(node.inputs[1].const.dtype),
                               f"{node.inputs[1].name}_{suffix}")
-    new = Node(op, [x, constant], [hidden], attrs, _node_name(graph, f"{node.name}_{suffix}"))
+    new = Node(op, [x, constant], [hidden], attrs, _node_name(graph, f"{node.name or node.outputs[0].name}_{suffix}"))
     new.attrs = opdef_of(new).complete_attrs(new.attrs, where=new.label)
     graph.add_node(new, before=node)
     hidden.type = infer_node(new)[0]
