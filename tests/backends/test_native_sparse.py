@@ -40,15 +40,17 @@ def _sparse(rng, shape, level, zero_columns=(), axis=-1):
     return w
 
 
-def gemm_case(rng, m=3, k=37, n=29, trans_b=0, activation="Relu", level=0.8, zero=False):
+def gemm_case(rng, m=3, k=37, n=29, trans_b=0, activation="Relu", level=0.8, zero=False, trans_a=0):
     shape = (n, k) if trans_b else (k, n)
     w = np.zeros(shape, np.float32) if zero else _sparse(rng, shape, level, zero_columns=(0, 9, 10, 11, 12, 13, 14, 15),
                                                          axis=0 if trans_b else 1)
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g" if activation else "y"], transB=trans_b, alpha=0.5)]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g" if activation else "y"], transA=trans_a, transB=trans_b,
+                              alpha=0.5)]
     if activation:
         nodes.append(helper.make_node(activation, ["g"], ["y"]))
-    model = _model(nodes, [("x", [m, k])], [m, n], {"w": w, "b": rng.standard_normal(n).astype(np.float32)})
-    return model, {"x": rng.standard_normal((m, k)).astype(np.float32)}
+    x_shape = [k, m] if trans_a else [m, k]
+    model = _model(nodes, [("x", x_shape)], [m, n], {"w": w, "b": rng.standard_normal(n).astype(np.float32)})
+    return model, {"x": rng.standard_normal(x_shape).astype(np.float32)}
 
 
 def matmul_case(rng, batch=(2, 5), k=16, n=21, level=0.9):
@@ -117,15 +119,17 @@ ENCODINGS = [("csr", 0), ("block", 4), ("block", 8), ("block", 16)]
 
 
 @pytest.mark.parametrize("encoding, width", ENCODINGS)
-@pytest.mark.parametrize("case", ["gemm", "gemm_transb_m1", "gemm_plain", "matmul_batched", "conv", "conv_s2_batch",
-                                  "conv_plain_wide"])
+@pytest.mark.parametrize("case", ["gemm", "gemm_transb_m1", "gemm_plain", "gemm_rows_transa", "matmul_batched",
+                                  "matmul_rows", "conv", "conv_s2_batch", "conv_plain_wide"])
 def test_sparse_kernels_match_onnxruntime(case, encoding, width, sparse_calls):
     rng = np.random.default_rng(zlib.crc32(f"{case} {encoding} {width}".encode()))
     model, feeds = {
         "gemm": lambda: gemm_case(rng),
         "gemm_transb_m1": lambda: gemm_case(rng, m=1, k=64, n=20, trans_b=1, activation="Sigmoid", level=0.95),
         "gemm_plain": lambda: gemm_case(rng, m=6, k=5, n=3, activation="", level=0.5),
+        "gemm_rows_transa": lambda: gemm_case(rng, m=19, k=23, n=37, trans_a=1, level=0.9),
         "matmul_batched": lambda: matmul_case(rng),
+        "matmul_rows": lambda: matmul_case(rng, batch=(1, 77), k=43, n=45, level=0.85),
         "conv": lambda: conv_case(rng),
         "conv_s2_batch": lambda: conv_case(rng, c=8, co=10, h=9, w=11, stride=2, residual=False, activation="", batch=2),
         "conv_plain_wide": lambda: conv_case(rng, c=24, co=36, h=9, w=13, level=0.9, residual=False, activation=""),
@@ -177,7 +181,7 @@ def test_arm_targets_under_qemu(target):
         pytest.skip(f"needs {', '.join(ARM[target])} (installed by .ci/run)")
     rng = np.random.default_rng(3)
     for encoding, width in [("csr", 0), ("block", 4), ("block", 8)]:
-        for model, feeds in (gemm_case(rng), matmul_case(rng), conv_case(rng),
+        for model, feeds in (gemm_case(rng), matmul_case(rng), matmul_case(rng, batch=(1, 21), k=9, n=11), conv_case(rng),
                              conv_case(rng, c=8, co=10, h=9, w=11, stride=2, residual=False, activation="")):
             _check(model, feeds, encoding, width, target=target)
 

@@ -154,3 +154,19 @@ def test_parse_errors_and_verifier():
         verify(module)
     with pytest.raises(ValueError):
         SparseEncoding("csr", (1, 8))
+
+
+def test_many_rows_take_csr_for_fc():
+    """A MatMul with at least `lanes` rows (bert_tiny's 128) runs CSR with rows in vectors: 90% unstructured zeros
+    encode (with one row the same weight stays dense, see test_cost_model_choices_on_the_host)."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    w[rng.random(w.shape) < 0.9] = 0
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 48])],
+                              [numpy_helper.from_array(w, "w")])
+    module = edgecc.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                            runtime="reference", passes="infer-shapes").module
+    (record,) = encode_sparsity(module, "x86-64-v3")
+    assert record["encoding"] == "sparse<csr>"

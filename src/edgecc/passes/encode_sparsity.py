@@ -11,7 +11,8 @@ from edgecc.errors import PassError
 from edgecc.ir.core import Module, Node, Value
 from edgecc.ir.types import SparseEncoding
 from edgecc.ops.costs import node_macs
-from edgecc.ops.sparse import WEIGHT_INPUT, encoded_bytes_of, entry_mask, matrix_view, sparse_capable
+from edgecc.ops.sparse import (WEIGHT_INPUT, encoded_bytes_of, entry_mask, matrix_view, rows_in_vectors,
+                               sparse_capable)
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 
@@ -24,6 +25,10 @@ GEMM_VALUE_COST = 1.8
 lanes (1x8 blocks at 90%: 0.16-0.24 of dense on the large layers). With V < lanes an entry fills only V lanes and
 costs more per value: x lanes / V (at 90% unstructured zeros, CSR measured 0.57-1.05 of dense, 1x4 blocks 0.72-0.84:
 unstructured FC weights stay dense unless very sparse)."""
+GEMM_ROWS_VALUE_COST, GEMM_ROWS_ENTRY_COST = 2.2, 0.8
+"""The matrix product with rows of A in vectors (ops.sparse.rows_in_vectors: entries narrower than the vectors and
+at least `lanes` rows, e.g. bert_tiny's MatMuls): per stored value and per entry, like the 1x1 Conv kernel's plus
+the transposed tiles of A and of the outputs (CSR at 90%: 0.27-0.59 of dense on bert_tiny's shapes)."""
 WIN = 0.8
 """A sparse encoding is chosen only if its modelled time is below this fraction of the dense kernel's (and it
 stores fewer bytes): a margin for the model's error, so a weight is never made slower."""
@@ -51,9 +56,20 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
     the entries' own cost."""
     entries = int(entry_mask(matrix, encoding.width).sum())
     fraction = entries * encoding.width / max(1, matrix.size)
+    per_entry = entries / max(1, matrix.size)
     if node.op in ("Conv", "FusedConv"):
-        return fraction * CONV_VALUE_COST + entries / max(1, matrix.size) * CONV_ENTRY_COST
+        return fraction * CONV_VALUE_COST + per_entry * CONV_ENTRY_COST
+    if rows_in_vectors(rows_of(node), matrix.shape[0], encoding.width, lanes):
+        return fraction * GEMM_ROWS_VALUE_COST + per_entry * GEMM_ROWS_ENTRY_COST
     return fraction * GEMM_VALUE_COST * max(1.0, lanes / encoding.width)
+
+
+def rows_of(node: Node) -> int:
+    """M: the rows of A one matrix product of the node multiplies (per batch for MatMul)."""
+    shape = node.inputs[0].type.shape
+    if node.op in ("Gemm", "FusedGemm"):
+        return shape[1] if node.attrs.get("transA", 0) else shape[0]
+    return shape[-2] if len(shape) >= 2 else 1
 
 
 def choose_encoding(node: Node, matrix: np.ndarray, lanes: int) -> SparseEncoding | None:
@@ -135,7 +151,8 @@ class EncodeSparsity(Pass):
     Cost model (per weight, as a fraction of the dense kernel's time): the values stored (entries x V, zeros inside
     stored blocks included) over K x N, times the kernel's cost per stored value relative to a dense MAC
     (1x1 Conv, positions in vectors: 1.6 per value + 0.8 per entry, whose input load serves V channels; matrix
-    product, V outputs per vector: 1.8 per value, x lanes / V when V < lanes), fitted to tools/bench_sparse.py.
+    product, V outputs per vector: 1.8 per value, x lanes / V when V < lanes; with V < lanes and at least lanes
+    rows of A, rows in vectors: 2.2 per value + 0.8 per entry), fitted to tools/bench_sparse.py.
     The cheapest encoding is taken if it is below WIN (0.8) and stores fewer bytes (values + int32 indices + block
     offsets) than the dense array.
 

@@ -23,14 +23,15 @@ from __future__ import annotations
 from llvmlite import ir
 
 from edgecc.backends.codegen import F32, I32, I64, Buffer, KernelBuilder, strides_of
-from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, i32_vector, lanes, mul_i64,
-                                          vector_registers)
+from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, entry_alloca, i32_vector, lanes,
+                                          mul_i64, vector_registers)
 from edgecc.ir.dtypes import DType
-from edgecc.ops.sparse import WEIGHT_INPUT, matrix_view, pack, sparse_capable
+from edgecc.ir.types import TensorType
+from edgecc.ops.sparse import WEIGHT_INPUT, matrix_view, pack, rows_in_vectors, sparse_capable
 
 
-def sparse_weights(kb: KernelBuilder) -> tuple[Buffer, int, int] | None:
-    """(packed weights, V, J) when the node's weight is encoded and a sparse kernel computes it, else None (the
+def sparse_weights(kb: KernelBuilder) -> tuple[Buffer, int, int, int] | None:
+    """(packed weights, V, J, K) when the node's weight is encoded and a sparse kernel computes it, else None (the
     dense kernel runs: the constant's array is the dense weight either way)."""
     value = kb.node.input(WEIGHT_INPUT)
     if value is None or value.type is None or value.type.sparse is None or sparse_capable(kb.node) is not None:
@@ -38,8 +39,8 @@ def sparse_weights(kb: KernelBuilder) -> tuple[Buffer, int, int] | None:
     width = value.type.sparse.width
     view = matrix_view(kb.node)
     packed = kb.packed_input(WEIGHT_INPUT, lambda w: pack(view(w), width))
-    blocks = -(-view(value.const).shape[1] // width)
-    return packed, width, blocks
+    k, n = view(value.const).shape
+    return packed, width, -(-n // width), k
 
 
 class _Entries:
@@ -82,14 +83,18 @@ def _first_lanes(kb: KernelBuilder, value: ir.Value, count: int) -> ir.Value:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int], a: Buffer, a_off, sam: int, sak: int,
-                       m: int, n: int, epilogue) -> None:
+def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int, int], a: Buffer, a_off, sam: int,
+                       sak: int, m: int, n: int, epilogue) -> None:
     """C = A @ B for B the node's encoded weight (`found` = sparse_weights(kb), B's [K, N] view), C handed to
     `epilogue(i, j0, width, values)` in row segments like linalg.emit_matmul's."""
     if m == 0 or n == 0:
         return
-    words, width, blocks = found
+    words, width, blocks, k = found
     entries = _Entries(kb, words, width, blocks)
+    tile = rows_in_vectors(m, k, width, lanes(kb), vector_registers(kb) * 3 // 4)
+    if tile:
+        _emit_rows_in_vectors(kb, entries, a, a_off, sam, sak, m, n, k, tile, epilogue)
+        return
     vec = Vec(kb, DType.float32)
     b = kb.b
     budget = vector_registers(kb) * 3 // 4
@@ -144,9 +149,136 @@ def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int], a: Buf
         row_block(full_rows * mr, rest)
 
 
+def _emit_rows_in_vectors(kb: KernelBuilder, entries: _Entries, a: Buffer, a_off, sam: int, sak: int, m: int, n: int,
+                          k: int, tile: int, epilogue) -> None:
+    """The product with rows of A in vectors (see ops.sparse.rows_in_vectors): for each tile of rows, A's tile is
+    transposed into a K x tile stack array, each column block walks its entries like the 1x1 Conv kernel (one
+    vector load per strip of rows, shared by the block's V columns), and the column vectors go through a small
+    stack tile back to row segments of lanes columns for the epilogue."""
+    vec = Vec(kb, DType.float32)
+    vl, width, b = lanes(kb), entries.width, kb.b
+    group = max(1, vl // width)  # column blocks per row segment
+    segment = group * width
+
+    def stack(count: int) -> Buffer:
+        first = b.gep(entry_alloca(kb, ir.ArrayType(F32, count)), [kb.i64(0), kb.i64(0)], inbounds=True)
+        return Buffer(first, TensorType(DType.float32, (count,)))  # scalar stores and vector loads only
+
+    at, ct = stack(k * tile), stack(tile * segment)
+
+    def copy_scalar(i0, row_range, k_start: int) -> None:
+        if not row_range or k_start >= k:
+            return
+        with kb.loop(k, "kt", start=k_start) as kk:
+            a_k = add_i64(kb, a_off, mul_i64(kb, kk, sak))
+            for r in row_range:
+                value = kb.load(a, add_i64(kb, a_k, mul_i64(kb, add_i64(kb, i0, r), sam)))
+                kb.store(at, add_i64(kb, mul_i64(kb, kk, tile), r), value)
+
+    def fill_tile(i0, rows: int) -> None:
+        """at[k * tile + r] = A[i0 + r, k]: vl x vl blocks transposed in registers where A's rows run along k,
+        element by element elsewhere."""
+        strips = rows // vl if sak == 1 and vl > 1 else 0
+        chunks = k // vl if strips else 0
+        if chunks:
+            vector_ptr = ir.PointerType(vec.ty(vl))
+            with kb.loop(chunks, "kc") as kc:
+                k0 = mul_i64(kb, kc, vl)
+                for s0 in range(0, strips * vl, vl):
+                    rows_v = [vec.load(a, add_i64(kb, a_off, mul_i64(kb, add_i64(kb, i0, s0 + r), sam), k0), vl)
+                              for r in range(vl)]
+                    for j, column in enumerate(transpose_square(kb, rows_v)):
+                        ptr = kb.element_ptr(at, add_i64(kb, mul_i64(kb, add_i64(kb, k0, j), tile), s0))
+                        b.store(column, b.bitcast(ptr, vector_ptr), align=4)
+        copy_scalar(i0, range(strips * vl, rows), 0)
+        copy_scalar(i0, range(strips * vl), chunks * vl)
+
+    def row_block(i0, rows: int) -> None:
+        fill_tile(i0, rows)
+        widths = strip_widths(rows, vl)
+        offsets = [sum(widths[:t]) for t in range(len(widths))]
+
+        def columns(block0, count: int, cols_total: int) -> None:
+            for blk in range(count):
+                cols = min(width, cols_total - blk * width)
+
+                def finish(c, t, w, value, blk=blk):
+                    for j in range(w):
+                        lane = b.extract_element(value, ir.Constant(I32, j))
+                        kb.store(ct, kb.i64((offsets[t] + j) * segment + blk * width + c), lane)
+
+                walk_entries(kb, entries, at, tile, 0, 1, add_i64(kb, block0, blk), cols, widths,
+                             lambda c, t, w: vec.zero(w), finish)
+            for r in range(rows):
+                epilogue(add_i64(kb, i0, r), add_i64(kb, mul_i64(kb, block0, width)), cols_total,
+                         vec.load(ct, kb.i64(r * segment), cols_total))
+
+        full = n // segment
+        if full:
+            with kb.loop(full, "jg") as g:
+                columns(mul_i64(kb, g, group), group, segment)
+        if n % segment:
+            columns(full * group, -(-(n % segment) // width), n % segment)
+
+    full_rows, rest = divmod(m, tile)
+    if full_rows:
+        with kb.loop(full_rows, "it") as it:
+            row_block(mul_i64(kb, it, tile), tile)
+    if rest:
+        row_block(full_rows * tile, rest)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1x1 convolution
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def walk_entries(kb: KernelBuilder, entries: _Entries, src: Buffer, k_stride: int, src_row, step: int, jb,
+                 cols: int, widths: list[int], init, finish) -> None:
+    """The outputs-by-vectors walk shared by the 1x1 Conv and the rows-in-vectors product: for the `cols` outputs c
+    of column block jb and strips t of widths[t] lanes (consecutive after src_row, `step` apart in src), accumulate
+    init(c, t, w) + sum over the block's entries of weight[c] * src[src_row + k * k_stride + lane * step] and hand
+    the vector to finish(c, t, w, value). A chunk of the block's outputs at a time, within the register budget; each
+    entry loads every strip once for the chunk."""
+    vec = Vec(kb, DType.float32)
+    accs = Accumulators(kb)
+    chunk = min(entries.width, vector_registers(kb) * 3 // 4)
+    offsets = [sum(widths[:t]) for t in range(len(widths))]
+    first, end = entries.span(jb)
+    for c0 in range(0, cols, chunk):
+        group = range(c0, min(cols, c0 + chunk))
+        for c in group:
+            for t, w in enumerate(widths):
+                accs.set(("walk", c, t), init(c, t, w))
+        with kb.loop(end, "e", start=first) as e:
+            record = entries.record(e)
+            row = add_i64(kb, src_row, kb.b.mul(entries.k(record), kb.i64(k_stride)))
+            weights = [vec.splat(entries.weight(record, c), max(widths)) for c in group]
+            for t, w in enumerate(widths):
+                sv = vec.load(src, add_i64(kb, row, offsets[t] * step), w, step)
+                for c, wsplat in zip(group, weights):
+                    value = vec.fma(_first_lanes(kb, wsplat, w), sv, accs.get(("walk", c, t), vec.ty(w)))
+                    accs.set(("walk", c, t), value)
+        for c in group:
+            for t, w in enumerate(widths):
+                finish(c, t, w, accs.get(("walk", c, t), vec.ty(w)))
+
+
+def transpose_square(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:
+    """The columns of n vectors of n lanes (n a power of two): log2(n) rounds of interleaving row i with row
+    i + n/2 (unpacklo/unpackhi, zip1/zip2)."""
+    n = len(rows)
+    lo = i32_vector(j // 2 + (j % 2) * n for j in range(n))
+    hi = i32_vector(n // 2 + j // 2 + (j % 2) * n for j in range(n))
+    for _ in range(n.bit_length() - 1):
+        pairs = [(rows[i], rows[i + n // 2]) for i in range(n // 2)]
+        rows = [kb.b.shuffle_vector(x, y, mask) for x, y in pairs for mask in (lo, hi)]
+    return rows
+
+
+def strip_widths(count: int, vl: int) -> list[int]:
+    """Strips of vl lanes covering `count` items, the last one narrower."""
+    return [vl] * (count // vl) + ([count % vl] if count % vl else [])
 
 
 def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | None, window, epilogue) -> bool:
@@ -158,49 +290,32 @@ def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer 
     found = sparse_weights(kb)
     if found is None:
         return False
-    words, width, blocks = found
+    words, width, blocks, _ = found
     entries = _Entries(kb, words, width, blocks)
     vec = Vec(kb, DType.float32)
-    b = kb.b
     n_batch, channels_out = x.shape[0], y.shape[1]
     out = tuple(window.out)
     xs, ys = strides_of(x.shape), strides_of(y.shape)
     strides = tuple(window.strides)
     sx = strides[-1]
     vl = lanes(kb)
-    budget = vector_registers(kb) * 3 // 4
-    chunk = min(width, budget)  # channels of a block accumulated per walk of its entries
-    strips = max(1, min(8, budget // chunk))
-    accs = Accumulators(kb)
+    strips = max(1, min(8, (vector_registers(kb) * 3 // 4) // min(width, vector_registers(kb) * 3 // 4)))
 
     def channel_block(n_idx, oys, ox0, widths: list[int], jb, cols: int) -> None:
-        first, end = entries.span(jb)
         x_row = add_i64(kb, mul_i64(kb, n_idx, xs[0]),
                         *[mul_i64(kb, oy, strides[a] * xs[2 + a]) for a, oy in enumerate(oys)], mul_i64(kb, ox0, sx))
         y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), *[mul_i64(kb, oy, ys[2 + a]) for a, oy in enumerate(oys)], ox0)
         offsets = [sum(widths[:t]) for t in range(len(widths))]
-        for c0 in range(0, cols, chunk):
-            group = range(c0, min(cols, c0 + chunk))
-            for c in group:
-                co = add_i64(kb, mul_i64(kb, jb, width), c)
-                for t, w in enumerate(widths):
-                    init = vec.splat(vec.scalar(bias, co), w) if bias is not None else vec.zero(w)
-                    accs.set(("pw", c, t), init)
-            with kb.loop(end, "e", start=first) as e:
-                record = entries.record(e)
-                x_chan = add_i64(kb, x_row, b.mul(entries.k(record), kb.i64(xs[1])))
-                weights = [vec.splat(entries.weight(record, c), max(widths)) for c in group]
-                for t, w in enumerate(widths):
-                    xv = vec.load(x, add_i64(kb, x_chan, offsets[t] * sx), w, sx)
-                    for c, wsplat in zip(group, weights):
-                        ws = _first_lanes(kb, wsplat, w)
-                        accs.set(("pw", c, t), vec.fma(ws, xv, accs.get(("pw", c, t), vec.ty(w))))
-            for c in group:
-                co = add_i64(kb, mul_i64(kb, jb, width), c)
-                for t, w in enumerate(widths):
-                    flat = add_i64(kb, y_row, mul_i64(kb, co, ys[1]), offsets[t])
-                    value = epilogue.apply(vec, accs.get(("pw", c, t), vec.ty(w)), flat, w)
-                    vec.store(y, flat, value, w)
+
+        def init(c, t, w):
+            return vec.splat(vec.scalar(bias, add_i64(kb, mul_i64(kb, jb, width), c)), w) if bias is not None \
+                else vec.zero(w)
+
+        def finish(c, t, w, value):
+            flat = add_i64(kb, y_row, mul_i64(kb, add_i64(kb, mul_i64(kb, jb, width), c), ys[1]), offsets[t])
+            vec.store(y, flat, epilogue.apply(vec, value, flat, w), w)
+
+        walk_entries(kb, entries, x, xs[1], x_row, sx, jb, cols, widths, init, finish)
 
     def positions(n_idx, oys, ox0, widths: list[int]) -> None:
         full, tail = divmod(channels_out, width)
@@ -218,5 +333,5 @@ def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer 
             with kb.loop(steps, "px") as s:
                 positions(n_idx, oys, mul_i64(kb, s, step), [vl] * strips)
         if rest:
-            positions(n_idx, oys, steps * step, [vl] * (rest // vl) + ([rest % vl] if rest % vl else []))
+            positions(n_idx, oys, steps * step, strip_widths(rest, vl))
     return True
