@@ -1,6 +1,6 @@
 """Sparse against dense edgecc kernels, single thread: layer shapes of ../shared/models and whole pruned models.
 
-    python tools/bench_sparse.py [--levels 0.5,0.8,0.9,0.95] [--runs 200] [--models mobilenet_v2,mlp_mnist]
+    python tools/bench_sparse.py [--levels 0.5,0.8,0.9,0.95] [--runs 200] [--models mobilenet_v2,bert_tiny_enc]
                                  [--write docs/performance-sparse.md]
 
 Layers: 1x1 convolutions (mobilenet_v2, squeezenet1_1, resnet18's strided downsampling) and fully connected
@@ -10,7 +10,8 @@ seeded random weights, pruned by magnitude to each level either unstructured or 
 (`encode-sparsity{encoding=dense}`) and sparse (csr for unstructured, block for block pruning, forced), plus what
 the cost model (`encoding=auto`) picks; times are the kernel's median cycles from CompiledModel.profile.
 Whole models: the float model, and the same model with every 1x1 Conv and Gemm/MatMul weight magnitude-pruned to
-90% (numpy, unstructured, on the ONNX initializers), both at -O3, median wall time of CompiledModel.run.
+90% (numpy on the ONNX initializers, unstructured or in 1xV blocks), both at -O3 with the cost model choosing the
+encodings, median wall time of CompiledModel.run.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ def bench_layers(levels, runs: int, lanes: int):
     return rows
 
 
-def pruned_model(path: str, level: float) -> onnx.ModelProto:
-    """The model with every 1x1 Conv and Gemm/MatMul initializer weight magnitude-pruned to `level`."""
+def pruned_model(path: str, level: float, width: int = 1) -> onnx.ModelProto:
+    """The model with every 1x1 Conv and Gemm/MatMul initializer weight magnitude-pruned to `level` (in 1 x width
+    blocks of outputs, see `prune`)."""
     model = onnx.load(path)
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
@@ -118,19 +120,23 @@ def pruned_model(path: str, level: float) -> onnx.ModelProto:
         if node.op_type == "Conv" and (w.shape[2:] != (1, 1) or
                                        any(a.name == "group" and a.i != 1 for a in node.attribute)):
             continue
-        cut = np.quantile(np.abs(w), level)
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.where(np.abs(w) > cut, w, 0).astype(w.dtype),
-                                                              node.input[1]))
+        if node.op_type == "Conv":
+            pruned = prune(w.reshape(w.shape[0], -1).T, level, width).T.reshape(w.shape)
+        elif node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            pruned = prune(w.T, level, width).T
+        else:
+            pruned = prune(w, level, width)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(pruned.astype(w.dtype), node.input[1]))
     return model
 
 
-def bench_model(name: str, runs: int) -> dict:
+def bench_model(name: str, runs: int, width: int) -> dict:
     import edgecc
 
     path = str(SHARED / "models" / f"{name}.onnx")
     feeds = {"input": np.load(SHARED / "models" / f"{name}.ref.npz")["input"]}
     dense = edgecc.compile(path, opt_level=3, progress=False)
-    sparse = edgecc.compile(pruned_model(path, 0.9), opt_level=3, progress=False)
+    sparse = edgecc.compile(pruned_model(path, 0.9, width), opt_level=3, progress=False)
     encoded = sum(1 for v in sparse.module.graph.constants() if v.type.sparse is not None)
     times = {"dense": [], "sparse": []}
     for _ in range(3):
@@ -148,7 +154,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", default="0.5,0.8,0.9,0.95")
     parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--models", default="mobilenet_v2,mlp_mnist")
+    parser.add_argument("--models", default="mobilenet_v2,squeezenet1_1,bert_tiny_enc,mlp_mnist")
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--write", metavar="FILE.md")
     args = parser.parse_args()
@@ -165,13 +171,14 @@ def main() -> int:
         out += [f"| {r[0]} | {r[1]} | {r[2]:.0%} | {r[3]:.4f} | {r[4]:.4f} | {r[4] / r[3]:.2f} | {r[5]} |" for r in rows]
     models = []
     if args.models:
-        models = ["", "| model (1x1 Conv + FC weights pruned to 90%) | dense ms | sparse ms | sparse / dense | "
-                  "layers encoded |", "|---|---:|---:|---:|---:|"]
+        models = ["", "| model (1x1 Conv + FC weights pruned to 90%) | pruning | dense ms | sparse ms | sparse / dense "
+                  "| layers encoded |", "|---|---|---:|---:|---:|---:|"]
         for name in args.models.split(","):
-            r = bench_model(name, max(20, args.runs // 10))
-            models.append(f"| {name} | {r['dense']:.3f} | {r['sparse']:.3f} | {r['sparse'] / r['dense']:.2f} | "
-                          f"{r['encoded']} |")
-            print(models[-1], flush=True)
+            for pattern, width in (("unstructured", 1), (f"block 1x{lanes}", lanes)):
+                r = bench_model(name, max(20, args.runs // 5), width)
+                models.append(f"| {name} | {pattern} | {r['dense']:.3f} | {r['sparse']:.3f} | "
+                              f"{r['sparse'] / r['dense']:.2f} | {r['encoded']} |")
+                print(models[-1], flush=True)
     if args.write:
         with open(args.write, "w") as f:
             f.write(f"# Sparse kernels\n\n`python tools/bench_sparse.py --runs {args.runs} --levels {args.levels} "

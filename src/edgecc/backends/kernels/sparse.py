@@ -23,8 +23,8 @@ from __future__ import annotations
 from llvmlite import ir
 
 from edgecc.backends.codegen import F32, I32, I64, Buffer, KernelBuilder, strides_of
-from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, entry_alloca, i32_vector, lanes,
-                                          mul_i64, vector_registers)
+from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_block, entry_alloca, for_blocks,
+                                          i32_vector, lanes, mul_i64, vector_registers)
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
 from edgecc.ops.sparse import WEIGHT_INPUT, matrix_view, pack, rows_in_vectors, sparse_capable
@@ -70,6 +70,17 @@ class _Entries:
     def weight(self, record, c: int) -> ir.Value:
         ptr = self.kb.element_ptr(self.words, add_i64(self.kb, record, 1 + c))
         return self.kb.b.load(ptr, typ=F32, align=4)
+
+
+def for_column_blocks(kb: KernelBuilder, n: int, width: int, body) -> None:
+    """body(jb, cols) for the column blocks of n outputs, V = width each: a loop over the full ones, then the
+    narrower last (jb an i64, or an int for the last)."""
+    full, tail = divmod(n, width)
+    if full:
+        with kb.loop(full, "jb") as jb:
+            body(jb, width)
+    if tail:
+        body(full, tail)
 
 
 def _first_lanes(kb: KernelBuilder, value: ir.Value, count: int) -> ir.Value:
@@ -134,19 +145,9 @@ def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int, int], a
             epilogue(add_i64(kb, i0, r), add_i64(kb, mul_i64(kb, jb, width)), cols, _first_lanes(kb, total, cols))
 
     def row_block(i0, rows: int) -> None:
-        full, tail = divmod(n, width)
-        if full:
-            with kb.loop(full, "jb") as jb:
-                column_block(i0, rows, jb, width)
-        if tail:
-            column_block(i0, rows, full, tail)
+        for_column_blocks(kb, n, width, lambda jb, cols: column_block(i0, rows, jb, cols))
 
-    full_rows, rest = divmod(m, mr)
-    if full_rows:
-        with kb.loop(full_rows, "ib") as ib:
-            row_block(mul_i64(kb, ib, mr), mr)
-    if rest:
-        row_block(full_rows * mr, rest)
+    for_blocks(kb, m, mr, row_block, "ib")
 
 
 def _emit_rows_in_vectors(kb: KernelBuilder, entries: _Entries, a: Buffer, a_off, sam: int, sak: int, m: int, n: int,
@@ -220,12 +221,7 @@ def _emit_rows_in_vectors(kb: KernelBuilder, entries: _Entries, a: Buffer, a_off
         if n % segment:
             columns(full * group, -(-(n % segment) // width), n % segment)
 
-    full_rows, rest = divmod(m, tile)
-    if full_rows:
-        with kb.loop(full_rows, "it") as it:
-            row_block(mul_i64(kb, it, tile), tile)
-    if rest:
-        row_block(full_rows * tile, rest)
+    for_blocks(kb, m, tile, row_block, "it")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,12 +314,7 @@ def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer 
         walk_entries(kb, entries, x, xs[1], x_row, sx, jb, cols, widths, init, finish)
 
     def positions(n_idx, oys, ox0, widths: list[int]) -> None:
-        full, tail = divmod(channels_out, width)
-        if full:
-            with kb.loop(full, "jb") as jb:
-                channel_block(n_idx, oys, ox0, widths, jb, width)
-        if tail:
-            channel_block(n_idx, oys, ox0, widths, full, tail)
+        for_column_blocks(kb, channels_out, width, lambda jb, cols: channel_block(n_idx, oys, ox0, widths, jb, cols))
 
     width_out = out[-1]
     step = strips * vl
