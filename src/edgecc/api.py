@@ -202,6 +202,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             constant_inputs=None, runtime: str = "native", name: str | None = None, mcpu: str | None = None,
             mattr: str | None = None, progress: bool | None = None, quantize: str | None = None, calibration=None,
             calibration_method: str = "minmax", keep_fp32=None, min_sqnr: float | None = None,
+            prune: float | None = None, prune_scope: str = "layer", prune_channels: float | None = None,
+            low_rank: float | None = None, cluster_weights: int | None = None, reconstruct: bool | None = None,
             **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
@@ -227,6 +229,16 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         keep_fp32: node names (list or comma-separated) that stay float32 under quantize="int8".
         min_sqnr: for int8, the output SQNR (dB, on the calibration data) to reach by keeping the most sensitive
             layers in float32, one at a time. The report's "precision" entry lists every layer's SQNR.
+        prune: unstructured magnitude pruning to this fraction of zero weights in each Conv/Gemm/MatMul
+            (prune_scope="global": one threshold over all layers). Changes numerics; see docs/compression.md.
+        prune_channels: structured pruning: remove this fraction of each layer's output channels (lowest L1 norm),
+            shrinking every consumer.
+        low_rank: factorise Gemm/MatMul and 1x1 Conv weights by truncated SVD keeping this fraction of their
+            energy, where that saves bytes and MACs.
+        cluster_weights: share each weight tensor's values through a k-entry codebook (k-means), stored as
+            packed indices.
+        reconstruct: re-fit compressed layers by least squares on `calibration` (default: whenever calibration
+            data is given with a compression option).
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
 
@@ -248,12 +260,21 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
 
     from edgecc import precision
 
-    precision.check_options(quantize, calibration, calibration_method)
+    from edgecc import compression
+
+    compressing = compression.requested(prune, prune_channels, low_rank, cluster_weights)
+    compression.check_options(prune, prune_channels, low_rank, cluster_weights, prune_scope, reconstruct, calibration)
+    precision.check_options(quantize, None if compressing else calibration, calibration_method)
     bar = CompileProgress(progress)
-    precision_report = None
+    precision_report = compression_report = None
     try:
         module = import_model(model, parse_shape_bindings(input_shapes), constant_inputs)
         bar.step("import")
+        if compressing:
+            compression_report = compression.compress(
+                module, prune=prune, prune_scope=prune_scope, prune_channels=prune_channels, low_rank=low_rank,
+                cluster_weights=cluster_weights, calibration=calibration, reconstruct=reconstruct)
+            bar.step("compress")
         if quantize == "int8":
             precision_report = precision.quantize_int8(module, calibration, calibration_method, keep_fp32, progress,
                                                         min_sqnr)
@@ -275,6 +296,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
     report = build_report(module, manager, nodes_before, time.perf_counter() - start, target, runtime)
     if precision_report is not None:
         report["precision"] = precision_report
+    if compression_report is not None:
+        report["compression"] = compression.finish_report(compression_report, module)
     return CompiledModel(module, target, report, native)
 
 

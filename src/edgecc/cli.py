@@ -2,6 +2,7 @@
 
     edgecc MODEL.onnx [-O0..-O3] [--target T] [-o OUT] [--emit onnx|ir] [-p PIPELINE] [--report FILE.json]
     edgecc run MODEL.onnx --input NAME=FILE.npy [-o outputs.npz]
+    edgecc compress-report MODEL.onnx --prune 0.8 [--calibration DATA] [--sweep prune=0.5,0.8,0.9]
     edgecc demo
     edgecc ops | edgecc passes
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from edgecc.errors import EdgeccError
 
-SUBCOMMANDS = ("run", "demo", "ops", "passes")
+SUBCOMMANDS = ("run", "demo", "ops", "passes", "compress-report")
 NOTE = ("note: this run used edgecc's NumPy reference interpreter (--runtime reference); "
         "--runtime native generates machine code")
 
@@ -56,15 +57,38 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
                         help="lower precision: int8 (post-training quantisation, needs --calibration) or fp16 "
                              "(weights stored as float16). Quantised ONNX models (QDQ/QLinear) need no flag")
     parser.add_argument("--calibration", metavar="DATA",
-                        help="calibration inputs for --quantize int8: an .npz with one array per input name, samples "
-                             "stacked on the first axis, or a folder of .npy/.npz files")
+                        help="calibration inputs for --quantize int8 and for re-fitting compressed layers: an .npz with "
+                             "one array per input name, samples stacked on the first axis, or a folder of .npy/.npz "
+                             "files")
     parser.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"), default="minmax",
                         help="how activation ranges are taken from the calibration data (default minmax)")
     parser.add_argument("--keep-fp32", metavar="NODE,...", help="node names that stay float32 under --quantize int8")
     parser.add_argument("--min-sqnr", type=float, metavar="DB",
                         help="with --quantize int8: keep the most sensitive layers in float32 until the output SQNR "
                              "on the calibration data reaches DB (per-layer SQNR is in --report)")
+    _add_compression_options(parser)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+
+
+def _add_compression_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compression (opt-in: these change numerics; see docs/compression.md)")
+    group.add_argument("--prune", type=float, metavar="FRACTION",
+                       help="unstructured magnitude pruning: zero this fraction of each Conv/Gemm/MatMul's weights "
+                            "(e.g. 0.8); the -O2/-O3 pipelines then store them sparse where that is faster")
+    group.add_argument("--prune-scope", choices=("layer", "global"), default="layer",
+                       help="layer: each layer to the fraction (default); global: one magnitude threshold for all")
+    group.add_argument("--prune-channels", type=float, metavar="FRACTION",
+                       help="structured pruning: remove this fraction of each layer's output channels (lowest L1 "
+                            "norm) and shrink every consumer")
+    group.add_argument("--low-rank", type=float, metavar="ENERGY",
+                       help="factorise Gemm/MatMul and 1x1 Conv weights by truncated SVD keeping this fraction of "
+                            "their energy (e.g. 0.95), where that saves bytes and MACs")
+    group.add_argument("--cluster-weights", type=int, metavar="K",
+                       help="weight sharing: a K-entry codebook per weight tensor (k-means), stored as packed indices")
+    group.add_argument("--reconstruct", dest="reconstruct", action="store_true", default=None,
+                       help="re-fit compressed layers by least squares on --calibration (default when both are given)")
+    group.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                       help="do not re-fit compressed layers even with --calibration")
 
 
 def _compile_options(args) -> dict:
@@ -77,15 +101,17 @@ def _compile_options(args) -> dict:
                 print_after=args.print_after or None, verify_each=args.verify_each, dump_ir=args.dump_ir,
                 debug_rewrites=args.debug_rewrites, progress=args.progress, quantize=args.quantize,
                 calibration=args.calibration, calibration_method=args.calibration_method, keep_fp32=args.keep_fp32,
-                min_sqnr=args.min_sqnr)
+                min_sqnr=args.min_sqnr, prune=args.prune, prune_scope=args.prune_scope,
+                prune_channels=args.prune_channels, low_rank=args.low_rank, cluster_weights=args.cluster_weights,
+                reconstruct=args.reconstruct)
 
 
 def compile_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgecc",
         description="edgecc: an ahead-of-time compiler for trained neural networks (ONNX in).\n\n"
-                    "Other commands: `edgecc run MODEL --input NAME=FILE.npy`, `edgecc demo`, `edgecc ops`, "
-                    "`edgecc passes` (each has --help).",
+                    "Other commands: `edgecc run MODEL --input NAME=FILE.npy`, `edgecc compress-report MODEL`, "
+                    "`edgecc demo`, `edgecc ops`, `edgecc passes` (each has --help).",
         epilog="Examples:\n  edgecc model.onnx -O3 --target armv8 -o build/model      (model.o, libmodel.a, libmodel.so, "
                "model.h)\n  edgecc model.onnx -O3 --emit onnx -o build/model.opt --report build/report.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            return {"run": cmd_run, "demo": cmd_demo, "ops": cmd_ops, "passes": cmd_passes}[argv[0]](argv[1:])
+            from edgecc.compress_report import cmd_compress_report
+
+            return {"run": cmd_run, "demo": cmd_demo, "ops": cmd_ops, "passes": cmd_passes,
+                    "compress-report": cmd_compress_report}[argv[0]](argv[1:])
         return cmd_compile(argv)
     except EdgeccError as exc:
         if debug:

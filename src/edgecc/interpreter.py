@@ -80,3 +80,18 @@ def run_module(module: Module, feeds, *, observe: Callable[[Value, np.ndarray], 
     for value in graph.outputs:
         outputs.append(value.const if value.is_const else env[value._id])
     return [np.asarray(o) for o in outputs]
+
+
+def collect_values(module: Module, samples: Sequence, names: set[str]) -> dict[str, list[np.ndarray]]:
+    """Run the module on each sample, keeping copies of the named values (one array per sample) and, under
+    "<outputs>", the outputs of each sample flattened into one vector: what sensitivity and reconstruction
+    compare between a float model and its quantised or compressed version."""
+    seen: dict[str, list[np.ndarray]] = {n: [] for n in names}
+
+    def observe(value, array):
+        if value.name in seen:
+            seen[value.name].append(np.array(array, copy=True))
+
+    outputs = [run_module(module, s, observe=observe) for s in samples]
+    seen["<outputs>"] = [np.concatenate([o.ravel() for o in out]) for out in outputs]
+    return seen

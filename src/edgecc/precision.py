@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgecc.errors import EdgeccError
+from edgecc.interpreter import collect_values
 from edgecc.ir.core import Module
 from edgecc.passes import PassContext, PassManager, parse_pipeline
 
@@ -33,7 +34,7 @@ def check_options(quantize: str | None, calibration, method: str) -> None:
                           hint=f"use one of {', '.join(CALIBRATION_METHODS)}")
 
 
-def _run(module: Module, pipeline: str, ctx: PassContext | None = None) -> dict:
+def run_pipeline(module: Module, pipeline: str, ctx: PassContext | None = None) -> dict:
     manager = PassManager(parse_pipeline(pipeline), ctx or PassContext())
     manager.run(module)
     return {r.name: r.stats for r in manager.history}
@@ -68,20 +69,6 @@ def _quantised_points(qdq: Module) -> dict[str, str]:
             if is_qdq_pair(node.outputs[0])}
 
 
-def _collect(module: Module, samples: list, names: set[str]) -> dict[str, list[np.ndarray]]:
-    from edgecc.interpreter import run_module
-
-    seen: dict[str, list[np.ndarray]] = {n: [] for n in names}
-
-    def observe(value, array):
-        if value.name in seen:
-            seen[value.name].append(np.array(array, copy=True))
-
-    outputs = [run_module(module, s, observe=observe) for s in samples]
-    seen["<outputs>"] = [np.concatenate([o.ravel() for o in out]) for out in outputs]
-    return seen
-
-
 def quantised_layers(float_module: Module, keep: frozenset[str]) -> list[tuple[str, str, str, str]]:
     """(node, op, input value, output value) of each layer quantize-int8 quantises, read on the float module with the
     pass's own rules (`quantisable`, `quant_point`: a folded Relu/Clip or MatMul bias Add moves the output point);
@@ -97,7 +84,7 @@ def layer_sensitivity(float_values: dict[str, list[np.ndarray]], qdq: Module, la
     """Per quantised layer: the SQNR (dB) of its quantised input and output against the float module's values
     (`float_values`, from `_collect` on the same samples); plus the model's output SQNR."""
     points = _quantised_points(qdq)
-    quant_values = _collect(qdq, samples, {points[v] for _, _, x, p in layers for v in (x, p) if v in points})
+    quant_values = collect_values(qdq, samples, {points[v] for _, _, x, p in layers for v in (x, p) if v in points})
 
     def sqnr(name: str) -> float:
         if name not in points:
@@ -125,7 +112,7 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
                           hint="pass --calibration DATA.npz (one array per input, samples stacked on the first "
                                "axis), a folder of .npy/.npz files, or in Python an iterable of feed dicts")
     kept = _keep_list(keep_fp32)
-    _run(module, PREPARE_PIPELINE)
+    run_pipeline(module, PREPARE_PIPELINE)
     known = {n.name for n in module.graph.nodes}
     unknown = [n for n in kept if n not in known]
     if unknown:
@@ -137,7 +124,7 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
     float_module = module.clone()
     # falling back only removes layers, so the float values of the first round serve every round
     first = quantised_layers(float_module, frozenset(kept))
-    float_values = _collect(float_module, probe, {v for _, _, x, p in first for v in (x, p)})
+    float_values = collect_values(float_module, probe, {v for _, _, x, p in first for v in (x, p)})
     while True:
         qdq = float_module.clone()
         PassManager([QuantizeInt8Pass(keep_fp32=",".join(kept))], PassContext(calibration_ranges=ranges)).run(qdq)
@@ -148,7 +135,7 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
         worst = max(layers, key=lambda r: r["input_sqnr_db"] - r["sqnr_db"])
         kept.append(worst["node"])
     module.graph = qdq.graph
-    stats = _run(module, "lower-qdq,dce")
+    stats = run_pipeline(module, "lower-qdq,dce")
     return {"mode": "int8", "calibration_samples": len(samples), "calibration_method": method, "kept_fp32": kept,
             "output_sqnr_db": round(output_sqnr, 2), "min_sqnr_db": min_sqnr, "layers": layers, "passes": stats}
 
@@ -157,5 +144,5 @@ def convert_fp16(module: Module, target) -> dict:
     """Store weights as float16 (after the -O pipeline, so the weights are the fused kernels' final ones); on
     targets with half-precision arithmetic (+fullfp16) run the graph in float16 too."""
     compute = "fp16" if "+fullfp16" in target.features.split(",") else "fp32"
-    stats = _run(module, f"convert-fp16{{compute={compute}}}")
+    stats = run_pipeline(module, f"convert-fp16{{compute={compute}}}")
     return {"mode": "fp16", "compute": compute, "passes": stats}

@@ -48,7 +48,7 @@ def reference_with(model, module, records):
 def test_per_layer_sparsity_and_onnxruntime(sparsity):
     model = conv_gemm_matmul()
     module = prepared(model)
-    records = prune_magnitude(module, sparsity, "layer", min_elements=100)
+    records = prune_magnitude(module, sparsity, "layer", min_elements=100, min_fan_in=0)
     by_layer = {r["layer"]: r for r in records}
     assert set(by_layer) == {"conv1", "conv2", "fc", "mm"}
     consts = {v.name: v.const for v in module.graph.constants()}
@@ -75,7 +75,7 @@ def test_per_layer_sparsity_and_onnxruntime(sparsity):
 def test_native_code_matches_onnxruntime():
     model = conv_gemm_matmul()
     module = prepared(model)
-    records = prune_magnitude(module, 0.8, min_elements=0)
+    records = prune_magnitude(module, 0.8, min_elements=0, min_fan_in=0)
     expected = reference_with(model, module, records)
     close(compile_module(module).run(X)[0], expected, 1e-5)
 
@@ -84,7 +84,7 @@ def test_global_threshold_is_one_threshold():
     """Layers with small weights lose more under one global threshold; the per-layer scope prunes each equally."""
     model = conv_gemm_matmul(scales=(1.0, 0.3, 0.1, 0.3))
     module = prepared(model)
-    records = prune_magnitude(module, 0.6, "global", min_elements=0)
+    records = prune_magnitude(module, 0.6, "global", min_elements=0, min_fan_in=0)
     consts = {v.name: v.const for v in module.graph.constants()}
     originals = {r["layer"]: initializer(model, weight_initializer(model, r["layer"])) for r in records}
     zeroed = np.concatenate([np.abs(originals[r["layer"]])[consts[r["weight"]] == 0] for r in records])
@@ -97,13 +97,13 @@ def test_global_threshold_is_one_threshold():
     close(run_module(module, X)[0], reference_with(model, module, records), 1e-5)
 
     per_layer = prepared(model)
-    assert all(abs(r["sparsity"] - 0.6) <= 1 / 100 for r in prune_magnitude(per_layer, 0.6, "layer", 0))
+    assert all(abs(r["sparsity"] - 0.6) <= 1 / 100 for r in prune_magnitude(per_layer, 0.6, "layer", 0, 0))
 
 
 def test_global_keeps_one_weight_per_output_channel():
     model = conv_gemm_matmul(scales=(1.0, 1e-3, 1.0, 1.0))
     module = prepared(model)
-    records = prune_magnitude(module, 0.7, "global", min_elements=0)
+    records = prune_magnitude(module, 0.7, "global", min_elements=0, min_fan_in=0)
     conv2 = next(r for r in records if r["layer"] == "conv2")
     weights = next(v.const for v in module.graph.constants() if v.name == conv2["weight"])
     original = initializer(model, "w2")
@@ -136,7 +136,7 @@ def test_ties_and_shared_weights_are_deterministic():
     model = make_model(nodes, [tensor_info("x", [2, 20])], [tensor_info("y", [2, 20])],
                        [numpy_helper.from_array(w, "w")])
     module = prepared(model)
-    records = prune_magnitude(module, 0.25, min_elements=0)
+    records = prune_magnitude(module, 0.25, min_elements=0, min_fan_in=0)
     assert records[0]["weight"] == records[1]["weight"]
     a, b = (n for n in module.graph.nodes if n.op == "MatMul")
     assert a.inputs[1] is b.inputs[1]
@@ -164,7 +164,8 @@ def test_bad_scope_and_min_elements():
 def test_pass_in_a_pipeline():
     model = conv_gemm_matmul()
     module = prepared(model)
-    manager = PassManager(parse_pipeline("prune{sparsity=0.7,scope=global,min-elements=200}"), PassContext())
+    pipeline = "prune{sparsity=0.7,scope=global,min-elements=200,min-fan-in=0}"
+    manager = PassManager(parse_pipeline(pipeline), PassContext())
     manager.run(module)
     assert manager.history[-1].stats == {"layers-pruned": 3, "layers-skipped": 1}
     assert manager.history[-1].changed

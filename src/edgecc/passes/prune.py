@@ -116,13 +116,28 @@ def _keep_one_per_channel(weights: np.ndarray, zero: np.ndarray, axis: int) -> i
     return int(emptied.size)
 
 
-def prune_magnitude(module: Module, sparsity: float, scope: str = "layer", min_elements: int = 256) -> list[dict]:
+MIN_FAN_IN = 32
+"""Layers whose output channels each read fewer weights (depthwise convolutions: 9; a first 3x3 conv on RGB: 27)
+are not pruned: each weight carries a large share of its output, and such layers hold few of a model's weights
+(Fast Sparse ConvNets, Elsen et al. 2019, keep the first layer and the depthwise ones dense). On digits_mobilenet,
+pruning them at 80% cost 9 points of accuracy even after the re-fit."""
+
+
+def fan_in_of(node: Node) -> int:
+    """Weights per output channel: C/groups x kh x kw for Conv, K for Gemm/MatMul."""
+    weights = node.inputs[1].const
+    return int(weights.size // max(1, weights.shape[output_axis(node)]))
+
+
+def prune_magnitude(module: Module, sparsity: float, scope: str = "layer", min_elements: int = 256,
+                    min_fan_in: int = MIN_FAN_IN) -> list[dict]:
     """Zero the smallest-magnitude weights of every Conv / Gemm / MatMul layer, in place; one record per layer.
 
     scope="layer": each layer loses round(sparsity * numel) weights (its own |w| quantile), capped at numel - 1.
     scope="global": one threshold over all eligible layers' weights together (layers with small weights lose
     more); an output channel the threshold would empty keeps its largest weight (the record says how many).
-    Layers with fewer than `min_elements` weights are skipped. Biases are never pruned. A weight constant shared
+    Layers with fewer than `min_elements` weights, or fewer than MIN_FAN_IN per output channel, are skipped.
+    Biases are never pruned. A weight constant shared
     by several layers is pruned once and shared again. Ties are broken by position, so results are deterministic.
     """
     sparsity = check_fraction(sparsity, "--prune", "sparsity")
@@ -138,8 +153,12 @@ def prune_magnitude(module: Module, sparsity: float, scope: str = "layer", min_e
         weights = node.inputs[1].const
         record = layer_record(node, sparsity=float(np.mean(weights == 0)), scope=scope)
         records.append(record)
+        fan_in = fan_in_of(node)
         if weights.size < min_elements:
             record["skipped"] = f"{weights.size} weights < min-elements {min_elements}"
+        elif fan_in < min_fan_in:
+            record["skipped"] = (f"{fan_in} weights per output channel (< {min_fan_in}: depthwise or first layer); "
+                                 "kept dense, as in Elsen et al. 2019")
         else:
             eligible.append((node, record))
 
@@ -189,12 +208,13 @@ class PrunePass(CompressionPass):
 
     `scope=layer` prunes each layer to `sparsity` (round(sparsity * numel) zeros, ties by position);
     `scope=global` applies one |w| threshold to all eligible layers together, keeping at least one weight per
-    output channel. Layers with fewer than `min-elements` weights are left alone (a 1x5x5 first conv loses
-    accuracy and saves nothing); biases are never pruned. Weights stay dense float32 (encode-sparsity stores
+    output channel. Layers with fewer than `min-elements` weights, or fewer than 32 per output channel (depthwise
+    convolutions, a first conv on few channels), are left alone (they lose accuracy and save little); biases are never pruned. Weights stay dense float32 (encode-sparsity stores
     them). Changes numerics; opt-in only (`--prune`), in no -O pipeline.
 
     Requires: topologically-sorted, shapes-inferred. Keeps both.
-    Options: `sparsity` (default 0.8, in (0, 1)), `scope` (layer or global), `min-elements` (default 256).
+    Options: `sparsity` (default 0.8, in (0, 1)), `scope` (layer or global), `min-elements` (default 256),
+    `min-fan-in` (default 32).
 
     Example: `prune{sparsity=0.9,scope=global}` on `Gemm(%x, @w, @b)` gives `Gemm(%x, @w_pruned, @b)`.
     """
@@ -205,6 +225,7 @@ class PrunePass(CompressionPass):
     sparsity: float = 0.8
     scope: str = "layer"
     min_elements: int = 256
+    min_fan_in: int = MIN_FAN_IN
 
     def compress(self, module: Module) -> list[dict]:
-        return prune_magnitude(module, self.sparsity, self.scope, self.min_elements)
+        return prune_magnitude(module, self.sparsity, self.scope, self.min_elements, self.min_fan_in)

@@ -1,0 +1,178 @@
+"""Compression as a compile step: `prune=`, `prune_channels=`, `low_rank=`, `cluster_weights=` (and, with
+calibration data, layer-wise reconstruction).
+
+Like quantisation, compression has to see the model as the kernels will (BatchNorm folded, constants folded), so
+it runs the same preparation pipeline first, then the techniques in a fixed order: structured channel pruning
+(changes shapes), low-rank factorisation (changes the layer count), unstructured pruning (zeros), weight
+clustering (shared values, last because it re-encodes whatever values are left). With calibration data every
+compressed layer is then re-fitted by least squares (edgecc.reconstruct). The -O pipeline follows; its
+encode-sparsity pass stores the pruned weights sparse where the target's kernels gain from it.
+"""
+
+from __future__ import annotations
+
+from edgecc.errors import EdgeccError
+from edgecc.ir.core import Module
+
+PRUNE_SCOPES = ("layer", "global")
+
+
+def requested(prune=None, prune_channels=None, low_rank=None, cluster_weights=None) -> bool:
+    return any(v is not None for v in (prune, prune_channels, low_rank, cluster_weights))
+
+
+def _fraction(value, flag: str, upper_inclusive: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise EdgeccError(f"{flag} takes a number, got '{value}'", where=flag) from None
+    if not 0.0 < number < 1.0 and not (upper_inclusive and number == 1.0):
+        bound = "(0, 1]" if upper_inclusive else "(0, 1)"
+        raise EdgeccError(f"{flag} {value} is outside {bound}", where=flag,
+                          hint="give a fraction, e.g. 0.8 for 80%" if flag != "--low-rank"
+                          else "give the fraction of the weights' energy to keep, e.g. 0.95")
+    return number
+
+
+def check_options(prune=None, prune_channels=None, low_rank=None, cluster_weights=None, prune_scope="layer",
+                  reconstruct=None, calibration=None) -> None:
+    """Fail early, before the model is even loaded, on options that cannot work."""
+    if prune is not None:
+        _fraction(prune, "--prune")
+    if prune_channels is not None:
+        _fraction(prune_channels, "--prune-channels")
+    if low_rank is not None:
+        _fraction(low_rank, "--low-rank", upper_inclusive=True)
+    if cluster_weights is not None:
+        if isinstance(cluster_weights, bool) or not isinstance(cluster_weights, int) or not 2 <= cluster_weights <= 256:
+            raise EdgeccError(f"--cluster-weights {cluster_weights} is not a cluster count from 2 to 256",
+                              where="--cluster-weights", hint="16 stores 4-bit indices; 256 stores 8-bit ones")
+    if prune_scope not in PRUNE_SCOPES:
+        raise EdgeccError(f"unknown prune scope '{prune_scope}'", where="--prune-scope",
+                          hint="use layer (each layer to the sparsity) or global (one threshold for all layers)")
+    if reconstruct and calibration is None:
+        raise EdgeccError("reconstruction needs calibration data", where="--reconstruct",
+                          hint="pass --calibration DATA (inputs the layers are re-fitted on), or drop --reconstruct")
+    if reconstruct and not requested(prune, prune_channels, low_rank, cluster_weights):
+        raise EdgeccError("--reconstruct re-fits compressed layers, but no compression was asked for",
+                          where="--reconstruct", hint="add --prune, --prune-channels, --low-rank or --cluster-weights")
+
+
+def _weight_layers(module: Module) -> dict[str, int]:
+    """{node name: bytes of its constant weight inputs} for the compressible layers."""
+    sizes = {}
+    for node in module.graph.nodes:
+        if node.op in ("Conv", "Gemm", "MatMul"):
+            sizes[node.name] = sum(v.const.nbytes for v in node.inputs[1:] if v is not None and v.is_const)
+    return sizes
+
+
+def compress(module: Module, *, prune=None, prune_scope: str = "layer", prune_channels=None, low_rank=None,
+             cluster_weights=None, calibration=None, reconstruct=None) -> dict:
+    """Compress `module` in place (see the module docstring); returns the report's "compression" entry: the
+    techniques and options used, one record per layer and technique (bytes and MACs before/after, sparsity,
+    rank, clusters, or why a layer was skipped) and, when re-fitted, each layer's output error before and after."""
+    from edgecc.ops.costs import module_macs
+    from edgecc.precision import PREPARE_PIPELINE, run_pipeline
+
+    check_options(prune, prune_channels, low_rank, cluster_weights, prune_scope, reconstruct, calibration)
+    run_pipeline(module, PREPARE_PIPELINE)
+    original = module.clone()
+    weights_before = sum(v.const.nbytes for v in module.graph.constants())
+    macs_before = module_macs(module.graph)
+    layers: list[dict] = []
+    options: dict = {}
+    if prune_channels is not None:
+        from edgecc.passes.prune_channels import prune_channels as prune_channels_of
+
+        options["prune_channels"] = float(prune_channels)
+        layers += [dict(r, technique="prune-channels") for r in prune_channels_of(module, float(prune_channels))]
+    if low_rank is not None:
+        from edgecc.passes.low_rank import low_rank as low_rank_of
+
+        options["low_rank"] = float(low_rank)
+        layers += [dict(r, technique="low-rank") for r in low_rank_of(module, float(low_rank))]
+    if prune is not None:
+        from edgecc.passes.prune import prune_magnitude
+
+        options.update(prune=float(prune), prune_scope=prune_scope)
+        layers += [dict(r, technique="prune") for r in prune_magnitude(module, float(prune), scope=prune_scope)]
+    if cluster_weights is not None:
+        from edgecc.passes.cluster_weights import cluster_weights as cluster_weights_of
+
+        options["cluster_weights"] = int(cluster_weights)
+        layers += [dict(r, technique="cluster-weights") for r in cluster_weights_of(module, int(cluster_weights))]
+    run_pipeline(module, "infer-shapes,dce")
+    report = {"options": options, "layers": layers,
+              "weights_bytes_before": int(weights_before), "macs_before": int(macs_before),
+              "macs_after": int(module_macs(module.graph))}
+    if calibration is not None:
+        from edgecc.calibration import load_calibration
+
+        samples = load_calibration(calibration, original)
+        report["calibration_samples"] = len(samples)
+        report["output_sqnr_db"] = output_sqnr(original, module, samples)
+        if reconstruct is not False:
+            report["reconstruction"] = _reconstruct(original, module, layers, samples)
+            report["output_sqnr_db_before_refit"] = report["output_sqnr_db"]
+            report["output_sqnr_db"] = output_sqnr(original, module, samples)
+    return report
+
+
+def output_sqnr(original: Module, module: Module, samples: list) -> float:
+    """The compressed model's outputs against the original's on `samples`, in dB (as precision reports int8)."""
+    import numpy as np
+
+    from edgecc.interpreter import collect_values
+    from edgecc.precision import sqnr_db
+
+    reference = np.concatenate(collect_values(original, samples, set())["<outputs>"])
+    return round(sqnr_db(reference, np.concatenate(collect_values(module, samples, set())["<outputs>"])), 2)
+
+
+def _reconstruct(original: Module, module: Module, layers: list[dict], samples: list) -> list[dict]:
+    from edgecc.reconstruct import reconstruct
+
+    # the nodes that compute a compressed layer's original output (a factorised layer's first product has no
+    # original output to match: it is fitted through the second)
+    matchable = {v.name for v in original.graph.values()}
+    present = {n.name for n in module.graph.nodes
+               if n.op in ("Conv", "Gemm", "MatMul") and n.outputs[0].name in matchable}
+    changed = []
+    for record in layers:
+        if record.get("skipped"):
+            continue
+        for name in record.get("nodes") or [record["layer"]]:
+            if name in present and name not in changed:
+                changed.append(name)
+    # a layer whose input channels shrank (the consumer of a channel-pruned layer) is re-fitted too
+    before = {n.name: n for n in original.graph.nodes}
+    for node in module.graph.nodes:
+        twin = before.get(node.name)
+        if twin is not None and node.op in ("Conv", "Gemm", "MatMul") and node.name not in changed and \
+                node.input(1) is not None and twin.input(1) is not None and \
+                node.input(1).type.shape != twin.input(1).type.shape:
+            changed.append(node.name)
+    kept = {}
+    for record in layers:
+        if record.get("pruned_channels") and not record.get("skipped"):
+            dropped = set(record["pruned_channels"])
+            kept[record["layer"]] = [c for c in range(record["channels_before"]) if c not in dropped]
+    pruned = frozenset(n for r in layers if r["technique"] == "prune" and not r.get("skipped")
+                       for n in r.get("nodes") or [r["layer"]])
+    return reconstruct(original, module, changed, samples, kept, reselect=pruned)
+
+
+def finish_report(report: dict, module: Module) -> dict:
+    """Complete the compression entry once the -O pipeline (and its encode-sparsity) has run: the weights' bytes as
+    stored (sparse encodings, packed indices) next to the bytes before compression."""
+    from edgecc.passes.encode_sparsity import encoded_bytes
+
+    constants = [v for v in module.graph.constants() if v.uses]
+    stored = sum(encoded_bytes(v) for v in constants)
+    encoded = {v.name: {"kind": v.type.sparse.kind, "block": list(v.type.sparse.block), "bytes": encoded_bytes(v),
+                        "dense_bytes": int(v.const.nbytes)}
+               for v in constants if v.type is not None and v.type.sparse is not None}
+    before = report["weights_bytes_before"]
+    return dict(report, weights_bytes_after=int(stored), weights_ratio=round(stored / max(before, 1), 4),
+                sparse_weights=encoded)

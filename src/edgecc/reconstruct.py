@@ -1,0 +1,252 @@
+"""Layer-wise reconstruction ("distillation without training"): after pruning, low-rank factorisation or weight
+clustering, re-fit each compressed layer's remaining free parameters by least squares so that, on the calibration
+data, its outputs match the ORIGINAL layer's outputs.
+
+Why it works without training: a Conv/Gemm/MatMul output is linear in its weights, so given the layer's input as
+the compressed model computes it (upstream errors included, and so compensated) and the original model's output,
+the best weights under the compression's constraint are one linear solve per output channel:
+
+- pruned or factorised weights: the non-zero weights of each output channel (zeros stay zeros, so sparsity and
+  shapes are kept) and the bias;
+- clustered weights (edgecc.CodebookDecode): the k codebook values shared by the whole tensor (indices kept).
+
+Each solve is ridge-regularised towards the current weights (lambda = RIDGE x mean diagonal of the Gram matrix),
+which keeps it well posed when a channel has more free weights than the calibration data pins down. Layers are
+re-fitted in topological order, each on inputs recomputed after the re-fits before it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgecc.interpreter import collect_values
+from edgecc.ir.core import Module, Node
+
+RIDGE = 1e-3
+MAX_RESELECT = 2304
+"""Inputs per output channel (C/groups x kh x kw) up to which a pruned layer's non-zeros are chosen again by
+`obs_prune` (its inverses cost O(K^3) per channel); wider layers keep the magnitude mask and are only re-fitted."""
+MAX_ROWS = 40000
+"""Rows (samples x output positions) a layer's least squares is solved on; more are subsampled evenly."""
+
+
+def _subsample(rows: np.ndarray) -> np.ndarray:
+    if rows.shape[0] <= MAX_ROWS:
+        return rows
+    return rows[np.linspace(0, rows.shape[0] - 1, MAX_ROWS).astype(np.int64)]
+
+
+def _conv_patches(x: np.ndarray, node: Node, weight_shape) -> tuple[np.ndarray, tuple]:
+    """x [N, C, H, W] -> patches [groups, N*OH*OW, C/groups*kh*kw] in the order of the weights' flattened
+    (C/groups, kh, kw) axes; plus the output layout (N, OH, OW)."""
+    groups = int(node.attrs.get("group", 1))
+    kh, kw = weight_shape[2:]
+    strides = list(node.attrs.get("strides", [1, 1]))
+    dilations = list(node.attrs.get("dilations", [1, 1]))
+    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    n, c = x.shape[:2]
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    eh, ew = (kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (eh, ew), axis=(2, 3))
+    windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]  # N C OH OW kh kw
+    oh, ow = windows.shape[2:4]
+    cg = c // groups
+    per_group = windows.reshape(n, groups, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+    return per_group.reshape(groups, n * oh * ow, cg * kh * kw), (n, oh, ow)
+
+
+def _layer_system(node: Node, x: np.ndarray, y: np.ndarray, weight_shape):
+    """The layer as groups of (inputs A [rows, K], targets Y [rows, M]) with Y ~ A W_g^T + b_g, plus `view`, which
+    maps a weight-shaped tensor to the per-group [M, K] matrices W_g, and `assemble`, its inverse. None if the
+    layer's form is not re-fitted."""
+    if node.op == "Conv" and x.ndim == 4:
+        patches, (n, oh, ow) = _conv_patches(x, node, weight_shape)
+        groups = patches.shape[0]
+        m = weight_shape[0] // groups
+        targets = y.transpose(0, 2, 3, 1).reshape(n * oh * ow, groups, m).transpose(1, 0, 2)
+        return ([(patches[g], targets[g]) for g in range(groups)],
+                lambda t: list(t.reshape(groups, m, -1)),
+                lambda ws: np.concatenate(ws).reshape(weight_shape))
+    rows = (x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
+    if node.op == "Gemm" and len(weight_shape) == 2:
+        if int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) != 1.0 or \
+                float(node.attrs.get("beta", 1.0)) != 1.0:
+            return None
+        if int(node.attrs.get("transB", 0)):  # B is [N, K] already
+            return [rows], lambda t: [t], lambda ws: ws[0]
+        return [rows], lambda t: [t.T], lambda ws: ws[0].T
+    if node.op == "MatMul" and len(weight_shape) == 2:
+        return [rows], lambda t: [t.T], lambda ws: ws[0].T
+    return None
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays, axis=0).astype(np.float64)
+
+
+def _relative_error(y: np.ndarray, estimate: np.ndarray) -> float:
+    return float(np.linalg.norm(y - estimate) / max(np.linalg.norm(y), 1e-30))
+
+
+def obs_prune(gram: np.ndarray, rhs: np.ndarray, count: int, fixed: np.ndarray) -> np.ndarray:
+    """Which `count` of one output channel's weights to keep, chosen on the calibration data by optimal brain
+    surgeon steps (Hassibi & Stork 1993; SparseGPT applies the same rule at scale): from the dense least-squares
+    solution, repeatedly drop the weights whose removal costs the least output error, w_i^2 / [(X^T X)^-1]_ii,
+    a fifth of the remaining excess at a time, re-solving in between. `fixed` marks columns never dropped (the
+    bias). Returns the boolean mask of the weights kept (over the non-fixed columns)."""
+    free = np.flatnonzero(~fixed)
+    keep = np.ones(gram.shape[0], dtype=bool)
+    while keep[free].sum() > count:
+        active = np.flatnonzero(keep)
+        inverse = np.linalg.inv(gram[np.ix_(active, active)])
+        weights = inverse @ rhs[active]
+        saliency = weights ** 2 / np.maximum(np.diag(inverse), 1e-30)
+        saliency[fixed[active]] = np.inf
+        excess = int(keep[free].sum()) - count
+        drop = np.argsort(saliency, kind="stable")[:max(1, excess // 5)]
+        keep[active[drop]] = False
+    return keep[free]
+
+
+def _refit_weights(a: np.ndarray, y: np.ndarray, w: np.ndarray, bias: np.ndarray | None, reselect: bool = False):
+    """Per output channel: least squares on its non-zero weights (and bias), ridge towards the current ones; with
+    `reselect`, the non-zeros are first chosen again from the calibration data (`obs_prune`)."""
+    ones = np.ones((a.shape[0], 1)) if bias is not None else np.zeros((a.shape[0], 0))
+    design = np.concatenate([a, ones], axis=1)
+    gram = design.T @ design
+    rhs = design.T @ y
+    ridge = RIDGE * max(float(np.mean(np.diag(gram))), 1e-12)
+    if reselect and w.shape[1] <= MAX_RESELECT:
+        fixed = np.arange(design.shape[1]) >= w.shape[1]
+        regularised = gram + ridge * np.eye(gram.shape[0])
+        mask = np.stack([obs_prune(regularised, rhs[:, j], int(np.count_nonzero(w[j])), fixed)
+                         for j in range(w.shape[0])])
+        w = np.where(mask, np.where(w != 0, w, 1.0), 0.0)  # only the pattern matters: the values are solved below
+    new_w, new_b = np.where(w != 0, w, 0.0).astype(np.float64), None if bias is None else bias.astype(np.float64).copy()
+    for j in range(w.shape[0]):
+        free = np.flatnonzero(w[j] != 0)
+        if bias is not None:
+            free = np.append(free, design.shape[1] - 1)
+        if free.size == 0:
+            continue
+        current = np.append(w[j], [] if bias is None else [bias[j]])[free]
+        system = gram[np.ix_(free, free)] + ridge * np.eye(free.size)
+        solved = np.linalg.solve(system, rhs[free, j] + ridge * current)
+        if bias is not None:
+            new_b[j], solved = solved[-1], solved[:-1]
+        new_w[j, free[:solved.size]] = solved
+    return new_w, new_b
+
+
+def _codebook_normal_equations(a: np.ndarray, y: np.ndarray, indices: np.ndarray, k: int):
+    """One group's share of the codebook solve: y_j = A E_j c for each channel j (E_j the one-hot [K, k] of its
+    indices), so sum_j E_j^T A^T A E_j c = sum_j E_j^T A^T y_j."""
+    gram, correlation = a.T @ a, a.T @ y
+    normal, rhs = np.zeros((k, k)), np.zeros(k)
+    for j in range(indices.shape[0]):
+        idx = indices[j]
+        np.add.at(normal, (idx[:, None], idx[None, :]), gram)
+        np.add.at(rhs, idx, correlation[:, j])
+    return normal, rhs
+
+
+def _weight_source(node: Node):
+    """('dense', weight value) or ('codebook', the CodebookDecode node) or None."""
+    weight = node.input(1)
+    if weight is None:
+        return None
+    if weight.is_const:
+        return "dense", weight
+    producer = weight.producer
+    if producer is not None and producer.op == "CodebookDecode" and all(v.is_const for v in producer.inputs):
+        return "codebook", producer
+    return None
+
+
+def _bias_value(node: Node):
+    bias = node.input(2)
+    return bias if bias is not None and bias.is_const and node.op in ("Conv", "Gemm") else None
+
+
+def reconstruct(original: Module, compressed: Module, layers: list[str], samples: list,
+                kept_channels: dict[str, list[int]] | None = None, reselect: frozenset[str] = frozenset()
+                ) -> list[dict]:
+    """Re-fit the named layers (node names of `compressed`, whose output values keep the original's names) in
+    place; one record per layer: {"layer", "error_before", "error_after"} (relative L2 error of the layer's
+    output against the original layer's on `samples`) or {"layer", "skipped": reason}. `kept_channels` names the
+    original output channels a channel-pruned layer kept: its target is the original output on those. Layers in
+    `reselect` (unstructured pruning) also have their non-zeros chosen again (`obs_prune`)."""
+    kept_channels = kept_channels or {}
+    from edgecc.passes.cluster_weights import decode_indices
+
+    nodes = {n.name: n for n in compressed.graph.nodes}
+    order = [n.name for n in compressed.graph.nodes if n.name in set(layers)]
+    original_values = {v.name for v in original.graph.values()}
+    targets = collect_values(original, samples, {nodes[name].outputs[0].name for name in order
+                                                 if nodes[name].outputs[0].name in original_values})
+    records = []
+    for name in order:
+        node = nodes[name]
+        out = node.outputs[0].name
+        source = _weight_source(node)
+        if out not in targets or source is None:
+            records.append({"layer": name, "skipped": "no original output or constant weights to match"})
+            continue
+        kind, holder = source
+        if kind == "dense":
+            weight = holder.const
+        else:
+            codebook = holder.inputs[1].const
+            shape = tuple(int(d) for d in holder.attrs["shape"])
+            indices = decode_indices(holder.inputs[0].const, int(holder.attrs["bits"]),
+                                     int(np.prod(shape))).reshape(shape).astype(np.int64)
+            weight = codebook[indices]
+        y = _stack(targets[out])
+        axis = 1 if node.op == "Conv" else y.ndim - 1
+        if y.shape[axis] != node.outputs[0].type.shape[axis]:
+            if name not in kept_channels:
+                records.append({"layer": name, "skipped": "its output channels changed and which ones stayed is "
+                                                          "not known here"})
+                continue
+            y = np.take(y, kept_channels[name], axis=axis)
+        x = _stack(collect_values(compressed, samples, {node.inputs[0].name})[node.inputs[0].name])
+        system = _layer_system(node, x, y, weight.shape)
+        if system is None:
+            records.append({"layer": name, "skipped": f"{node.op} with these attributes is not re-fitted"})
+            continue
+        groups, view, assemble = system
+        bias_value = _bias_value(node)
+        bias = None if bias_value is None else bias_value.const.astype(np.float64)
+        weights = view(weight.astype(np.float64))
+        m = weights[0].shape[0]
+        biases = [None if bias is None else bias[g * m:(g + 1) * m] for g in range(len(groups))]
+        sampled = []
+        for a, y in groups:
+            both = _subsample(np.concatenate([a, y], axis=1))
+            sampled.append((both[:, :a.shape[1]], both[:, a.shape[1]:]))
+        before = [(y, a @ w.T + (0.0 if b is None else b)) for (a, y), w, b in zip(sampled, weights, biases)]
+        if kind == "codebook":
+            k = codebook.size
+            normal, rhs = np.zeros((k, k)), np.zeros(k)
+            for (a, y), idx, b in zip(sampled, view(indices), biases):
+                n_g, r_g = _codebook_normal_equations(a, y - (0.0 if b is None else b), idx, k)
+                normal, rhs = normal + n_g, rhs + r_g
+            ridge = RIDGE * max(float(np.mean(np.diag(normal))), 1e-12)
+            fitted = np.linalg.solve(normal + ridge * np.eye(k), rhs + ridge * codebook.astype(np.float64))
+            weights = view(fitted[indices])
+            holder.set_input(1, compressed.graph.constant(fitted.astype(np.float32), holder.inputs[1].name))
+        else:
+            fits = [_refit_weights(a, y, w, b, name in reselect) for (a, y), w, b in zip(sampled, weights, biases)]
+            weights, biases = [w for w, _ in fits], [b for _, b in fits]
+            node.set_input(1, compressed.graph.constant(assemble(weights).astype(np.float32), holder.name))
+            if bias_value is not None:
+                node.set_input(2, compressed.graph.constant(np.concatenate(biases).astype(np.float32),
+                                                            bias_value.name))
+        after = [(y, a @ w.T + (0.0 if b is None else b)) for (a, y), w, b in zip(sampled, weights, biases)]
+        records.append({"layer": name, "error_before": round(_pairs_error(before), 6),
+                        "error_after": round(_pairs_error(after), 6)})
+    return records
+
+
+def _pairs_error(pairs) -> float:
+    return _relative_error(np.concatenate([t.ravel() for t, _ in pairs]), np.concatenate([e.ravel() for _, e in pairs]))
