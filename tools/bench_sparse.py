@@ -3,13 +3,14 @@
     python tools/bench_sparse.py [--levels 0.5,0.8,0.9,0.95] [--runs 200] [--models mobilenet_v2,bert_tiny_enc]
                                  [--write docs/performance-sparse.md]
 
-Layers: 1x1 convolutions (mobilenet_v2, squeezenet1_1, resnet18's strided downsampling) and fully connected
+Layers: 1x1 convolutions (mobilenet_v2, squeezenet1_1, resnet18's strided downsampling), resnet18's 3x3
+convolutions, and fully connected
 layers (mlp_mnist, bert_tiny_enc's MatMuls with 128 rows, mobilenet_v2's classifier) as one-node models with
 seeded random weights, pruned by magnitude to each level either unstructured or in 1xV blocks of outputs
 (V = the host's float lanes; a block is zeroed when its L1 norm is among the smallest). Each is compiled dense
 (`encode-sparsity{encoding=dense}`) and sparse (csr for unstructured, block for block pruning, forced), plus what
 the cost model (`encoding=auto`) picks; times are the kernel's median cycles from CompiledModel.profile.
-Whole models: the float model, and the same model with every 1x1 Conv and Gemm/MatMul weight magnitude-pruned to
+Whole models: the float model, and the same model with every group-1 Conv and Gemm/MatMul weight magnitude-pruned to
 90% (numpy on the ONNX initializers, unstructured or in 1xV blocks), both at -O3 with the cost model choosing the
 encodings, median wall time of CompiledModel.run.
 """
@@ -27,11 +28,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bench import SHARED, cpu_name
 
-CONV_LAYERS = [  # (source, C_in, C_out, H, W, stride)
-    ("mobilenet_v2", 24, 144, 56, 56, 1), ("mobilenet_v2", 32, 192, 28, 28, 1),
-    ("mobilenet_v2", 576, 96, 14, 14, 1), ("mobilenet_v2", 160, 960, 7, 7, 1), ("mobilenet_v2", 960, 160, 7, 7, 1),
-    ("squeezenet1_1", 128, 32, 27, 27, 1), ("squeezenet1_1", 512, 64, 13, 13, 1),
-    ("resnet18", 64, 128, 56, 56, 2), ("resnet18", 256, 512, 14, 14, 2),
+CONV_LAYERS = [  # (source, C_in, C_out, H, W, stride, kernel)
+    ("mobilenet_v2", 24, 144, 56, 56, 1, 1), ("mobilenet_v2", 32, 192, 28, 28, 1, 1),
+    ("mobilenet_v2", 576, 96, 14, 14, 1, 1), ("mobilenet_v2", 160, 960, 7, 7, 1, 1),
+    ("mobilenet_v2", 960, 160, 7, 7, 1, 1), ("squeezenet1_1", 128, 32, 27, 27, 1, 1),
+    ("squeezenet1_1", 512, 64, 13, 13, 1, 1), ("resnet18", 64, 128, 56, 56, 2, 1), ("resnet18", 256, 512, 14, 14, 2, 1),
+    ("resnet18", 64, 64, 56, 56, 1, 3), ("resnet18", 128, 128, 28, 28, 1, 3), ("resnet18", 256, 256, 14, 14, 1, 3),
+    ("resnet18", 512, 512, 7, 7, 1, 3), ("resnet18", 64, 128, 56, 56, 2, 3),
 ]
 FC_LAYERS = [  # (source, M, K, N)
     ("mlp_mnist", 1, 784, 256), ("mlp_mnist", 1, 256, 128), ("mobilenet_v2", 1, 1280, 1000),
@@ -53,10 +56,11 @@ def prune(matrix: np.ndarray, level: float, width: int) -> np.ndarray:
 
 def layer_model(kind: str, shape, level: float, width: int, rng) -> tuple[onnx.ModelProto, dict]:
     if kind == "conv":
-        _, c, co, h, w, s = shape
-        weights = prune(rng.standard_normal((c, co)).astype(np.float32), level, width).T.reshape(co, c, 1, 1)
+        _, c, co, h, w, s, k = shape
+        view = prune(rng.standard_normal((c, k * k * co)).astype(np.float32), level, width)  # [C_in, taps x C_out]
+        weights = view.reshape(c, k * k, co).transpose(2, 0, 1).reshape(co, c, k, k)
         oh, ow = (h - 1) // s + 1, (w - 1) // s + 1
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[s, s])
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[s, s], pads=[k // 2] * 4)
         x_shape, y_shape = [1, c, h, w], [1, co, oh, ow]
         bias = rng.standard_normal(co).astype(np.float32)
     else:
@@ -93,8 +97,9 @@ def bench_layers(levels, runs: int, lanes: int):
     rows = []
     for kind, shapes in (("conv", CONV_LAYERS), ("fc", FC_LAYERS)):
         for shape in shapes:
-            label = (f"{shape[0]} 1x1 {shape[1]}->{shape[2]} @{shape[3]}x{shape[4]}" + (f" s{shape[5]}" if shape[5] > 1
-                     else "")) if kind == "conv" else f"{shape[0]} FC {shape[2]}->{shape[3]} M={shape[1]}"
+            label = (f"{shape[0]} {shape[6]}x{shape[6]} {shape[1]}->{shape[2]} @{shape[3]}x{shape[4]}" +
+                     (f" s{shape[5]}" if shape[5] > 1 else "")) if kind == "conv" else \
+                f"{shape[0]} FC {shape[2]}->{shape[3]} M={shape[1]}"
             model, feeds = layer_model(kind, shape, 0.0, 1, rng)
             dense, _ = kernel_ms(model, feeds, "dense", runs)
             for pattern, width, forced in (("unstructured", 1, "csr"), (f"block 1x{lanes}", lanes, "block")):
@@ -109,19 +114,21 @@ def bench_layers(levels, runs: int, lanes: int):
 
 
 def pruned_model(path: str, level: float, width: int = 1) -> onnx.ModelProto:
-    """The model with every 1x1 Conv and Gemm/MatMul initializer weight magnitude-pruned to `level` (in 1 x width
-    blocks of outputs, see `prune`)."""
+    """The model with every group-1 Conv and Gemm/MatMul initializer weight magnitude-pruned to `level` (in 1 x width
+    blocks of outputs of the kernels' [K, N] view, see `prune` and edgecc.ops.sparse)."""
+    from edgecc.ops.sparse import _conv_view
+
     model = onnx.load(path)
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or node.input[1] not in inits:
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
-        if node.op_type == "Conv" and (w.shape[2:] != (1, 1) or
-                                       any(a.name == "group" and a.i != 1 for a in node.attribute)):
+        if node.op_type == "Conv" and any(a.name == "group" and a.i != 1 for a in node.attribute):
             continue
         if node.op_type == "Conv":
-            pruned = prune(w.reshape(w.shape[0], -1).T, level, width).T.reshape(w.shape)
+            view = prune(_conv_view(w), level, width)  # [C_in, taps x C_out]
+            pruned = view.reshape(w.shape[1], -1, w.shape[0]).transpose(2, 0, 1).reshape(w.shape)
         elif node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
             pruned = prune(w.T, level, width).T
         else:
@@ -154,7 +161,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", default="0.5,0.8,0.9,0.95")
     parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--models", default="mobilenet_v2,squeezenet1_1,bert_tiny_enc,mlp_mnist")
+    parser.add_argument("--models", default="mobilenet_v2,squeezenet1_1,resnet18,bert_tiny_enc,mlp_mnist")
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--write", metavar="FILE.md")
     args = parser.parse_args()
@@ -171,7 +178,7 @@ def main() -> int:
         out += [f"| {r[0]} | {r[1]} | {r[2]:.0%} | {r[3]:.4f} | {r[4]:.4f} | {r[4] / r[3]:.2f} | {r[5]} |" for r in rows]
     models = []
     if args.models:
-        models = ["", "| model (1x1 Conv + FC weights pruned to 90%) | pruning | dense ms | sparse ms | sparse / dense "
+        models = ["", "| model (group-1 Conv + FC weights pruned to 90%) | pruning | dense ms | sparse ms | sparse / dense "
                   "| layers encoded |", "|---|---|---:|---:|---:|---:|"]
         for name in args.models.split(","):
             for pattern, width in (("unstructured", 1), (f"block 1x{lanes}", lanes)):

@@ -84,6 +84,23 @@ def conv_case(rng, c=19, co=13, h=5, w=7, stride=1, level=0.7, residual=True, ac
     return _model(nodes, inputs, [batch, co, oh, ow], inits), feeds
 
 
+def kxk_case(rng, c=6, co=16, h=9, w=11, kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1),
+             level=0.8, residual=False, batch=1):
+    weights = _sparse(rng, (co, c, *kernel), level, zero_columns=(1,), axis=0)
+    oh, ow = ((h + pads[0] + pads[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1,
+              (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if residual else "y"], strides=list(strides),
+                              pads=list(pads), dilations=list(dilations))]
+    inputs = [("x", [batch, c, h, w])]
+    feeds = {"x": rng.standard_normal((batch, c, h, w)).astype(np.float32)}
+    if residual:
+        nodes += [helper.make_node("Add", ["c", "r"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+        inputs.append(("r", [batch, co, oh, ow]))
+        feeds["r"] = rng.standard_normal((batch, co, oh, ow)).astype(np.float32)
+    inits = {"w": weights, "b": rng.standard_normal(co).astype(np.float32)}
+    return _model(nodes, inputs, [batch, co, oh, ow], inits), feeds
+
+
 def _check(model: onnx.ModelProto, feeds, encoding: str, width: int = 0, target: str = "host"):
     reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     spec = f"encode-sparsity{{encoding={encoding}" + (f",width={width}" if width else "") + "}"
@@ -120,7 +137,8 @@ ENCODINGS = [("csr", 0), ("block", 4), ("block", 8), ("block", 16)]
 
 @pytest.mark.parametrize("encoding, width", ENCODINGS)
 @pytest.mark.parametrize("case", ["gemm", "gemm_transb_m1", "gemm_plain", "gemm_rows_transa", "matmul_batched",
-                                  "matmul_rows", "conv", "conv_s2_batch", "conv_plain_wide"])
+                                  "matmul_rows", "conv", "conv_s2_batch", "conv_plain_wide", "conv3x3", "conv3x3_s2",
+                                  "conv5x3_dilated", "conv1x1_padded", "conv3x3_wide"])
 def test_sparse_kernels_match_onnxruntime(case, encoding, width, sparse_calls):
     rng = np.random.default_rng(zlib.crc32(f"{case} {encoding} {width}".encode()))
     model, feeds = {
@@ -133,6 +151,11 @@ def test_sparse_kernels_match_onnxruntime(case, encoding, width, sparse_calls):
         "conv": lambda: conv_case(rng),
         "conv_s2_batch": lambda: conv_case(rng, c=8, co=10, h=9, w=11, stride=2, residual=False, activation="", batch=2),
         "conv_plain_wide": lambda: conv_case(rng, c=24, co=36, h=9, w=13, level=0.9, residual=False, activation=""),
+        "conv3x3": lambda: kxk_case(rng, residual=True),
+        "conv3x3_s2": lambda: kxk_case(rng, h=10, w=13, strides=(2, 2), batch=2),
+        "conv5x3_dilated": lambda: kxk_case(rng, kernel=(5, 3), dilations=(2, 2), pads=(3, 0, 1, 2), h=12, w=10),
+        "conv1x1_padded": lambda: kxk_case(rng, kernel=(1, 1), pads=(1, 2, 0, 1)),
+        "conv3x3_wide": lambda: kxk_case(rng, c=5, co=32, h=5, w=45, level=0.7),
     }[case]()
     _check(model, feeds, encoding, width)
     assert sparse_calls, "the sparse kernel did not run"
@@ -182,6 +205,7 @@ def test_arm_targets_under_qemu(target):
     rng = np.random.default_rng(3)
     for encoding, width in [("csr", 0), ("block", 4), ("block", 8)]:
         for model, feeds in (gemm_case(rng), matmul_case(rng), matmul_case(rng, batch=(1, 21), k=9, n=11), conv_case(rng),
+                             kxk_case(rng, residual=True), kxk_case(rng, h=10, w=13, strides=(2, 2)),
                              conv_case(rng, c=8, co=10, h=9, w=11, stride=2, residual=False, activation="")):
             _check(model, feeds, encoding, width, target=target)
 

@@ -4,7 +4,8 @@ Shared by the encode-sparsity pass (what to encode, how many bytes it takes) and
 it at compile time), so both agree on one format.
 
 A weight is seen as a matrix [K, N], K the reduction, N the outputs: Gemm's B (B^T with transB=1), MatMul's 2-D
-B, a 1x1 Conv's W[co, ci] transposed. The stored form of an encoding with entries 1xV (`csr`: V = 1) is one int32
+B, a Conv's W as [C_in, taps x C_out] (column tap * C_out + co; a 1x1 Conv's W^T), so a KxK kernel finds each
+tap's entries in their own column blocks. The stored form of an encoding with entries 1xV (`csr`: V = 1) is one int32
 array (float32 values kept as their bits), so same-shaped layers share one kernel and the pattern is data:
 
     words[0 : J + 1]      entry offsets of the J = ceil(N / V) column blocks (column block j: columns jV..jV+V-1)
@@ -43,11 +44,20 @@ def sparse_capable(node: Node) -> str | None:
         kernel = w.type.shape[2:]
         if node.attrs.get("group", 1) != 1:
             return "grouped convolution"
-        if any(d != 1 for d in kernel) or x.type.rank < 3:
-            return f"{'x'.join(map(str, kernel))} kernel (only 1x1 convolutions have a sparse kernel)"
-        if any(node.attrs.get("pads", ())) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return "padded 1x1 convolution"
+        pointwise = all(d == 1 for d in kernel) and not any(node.attrs.get("pads", ())) and \
+            node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+        if not pointwise and x.type.rank != 4:
+            return f"{x.type.rank - 2}-D convolution (sparse kernels: 1x1 of any rank, KxK 2-D)"
     return None
+
+
+def encodable(node: Node, encoding: SparseEncoding) -> bool:
+    """The kernels take `node` (sparse_capable) with `encoding`: a KxK Conv's blocks must not straddle taps (V
+    divides C_out)."""
+    w = node.inputs[WEIGHT_INPUT].type
+    if node.op in ("Conv", "FusedConv") and w.size // max(1, w.shape[0] * w.shape[1]) > 1:
+        return w.shape[0] % encoding.width == 0
+    return True
 
 
 def matrix_view(node: Node) -> Callable[[np.ndarray], np.ndarray]:
@@ -61,7 +71,9 @@ def matrix_view(node: Node) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _conv_view(array: np.ndarray) -> np.ndarray:
-    return array.reshape(array.shape[0], -1).T
+    """W [C_out, C_in, *kernel] as [C_in, taps x C_out]: column tap * C_out + co (for 1x1, W^T)."""
+    c_out, c_in = array.shape[:2]
+    return array.reshape(c_out, c_in, -1).transpose(1, 2, 0).reshape(c_in, -1)
 
 
 def weight_matrix(node: Node, array: np.ndarray) -> np.ndarray:

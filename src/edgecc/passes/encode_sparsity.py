@@ -11,8 +11,8 @@ from edgecc.errors import PassError
 from edgecc.ir.core import Module, Node, Value
 from edgecc.ir.types import SparseEncoding
 from edgecc.ops.costs import node_macs
-from edgecc.ops.sparse import (WEIGHT_INPUT, encoded_bytes_of, entry_mask, matrix_view, rows_in_vectors,
-                               sparse_capable)
+from edgecc.ops.sparse import (WEIGHT_INPUT, encodable, encoded_bytes_of, entry_mask, matrix_view,
+                               rows_in_vectors, sparse_capable)
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 
@@ -78,6 +78,8 @@ def choose_encoding(node: Node, matrix: np.ndarray, lanes: int) -> SparseEncodin
     if np.count_nonzero(matrix) >= WIN * matrix.size:  # every kernel costs >= 1 dense MAC per value kept
         return None
     for encoding in candidates(lanes):
+        if not encodable(node, encoding):
+            continue
         time = modelled_time(node, matrix, encoding, lanes)
         if time < best_time and encoded_bytes_of(matrix, encoding) < matrix.size * 4:
             best, best_time = encoding, time
@@ -132,7 +134,8 @@ def encode_sparsity(module: Module, target: str = "host", encoding: str = "auto"
             if encoding == "auto":
                 chosen = choose_encoding(node, matrix, lanes)
             else:
-                chosen = forced if forced is not None and not np.all(matrix != 0) else None
+                chosen = forced if forced is not None and not np.all(matrix != 0) and \
+                    all(encodable(n, forced) for n in nodes) else None
         value.type = dataclasses.replace(value.type, sparse=chosen)
         record.update(encoding=str(chosen) if chosen else "dense", bytes_after=encoded_bytes(value),
                       macs_after=record["macs_before"],
@@ -144,13 +147,13 @@ def encode_sparsity(module: Module, target: str = "host", encoding: str = "auto"
 @register_pass
 @dataclass(frozen=True)
 class EncodeSparsity(Pass):
-    """Store sparse constant weights (Gemm/MatMul B, 1x1 Conv W, fused forms; float32) as CSR or as blocks of 1xV
-    outputs (V = the target's float lanes, or 4), where the sparse kernels are modelled faster than the dense
-    ones. Weights pruned elsewhere are encoded too; a dense weight stays dense, so ordinary models are unchanged.
+    """Store sparse constant weights (Gemm/MatMul B, Conv W of group 1: 1x1 of any rank, KxK 2-D; fused forms;
+    float32) as CSR or as blocks of 1xV outputs (V = the target's float lanes, or 4; for a KxK Conv V divides
+    C_out), where the sparse kernels are modelled faster than the dense ones. Weights pruned elsewhere are encoded too; a dense weight stays dense, so ordinary models are unchanged.
 
     Cost model (per weight, as a fraction of the dense kernel's time): the values stored (entries x V, zeros inside
     stored blocks included) over K x N, times the kernel's cost per stored value relative to a dense MAC
-    (1x1 Conv, positions in vectors: 1.6 per value + 0.8 per entry, whose input load serves V channels; matrix
+    (Conv, positions in vectors: 1.6 per value + 0.8 per entry, whose input load serves V channels; matrix
     product, V outputs per vector: 1.8 per value, x lanes / V when V < lanes; with V < lanes and at least lanes
     rows of A, rows in vectors: 2.2 per value + 0.8 per entry), fitted to tools/bench_sparse.py.
     The cheapest encoding is taken if it is below WIN (0.8) and stores fewer bytes (values + int32 indices + block

@@ -327,9 +327,9 @@ def lower_conv(kb: KernelBuilder) -> None:
     # imported here: these modules build on this one's helpers
     from edgecc.backends.kernels.conv_channels import emit_channel_vector_conv, prefers_channel_vectors
     from edgecc.backends.kernels.depthwise import emit_depthwise_rows, suits_depthwise_rows
-    from edgecc.backends.kernels.sparse import sparse_pointwise_conv
+    from edgecc.backends.kernels.sparse import sparse_direct_conv, sparse_pointwise_conv
 
-    if sparse_pointwise_conv(kb, x, y, bias, window, epilogue):
+    if sparse_pointwise_conv(kb, x, y, bias, window, epilogue) or sparse_direct_conv(kb, x, y, bias, window, epilogue):
         return
 
     if suits_depthwise_rows(x, w, window, group):

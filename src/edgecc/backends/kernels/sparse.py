@@ -1,4 +1,4 @@
-"""Sparse-weight kernels: Gemm / MatMul with an encoded constant B and 1x1 Conv with an encoded W (float32).
+"""Sparse-weight kernels: Gemm / MatMul with an encoded constant B, Conv (group 1) with an encoded W (float32).
 
 The Gemm, MatMul and Conv lowerings hand a node over here when its weight's type carries a SparseEncoding (see
 edgecc.ops.sparse for the stored layout: per column block of V outputs, a list of entries [k, V values]). The
@@ -13,6 +13,9 @@ the offsets it reads at run time, so the pattern is data and same-shaped layers 
   positions in vectors. A step covers T strips of lanes consecutive positions; for each column block
   (V output channels) the kernel walks its entries: one input load per strip for channel k, reused by the V
   channels' broadcast weights (V x T FMAs). Strided 1x1 convolutions (ResNet's downsampling) read strided lanes.
+- KxK convolution (`sparse_direct_conv`): the same walk per kernel tap, the taps unrolled (each tap's entries
+  are their own column blocks), so padding is a compile-time row check and lane mask per tap, as in conv.py.
+- Many-row products with narrow entries (`_emit_rows_in_vectors`): A's rows in vectors, the 1x1 Conv walk.
 
 Both finish each output vector with the same epilogue code as the dense kernels (bias / C, residual,
 activation), so fused nodes stay fused.
@@ -70,6 +73,12 @@ class _Entries:
     def weight(self, record, c: int) -> ir.Value:
         ptr = self.kb.element_ptr(self.words, add_i64(self.kb, record, 1 + c))
         return self.kb.b.load(ptr, typ=F32, align=4)
+
+
+def sparse_entries(kb: KernelBuilder) -> _Entries | None:
+    """The node's packed entries (see sparse_weights), or None."""
+    found = sparse_weights(kb)
+    return None if found is None else _Entries(kb, *found[:3])
 
 
 def for_column_blocks(kb: KernelBuilder, n: int, width: int, body) -> None:
@@ -229,35 +238,54 @@ def _emit_rows_in_vectors(kb: KernelBuilder, entries: _Entries, a: Buffer, a_off
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def walk_entries(kb: KernelBuilder, entries: _Entries, src: Buffer, k_stride: int, src_row, step: int, jb,
-                 cols: int, widths: list[int], init, finish) -> None:
-    """The outputs-by-vectors walk shared by the 1x1 Conv and the rows-in-vectors product: for the `cols` outputs c
-    of column block jb and strips t of widths[t] lanes (consecutive after src_row, `step` apart in src), accumulate
-    init(c, t, w) + sum over the block's entries of weight[c] * src[src_row + k * k_stride + lane * step] and hand
-    the vector to finish(c, t, w, value). A chunk of the block's outputs at a time, within the register budget; each
-    entry loads every strip once for the chunk."""
+def accumulate_entries(kb: KernelBuilder, entries: _Entries, accs: Accumulators, block, group: range,
+                       widths: list[int], load_strip) -> None:
+    """acc[c][t] += weight[c] * load_strip(k, t, w) over the entries of column `block`, for the outputs c in
+    `group` and strips t of widths[t] lanes (load_strip may return None: that strip reads nothing)."""
+    vec = Vec(kb, DType.float32)
+    first, end = entries.span(block)
+    with kb.loop(end, "e", start=first) as e:
+        record = entries.record(e)
+        kk = entries.k(record)
+        weights = [vec.splat(entries.weight(record, c), max(widths)) for c in group]
+        for t, w in enumerate(widths):
+            sv = load_strip(kk, t, w)
+            if sv is None:
+                continue
+            for c, wsplat in zip(group, weights):
+                accs.set(("walk", c, t), vec.fma(_first_lanes(kb, wsplat, w), sv, accs.get(("walk", c, t), vec.ty(w))))
+
+
+def walk_blocks(kb: KernelBuilder, entries: _Entries, cols: int, widths: list[int], init, accumulate, finish) -> None:
+    """The outputs-by-vectors walk of the convolution kernels and the rows-in-vectors product: for chunks of the
+    `cols` outputs c of a column block (within the register budget), acc[c][t] = init(c, t, w), then
+    accumulate(accs, group) (calls of accumulate_entries), then finish(c, t, w, acc[c][t])."""
     vec = Vec(kb, DType.float32)
     accs = Accumulators(kb)
     chunk = min(entries.width, vector_registers(kb) * 3 // 4)
-    offsets = [sum(widths[:t]) for t in range(len(widths))]
-    first, end = entries.span(jb)
     for c0 in range(0, cols, chunk):
         group = range(c0, min(cols, c0 + chunk))
         for c in group:
             for t, w in enumerate(widths):
                 accs.set(("walk", c, t), init(c, t, w))
-        with kb.loop(end, "e", start=first) as e:
-            record = entries.record(e)
-            row = add_i64(kb, src_row, kb.b.mul(entries.k(record), kb.i64(k_stride)))
-            weights = [vec.splat(entries.weight(record, c), max(widths)) for c in group]
-            for t, w in enumerate(widths):
-                sv = vec.load(src, add_i64(kb, row, offsets[t] * step), w, step)
-                for c, wsplat in zip(group, weights):
-                    value = vec.fma(_first_lanes(kb, wsplat, w), sv, accs.get(("walk", c, t), vec.ty(w)))
-                    accs.set(("walk", c, t), value)
+        accumulate(accs, group)
         for c in group:
             for t, w in enumerate(widths):
                 finish(c, t, w, accs.get(("walk", c, t), vec.ty(w)))
+
+
+def walk_entries(kb: KernelBuilder, entries: _Entries, src: Buffer, k_stride: int, src_row, step: int, jb,
+                 cols: int, widths: list[int], init, finish) -> None:
+    """walk_blocks over one column block jb whose entries read strips src[src_row + k * k_stride + lane * step]
+    (consecutive strips after each other)."""
+    vec = Vec(kb, DType.float32)
+    offsets = [sum(widths[:t]) for t in range(len(widths))]
+
+    def strip(kk, t, w):
+        return vec.load(src, add_i64(kb, src_row, kb.b.mul(kk, kb.i64(k_stride)), offsets[t] * step), w, step)
+
+    walk_blocks(kb, entries, cols, widths, init,
+                lambda accs, group: accumulate_entries(kb, entries, accs, jb, group, widths, strip), finish)
 
 
 def transpose_square(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:
@@ -283,12 +311,10 @@ def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer 
     emitted) when W is not encoded or the geometry is not a plain 1x1 one."""
     if set(window.kernel) != {1} or any(window.pads_begin) or any(window.pads_end):
         return False
-    found = sparse_weights(kb)
-    if found is None:
+    entries = sparse_entries(kb)
+    if entries is None:
         return False
-    words, width, blocks, _ = found
-    entries = _Entries(kb, words, width, blocks)
-    vec = Vec(kb, DType.float32)
+    width, vec = entries.width, Vec(kb, DType.float32)
     n_batch, channels_out = x.shape[0], y.shape[1]
     out = tuple(window.out)
     xs, ys = strides_of(x.shape), strides_of(y.shape)
@@ -325,4 +351,74 @@ def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer 
                 positions(n_idx, oys, mul_i64(kb, s, step), [vl] * strips)
         if rest:
             positions(n_idx, oys, steps * step, strip_widths(rest, vl))
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KxK convolution
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sparse_direct_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | None, window, epilogue) -> bool:
+    """Y = W * X for a 2-D, group-1 Conv of any kernel, strides, dilations and pads whose W is encoded. The weight's
+    [K, N] view is [C_in, taps x C_out] (ops.sparse.matrix_view), so column block (tap, jb) lists the input
+    channels of tap (ky, kx) for V output channels: for each tile of output positions and block of V channels, the
+    kernel walks the taps (unrolled: the row check and the border lanes are compile-time per tap) and each tap's
+    entries like the 1x1 kernel. Border tiles load only the lanes inside the row (conv.load_row_inside).
+    False when W is not encoded, X is not 2-D, or V does not divide C_out (blocks would straddle taps)."""
+    value = kb.node.input(WEIGHT_INPUT)
+    encoding = value.type.sparse if value is not None and value.type is not None else None
+    if len(window.kernel) != 2 or encoding is None or y.shape[1] % encoding.width:
+        return False
+    entries = sparse_entries(kb)
+    if entries is None:
+        return False
+    from edgecc.backends.kernels.conv import emit_tile_groups, load_row_inside, plan_tiles
+
+    width, vec, b = entries.width, Vec(kb, DType.float32), kb.b
+    (kh, kw), (sy, sx), (dy, dx), (py, px) = window.kernel, window.strides, window.dilations, window.pads_begin
+    height, width_in = x.shape[2:]
+    xs, ys = strides_of(x.shape), strides_of(y.shape)
+    vl = lanes(kb)
+    channel_blocks = y.shape[1] // width
+    strips = max(1, min(8, (vector_registers(kb) * 3 // 4) // min(width, vector_registers(kb) * 3 // 4)))
+    tiles, loop_tiles = plan_tiles(window.out[1], vl, width_in, kw, sx, dx, px)
+
+    def tile_block(n_idx, oy, ox0, widths: list[int], static: bool, ox_last: int, jb) -> None:
+        offsets = [sum(widths[:t]) for t in range(len(widths))]
+        y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), mul_i64(kb, oy, ys[2]), ox0)
+
+        def init(c, t, w):
+            return vec.splat(vec.scalar(bias, add_i64(kb, mul_i64(kb, jb, width), c)), w) if bias is not None \
+                else vec.zero(w)
+
+        def accumulate(accs, group) -> None:
+            for ky in range(kh):
+                iy = add_i64(kb, mul_i64(kb, oy, sy), ky * dy - py)
+                with b.if_then(b.icmp_unsigned("<", iy, kb.i64(height))):
+                    row = add_i64(kb, mul_i64(kb, n_idx, xs[0]), b.mul(iy, kb.i64(xs[2])))
+                    for kx in range(kw):
+                        def strip(kk, t, w, kx=kx):
+                            chan = add_i64(kb, row, b.mul(kk, kb.i64(xs[1])))
+                            if static:
+                                return load_row_inside(kb, vec, x, chan, ox0 + offsets[t], w, kx, sx, dx, px, width_in)
+                            start = add_i64(kb, chan, mul_i64(kb, ox0, sx), offsets[t] * sx + kx * dx - px)
+                            return vec.load(x, start, w, sx)
+
+                        block = add_i64(kb, jb, (ky * kw + kx) * channel_blocks)
+                        accumulate_entries(kb, entries, accs, block, group, widths, strip)
+
+        def finish(c, t, w, acc):
+            flat = add_i64(kb, y_row, mul_i64(kb, add_i64(kb, mul_i64(kb, jb, width), c), ys[1]), offsets[t])
+            vec.store(y, flat, epilogue.apply(vec, acc, flat, w), w)
+
+        walk_blocks(kb, entries, width, widths, init, accumulate, finish)
+
+    def emit(n_idx, oy, ox0, n: int, static: bool, ox_last: int, count: int) -> None:
+        with kb.loop(channel_blocks, "jb") as jb:
+            tile_block(n_idx, oy, ox0, [n] * count, static, ox_last, jb)
+
+    with kb.loop(x.shape[0], "n") as n_idx, kb.loop(window.out[0], "oy") as oy:
+        emit_tile_groups(kb, tiles, loop_tiles, vl, lambda ox0, n, static, ox_last, count: emit(
+            n_idx, oy, ox0, n, static, ox_last, count), strips)
     return True
