@@ -20,11 +20,15 @@ CONV_VALUE_COST, CONV_ENTRY_COST = 1.6, 0.8
 """The 1x1 Conv kernel (positions in vectors): time per stored value, and per entry (its index and input-strip
 load, shared by the entry's V output channels), in dense-kernel MACs. Fitted to tools/bench_sparse.py on the host
 (Zen 3, AVX2) at 90%: unstructured (V = 1) 0.20-0.29 of dense, 1x8 blocks 0.16-0.23 (docs/performance-sparse.md)."""
-GEMM_VALUE_COST = 1.8
+GEMM_VALUE_COST = 1.6
 """The matrix-product kernel (V outputs in one vector): time per stored value in dense MACs when V >= the target's
-lanes (1x8 blocks at 90%: 0.16-0.24 of dense on the large layers). With V < lanes an entry fills only V lanes and
-costs more per value: x lanes / V (at 90% unstructured zeros, CSR measured 0.57-1.05 of dense, 1x4 blocks 0.72-0.84:
-unstructured FC weights stay dense unless very sparse)."""
+lanes (1x8 blocks at 90%: 0.12-0.27 of dense). With V < lanes an entry fills only V lanes and costs more per value,
+x sqrt(lanes / V) as measured with one row of A (at 90% unstructured zeros: CSR 0.46-0.53 of dense, 1x4 blocks,
+of which 34% are stored, 0.72-0.76)."""
+GEMM_BLOCK_COST = 200
+"""The same kernel's fixed cost per column block and tile of up to 4 rows (offsets, loop set-up, the unrolled
+accumulators' sum, the epilogue), in dense MACs: small layers (mlp_mnist's 256 -> 128, one row: CSR 0.9-1.1 of
+dense at 90%) stay dense, large ones (784 -> 256: 0.56-0.66) are encoded."""
 GEMM_ROWS_VALUE_COST, GEMM_ROWS_ENTRY_COST = 2.2, 0.8
 """The matrix product with rows of A in vectors (ops.sparse.rows_in_vectors: entries narrower than the vectors and
 at least `lanes` rows, e.g. bert_tiny's MatMuls): per stored value and per entry, like the 1x1 Conv kernel's plus
@@ -61,7 +65,11 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
         return fraction * CONV_VALUE_COST + per_entry * CONV_ENTRY_COST
     if rows_in_vectors(rows_of(node), matrix.shape[0], encoding.width, lanes):
         return fraction * GEMM_ROWS_VALUE_COST + per_entry * GEMM_ROWS_ENTRY_COST
-    return fraction * GEMM_VALUE_COST * max(1.0, lanes / encoding.width)
+    rows = rows_of(node)
+    k, n = matrix.shape
+    blocks = -(-n // encoding.width) * -(-rows // min(4, max(1, rows)))
+    return fraction * GEMM_VALUE_COST * max(1.0, lanes / encoding.width) ** 0.5 + \
+        blocks * GEMM_BLOCK_COST / max(1, rows * k * n)
 
 
 def rows_of(node: Node) -> int:
@@ -149,15 +157,16 @@ def encode_sparsity(module: Module, target: str = "host", encoding: str = "auto"
 class EncodeSparsity(Pass):
     """Store sparse constant weights (Gemm/MatMul B, Conv W of group 1: 1x1 of any rank, KxK 2-D; fused forms;
     float32) as CSR or as blocks of 1xV outputs (V = the target's float lanes, or 4; for a KxK Conv V divides
-    C_out), where the sparse kernels are modelled faster than the dense ones. Weights pruned elsewhere are encoded too; a dense weight stays dense, so ordinary models are unchanged.
+    C_out), where the sparse kernels are modelled faster than the dense ones. Weights pruned elsewhere are encoded
+    too; a dense weight stays dense, so ordinary models are unchanged.
 
     Cost model (per weight, as a fraction of the dense kernel's time): the values stored (entries x V, zeros inside
-    stored blocks included) over K x N, times the kernel's cost per stored value relative to a dense MAC
-    (Conv, positions in vectors: 1.6 per value + 0.8 per entry, whose input load serves V channels; matrix
-    product, V outputs per vector: 1.8 per value, x lanes / V when V < lanes; with V < lanes and at least lanes
-    rows of A, rows in vectors: 2.2 per value + 0.8 per entry), fitted to tools/bench_sparse.py.
-    The cheapest encoding is taken if it is below WIN (0.8) and stores fewer bytes (values + int32 indices + block
-    offsets) than the dense array.
+    stored blocks included) over K x N, times the kernel's cost per stored value relative to a dense MAC. Conv
+    (positions in vectors): 1.6 per value + 0.8 per entry, whose input load serves V channels. Matrix product with
+    V outputs per vector: 1.6 per value, x sqrt(lanes / V) when V < lanes, + 200 per column block and tile of rows
+    (small layers stay dense); with V < lanes and at least `lanes` rows of A, rows in vectors: 2.2 per value + 0.8
+    per entry. Fitted to tools/bench_sparse.py on the host (docs/performance-sparse.md). The cheapest encoding is
+    taken if it is below WIN (0.8) and stores fewer bytes (values + int32 indices + block offsets) than dense.
 
     The constant keeps its dense array (the interpreter, export and every other reader are unchanged); the
     encoding is in its type (`tensor<..., sparse<block 1x8>>`) and the kernels pack it at compile time.
