@@ -113,6 +113,50 @@ def bench_layers(levels, runs: int, lanes: int):
     return rows
 
 
+ARM_LAYERS = [("conv", ("mobilenet_v2", 576, 96, 14, 14, 1, 1)), ("conv", ("mobilenet_v2", 160, 960, 7, 7, 1, 1)),
+              ("conv", ("resnet18", 128, 128, 28, 28, 1, 3)), ("fc", ("mlp_mnist", 1, 784, 256)),
+              ("fc", ("bert_tiny_enc", 128, 512, 128))]
+
+
+def arm_instructions(model, feeds, encoding: str, target: str) -> int:
+    """Guest instructions of one run of the layer on `target` under qemu-user (tools/arm_insncount.py's driver
+    and TCG plugin): exact and repeatable where wall time under qemu says nothing."""
+    import os
+    import tempfile
+
+    import edgecc
+    from arm_insncount import count, link
+
+    compiled = edgecc.compile(model, target=target, passes=f"-O3,encode-sparsity{{encoding={encoding}}}",
+                              progress=False)
+    with tempfile.TemporaryDirectory(prefix="edgecc-sparse-") as tmp:
+        exe = link(compiled, tmp)
+        inputs = os.path.join(tmp, "inputs.bin")
+        with open(inputs, "wb") as f:
+            for value in compiled.module.graph.inputs:
+                f.write(np.ascontiguousarray(feeds[value.name]).tobytes())
+        return count(compiled, exe, inputs, 1) - count(compiled, exe, inputs, 0)
+
+
+def bench_arm(targets: list[str], level: float) -> list[str]:
+    """Instructions of the sparse kernels over the dense ones on ARM, `level` zeros, unstructured and 1x4 blocks
+    (a NEON register of floats)."""
+    rng = np.random.default_rng(0)
+    lines = ["", f"| layer ({level:.0%} zeros) | target | dense instructions | CSR / dense (unstructured) | "
+             "1x4 blocks / dense (block pruned) |", "|---|---|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    for kind, shape in ARM_LAYERS:
+        label = f"{shape[0]} {'FC' if kind == 'fc' else 'Conv'} {shape[1:]}"
+        for target in targets:
+            dense_model, feeds = layer_model(kind, shape, 0.0, 1, rng)
+            dense = arm_instructions(dense_model, feeds, "dense", target)
+            csr = arm_instructions(layer_model(kind, shape, level, 1, rng)[0], feeds, "csr", target)
+            block = arm_instructions(layer_model(kind, shape, level, 4, rng)[0], feeds, "block", target)
+            lines.append(f"| {label} | {target} | {dense} | {csr / dense:.2f} | {block / dense:.2f} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def pruned_model(path: str, level: float, width: int = 1) -> onnx.ModelProto:
     """The model with every group-1 Conv and Gemm/MatMul initializer weight magnitude-pruned to `level` (in 1 x width
     blocks of outputs of the kernels' [K, N] view, see `prune` and edgecc.ops.sparse)."""
@@ -163,6 +207,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--models", default="mobilenet_v2,squeezenet1_1,resnet18,bert_tiny_enc,mlp_mnist")
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--arm", default="", help="also count guest instructions on these targets (armv8,armv7)")
     parser.add_argument("--write", metavar="FILE.md")
     args = parser.parse_args()
     from edgecc.backends.targets import resolve_target
@@ -186,10 +231,12 @@ def main() -> int:
                 models.append(f"| {name} | {pattern} | {r['dense']:.3f} | {r['sparse']:.3f} | "
                               f"{r['sparse'] / r['dense']:.2f} | {r['encoded']} |")
                 print(models[-1], flush=True)
+    if args.arm:
+        models += bench_arm(args.arm.split(","), 0.9)
     if args.write:
         with open(args.write, "w") as f:
             f.write(f"# Sparse kernels\n\n`python tools/bench_sparse.py --runs {args.runs} --levels {args.levels} "
-                    f"--models {args.models}` on {cpu_name()}, one thread, host target ({lanes} float lanes). "
+                    f"--models {args.models}" + (f" --arm {args.arm}" if args.arm else "") + f"` on {cpu_name()}, one thread, host target ({lanes} float lanes). "
                     "Layer times are the kernel's median over the runs (profile entry's cycle counter); model times "
                     "the median wall time of a run.\n\n" + "\n".join(out + models) + "\n")
     return 0

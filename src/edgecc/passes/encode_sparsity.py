@@ -22,9 +22,9 @@ load, shared by the entry's V output channels), in dense-kernel MACs. Fitted to 
 (Zen 3, AVX2) at 90%: unstructured (V = 1) 0.20-0.29 of dense, 1x8 blocks 0.16-0.23 (docs/performance-sparse.md)."""
 GEMM_VALUE_COST = 1.6
 """The matrix-product kernel (V outputs in one vector): time per stored value in dense MACs when V >= the target's
-lanes (1x8 blocks at 90%: 0.12-0.27 of dense). With V < lanes an entry fills only V lanes and costs more per value,
-x sqrt(lanes / V) as measured with one row of A (at 90% unstructured zeros: CSR 0.46-0.53 of dense, 1x4 blocks,
-of which 34% are stored, 0.72-0.76)."""
+lanes (1x8 blocks at 90%: 0.12-0.27 of dense). With V < lanes an entry fills only V lanes: x lanes / V. That is
+pessimistic for one row of A on the host (CSR at 90% took 0.46-0.87 of dense time, noisy) and right on ARM, where
+CSR for mlp_mnist's 784 -> 256 executes 1.16x the dense kernel's instructions on armv8 (1x4 blocks: 0.32x)."""
 GEMM_BLOCK_COST = 200
 """The same kernel's fixed cost per column block and tile of up to 4 rows (offsets, loop set-up, the unrolled
 accumulators' sum, the epilogue), in dense MACs: small layers (mlp_mnist's 256 -> 128, one row: CSR 0.9-1.1 of
@@ -68,7 +68,7 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
     rows = rows_of(node)
     k, n = matrix.shape
     blocks = -(-n // encoding.width) * -(-rows // min(4, max(1, rows)))
-    return fraction * GEMM_VALUE_COST * max(1.0, lanes / encoding.width) ** 0.5 + \
+    return fraction * GEMM_VALUE_COST * max(1.0, lanes / encoding.width) + \
         blocks * GEMM_BLOCK_COST / max(1, rows * k * n)
 
 
@@ -163,7 +163,7 @@ class EncodeSparsity(Pass):
     Cost model (per weight, as a fraction of the dense kernel's time): the values stored (entries x V, zeros inside
     stored blocks included) over K x N, times the kernel's cost per stored value relative to a dense MAC. Conv
     (positions in vectors): 1.6 per value + 0.8 per entry, whose input load serves V channels. Matrix product with
-    V outputs per vector: 1.6 per value, x sqrt(lanes / V) when V < lanes, + 200 per column block and tile of rows
+    V outputs per vector: 1.6 per value, x lanes / V when V < lanes, + 200 per column block and tile of rows
     (small layers stay dense); with V < lanes and at least `lanes` rows of A, rows in vectors: 2.2 per value + 0.8
     per entry. Fitted to tools/bench_sparse.py on the host (docs/performance-sparse.md). The cheapest encoding is
     taken if it is below WIN (0.8) and stores fewer bytes (values + int32 indices + block offsets) than dense.
