@@ -154,7 +154,7 @@ def test_sparse_kernels_match_onnxruntime(case, encoding, width, sparse_calls):
         "conv3x3": lambda: kxk_case(rng, residual=True),
         "conv3x3_s2": lambda: kxk_case(rng, h=10, w=13, strides=(2, 2), batch=2),
         "conv5x3_dilated": lambda: kxk_case(rng, kernel=(5, 3), dilations=(2, 2), pads=(3, 0, 1, 2), h=12, w=10),
-        "conv1x1_padded": lambda: kxk_case(rng, kernel=(1, 1), pads=(1, 2, 0, 1)),
+        "conv1x1_padded": lambda: kxk_case(rng, kernel=(1, 1), pads=(1, 2, 0, 1), co=10),
         "conv3x3_wide": lambda: kxk_case(rng, c=5, co=32, h=5, w=45, level=0.7),
     }[case]()
     _check(model, feeds, encoding, width)

@@ -5,8 +5,8 @@ edgecc.ops.sparse for the stored layout: per column block of V outputs, a list o
 weights are packed at compile time into one int32 array (`KernelBuilder.packed_input`), and the kernel walks
 the offsets it reads at run time, so the pattern is data and same-shaped layers share one kernel.
 
-- Matrix product (`emit_sparse_matmul`): output-stationary over column blocks. For MR rows of A and one column block,
-  MR accumulators of V lanes; each stored entry is one V-lane load of weights, MR broadcasts of A[i, k] and MR
+- Matrix product (`emit_sparse_matmul`): output-stationary over column blocks. For MR rows of A and one column
+  block, MR accumulators of V lanes; each stored entry is one V-lane load of weights, MR broadcasts of A[i, k] and MR
   fused multiply-adds. The entry loop is unrolled U times into U independent accumulator sets (summed at the
   end), so a matrix-vector product (M = 1) is not bound by the FMA latency of one chain.
 - 1x1 convolution (`sparse_pointwise_conv`), after Elsen et al. 2019 ("Fast Sparse ConvNets"): output
@@ -15,9 +15,11 @@ the offsets it reads at run time, so the pattern is data and same-shaped layers 
   channels' broadcast weights (V x T FMAs). Strided 1x1 convolutions (ResNet's downsampling) read strided lanes.
 - KxK convolution (`sparse_direct_conv`): the same walk per kernel tap, the taps unrolled (each tap's entries
   are their own column blocks), so padding is a compile-time row check and lane mask per tap, as in conv.py.
+  Strided convolutions (also 1x1) first copy each output row's input rows into a stack band split by column
+  phase, so every tap reads contiguous strips (strided loads made them 0.5-0.95 of dense at 90%; now 0.07-0.47).
 - Many-row products with narrow entries (`_emit_rows_in_vectors`): A's rows in vectors, the 1x1 Conv walk.
 
-Both finish each output vector with the same epilogue code as the dense kernels (bias / C, residual,
+All finish each output vector with the same epilogue code as the dense kernels (bias / C, residual,
 activation), so fused nodes stay fused.
 """
 
@@ -300,6 +302,23 @@ def transpose_square(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:
     return rows
 
 
+def conv_ends(kb: KernelBuilder, y: Buffer, bias: Buffer | None, epilogue, jb, width: int, y_row, offsets):
+    """(init, finish) of walk_blocks for a convolution's column block jb: accumulators start at the channel's bias;
+    strip t of channel c goes through the epilogue to Y[y_row + (jb * V + c) * C-stride + offsets[t]]."""
+    vec = Vec(kb, DType.float32)
+    channel_stride = strides_of(y.shape)[1]
+
+    def init(c, t, w):
+        return vec.splat(vec.scalar(bias, add_i64(kb, mul_i64(kb, jb, width), c)), w) if bias is not None \
+            else vec.zero(w)
+
+    def finish(c, t, w, acc):
+        flat = add_i64(kb, y_row, mul_i64(kb, add_i64(kb, mul_i64(kb, jb, width), c), channel_stride), offsets[t])
+        vec.store(y, flat, epilogue.apply(vec, acc, flat, w), w)
+
+    return init, finish
+
+
 def strip_widths(count: int, vl: int) -> list[int]:
     """Strips of vl lanes covering `count` items, the last one narrower."""
     return [vl] * (count // vl) + ([count % vl] if count % vl else [])
@@ -309,8 +328,9 @@ def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer 
     """Y = W * X (+ bias, epilogue) for a 1x1, unpadded, group-1 Conv whose W is encoded. `window` is the
     reference's geometry (after conv.pointwise_as_1d, which views stride-1 maps as one row). False (nothing
     emitted) when W is not encoded or the geometry is not a plain 1x1 one."""
-    if set(window.kernel) != {1} or any(window.pads_begin) or any(window.pads_end):
-        return False
+    if set(window.kernel) != {1} or any(window.pads_begin) or any(window.pads_end) or \
+            (len(window.kernel) == 2 and max(window.strides) > 1 and _band_floats(x, window) * 4 <= BAND_BYTES):
+        return False  # strided 2-D: sparse_direct_conv's band is faster than strided loads
     entries = sparse_entries(kb)
     if entries is None:
         return False
@@ -329,15 +349,8 @@ def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer 
         y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), *[mul_i64(kb, oy, ys[2 + a]) for a, oy in enumerate(oys)], ox0)
         offsets = [sum(widths[:t]) for t in range(len(widths))]
 
-        def init(c, t, w):
-            return vec.splat(vec.scalar(bias, add_i64(kb, mul_i64(kb, jb, width), c)), w) if bias is not None \
-                else vec.zero(w)
-
-        def finish(c, t, w, value):
-            flat = add_i64(kb, y_row, mul_i64(kb, add_i64(kb, mul_i64(kb, jb, width), c), ys[1]), offsets[t])
-            vec.store(y, flat, epilogue.apply(vec, value, flat, w), w)
-
-        walk_entries(kb, entries, x, xs[1], x_row, sx, jb, cols, widths, init, finish)
+        walk_entries(kb, entries, x, xs[1], x_row, sx, jb, cols, widths,
+                     *conv_ends(kb, y, bias, epilogue, jb, width, y_row, offsets))
 
     def positions(n_idx, oys, ox0, widths: list[int]) -> None:
         for_column_blocks(kb, channels_out, width, lambda jb, cols: channel_block(n_idx, oys, ox0, widths, jb, cols))
@@ -368,7 +381,7 @@ def sparse_direct_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | N
     False when W is not encoded, X is not 2-D, or V does not divide C_out (blocks would straddle taps)."""
     value = kb.node.input(WEIGHT_INPUT)
     encoding = value.type.sparse if value is not None and value.type is not None else None
-    if len(window.kernel) != 2 or encoding is None or y.shape[1] % encoding.width:
+    if len(window.kernel) != 2 or encoding is None or (y.shape[1] % encoding.width and window.kernel != (1, 1)):
         return False
     entries = sparse_entries(kb)
     if entries is None:
@@ -380,17 +393,16 @@ def sparse_direct_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | N
     height, width_in = x.shape[2:]
     xs, ys = strides_of(x.shape), strides_of(y.shape)
     vl = lanes(kb)
-    channel_blocks = y.shape[1] // width
+    channel_blocks = -(-y.shape[1] // width)  # (V divides C_out unless the kernel is 1x1)
     strips = max(1, min(8, (vector_registers(kb) * 3 // 4) // min(width, vector_registers(kb) * 3 // 4)))
+    if max(sy, sx) > 1 and _band_floats(x, window) * 4 <= BAND_BYTES:
+        _emit_banded_conv(kb, entries, x, y, bias, window, epilogue, strips)
+        return True
     tiles, loop_tiles = plan_tiles(window.out[1], vl, width_in, kw, sx, dx, px)
 
-    def tile_block(n_idx, oy, ox0, widths: list[int], static: bool, ox_last: int, jb) -> None:
+    def tile_block(n_idx, oy, ox0, widths: list[int], static: bool, jb, cols: int) -> None:
         offsets = [sum(widths[:t]) for t in range(len(widths))]
         y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), mul_i64(kb, oy, ys[2]), ox0)
-
-        def init(c, t, w):
-            return vec.splat(vec.scalar(bias, add_i64(kb, mul_i64(kb, jb, width), c)), w) if bias is not None \
-                else vec.zero(w)
 
         def accumulate(accs, group) -> None:
             for ky in range(kh):
@@ -408,17 +420,91 @@ def sparse_direct_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | N
                         block = add_i64(kb, jb, (ky * kw + kx) * channel_blocks)
                         accumulate_entries(kb, entries, accs, block, group, widths, strip)
 
-        def finish(c, t, w, acc):
-            flat = add_i64(kb, y_row, mul_i64(kb, add_i64(kb, mul_i64(kb, jb, width), c), ys[1]), offsets[t])
-            vec.store(y, flat, epilogue.apply(vec, acc, flat, w), w)
+        init, finish = conv_ends(kb, y, bias, epilogue, jb, width, y_row, offsets)
+        walk_blocks(kb, entries, cols, widths, init, accumulate, finish)
 
-        walk_blocks(kb, entries, width, widths, init, accumulate, finish)
-
-    def emit(n_idx, oy, ox0, n: int, static: bool, ox_last: int, count: int) -> None:
-        with kb.loop(channel_blocks, "jb") as jb:
-            tile_block(n_idx, oy, ox0, [n] * count, static, ox_last, jb)
+    def emit(n_idx, oy, ox0, n: int, static: bool, count: int) -> None:
+        for_column_blocks(kb, y.shape[1], width,
+                          lambda jb, cols: tile_block(n_idx, oy, ox0, [n] * count, static, jb, cols))
 
     with kb.loop(x.shape[0], "n") as n_idx, kb.loop(window.out[0], "oy") as oy:
-        emit_tile_groups(kb, tiles, loop_tiles, vl, lambda ox0, n, static, ox_last, count: emit(
-            n_idx, oy, ox0, n, static, ox_last, count), strips)
+        emit_tile_groups(kb, tiles, loop_tiles, vl, lambda ox0, n, static, _last, count: emit(
+            n_idx, oy, ox0, n, static, count), strips)
     return True
+
+
+BAND_BYTES = 65536
+"""Stack bytes a strided convolution may take for the deinterleaved input rows of one output row. (Stride-1
+convolutions read the input directly: a band measured no faster for them on resnet18's 3x3 layers.)"""
+
+
+def _band_floats(x: Buffer, window) -> int:
+    (kh, kw), (_, sx), (_, dx) = window.kernel, window.strides, window.dilations
+    phases = {(kx * dx) % sx for kx in range(kw)}
+    return x.shape[1] * kh * len(phases) * (window.out[1] + (kw - 1) * dx // sx)
+
+
+def _emit_banded_conv(kb: KernelBuilder, entries: _Entries, x: Buffer, y: Buffer, bias: Buffer | None, window,
+                      epilogue, strips: int) -> None:
+    """A strided convolution: for each output row, the input rows it reads are first copied into a stack band,
+    split by column phase and zero-padded: band[c][ky][phase][q] = X[c, oy*sy + ky*dy - py, q*sx + phase - px]
+    (0 outside X). Tap (ky, kx) then reads output positions ox..ox+n-1 as the contiguous band[c][ky][phase(kx)]
+    [ox + (kx*dx) // sx ...]: full-width vector loads with no strided shuffles, lane masks or row checks."""
+    vec, b = Vec(kb, DType.float32), kb.b
+    width = entries.width
+    (kh, kw), (sy, sx), (dy, dx), (py, px) = window.kernel, window.strides, window.dilations, window.pads_begin
+    height, width_in = x.shape[2:]
+    channels, channel_blocks = x.shape[1], -(-y.shape[1] // width)
+    xs, ys = strides_of(x.shape), strides_of(y.shape)
+    phases = sorted({(kx * dx) % sx for kx in range(kw)})
+    span = window.out[1] + (kw - 1) * dx // sx
+    count = channels * kh * len(phases) * span
+    band = Buffer(b.gep(entry_alloca(kb, ir.ArrayType(F32, count)), [kb.i64(0), kb.i64(0)], inbounds=True),
+                  TensorType(DType.float32, (count,)))
+    vl = lanes(kb)
+
+    def fill(n_idx, oy) -> None:
+        with kb.loop(channels, "bc") as c:
+            for ky in range(kh):
+                iy = add_i64(kb, mul_i64(kb, oy, sy), ky * dy - py)
+                row_ok = b.icmp_unsigned("<", iy, kb.i64(height))
+                row = add_i64(kb, mul_i64(kb, n_idx, xs[0]), b.mul(c, kb.i64(xs[1])), b.mul(iy, kb.i64(xs[2])))
+                for pi, phase in enumerate(phases):
+                    base = mul_i64(kb, add_i64(kb, mul_i64(kb, c, kh * len(phases)), ky * len(phases) + pi), span)
+                    with kb.loop(span, "bq") as q:
+                        ix = add_i64(kb, mul_i64(kb, q, sx), phase - px)
+                        inside = b.and_(row_ok, b.icmp_unsigned("<", ix, kb.i64(width_in)))
+                        value = kb.load(x, b.select(inside, add_i64(kb, row, ix), kb.i64(0)))
+                        kb.store(band, add_i64(kb, base, q), b.select(inside, value, ir.Constant(F32, 0.0)))
+
+    def channel_block(n_idx, oy, ox0, widths: list[int], jb, cols: int) -> None:
+        offsets = [sum(widths[:t]) for t in range(len(widths))]
+        y_row = add_i64(kb, mul_i64(kb, n_idx, ys[0]), mul_i64(kb, oy, ys[2]), ox0)
+
+        def accumulate(accs, group) -> None:
+            for ky in range(kh):
+                for kx in range(kw):
+                    lane0 = phases.index((kx * dx) % sx) * span + (kx * dx) // sx
+
+                    def strip(kk, t, w, ky=ky, lane0=lane0):
+                        plane = b.add(b.mul(kk, kb.i64(kh * len(phases) * span)), kb.i64(ky * len(phases) * span))
+                        return vec.load(band, add_i64(kb, plane, ox0, lane0 + offsets[t]), w)
+
+                    accumulate_entries(kb, entries, accs, add_i64(kb, jb, (ky * kw + kx) * channel_blocks), group,
+                                       widths, strip)
+
+        init, finish = conv_ends(kb, y, bias, epilogue, jb, width, y_row, offsets)
+        walk_blocks(kb, entries, cols, widths, init, accumulate, finish)
+
+    def positions(n_idx, oy, ox0, widths: list[int]) -> None:
+        for_column_blocks(kb, y.shape[1], width, lambda jb, cols: channel_block(n_idx, oy, ox0, widths, jb, cols))
+
+    step = strips * vl
+    steps, rest = divmod(window.out[1], step)
+    with kb.loop(x.shape[0], "n") as n_idx, kb.loop(window.out[0], "oy") as oy:
+        fill(n_idx, oy)
+        if steps:
+            with kb.loop(steps, "px") as s_:
+                positions(n_idx, oy, mul_i64(kb, s_, step), [vl] * strips)
+        if rest:
+            positions(n_idx, oy, steps * step, strip_widths(rest, vl))
