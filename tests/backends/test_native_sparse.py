@@ -213,9 +213,11 @@ def test_arm_targets_under_qemu(target):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
                     reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (installed by .ci/run)")
-def test_pruned_model_on_cortex_m4(tmp_path):
-    """A 1x1 Conv + Gemm model with 90% zeros at -O3 for Cortex-M4: the cost model encodes both (scalar target:
-    CSR), and the firmware's output under qemu-system-arm matches onnxruntime."""
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m55"])
+def test_pruned_model_on_cortex_m(tmp_path, target):
+    """A strided 1x1 Conv + Gemm model with 90% zeros at -O3 for Cortex-M (scalar M4, MVE M55; no stack scratch
+    there, so no band): the cost model encodes the Conv, and the firmware's output under qemu-system-arm matches
+    onnxruntime."""
     from test_bare_metal import _run_on_board, _semihosting_firmware
 
     from edgecc.cli import main
@@ -223,17 +225,18 @@ def test_pruned_model_on_cortex_m4(tmp_path):
     rng = np.random.default_rng(4)
     w1 = _sparse(rng, (16, 8, 1, 1), 0.9)
     w2 = _sparse(rng, (16 * 25, 10), 0.9)
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], strides=[2, 2]), helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "w2"], ["y"])]
-    model = _model(nodes, [("x", [1, 8, 5, 5])], [1, 10], {"w1": w1, "b1": rng.standard_normal(16).astype(np.float32),
+    model = _model(nodes, [("x", [1, 8, 9, 9])], [1, 10], {"w1": w1, "b1": rng.standard_normal(16).astype(np.float32),
                                                              "w2": w2})
     onnx.save(model, tmp_path / "m.onnx")
-    x = rng.standard_normal((1, 8, 5, 5)).astype(np.float32)
+    x = rng.standard_normal((1, 8, 9, 9)).astype(np.float32)
     x.tofile(tmp_path / "input.bin")
-    compiled = edgecc.compile(model, target="cortex-m4", opt_level=3, runtime="native", progress=False)
-    assert sum(v.type.sparse is not None for v in compiled.module.graph.constants()) == 2
-    assert main([str(tmp_path / "m.onnx"), "-O3", "--target", "cortex-m4", "-o", str(tmp_path / "model")]) == 0
-    run = _run_on_board("cortex-m4", _semihosting_firmware(tmp_path, "cortex-m4"), tmp_path / "input.bin")
+    compiled = edgecc.compile(model, target=target, opt_level=3, runtime="native", progress=False)
+    encoded = {n.op: n.inputs[1].type.sparse for n in compiled.module.graph.nodes if n.op in ("FusedConv", "Gemm")}
+    assert encoded["FusedConv"] is not None
+    assert main([str(tmp_path / "m.onnx"), "-O3", "--target", target, "-o", str(tmp_path / "model")]) == 0
+    run = _run_on_board(target, _semihosting_firmware(tmp_path, target), tmp_path / "input.bin")
     got = np.array([float(v) for v in run.stdout.split()], np.float32)
     expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0].reshape(-1)
     assert np.max(np.abs(got - expected)) <= RTOL * np.max(np.abs(expected))

@@ -124,12 +124,14 @@ ROW_TILE_BYTES = 65536
 """Stack bytes the rows-in-vectors product may take for its transposed tile of A (K x rows float32)."""
 
 
-def rows_in_vectors(m: int, k: int, width: int, lanes: int, budget: int = 12) -> int:
+def rows_in_vectors(m: int, k: int, width: int, lanes: int, budget: int = 12,
+                    stack_bytes: int = ROW_TILE_BYTES) -> int:
     """Rows of A the sparse matrix product puts in vectors (a multiple of `lanes`), or 0 when it keeps outputs in
     vectors instead. Entries narrower than the vectors (CSR, small blocks) fill only `width` lanes of an output
     vector; with at least `lanes` rows the product transposes a tile of A on the stack and runs like the 1x1
-    Conv kernel (rows in place of positions). `budget`: vector registers for accumulators."""
+    Conv kernel (rows in place of positions). `budget`: vector registers for accumulators; `stack_bytes`: the
+    stack it may take (0 on microcontrollers, whose stacks are small)."""
     if width >= lanes or lanes < 2 or m < lanes:
         return 0
-    strips = min(8, budget // min(width, budget), m // lanes, ROW_TILE_BYTES // (k * lanes * 4))
+    strips = min(8, budget // min(width, budget), m // lanes, stack_bytes // (k * lanes * 4))
     return strips * lanes if strips >= 1 else 0

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgecc.errors import PassError
+from edgecc.errors import EdgeccError, PassError
 from edgecc.ir.core import Module, Node, Value
 from edgecc.ir.types import SparseEncoding
 from edgecc.ops.costs import node_macs
-from edgecc.ops.sparse import (WEIGHT_INPUT, encodable, encoded_bytes_of, entry_mask, matrix_view,
+from edgecc.ops.sparse import (ROW_TILE_BYTES, WEIGHT_INPUT, encodable, encoded_bytes_of, entry_mask, matrix_view,
                                rows_in_vectors, sparse_capable)
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
@@ -39,14 +39,16 @@ stores fewer bytes): a margin for the model's error, so a weight is never made s
 ENCODINGS = ("auto", "dense", "csr", "block")
 
 
-def target_lanes(target: str) -> int:
-    """float32 lanes of `target`'s vectors (1 on scalar cores)."""
+def target_info(target: str) -> tuple[int, bool]:
+    """(float32 lanes of `target`'s vectors (1 on scalar cores), whether it is hosted: kernels take stack scratch
+    only there)."""
     from edgecc.backends.targets import resolve_target  # the target presets are data kept with the backends
 
     try:
-        return max(1, resolve_target(target).vector_bits // 32)
-    except Exception:  # an unknown name: the backend will report it; model a 128-bit target meanwhile
-        return 4
+        resolved = resolve_target(target)
+    except EdgeccError:  # an unknown name: the backend will report it; model a 128-bit hosted target meanwhile
+        return 4, True
+    return max(1, resolved.vector_bits // 32), resolved.hosted
 
 
 def candidates(lanes: int) -> list[SparseEncoding]:
@@ -54,7 +56,8 @@ def candidates(lanes: int) -> list[SparseEncoding]:
     return [SparseEncoding("csr")] + [SparseEncoding("block", (1, v)) for v in sorted({4, lanes}) if v > 1]
 
 
-def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lanes: int) -> float:
+def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lanes: int,
+                  hosted: bool = True) -> float:
     """Modelled time of the layer with `encoding`, as a fraction of the dense kernel's: the values stored (entries
     x V, the zeros inside stored blocks included) over K x N times the kernel's cost per stored value, plus (Conv)
     the entries' own cost."""
@@ -63,7 +66,7 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
     per_entry = entries / max(1, matrix.size)
     if node.op in ("Conv", "FusedConv"):
         return fraction * CONV_VALUE_COST + per_entry * CONV_ENTRY_COST
-    if rows_in_vectors(rows_of(node), matrix.shape[0], encoding.width, lanes):
+    if rows_in_vectors(rows_of(node), matrix.shape[0], encoding.width, lanes, stack_bytes=ROW_TILE_BYTES * hosted):
         return fraction * GEMM_ROWS_VALUE_COST + per_entry * GEMM_ROWS_ENTRY_COST
     rows = rows_of(node)
     k, n = matrix.shape
@@ -80,7 +83,7 @@ def rows_of(node: Node) -> int:
     return shape[-2] if len(shape) >= 2 else 1
 
 
-def choose_encoding(node: Node, matrix: np.ndarray, lanes: int) -> SparseEncoding | None:
+def choose_encoding(node: Node, matrix: np.ndarray, lanes: int, hosted: bool = True) -> SparseEncoding | None:
     """The cheapest encoding by modelled time, if it wins by WIN and stores fewer bytes; None: dense."""
     best, best_time = None, WIN
     if np.count_nonzero(matrix) >= WIN * matrix.size:  # every kernel costs >= 1 dense MAC per value kept
@@ -88,7 +91,7 @@ def choose_encoding(node: Node, matrix: np.ndarray, lanes: int) -> SparseEncodin
     for encoding in candidates(lanes):
         if not encodable(node, encoding):
             continue
-        time = modelled_time(node, matrix, encoding, lanes)
+        time = modelled_time(node, matrix, encoding, lanes, hosted)
         if time < best_time and encoded_bytes_of(matrix, encoding) < matrix.size * 4:
             best, best_time = encoding, time
     return best
@@ -121,7 +124,7 @@ def encode_sparsity(module: Module, target: str = "host", encoding: str = "auto"
     if encoding not in ENCODINGS:
         raise PassError(f"encode-sparsity: unknown encoding '{encoding}'", where="encoding",
                         hint=f"use one of {', '.join(ENCODINGS)}")
-    lanes = target_lanes(target)
+    lanes, hosted = target_info(target)
     forced = {"dense": None, "csr": SparseEncoding("csr"),
               "block": SparseEncoding("block", (1, width or lanes))}.get(encoding)
     records, seen = [], set()
@@ -140,7 +143,7 @@ def encode_sparsity(module: Module, target: str = "host", encoding: str = "auto"
         else:
             matrix = matrix_view(node)(value.const)
             if encoding == "auto":
-                chosen = choose_encoding(node, matrix, lanes)
+                chosen = choose_encoding(node, matrix, lanes, hosted)
             else:
                 chosen = forced if forced is not None and not np.all(matrix != 0) and \
                     all(encodable(n, forced) for n in nodes) else None

@@ -32,7 +32,7 @@ from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_blo
                                           i32_vector, lanes, mul_i64, vector_registers)
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
-from edgecc.ops.sparse import WEIGHT_INPUT, matrix_view, pack, rows_in_vectors, sparse_capable
+from edgecc.ops.sparse import ROW_TILE_BYTES, WEIGHT_INPUT, matrix_view, pack, rows_in_vectors, sparse_capable
 
 
 def sparse_weights(kb: KernelBuilder) -> tuple[Buffer, int, int, int] | None:
@@ -77,6 +77,12 @@ class _Entries:
         return self.kb.b.load(ptr, typ=F32, align=4)
 
 
+def stack_limit(kb: KernelBuilder, limit: int) -> int:
+    """Stack bytes a kernel may take for scratch: `limit` on hosted targets, none on microcontrollers (as the int8
+    kernels' bands, see qconv.emit_fast_qlinear_conv)."""
+    return limit if kb.target.hosted else 0
+
+
 def sparse_entries(kb: KernelBuilder) -> _Entries | None:
     """The node's packed entries (see sparse_weights), or None."""
     found = sparse_weights(kb)
@@ -113,7 +119,7 @@ def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int, int], a
         return
     words, width, blocks, k = found
     entries = _Entries(kb, words, width, blocks)
-    tile = rows_in_vectors(m, k, width, lanes(kb), vector_registers(kb) * 3 // 4)
+    tile = rows_in_vectors(m, k, width, lanes(kb), vector_registers(kb) * 3 // 4, stack_limit(kb, ROW_TILE_BYTES))
     if tile:
         _emit_rows_in_vectors(kb, entries, a, a_off, sam, sak, m, n, k, tile, epilogue)
         return
@@ -329,7 +335,8 @@ def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer 
     reference's geometry (after conv.pointwise_as_1d, which views stride-1 maps as one row). False (nothing
     emitted) when W is not encoded or the geometry is not a plain 1x1 one."""
     if set(window.kernel) != {1} or any(window.pads_begin) or any(window.pads_end) or \
-            (len(window.kernel) == 2 and max(window.strides) > 1 and _band_floats(x, window) * 4 <= BAND_BYTES):
+            (len(window.kernel) == 2 and max(window.strides) > 1 and
+             _band_floats(x, window) * 4 <= stack_limit(kb, BAND_BYTES)):
         return False  # strided 2-D: sparse_direct_conv's band is faster than strided loads
     entries = sparse_entries(kb)
     if entries is None:
@@ -395,7 +402,7 @@ def sparse_direct_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | N
     vl = lanes(kb)
     channel_blocks = -(-y.shape[1] // width)  # (V divides C_out unless the kernel is 1x1)
     strips = max(1, min(8, (vector_registers(kb) * 3 // 4) // min(width, vector_registers(kb) * 3 // 4)))
-    if max(sy, sx) > 1 and _band_floats(x, window) * 4 <= BAND_BYTES:
+    if max(sy, sx) > 1 and _band_floats(x, window) * 4 <= stack_limit(kb, BAND_BYTES):
         _emit_banded_conv(kb, entries, x, y, bias, window, epilogue, strips)
         return True
     tiles, loop_tiles = plan_tiles(window.out[1], vl, width_in, kw, sx, dx, px)
