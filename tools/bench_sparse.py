@@ -9,7 +9,8 @@ layers (mlp_mnist, bert_tiny_enc's MatMuls with 128 rows, mobilenet_v2's classif
 seeded random weights, pruned by magnitude to each level either unstructured or in 1xV blocks of outputs
 (V = the host's float lanes; a block is zeroed when its L1 norm is among the smallest). Each is compiled dense
 (`encode-sparsity{encoding=dense}`) and sparse (csr for unstructured, block for block pruning, forced), plus what
-the cost model (`encoding=auto`) picks; times are the kernel's median cycles from CompiledModel.profile.
+the cost model (`encoding=auto`) picks; times are the kernel's median cycles from CompiledModel.profile, the dense
+and sparse layers profiled alternately (5 rounds) so that the load of a shared machine meets both.
 Whole models: the float model, and the same model with every group-1 Conv and Gemm/MatMul weight magnitude-pruned to
 90% (numpy on the ONNX initializers, unstructured or in 1xV blocks), both at -O3 with the cost model choosing the
 encodings, median wall time of CompiledModel.run.
@@ -78,13 +79,26 @@ def layer_model(kind: str, shape, level: float, width: int, rng) -> tuple[onnx.M
     return model, {"x": rng.standard_normal(x_shape).astype(np.float32)}
 
 
-def kernel_ms(model, feeds, encoding: str, runs: int) -> tuple[float, object]:
+def compiled_layer(model, encoding: str):
     import edgecc
 
-    compiled = edgecc.compile(model, opt_level=3, passes=f"-O3,encode-sparsity{{encoding={encoding}}}",
-                              progress=False)
-    rows = compiled.profile(feeds, runs)
-    return sum(r["ms"] for r in rows), compiled
+    return edgecc.compile(model, opt_level=3, passes=f"-O3,encode-sparsity{{encoding={encoding}}}", progress=False)
+
+
+def kernel_ms(model, feeds, encoding: str, runs: int) -> tuple[float, object]:
+    """The layer's kernel time (ms, median over `runs`) compiled with `encoding`, and the compiled model."""
+    compiled = compiled_layer(model, encoding)
+    return sum(r["ms"] for r in compiled.profile(feeds, runs)), compiled
+
+
+def paired_ms(dense, sparse, dense_feeds, sparse_feeds, runs: int, rounds: int = 5) -> tuple[float, float]:
+    """Median kernel times of two compiled layers profiled alternately, `rounds` times runs/rounds each, so a
+    change in the machine's load meets both."""
+    times: tuple[list, list] = ([], [])
+    for _ in range(rounds):
+        for compiled, feeds, out in ((dense, dense_feeds, times[0]), (sparse, sparse_feeds, times[1])):
+            out.append(sum(r["ms"] for r in compiled.profile(feeds, max(1, runs // rounds))))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def encoding_of(compiled) -> str:
@@ -100,13 +114,13 @@ def bench_layers(levels, runs: int, lanes: int):
             label = (f"{shape[0]} {shape[6]}x{shape[6]} {shape[1]}->{shape[2]} @{shape[3]}x{shape[4]}" +
                      (f" s{shape[5]}" if shape[5] > 1 else "")) if kind == "conv" else \
                 f"{shape[0]} FC {shape[2]}->{shape[3]} M={shape[1]}"
-            model, feeds = layer_model(kind, shape, 0.0, 1, rng)
-            dense, _ = kernel_ms(model, feeds, "dense", runs)
+            model, dense_feeds = layer_model(kind, shape, 0.0, 1, rng)
+            dense_layer = compiled_layer(model, "dense")
             for pattern, width, forced in (("unstructured", 1, "csr"), (f"block 1x{lanes}", lanes, "block")):
                 for level in levels:
                     model, feeds = layer_model(kind, shape, level, width, rng)
-                    sparse, _ = kernel_ms(model, feeds, forced, runs)
-                    _, auto = kernel_ms(model, feeds, "auto", 3)
+                    dense, sparse = paired_ms(dense_layer, compiled_layer(model, forced), dense_feeds, feeds, runs)
+                    auto = compiled_layer(model, "auto")
                     rows.append((label, pattern, level, dense, sparse, encoding_of(auto)))
                     print(f"| {label} | {pattern} | {level:.0%} | {dense:.4f} | {sparse:.4f} | {sparse / dense:.2f} | "
                           f"{encoding_of(auto)} |", flush=True)
