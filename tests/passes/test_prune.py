@@ -128,6 +128,26 @@ def test_min_elements_skips_small_layers():
                                           initializer(model, weight_initializer(model, record["layer"])))
 
 
+def test_min_fan_in_keeps_depthwise_and_narrow_layers_dense():
+    """A depthwise conv (9 weights per output channel, 576 in all) and a 3x3 conv on 2 channels (18 per channel)
+    are left dense by default; the 3x3 conv on 16 channels (144 per channel) is pruned."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="first", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "w2"], ["b"], name="dw", group=64, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "w3"], ["y"], name="conv", pads=[1, 1, 1, 1], group=4)]
+    inits = [init(rng, "w1", (64, 2, 3, 3)), init(rng, "w2", (64, 1, 3, 3)), init(rng, "w3", (8, 16, 3, 3))]
+    model = make_model(nodes, [tensor_info("x", [1, 2, 5, 5])], [tensor_info("y", [1, 8, 5, 5])], inits)
+    records = prune_magnitude(prepared(model), 0.5)
+    assert [r["skipped"] for r in records] == [
+        "18 weights per output channel (< 32: depthwise or first layer); kept dense, as in Elsen et al. 2019",
+        "9 weights per output channel (< 32: depthwise or first layer); kept dense, as in Elsen et al. 2019", None]
+    assert [r["sparsity"] for r in records] == [0.0, 0.0, 0.5]
+    assert [r["skipped"] for r in prune_magnitude(prepared(model), 0.5, min_fan_in=0)] == [None, None, None]
+    with pytest.raises(EdgeccError, match="min-fan-in must be a non-negative integer") as info:
+        prune_magnitude(prepared(model), 0.5, min_fan_in=-3)
+    assert info.value.where == "--prune-min-fan-in"
+
+
 def test_ties_and_shared_weights_are_deterministic():
     """Equal magnitudes are zeroed in position order; a weight two MatMuls share is pruned once and shared."""
     w = np.tile(np.array([1, -1, 2, -2], np.float32), 100).reshape(20, 20)

@@ -182,6 +182,26 @@ def test_concat_offsets_and_per_channel_constants():
     _check(model, module, silenced)
 
 
+def test_matmul_bias_gelu_matmul():
+    """A transformer-style MLP on 2x5x16 tokens: MatMul 16->32 -> Add bias -> Relu -> MatMul 32->8 -> Add ->
+    Softmax over the features (graph output): the hidden features shrink, the second MatMul is left alone."""
+    rng = np.random.default_rng(12)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"), helper.make_node("Add", ["h", "b1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["o"], name="down"),
+             helper.make_node("Add", ["b2", "o"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+    inits = [init(rng, "w1", (16, 32)), init(rng, "b1", (32,)), init(rng, "w2", (32, 8)), init(rng, "b2", (8,))]
+    model = make_model(nodes, [tensor_info("x", [2, 5, 16])], [tensor_info("y", [2, 5, 8])], inits)
+    module = prepared(model)
+    records = prune_channels(module, 0.25)
+    reasons = {r["layer"]: r["skipped"] for r in records}
+    assert reasons["up"] is None and "(Softmax) normalises across the channels" in reasons["down"]
+    assert _weights(module) == {"up": (16, 24), "down": (24, 8)}
+    pruned = _pruned(records)["up"]
+    x = {"x": np.random.default_rng(13).standard_normal((2, 5, 16)).astype(np.float32)}
+    silenced = _silenced(model, {"w1": (1, pruned), "b1": (0, pruned)})
+    close(run_module(module, x)[0], ort_run(silenced, x)[0], 1e-5)
+
+
 def test_residual_add_is_refused():
     rng = np.random.default_rng(7)
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", **CONV),

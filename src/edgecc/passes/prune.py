@@ -136,16 +136,17 @@ def prune_magnitude(module: Module, sparsity: float, scope: str = "layer", min_e
     scope="layer": each layer loses round(sparsity * numel) weights (its own |w| quantile), capped at numel - 1.
     scope="global": one threshold over all eligible layers' weights together (layers with small weights lose
     more); an output channel the threshold would empty keeps its largest weight (the record says how many).
-    Layers with fewer than `min_elements` weights, or fewer than MIN_FAN_IN per output channel, are skipped.
-    Biases are never pruned. A weight constant shared
-    by several layers is pruned once and shared again. Ties are broken by position, so results are deterministic.
+    Layers with fewer than `min_elements` weights, or fewer than `min_fan_in` per output channel, are skipped.
+    Biases are never pruned. A weight constant shared by several layers is pruned once and shared again. Ties are
+    broken by position, so results are deterministic.
     """
     sparsity = check_fraction(sparsity, "--prune", "sparsity")
     if scope not in SCOPES:
         raise EdgeccError(f"unknown pruning scope '{scope}'", where="--prune-scope", hint="use layer or global")
-    if isinstance(min_elements, bool) or not isinstance(min_elements, (int, np.integer)) or min_elements < 0:
-        raise EdgeccError(f"min-elements must be a non-negative integer, got {min_elements!r}",
-                          where="--prune-min-elements", hint="e.g. 256")
+    for option, value, example in (("min-elements", min_elements, 256), ("min-fan-in", min_fan_in, MIN_FAN_IN)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise EdgeccError(f"{option} must be a non-negative integer, got {value!r}", where=f"--prune-{option}",
+                              hint=f"e.g. {example}")
     graph = module.graph
     records: list[dict] = []
     eligible: list[tuple[Node, dict]] = []
@@ -208,9 +209,10 @@ class PrunePass(CompressionPass):
 
     `scope=layer` prunes each layer to `sparsity` (round(sparsity * numel) zeros, ties by position);
     `scope=global` applies one |w| threshold to all eligible layers together, keeping at least one weight per
-    output channel. Layers with fewer than `min-elements` weights, or fewer than 32 per output channel (depthwise
-    convolutions, a first conv on few channels), are left alone (they lose accuracy and save little); biases are never pruned. Weights stay dense float32 (encode-sparsity stores
-    them). Changes numerics; opt-in only (`--prune`), in no -O pipeline.
+    output channel. Layers with fewer than `min-elements` weights, or fewer than `min-fan-in` per output channel
+    (depthwise convolutions, a first conv on few channels), are left alone (they lose accuracy and save little);
+    biases are never pruned. Weights stay dense float32 (encode-sparsity stores them). Changes numerics; opt-in
+    only (`--prune`), in no -O pipeline.
 
     Requires: topologically-sorted, shapes-inferred. Keeps both.
     Options: `sparsity` (default 0.8, in (0, 1)), `scope` (layer or global), `min-elements` (default 256),

@@ -353,6 +353,8 @@ def _bias_plan(plan: Plan, node: Node, keep: np.ndarray) -> None:
         return
     shape = bias.type.shape
     if node.op == "Conv" or (len(shape) >= 1 and shape[-1] != 1):
+        if not bias.is_const:
+            raise Refuse("its bias is not a constant")
         plan.slice_const(node, 2, len(shape) - 1, keep)
 
 
