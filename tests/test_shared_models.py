@@ -23,7 +23,7 @@ import onnxruntime as ort
 import pytest
 
 import edgecc
-from edgecc.backends.targets import PRESETS
+from edgecc.backends.targets import PRESETS, missing_host_features
 
 MODELS = ["mlp_mnist", "lenet5", "bert_tiny_enc", "squeezenet1_1", "shufflenet_v2_x1_0", "mobilenet_v2", "resnet18"]
 LARGE = {"squeezenet1_1", "shufflenet_v2_x1_0", "mobilenet_v2", "resnet18"}
@@ -91,6 +91,8 @@ def test_native_presets_run(shared_dir, name, target):
     missing = [tool for tool in (preset.qemu, preset.cc if preset.qemu else None) if tool and shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (.ci/run installs qemu-user and the cross toolchains)")
+    if preset.triple.startswith("x86_64") and missing_host_features(preset):
+        pytest.skip(f"this CPU lacks {', '.join(missing_host_features(preset)[:3])}... for {target}")
     path, feeds, expected = _case(shared_dir, name)
     (ours,) = edgecc.compile(path, opt_level=3, target=target).run(feeds)
     assert _rel_error(ours, expected) <= NATIVE_TOLERANCE

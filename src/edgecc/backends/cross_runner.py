@@ -75,6 +75,12 @@ class CrossRunner:
 
     def __init__(self, module: Module, code):
         target = code.target
+        if target.triple.startswith("x86_64") and not target.qemu:
+            from edgecc.backends.targets import missing_host_features
+
+            raise EdgeccError(f"target {target.name} needs CPU features this machine lacks "
+                              f"({', '.join(missing_host_features(target))})",
+                              hint="write its artifacts with -o and run them on such a CPU, or use --target host")
         if not target.hosted or not target.qemu:
             raise EdgeccError(f"target {target.name} cannot run on this machine",
                               hint="bare-metal objects are linked into firmware; see docs/c-api.md")

@@ -48,12 +48,17 @@ class Target:
         return 64 if self.triple.startswith(("x86_64", "aarch64")) else 32
 
 
-def _host_can_run(target: Target) -> bool:
+def missing_host_features(target: Target) -> list[str]:
+    """The CPU features `target` asks for that this machine lacks (x86: AVX-512 on a Zen 3, say)."""
     from edgecc.backends.llvm_driver import host_features
 
     wanted = {f[1:] for f in target.features.split(",") if f.startswith("+")}
     have = {f[1:] for f in host_features().split(",") if f.startswith("+")}
-    return wanted <= have
+    return sorted(wanted - have)
+
+
+def _host_can_run(target: Target) -> bool:
+    return not missing_host_features(target)
 
 
 def _host() -> Target:
