@@ -152,7 +152,7 @@ def hosvd(w, energy):
         r = int(np.argmax(squares >= energy * squares[-1])) + 1
         result.append((u[:, :r], r, squares[-1] - squares[r - 1]))
     (b, r_out, d_out), (a, r_in, d_in) = result
-    projected = np.einsum("nchw,nr,mr,cs,ds->mdhw", w, b, b, a, a)  # W x_0 B B^T x_1 A A^T
+    projected = np.einsum("nchw,nr,mr,cs,ds->mdhw", w, b, b, a, a, optimize=True)  # W x_0 B B^T x_1 A A^T
     return projected, (r_in, r_out), d_in + d_out
 
 
