@@ -20,15 +20,18 @@ CONV_VALUE_COST, CONV_ENTRY_COST = 1.6, 0.8
 """The 1x1 Conv kernel (positions in vectors): time per stored value, and per entry (its index and input-strip
 load, shared by the entry's V output channels), in dense-kernel MACs. Fitted to tools/bench_sparse.py on the host
 (Zen 3, AVX2) at 90%: unstructured (V = 1) 0.20-0.29 of dense, 1x8 blocks 0.16-0.23 (docs/performance-sparse.md)."""
-GEMM_VALUE_COST = 1.6
-"""The matrix-product kernel (V outputs in one vector): time per stored value in dense MACs when V >= the target's
-lanes (1x8 blocks at 90%: 0.12-0.27 of dense). With V < lanes an entry fills only V lanes: x lanes / V. That is
-pessimistic for one row of A on the host (CSR at 90% took 0.46-0.87 of dense time, noisy) and right on ARM, where
-CSR for mlp_mnist's 784 -> 256 executes 1.16x the dense kernel's instructions on armv8 (1x4 blocks: 0.32x)."""
-GEMM_BLOCK_COST = 200
+GEMM_ENTRY_COST = 3
+"""The matrix-product kernel (V outputs of one row in a vector): time per stored entry and row of A, in dense MACs,
+per float lane of the target up to 4 lanes (an entry is an index and A load, a weight vector load and an FMA, the
+dense kernel's cost of about 4 x lanes MACs where it is one lane wide). Measured with one row of A at 90% zeros:
+on AVX2 1x8 blocks 0.13-0.16 of dense time when 10% are stored, 0.7-0.86 for the 57% stored of an unstructured
+weight, CSR 0.46-1.04; on armv8 (guest instructions) CSR 1.16, 1x4 blocks 0.32: about 12 dense MACs per entry on
+both, so unstructured FC weights of hosted vector targets stay dense and blocks pay."""
+GEMM_BLOCK_COST = 25
 """The same kernel's fixed cost per column block and tile of up to 4 rows (offsets, loop set-up, the unrolled
-accumulators' sum, the epilogue), in dense MACs: small layers (mlp_mnist's 256 -> 128, one row: CSR 0.9-1.1 of
-dense at 90%) stay dense, large ones (784 -> 256: 0.56-0.66) are encoded."""
+accumulators' sum, the epilogue), in dense MACs per float lane of the target (a dense MAC is a lane of a vector
+FMA): 200 on AVX2, where small layers (mlp_mnist's 256 -> 128, one row: CSR 0.9-1.1 of dense at 90%) stay dense
+and large ones (784 -> 256: 0.53-0.66) could be encoded."""
 GEMM_ROWS_VALUE_COST, GEMM_ROWS_ENTRY_COST = 2.2, 0.8
 """The matrix product with rows of A in vectors (ops.sparse.rows_in_vectors: entries narrower than the vectors and
 at least `lanes` rows, e.g. bert_tiny's MatMuls): per stored value and per entry, like the 1x1 Conv kernel's plus
@@ -58,9 +61,8 @@ def candidates(lanes: int) -> list[SparseEncoding]:
 
 def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lanes: int,
                   hosted: bool = True) -> float:
-    """Modelled time of the layer with `encoding`, as a fraction of the dense kernel's: the values stored (entries
-    x V, the zeros inside stored blocks included) over K x N times the kernel's cost per stored value, plus (Conv)
-    the entries' own cost."""
+    """Modelled time of the layer with `encoding`, as a fraction of the dense kernel's (see the constants): per
+    stored value (entries x V, zeros inside stored blocks included) and per entry, over the dense K x N MACs."""
     entries = int(entry_mask(matrix, encoding.width).sum())
     fraction = entries * encoding.width / max(1, matrix.size)
     per_entry = entries / max(1, matrix.size)
@@ -71,8 +73,7 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
     rows = rows_of(node)
     k, n = matrix.shape
     blocks = -(-n // encoding.width) * -(-rows // min(4, max(1, rows)))
-    return fraction * GEMM_VALUE_COST * max(1.0, lanes / encoding.width) + \
-        blocks * GEMM_BLOCK_COST / max(1, rows * k * n)
+    return (entries * rows * GEMM_ENTRY_COST * min(lanes, 4) + blocks * GEMM_BLOCK_COST * lanes) / max(1, rows * k * n)
 
 
 def rows_of(node: Node) -> int:
@@ -84,17 +85,21 @@ def rows_of(node: Node) -> int:
 
 
 def choose_encoding(node: Node, matrix: np.ndarray, lanes: int, hosted: bool = True) -> SparseEncoding | None:
-    """The cheapest encoding by modelled time, if it wins by WIN and stores fewer bytes; None: dense."""
-    best, best_time = None, WIN
+    """None (dense), or the encoding to store: on hosted targets the fastest by modelled time if it wins by WIN;
+    on microcontrollers, where flash is what runs out, the smallest whose modelled time is no worse than dense.
+    Either way it must store fewer bytes than the dense array."""
     if np.count_nonzero(matrix) >= WIN * matrix.size:  # every kernel costs >= 1 dense MAC per value kept
         return None
+    options = []
     for encoding in candidates(lanes):
-        if not encodable(node, encoding):
-            continue
-        time = modelled_time(node, matrix, encoding, lanes, hosted)
-        if time < best_time and encoded_bytes_of(matrix, encoding) < matrix.size * 4:
-            best, best_time = encoding, time
-    return best
+        stored = encoded_bytes_of(matrix, encoding)
+        if encodable(node, encoding) and stored < matrix.size * 4:
+            options.append((modelled_time(node, matrix, encoding, lanes, hosted), stored, encoding))
+    if hosted:
+        wins = [o for o in options if o[0] < WIN]
+        return min(wins, key=lambda o: o[0])[2] if wins else None
+    fits = [o for o in options if o[0] <= 1.0]
+    return min(fits, key=lambda o: (o[1], o[0]))[2] if fits else None
 
 
 def readers(value: Value) -> list[Node] | None:
@@ -166,10 +171,11 @@ class EncodeSparsity(Pass):
     Cost model (per weight, as a fraction of the dense kernel's time): the values stored (entries x V, zeros inside
     stored blocks included) over K x N, times the kernel's cost per stored value relative to a dense MAC. Conv
     (positions in vectors): 1.6 per value + 0.8 per entry, whose input load serves V channels. Matrix product with
-    V outputs per vector: 1.6 per value, x lanes / V when V < lanes, + 200 per column block and tile of rows
+    V outputs of a row per vector: 3 x min(lanes, 4) per entry and row, + 25 x lanes per column block and row tile
     (small layers stay dense); with V < lanes and at least `lanes` rows of A, rows in vectors: 2.2 per value + 0.8
-    per entry. Fitted to tools/bench_sparse.py on the host (docs/performance-sparse.md). The cheapest encoding is
-    taken if it is below WIN (0.8) and stores fewer bytes (values + int32 indices + block offsets) than dense.
+    per entry. Fitted to tools/bench_sparse.py on the host (docs/performance-sparse.md). Of the encodings that store
+    fewer bytes (values + int32 indices + block offsets) than dense, hosted targets take the fastest if it is below
+    WIN (0.8); microcontrollers, short of flash, the smallest that is modelled no slower than dense.
 
     The constant keeps its dense array (the interpreter, export and every other reader are unchanged); the
     encoding is in its type (`tensor<..., sparse<block 1x8>>`) and the kernels pack it at compile time.
