@@ -63,6 +63,7 @@ def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     (dict(prune_channels=1.5), "--prune-channels"), (dict(low_rank=0.0), "--low-rank"),
     (dict(cluster_weights=1), "--cluster-weights"), (dict(cluster_weights=300), "--cluster-weights"),
     (dict(prune=0.5, prune_scope="model"), "--prune-scope"), (dict(prune=0.5, reconstruct=True), "--reconstruct"),
+    (dict(tucker=True), "--tucker"),
 ])
 def test_bad_options_are_clear_errors(kwargs, where):
     with pytest.raises(EdgeccError) as info:
@@ -127,7 +128,7 @@ def test_refit_of_a_pruned_gemm_is_the_masked_least_squares_solution():
 
 
 @pytest.mark.parametrize("technique", [dict(prune=0.7), dict(cluster_weights=8), dict(low_rank=0.8),
-                                       dict(prune_channels=0.4)])
+                                       dict(low_rank=0.8, tucker=True), dict(prune_channels=0.4)])
 def test_refit_brings_the_model_closer_to_the_original(technique):
     """On held-out inputs (not the calibration ones), the re-fitted model is closer to onnxruntime's run of the
     original model than the same compression without the re-fit."""

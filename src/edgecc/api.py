@@ -203,7 +203,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             mattr: str | None = None, progress: bool | None = None, quantize: str | None = None, calibration=None,
             calibration_method: str = "minmax", keep_fp32=None, min_sqnr: float | None = None,
             prune: float | None = None, prune_scope: str = "layer", prune_channels: float | None = None,
-            low_rank: float | None = None, cluster_weights: int | None = None, reconstruct: bool | None = None,
+            low_rank: float | None = None, tucker: bool = False, cluster_weights: int | None = None,
+            reconstruct: bool | None = None,
             **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
@@ -235,6 +236,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             shrinking every consumer.
         low_rank: factorise Gemm/MatMul and 1x1 Conv weights by truncated SVD keeping this fraction of their
             energy, where that saves bytes and MACs.
+        tucker: with low_rank, also split KxK convolutions by Tucker-2 (1x1, a smaller KxK core, 1x1).
         cluster_weights: share each weight tensor's values through a k-entry codebook (k-means), stored as
             packed indices.
         reconstruct: re-fit compressed layers by least squares on `calibration` (default: whenever calibration
@@ -263,7 +265,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
     from edgecc import compression
 
     compressing = compression.requested(prune, prune_channels, low_rank, cluster_weights)
-    compression.check_options(prune, prune_channels, low_rank, cluster_weights, prune_scope, reconstruct, calibration)
+    compression.check_options(prune, prune_channels, low_rank, cluster_weights, prune_scope, reconstruct, calibration,
+                              tucker)
     precision.check_options(quantize, None if compressing else calibration, calibration_method)
     bar = CompileProgress(progress)
     precision_report = compression_report = None
@@ -273,7 +276,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         if compressing:
             compression_report = compression.compress(
                 module, prune=prune, prune_scope=prune_scope, prune_channels=prune_channels, low_rank=low_rank,
-                cluster_weights=cluster_weights, calibration=calibration, reconstruct=reconstruct)
+                tucker=tucker, cluster_weights=cluster_weights, calibration=calibration, reconstruct=reconstruct)
             bar.step("compress")
         if quantize == "int8":
             precision_report = precision.quantize_int8(module, calibration, calibration_method, keep_fp32, progress,

@@ -83,6 +83,8 @@ def _add_compression_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--low-rank", type=float, metavar="ENERGY",
                        help="factorise Gemm/MatMul and 1x1 Conv weights by truncated SVD keeping this fraction of "
                             "their energy (e.g. 0.95), where that saves bytes and MACs")
+    group.add_argument("--tucker", action="store_true",
+                       help="with --low-rank: also split KxK convolutions by Tucker-2 (1x1, smaller KxK core, 1x1)")
     group.add_argument("--cluster-weights", type=int, metavar="K",
                        help="weight sharing: a K-entry codebook per weight tensor (k-means), stored as packed indices")
     group.add_argument("--reconstruct", dest="reconstruct", action="store_true", default=None,
@@ -102,7 +104,8 @@ def _compile_options(args) -> dict:
                 debug_rewrites=args.debug_rewrites, progress=args.progress, quantize=args.quantize,
                 calibration=args.calibration, calibration_method=args.calibration_method, keep_fp32=args.keep_fp32,
                 min_sqnr=args.min_sqnr, prune=args.prune, prune_scope=args.prune_scope,
-                prune_channels=args.prune_channels, low_rank=args.low_rank, cluster_weights=args.cluster_weights,
+                prune_channels=args.prune_channels, low_rank=args.low_rank, tucker=args.tucker,
+                cluster_weights=args.cluster_weights,
                 reconstruct=args.reconstruct)
 
 

@@ -35,7 +35,7 @@ def _fraction(value, flag: str, upper_inclusive: bool = False) -> float:
 
 
 def check_options(prune=None, prune_channels=None, low_rank=None, cluster_weights=None, prune_scope="layer",
-                  reconstruct=None, calibration=None) -> None:
+                  reconstruct=None, calibration=None, tucker=False) -> None:
     """Fail early, before the model is even loaded, on options that cannot work."""
     if prune is not None:
         _fraction(prune, "--prune")
@@ -53,6 +53,8 @@ def check_options(prune=None, prune_channels=None, low_rank=None, cluster_weight
     if reconstruct and calibration is None:
         raise EdgeccError("reconstruction needs calibration data", where="--reconstruct",
                           hint="pass --calibration DATA (inputs the layers are re-fitted on), or drop --reconstruct")
+    if tucker and low_rank is None:
+        raise EdgeccError("--tucker is a form of --low-rank", where="--tucker", hint="add --low-rank 0.95")
     if reconstruct and not requested(prune, prune_channels, low_rank, cluster_weights):
         raise EdgeccError("--reconstruct re-fits compressed layers, but no compression was asked for",
                           where="--reconstruct", hint="add --prune, --prune-channels, --low-rank or --cluster-weights")
@@ -68,7 +70,7 @@ def _weight_layers(module: Module) -> dict[str, int]:
 
 
 def compress(module: Module, *, prune=None, prune_scope: str = "layer", prune_channels=None, low_rank=None,
-             cluster_weights=None, calibration=None, reconstruct=None) -> dict:
+             tucker: bool = False, cluster_weights=None, calibration=None, reconstruct=None) -> dict:
     """Compress `module` in place (see the module docstring); returns the report's "compression" entry: the
     techniques and options used, one record per layer and technique (bytes and MACs before/after, sparsity,
     rank, clusters, or why a layer was skipped) and, when re-fitted, each layer's output error before and after."""
@@ -91,7 +93,9 @@ def compress(module: Module, *, prune=None, prune_scope: str = "layer", prune_ch
         from edgecc.passes.low_rank import low_rank as low_rank_of
 
         options["low_rank"] = float(low_rank)
-        layers += [dict(r, technique="low-rank") for r in low_rank_of(module, float(low_rank))]
+        if tucker:
+            options["tucker"] = True
+        layers += [dict(r, technique="low-rank") for r in low_rank_of(module, float(low_rank), tucker=bool(tucker))]
     if prune is not None:
         from edgecc.passes.prune import prune_magnitude
 
