@@ -135,3 +135,21 @@ def rows_in_vectors(m: int, k: int, width: int, lanes: int, budget: int = 12,
         return 0
     strips = min(8, budget // min(width, budget), m // lanes, stack_bytes // (k * lanes * 4))
     return strips * lanes if strips >= 1 else 0
+
+
+BAND_BYTES = 65536
+"""Stack bytes the sparse kernel of a strided 2-D convolution may take for the deinterleaved input rows of one
+output row (hosted targets only). Stride-1 convolutions read the input directly: a band measured no faster there."""
+
+
+def band_bytes(channels: int, kernel, strides, dilations, out_width: int) -> int:
+    """Bytes of that band: channels x kernel rows x column phases x the columns an output row's taps read."""
+    (kh, kw), sx, dx = kernel, strides[-1], dilations[-1]
+    phases = {(kx * dx) % sx for kx in range(kw)}
+    return 4 * channels * kh * len(phases) * (out_width + (kw - 1) * dx // sx)
+
+
+def banded(channels: int, kernel, strides, dilations, out_width: int, hosted: bool) -> bool:
+    """The sparse convolution kernel copies input rows into a band (see BAND_BYTES)."""
+    return hosted and len(kernel) == 2 and max(strides) > 1 and \
+        band_bytes(channels, kernel, strides, dilations, out_width) <= BAND_BYTES

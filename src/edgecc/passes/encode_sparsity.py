@@ -11,8 +11,8 @@ from edgecc.errors import EdgeccError, PassError
 from edgecc.ir.core import Module, Node, Value
 from edgecc.ir.types import SparseEncoding
 from edgecc.ops.costs import node_macs
-from edgecc.ops.sparse import (ROW_TILE_BYTES, WEIGHT_INPUT, encodable, encoded_bytes_of, entry_mask, matrix_view,
-                               rows_in_vectors, sparse_capable)
+from edgecc.ops.sparse import (ROW_TILE_BYTES, WEIGHT_INPUT, banded, encodable, encoded_bytes_of, entry_mask,
+                               matrix_view, rows_in_vectors, sparse_capable)
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 
@@ -20,6 +20,11 @@ CONV_VALUE_COST, CONV_ENTRY_COST = 1.6, 0.8
 """The 1x1 Conv kernel (positions in vectors): time per stored value, and per entry (its index and input-strip
 load, shared by the entry's V output channels), in dense-kernel MACs. Fitted to tools/bench_sparse.py on the host
 (Zen 3, AVX2) at 90%: unstructured (V = 1) 0.20-0.29 of dense, 1x8 blocks 0.16-0.23 (docs/performance-sparse.md)."""
+KXK_VALUE_COST, KXK_ENTRY_COST = 0.9, 3.3
+"""The KxK Conv kernel reading the input directly (stride 1): per stored value and per entry (each tap's entry
+walk, row check and border lanes), on maps at least 16 wide; narrower rows fill fewer lanes per entry walk, x
+sqrt(16 / width) per entry. Fitted to resnet18's 3x3 layers at 80-95% (CSR 3.6-4.8 dense MACs per value, 6.4 on
+the 7x7 map; 1x8 blocks 1.0-1.7)."""
 GEMM_ENTRY_COST = 3
 """The matrix-product kernel (V outputs of one row in a vector): time per stored entry and row of A, in dense MACs,
 per float lane of the target up to 4 lanes (an entry is an index and A load, a weight vector load and an FMA, the
@@ -67,6 +72,13 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
     fraction = entries * encoding.width / max(1, matrix.size)
     per_entry = entries / max(1, matrix.size)
     if node.op in ("Conv", "FusedConv"):
+        w, out = node.inputs[1].type.shape, node.outputs[0].type.shape
+        kernel = tuple(w[2:])
+        strides = tuple(node.attrs.get("strides") or (1,) * len(kernel))
+        dilations = tuple(node.attrs.get("dilations") or (1,) * len(kernel))
+        if np.prod(kernel) > 1 and not banded(w[1], kernel, strides, dilations, out[-1], hosted):
+            narrow = max(1.0, 16 / out[-1]) ** 0.5
+            return fraction * KXK_VALUE_COST + per_entry * KXK_ENTRY_COST * narrow
         return fraction * CONV_VALUE_COST + per_entry * CONV_ENTRY_COST
     if rows_in_vectors(rows_of(node), matrix.shape[0], encoding.width, lanes, stack_bytes=ROW_TILE_BYTES * hosted):
         return fraction * GEMM_ROWS_VALUE_COST + per_entry * GEMM_ROWS_ENTRY_COST
@@ -170,7 +182,9 @@ class EncodeSparsity(Pass):
 
     Cost model (per weight, as a fraction of the dense kernel's time): the values stored (entries x V, zeros inside
     stored blocks included) over K x N, times the kernel's cost per stored value relative to a dense MAC. Conv
-    (positions in vectors): 1.6 per value + 0.8 per entry, whose input load serves V channels. Matrix product with
+    (positions in vectors): 1.6 per value + 0.8 per entry, whose input load serves V channels (1x1, and strided
+    convolutions, which read a band); a stride-1 KxK Conv 0.9 per value + 3.3 per entry (more on maps under 16
+    wide). Matrix product with
     V outputs of a row per vector: 3 x min(lanes, 4) per entry and row, + 25 x lanes per column block and row tile
     (small layers stay dense); with V < lanes and at least `lanes` rows of A, rows in vectors: 2.2 per value + 0.8
     per entry. Fitted to tools/bench_sparse.py on the host (docs/performance-sparse.md). Of the encodings that store

@@ -16,7 +16,8 @@ the offsets it reads at run time, so the pattern is data and same-shaped layers 
 - KxK convolution (`sparse_direct_conv`): the same walk per kernel tap, the taps unrolled (each tap's entries
   are their own column blocks), so padding is a compile-time row check and lane mask per tap, as in conv.py.
   Strided convolutions (also 1x1) first copy each output row's input rows into a stack band split by column
-  phase, so every tap reads contiguous strips (strided loads made them 0.5-0.95 of dense at 90%; now 0.07-0.47).
+  phase, so every tap reads contiguous strips (strided loads made them 0.5-0.95 of dense at 90%; now 0.07-0.47;
+  ops.sparse.BAND_BYTES).
 - Many-row products with narrow entries (`_emit_rows_in_vectors`): A's rows in vectors, the 1x1 Conv walk.
 
 All finish each output vector with the same epilogue code as the dense kernels (bias / C, residual,
@@ -32,7 +33,8 @@ from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_blo
                                           i32_vector, lanes, mul_i64, vector_registers)
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
-from edgecc.ops.sparse import ROW_TILE_BYTES, WEIGHT_INPUT, matrix_view, pack, rows_in_vectors, sparse_capable
+from edgecc.ops.sparse import (ROW_TILE_BYTES, WEIGHT_INPUT, banded, matrix_view, pack, rows_in_vectors,
+                               sparse_capable)
 
 
 def sparse_weights(kb: KernelBuilder) -> tuple[Buffer, int, int, int] | None:
@@ -334,9 +336,7 @@ def sparse_pointwise_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer 
     """Y = W * X (+ bias, epilogue) for a 1x1, unpadded, group-1 Conv whose W is encoded. `window` is the
     reference's geometry (after conv.pointwise_as_1d, which views stride-1 maps as one row). False (nothing
     emitted) when W is not encoded or the geometry is not a plain 1x1 one."""
-    if set(window.kernel) != {1} or any(window.pads_begin) or any(window.pads_end) or \
-            (len(window.kernel) == 2 and max(window.strides) > 1 and
-             _band_floats(x, window) * 4 <= stack_limit(kb, BAND_BYTES)):
+    if set(window.kernel) != {1} or any(window.pads_begin) or any(window.pads_end) or _banded(kb, x, window):
         return False  # strided 2-D: sparse_direct_conv's band is faster than strided loads
     entries = sparse_entries(kb)
     if entries is None:
@@ -402,7 +402,7 @@ def sparse_direct_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | N
     vl = lanes(kb)
     channel_blocks = -(-y.shape[1] // width)  # (V divides C_out unless the kernel is 1x1)
     strips = max(1, min(8, (vector_registers(kb) * 3 // 4) // min(width, vector_registers(kb) * 3 // 4)))
-    if max(sy, sx) > 1 and _band_floats(x, window) * 4 <= stack_limit(kb, BAND_BYTES):
+    if _banded(kb, x, window):
         _emit_banded_conv(kb, entries, x, y, bias, window, epilogue, strips)
         return True
     tiles, loop_tiles = plan_tiles(window.out[1], vl, width_in, kw, sx, dx, px)
@@ -440,15 +440,8 @@ def sparse_direct_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | N
     return True
 
 
-BAND_BYTES = 65536
-"""Stack bytes a strided convolution may take for the deinterleaved input rows of one output row. (Stride-1
-convolutions read the input directly: a band measured no faster for them on resnet18's 3x3 layers.)"""
-
-
-def _band_floats(x: Buffer, window) -> int:
-    (kh, kw), (_, sx), (_, dx) = window.kernel, window.strides, window.dilations
-    phases = {(kx * dx) % sx for kx in range(kw)}
-    return x.shape[1] * kh * len(phases) * (window.out[1] + (kw - 1) * dx // sx)
+def _banded(kb: KernelBuilder, x: Buffer, window) -> bool:
+    return banded(x.shape[1], window.kernel, window.strides, window.dilations, window.out[-1], kb.target.hosted)
 
 
 def _emit_banded_conv(kb: KernelBuilder, entries: _Entries, x: Buffer, y: Buffer, bias: Buffer | None, window,
