@@ -173,6 +173,40 @@ def test_depthwise_and_narrow_first_layers_stay_dense():
     assert layers["pointwise"]["skipped"] is None and abs(layers["pointwise"]["sparsity"] - 0.8) < 1e-3
 
 
+@pytest.mark.parametrize("op", ["gemm", "conv"])
+def test_block_pruning_zeroes_whole_output_blocks_and_runs_them_sparse(op):
+    """--prune-block 8: in the weight's [K, N] view (K inputs, N outputs) every 1x8 block is all zero or kept
+    whole, 90% of the blocks are zero, the re-fit keeps the blocks, encode-sparsity stores them as 1x8 blocks, and
+    the native sparse kernel equals onnxruntime on the same (dense, zero-filled) weights."""
+    from edgecc.ops.sparse import matrix_view
+
+    model = mlp(k=128, h=64) if op == "gemm" else cnn()
+    shape = (1, 128) if op == "gemm" else (1, 3, 8, 8)
+    compiled = edgecc.compile(model, prune=0.9, prune_block=8, calibration=samples(shape, count=48))
+    layer = "fc1" if op == "gemm" else "conv2"
+    record = next(r for r in compiled.report["compression"]["layers"] if r["layer"] == layer)
+    assert record["block"] == 8 and record["skipped"] is None
+    node = next(n for n in compiled.module.graph.nodes if n.name == layer)
+    weight = node.inputs[1]
+    assert weight.type.sparse is not None and weight.type.sparse.block == (1, 8), weight.type
+    view = matrix_view(node)(weight.const)
+    blocks = (view.reshape(view.shape[0], -1, 8) != 0).any(axis=2)
+    assert abs(1 - blocks.mean() - 0.9) <= 1 / blocks.size, blocks.mean()
+    assert ((view.reshape(view.shape[0], -1, 8) != 0).all(axis=2) == blocks).all()  # whole blocks, never parts
+    dense = compiled.to_onnx()
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    want = ort_run(dense, x)
+    np.testing.assert_allclose(compiled.run({"x": x})[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_block_pruning_options_are_checked():
+    with pytest.raises(EdgeccError, match="per layer"):
+        edgecc.compile(mlp(), runtime="reference", prune=0.8, prune_block=8, prune_scope="global")
+    with pytest.raises(EdgeccError) as info:
+        edgecc.compile(mlp(), runtime="reference", prune_block=8)
+    assert info.value.where == "--prune-block"
+
+
 # -- the command ---------------------------------------------------------------------------------------------------
 
 def test_compress_report_prints_the_layers_and_a_sweep(tmp_path, capsys):

@@ -202,7 +202,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             constant_inputs=None, runtime: str = "native", name: str | None = None, mcpu: str | None = None,
             mattr: str | None = None, progress: bool | None = None, quantize: str | None = None, calibration=None,
             calibration_method: str = "minmax", keep_fp32=None, min_sqnr: float | None = None,
-            prune: float | None = None, prune_scope: str = "layer", prune_channels: float | None = None,
+            prune: float | None = None, prune_scope: str = "layer", prune_block: int = 1,
+            prune_channels: float | None = None,
             low_rank: float | None = None, tucker: bool = False, cluster_weights: int | None = None,
             reconstruct: bool | None = None,
             **options) -> CompiledModel:
@@ -231,7 +232,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         min_sqnr: for int8, the output SQNR (dB, on the calibration data) to reach by keeping the most sensitive
             layers in float32, one at a time. The report's "precision" entry lists every layer's SQNR.
         prune: unstructured magnitude pruning to this fraction of zero weights in each Conv/Gemm/MatMul
-            (prune_scope="global": one threshold over all layers). Changes numerics; see docs/compression.md.
+            (prune_scope="global": one threshold over all layers; prune_block=V: whole 1xV blocks of outputs, the
+            sparse kernels' vector unit). Changes numerics; see docs/compression.md.
         prune_channels: structured pruning: remove this fraction of each layer's output channels (lowest L1 norm),
             shrinking every consumer.
         low_rank: factorise Gemm/MatMul and 1x1 Conv weights by truncated SVD keeping this fraction of their
@@ -266,7 +268,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
 
     compressing = compression.requested(prune, prune_channels, low_rank, cluster_weights)
     compression.check_options(prune, prune_channels, low_rank, cluster_weights, prune_scope, reconstruct, calibration,
-                              tucker)
+                              tucker, prune_block)
     precision.check_options(quantize, None if compressing else calibration, calibration_method)
     bar = CompileProgress(progress)
     precision_report = compression_report = None
@@ -275,7 +277,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         bar.step("import")
         if compressing:
             compression_report = compression.compress(
-                module, prune=prune, prune_scope=prune_scope, prune_channels=prune_channels, low_rank=low_rank,
+                module, prune=prune, prune_scope=prune_scope, prune_block=prune_block, prune_channels=prune_channels,
+                low_rank=low_rank,
                 tucker=tucker, cluster_weights=cluster_weights, calibration=calibration, reconstruct=reconstruct)
             bar.step("compress")
         if quantize == "int8":

@@ -35,7 +35,7 @@ def _fraction(value, flag: str, upper_inclusive: bool = False) -> float:
 
 
 def check_options(prune=None, prune_channels=None, low_rank=None, cluster_weights=None, prune_scope="layer",
-                  reconstruct=None, calibration=None, tucker=False) -> None:
+                  reconstruct=None, calibration=None, tucker=False, prune_block=1) -> None:
     """Fail early, before the model is even loaded, on options that cannot work."""
     if prune is not None:
         _fraction(prune, "--prune")
@@ -53,6 +53,8 @@ def check_options(prune=None, prune_channels=None, low_rank=None, cluster_weight
     if reconstruct and calibration is None:
         raise EdgeccError("reconstruction needs calibration data", where="--reconstruct",
                           hint="pass --calibration DATA (inputs the layers are re-fitted on), or drop --reconstruct")
+    if prune_block != 1 and prune is None:
+        raise EdgeccError("--prune-block is a form of --prune", where="--prune-block", hint="add --prune 0.9")
     if tucker and low_rank is None:
         raise EdgeccError("--tucker is a form of --low-rank", where="--tucker", hint="add --low-rank 0.95")
     if reconstruct and not requested(prune, prune_channels, low_rank, cluster_weights):
@@ -69,8 +71,8 @@ def _weight_layers(module: Module) -> dict[str, int]:
     return sizes
 
 
-def compress(module: Module, *, prune=None, prune_scope: str = "layer", prune_channels=None, low_rank=None,
-             tucker: bool = False, cluster_weights=None, calibration=None, reconstruct=None) -> dict:
+def compress(module: Module, *, prune=None, prune_scope: str = "layer", prune_block: int = 1, prune_channels=None,
+             low_rank=None, tucker: bool = False, cluster_weights=None, calibration=None, reconstruct=None) -> dict:
     """Compress `module` in place (see the module docstring); returns the report's "compression" entry: the
     techniques and options used, one record per layer and technique (bytes and MACs before/after, sparsity,
     rank, clusters, or why a layer was skipped) and, when re-fitted, each layer's output error before and after."""
@@ -100,7 +102,10 @@ def compress(module: Module, *, prune=None, prune_scope: str = "layer", prune_ch
         from edgecc.passes.prune import prune_magnitude
 
         options.update(prune=float(prune), prune_scope=prune_scope)
-        layers += [dict(r, technique="prune") for r in prune_magnitude(module, float(prune), scope=prune_scope)]
+        if prune_block != 1:
+            options["prune_block"] = int(prune_block)
+        layers += [dict(r, technique="prune")
+                   for r in prune_magnitude(module, float(prune), scope=prune_scope, block=prune_block)]
     if cluster_weights is not None:
         from edgecc.passes.cluster_weights import cluster_weights as cluster_weights_of
 
@@ -162,8 +167,9 @@ def _reconstruct(original: Module, module: Module, layers: list[dict], samples: 
         if record.get("pruned_channels") and not record.get("skipped"):
             dropped = set(record["pruned_channels"])
             kept[record["layer"]] = [c for c in range(record["channels_before"]) if c not in dropped]
+    # unstructured masks are chosen again on the data; block masks keep their blocks (the kernels' unit)
     pruned = frozenset(n for r in layers if r["technique"] == "prune" and not r.get("skipped")
-                       for n in r.get("nodes") or [r["layer"]])
+                       and r.get("block", 1) == 1 for n in r.get("nodes") or [r["layer"]])
     return reconstruct(original, module, changed, samples, kept, reselect=pruned)
 
 
