@@ -170,3 +170,49 @@ def test_many_rows_take_csr_for_fc():
                             runtime="reference", passes="infer-shapes").module
     (record,) = encode_sparsity(module, "x86-64-v3")
     assert record["encoding"] == "sparse<csr>"
+
+
+def _qgemm_module(b: np.ndarray, trans_b: int = 1, b_zp: np.ndarray | None = None):
+    """One edgecc.QGemm (uint8 A [1, K], int8 B) as an IR module with its constants."""
+    n = b.shape[0] if trans_b else b.shape[1]
+    k = b.shape[1] if trans_b else b.shape[0]
+    params = [("a_scale", np.array(0.03, np.float32)), ("a_zp", np.array(9, np.uint8)), ("b", b),
+              ("b_scale", np.full(n, 0.002, np.float32)), ("b_zp", np.zeros(n, np.int8) if b_zp is None else b_zp),
+              ("y_scale", np.array(0.25, np.float32)), ("y_zp", np.array(120, np.uint8)),
+              ("c", np.zeros(n, np.int32))]
+    node = helper.make_node("QGemm", ["a"] + [p for p, _ in params], ["y"], domain="edgecc", transB=trans_b)
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                              [numpy_helper.from_array(v, p) for p, v in params])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("edgecc", 1)])
+    return edgecc.compile(model, runtime="reference", passes="infer-shapes").module
+
+
+def _int8_sparse(rng, shape, level=0.9):
+    b = rng.integers(1, 128, shape).astype(np.int8)
+    b[rng.random(shape) < level] = 0
+    return b
+
+
+def test_int8_qgemm_takes_the_int8_layout_on_microcontrollers_only():
+    """int8 B at 90% zeros: CSR in the int8 layout (2-byte k + 1-byte value per nonzero, uint16 offsets) on Cortex-M4,
+    counted exactly; hosts keep it dense (their dot4 kernel is far ahead of an entry walk)."""
+    rng = np.random.default_rng(7)
+    b = _int8_sparse(rng, (128, 64))  # [N, K] (transB)
+    module = _qgemm_module(b)
+    (record,) = encode_sparsity(module, "cortex-m4")
+    assert record["encoding"] == "sparse<csr>" and record["bytes_before"] == b.nbytes
+    nonzeros = int(np.count_nonzero(b))
+    assert record["bytes_after"] == -(-(2 * (128 + 1) + 3 * nonzeros) // 4) * 4
+    assert record["bytes_after"] <= 0.09 * 4 * b.size
+    (record,) = encode_sparsity(_qgemm_module(b), "host")
+    assert record["encoding"] == "dense" and record["skipped"] is None
+    (record,) = encode_sparsity(_qgemm_module(b), "host", encoding="block", width=4)
+    assert record["encoding"] == "sparse<block 1x4>"
+
+
+def test_int8_qgemm_with_weight_zero_points_stays_dense():
+    rng = np.random.default_rng(8)
+    b = _int8_sparse(rng, (16, 32))
+    (record,) = encode_sparsity(_qgemm_module(b, b_zp=np.ones(16, np.int8)), "cortex-m4")
+    assert record["encoding"] == "dense" and "zero point" in record["skipped"]

@@ -12,6 +12,16 @@ array (float32 values kept as their bits), so same-shaped layers share one kerne
     then per entry        [k, v_0, ..., v_{V-1}]   (1 + V words; columns past N hold 0)
 
 An entry is stored wherever any of its V values is nonzero; column block j's entries are in increasing k.
+
+int8 weights (edgecc.QGemm's B with zero points all 0, as quantize-int8 makes) have a byte layout of their own
+(`pack_int8`), read with byte loads only, so no alignment is needed past the offsets (Cortex-M included):
+
+    offsets[0 : J + 1]     entry offsets of the column blocks, as above: little-endian uint16 when every count
+                           fits (K x J <= 65535, a property of the shape), else int32 (`int8_offset_bytes`)
+    then per entry         [k lo byte, k hi byte, v_0, ..., v_{V-1}]   (2 + V bytes: k a little-endian uint16)
+    zero bytes up to a multiple of 4 (the array is int32)
+
+At 90% unstructured sparsity (V = 1) that is 3 bytes per nonzero: 7.5% of the float32 bytes, plus the offsets.
 """
 
 from __future__ import annotations
@@ -27,10 +37,34 @@ from edgecc.ir.types import SparseEncoding
 SPARSE_OPS = ("Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv")
 WEIGHT_INPUT = 1
 """The weight operand of every op above (Gemm/MatMul B, Conv W)."""
+INT8_SPARSE_OPS = ("QGemm",)
+"""int8 layers with a sparse kernel (backends/kernels/qsparse.py); their weight is input 3 (B)."""
+INT8_WEIGHT_INPUT = 3
+MAX_INT8_K = 65535
+"""The int8 layout stores k as a uint16."""
+
+
+def weight_input(node: Node) -> int:
+    """The index of `node`'s weight operand."""
+    return INT8_WEIGHT_INPUT if node.op in INT8_SPARSE_OPS else WEIGHT_INPUT
+
+
+def _int8_capable(node: Node) -> str | None:
+    x, w, zp = node.input(0), node.input(INT8_WEIGHT_INPUT), node.input(5)
+    if node.domain != "edgecc" or w is None or not w.is_const or w.type.dtype is not DType.int8:
+        return "the weight is not a constant int8 array"
+    if x is None or x.type is None or x.type.dtype not in (DType.uint8, DType.int8):
+        return "A is not int8 / uint8"
+    if zp is not None and (not zp.is_const or np.any(zp.const != 0)):
+        return "the weight zero point is not 0 (the int8 sparse kernel takes symmetric weights)"
+    k = w.type.shape[1] if node.attrs.get("transB", 0) else w.type.shape[0]
+    return None if k <= MAX_INT8_K else f"K = {k} exceeds the int8 layout's uint16 index"
 
 
 def sparse_capable(node: Node) -> str | None:
     """None if the sparse kernels compute `node` with its weight encoded, else why not (one line)."""
+    if node.op in INT8_SPARSE_OPS:
+        return _int8_capable(node)
     if node.op not in SPARSE_OPS or node.domain not in ("", "edgecc"):
         return f"{node.op} has no sparse kernel"
     x, w = node.input(0), node.input(WEIGHT_INPUT)
@@ -54,7 +88,7 @@ def sparse_capable(node: Node) -> str | None:
 def encodable(node: Node, encoding: SparseEncoding) -> bool:
     """The kernels take `node` (sparse_capable) with `encoding`: a KxK Conv's blocks must not straddle taps (V
     divides C_out)."""
-    w = node.inputs[WEIGHT_INPUT].type
+    w = node.inputs[weight_input(node)].type
     if node.op in ("Conv", "FusedConv") and w.size // max(1, w.shape[0] * w.shape[1]) > 1:
         return w.shape[0] % encoding.width == 0
     return True
@@ -65,7 +99,7 @@ def matrix_view(node: Node) -> Callable[[np.ndarray], np.ndarray]:
     depends only on the op and transB, so kernels shared by same-shaped layers can keep it as their packing."""
     if node.op in ("Conv", "FusedConv"):
         return _conv_view
-    if node.op in ("Gemm", "FusedGemm") and node.attrs.get("transB", 0):
+    if node.op in ("Gemm", "FusedGemm", "QGemm") and node.attrs.get("transB", 0):
         return np.transpose
     return np.asarray
 
@@ -113,10 +147,47 @@ def pack(matrix: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([offsets, records.reshape(-1)])
 
 
+def int8_offset_bytes(k: int, blocks: int) -> int:
+    """Bytes per offset of the int8 layout: 2 when no count can exceed a uint16 (K x J entries at most), else 4."""
+    return 2 if k * blocks <= 0xFFFF else 4
+
+
+def int8_stored_bytes(matrix: np.ndarray, width: int) -> int:
+    """Bytes of the int8 layout (module docstring): offsets, 2 + V bytes per entry, padding to 4."""
+    blocks = -(-matrix.shape[1] // width)
+    raw = int8_offset_bytes(matrix.shape[0], blocks) * (blocks + 1) + \
+        int(entry_mask(matrix, width).sum()) * (2 + width)
+    return -(-raw // 4) * 4
+
+
+def pack_int8(matrix: np.ndarray, width: int) -> np.ndarray:
+    """The int8 layout (module docstring) of an int8 [K, N] matrix with 1 x width entries, as int32 words."""
+    k, n = matrix.shape
+    if k > MAX_INT8_K:
+        raise ValueError(f"K = {k} does not fit the int8 layout's uint16 index")
+    blocks = -(-n // width)
+    values = np.zeros((k, blocks * width), dtype=np.int8)
+    values[:, :n] = matrix
+    values = values.reshape(k, blocks, width).transpose(1, 0, 2)  # [J, K, V]
+    mask = entry_mask(matrix, width).T  # [J, K]
+    offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))])
+    offsets = offsets.astype("<u2" if int8_offset_bytes(k, blocks) == 2 else "<i4").view(np.uint8)
+    js, ks = np.nonzero(mask)
+    records = np.empty((len(ks), 2 + width), dtype=np.uint8)
+    records[:, 0], records[:, 1] = ks & 0xFF, ks >> 8
+    records[:, 2:] = values[js, ks].view(np.uint8)
+    raw = np.concatenate([offsets, records.reshape(-1)])
+    body = np.zeros(-(-raw.size // 4) * 4, np.uint8)
+    body[:raw.size] = raw
+    return body.view("<i4").astype(np.int32)
+
+
 def encoded_bytes_of(matrix: np.ndarray, encoding: SparseEncoding | None, itemsize: int = 4) -> int:
-    """Bytes the [K, N] weight takes stored with `encoding` (None: dense)."""
+    """Bytes the [K, N] weight takes stored with `encoding` (None: dense); int8 matrices in the int8 layout."""
     if encoding is None:
         return int(matrix.size) * itemsize
+    if matrix.dtype == np.int8:
+        return int8_stored_bytes(matrix, encoding.width)
     return stored_words(matrix, encoding.width) * 4
 
 

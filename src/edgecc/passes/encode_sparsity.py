@@ -11,8 +11,8 @@ from edgecc.errors import EdgeccError, PassError
 from edgecc.ir.core import Module, Node, Value
 from edgecc.ir.types import SparseEncoding
 from edgecc.ops.costs import node_macs
-from edgecc.ops.sparse import (ROW_TILE_BYTES, WEIGHT_INPUT, banded, encodable, encoded_bytes_of, entry_mask,
-                               matrix_view, rows_in_vectors, sparse_capable)
+from edgecc.ops.sparse import (INT8_SPARSE_OPS, ROW_TILE_BYTES, banded, encodable, encoded_bytes_of, entry_mask,
+                               matrix_view, rows_in_vectors, sparse_capable, weight_input)
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 
@@ -44,6 +44,12 @@ the transposed tiles of A and of the outputs (CSR at 90%: 0.27-0.59 of dense on 
 WIN = 0.8
 """A sparse encoding is chosen only if its modelled time is below this fraction of the dense kernel's (and it
 stores fewer bytes): a margin for the model's error, so a weight is never made slower."""
+INT8_VALUE_COST, INT8_ENTRY_COST = 1.0, 2.0
+"""The int8 sparse kernel (backends/kernels/qsparse.py, scalar on microcontrollers) per stored value (a byte load,
+sign extension, multiply-add) and per entry and row (two index bytes, the activation load and its zero point), in
+the generic dense int8 kernel's MACs (an activation and a weight load, a multiply-add): counted from the
+instructions, not measured on a board. Hosted targets keep int8 weights dense: their dense kernel does 4 products
+per lane per dot4 instruction, which a walk over entries does not approach."""
 ENCODINGS = ("auto", "dense", "csr", "block")
 
 
@@ -71,6 +77,8 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
     entries = int(entry_mask(matrix, encoding.width).sum())
     fraction = entries * encoding.width / max(1, matrix.size)
     per_entry = entries / max(1, matrix.size)
+    if node.op in INT8_SPARSE_OPS:
+        return fraction * INT8_VALUE_COST + per_entry * INT8_ENTRY_COST
     if node.op in ("Conv", "FusedConv"):
         w, out = node.inputs[1].type.shape, node.outputs[0].type.shape
         kernel = tuple(w[2:])
@@ -102,10 +110,12 @@ def choose_encoding(node: Node, matrix: np.ndarray, lanes: int, hosted: bool = T
     Either way it must store fewer bytes than the dense array."""
     if np.count_nonzero(matrix) >= WIN * matrix.size:  # every kernel costs >= 1 dense MAC per value kept
         return None
+    if hosted and node.op in INT8_SPARSE_OPS:  # see INT8_VALUE_COST
+        return None
     options = []
     for encoding in candidates(lanes):
         stored = encoded_bytes_of(matrix, encoding)
-        if encodable(node, encoding) and stored < matrix.size * 4:
+        if encodable(node, encoding) and stored < matrix.nbytes:
             options.append((modelled_time(node, matrix, encoding, lanes, hosted), stored, encoding))
     if hosted:
         wins = [o for o in options if o[0] < WIN]
@@ -118,7 +128,7 @@ def readers(value: Value) -> list[Node] | None:
     """The nodes reading `value` as their weight, if all its readers do, the sparse kernels compute them all and
     they see the same [K, N] matrix; else None."""
     nodes = value.users
-    if not nodes or any(index != WEIGHT_INPUT for _, index in value.uses):
+    if not nodes or any(index != weight_input(user) for user, index in value.uses):
         return None
     if any(sparse_capable(n) is not None for n in nodes) or len({matrix_view(n) for n in nodes}) != 1:
         return None
@@ -146,8 +156,9 @@ def encode_sparsity(module: Module, target: str = "host", encoding: str = "auto"
               "block": SparseEncoding("block", (1, width or lanes))}.get(encoding)
     records, seen = [], set()
     for node in module.graph.nodes:
-        value = node.input(WEIGHT_INPUT)
-        if node.op not in ("Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv") or value is None \
+        value = node.input(weight_input(node))
+        if node.op not in ("Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv", *INT8_SPARSE_OPS) \
+                or value is None \
                 or not value.is_const or value._id in seen:
             continue
         seen.add(value._id)
@@ -190,6 +201,11 @@ class EncodeSparsity(Pass):
     per entry. Fitted to tools/bench_sparse.py on the host (docs/performance-sparse.md). Of the encodings that store
     fewer bytes (values + int32 indices + block offsets) than dense, hosted targets take the fastest if it is below
     WIN (0.8); microcontrollers, short of flash, the smallest that is modelled no slower than dense.
+
+    int8: edgecc.QGemm's constant int8 B with zero points 0 (as quantize-int8 makes) takes an int8 layout (uint16
+    k + V int8 values per entry, uint16 or int32 offsets: about 7.5% of the float32 bytes at 90% zeros) read by
+    backends/kernels/qsparse.py, on microcontrollers only (1.0 per value + 2.0 per entry, from instruction counts);
+    hosts keep it dense, where the dot4 kernel is faster.
 
     The constant keeps its dense array (the interpreter, export and every other reader are unchanged); the
     encoding is in its type (`tensor<..., sparse<block 1x8>>`) and the kernels pack it at compile time.

@@ -129,9 +129,27 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
     return True
 
 
+def requantise_exact(kb: KernelBuilder, value: ir.Value, col: ir.Value) -> ir.Value:
+    """The QGemm output for column `col` of the i32 sum `value` (bias included) as the reference computes it:
+    clamp(rint(value * (a_scale * b_scale[col] / y_scale)) + y_zp), in the output's compute type. Shared by the
+    generic kernel and the int8 sparse one (qsparse.py) on targets without the fixed-point form."""
+    from edgecc.backends.kernels.quant import _NP_INFO, rint_times_f32
+
+    a_s, b_s, y_s, y_zp = kb.inputs[1], kb.inputs[4], kb.inputs[6], kb.inputs[7]
+    out = kb.outputs[0]
+    lo, hi = _NP_INFO[out.dtype]
+    b = kb.b
+    mult = b.fdiv(b.fmul(kb.load(a_s, kb.i64(0)), kb.load(b_s, col if b_s.size > 1 else kb.i64(0))),
+                  kb.load(y_s, kb.i64(0)))
+    q = b.add(rint_times_f32(kb, value, mult), kb.convert(y_zp.dtype, DType.int64, kb.load(y_zp, kb.i64(0))))
+    q = b.select(b.icmp_signed("<", q, kb.i64(lo)), kb.i64(lo), q)
+    q = b.select(b.icmp_signed(">", q, kb.i64(hi)), kb.i64(hi), q)
+    return b.trunc(q, COMPUTE[out.dtype])
+
+
 def emit_generic_qgemm(kb: KernelBuilder) -> None:
     """(A - a_zp) @ (B - b_zp) + C by quant.emit_int_matmul, requantised exactly as the reference."""
-    from edgecc.backends.kernels.quant import _NP_INFO, at, emit_int_matmul, rint_times_f32
+    from edgecc.backends.kernels.quant import at, emit_int_matmul
 
     a, a_s, a_zp, b_, b_s, b_zp, y_s, y_zp = kb.inputs[:8]
     bias = kb.optional_input(8)
@@ -143,22 +161,16 @@ def emit_generic_qgemm(kb: KernelBuilder) -> None:
                               hint="make B a constant (the quantisation passes do) or transpose it into [K, N]")
         b_ = packed
     n = b_.shape[1]
-    lo, hi = _NP_INFO[out.dtype]
     b = kb.b
 
     def epilogue(_bi, m, n0, length, acc):
         row = b.mul(m, kb.i64(n))
         with kb.loop(length, "e") as j:
             col = b.add(n0, j)
-            mult = b.fdiv(b.fmul(kb.load(a_s, kb.i64(0)), kb.load(b_s, col if b_s.size > 1 else kb.i64(0))),
-                          kb.load(y_s, kb.i64(0)))
             value = b.load(at(kb, acc, I32, j), typ=I32)
             if bias is not None:
                 value = b.add(value, kb.load(bias, col))
-            q = b.add(rint_times_f32(kb, value, mult), kb.convert(y_zp.dtype, DType.int64, kb.load(y_zp, kb.i64(0))))
-            q = b.select(b.icmp_signed("<", q, kb.i64(lo)), kb.i64(lo), q)
-            q = b.select(b.icmp_signed(">", q, kb.i64(hi)), kb.i64(hi), q)
-            kb.store(out, b.add(row, col), b.trunc(q, COMPUTE[out.dtype]))
+            kb.store(out, b.add(row, col), requantise_exact(kb, value, col))
 
     rows = Buffer(a.ptr, dataclasses.replace(a.type, shape=(int(np.prod(a.shape[:-1])), a.shape[-1])))
     emit_int_matmul(kb, rows, a_zp, b_, b_zp, epilogue)
@@ -166,5 +178,7 @@ def emit_generic_qgemm(kb: KernelBuilder) -> None:
 
 @lowering("QGemm")
 def lower_qgemm(kb: KernelBuilder) -> None:
-    if not emit_fast_qgemm(kb):
+    from edgecc.backends.kernels.qsparse import emit_sparse_qgemm  # B encoded by encode-sparsity
+
+    if not emit_sparse_qgemm(kb) and not emit_fast_qgemm(kb):
         emit_generic_qgemm(kb)
