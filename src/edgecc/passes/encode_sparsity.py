@@ -48,8 +48,14 @@ INT8_VALUE_COST, INT8_ENTRY_COST = 1.0, 2.0
 """The int8 sparse kernel (backends/kernels/qsparse.py, scalar on microcontrollers) per stored value (a byte load,
 sign extension, multiply-add) and per entry and row (two index bytes, the activation load and its zero point), in
 the generic dense int8 kernel's MACs (an activation and a weight load, a multiply-add): counted from the
-instructions, not measured on a board. Hosted targets keep int8 weights dense: their dense kernel does 4 products
-per lane per dot4 instruction, which a walk over entries does not approach."""
+instructions, not measured on a board."""
+INT8_HOST_VALUE_COST, INT8_HOST_ENTRY_COST, INT8_HOST_BLOCK_COST = 0.15, 5.5, 16
+"""The same kernel on a hosted vector target whose dense int8 kernel has the generic (widened) dot4, in that
+kernel's MACs: per stored value (V lanes of one vector multiply-add), per entry and row, and per column block and
+row. Fitted to kernel times (CompiledModel.profile, median of 300) on a Zen 3 (AVX2, no VNNI) at 90% unstructured zeros,
+QGemm 784 -> 256 and 512 -> 512 x 16 rows: CSR 0.55 of dense, 1x4 blocks 0.44-0.47, 1x16 0.34-0.38; 64 -> 128
+(one row) CSR 0.81, 1x16 0.64. Targets with an int8 dot instruction (vpdpbusd, sdot: 4 products per lane and
+instruction) keep int8 weights dense (not measured here: no such host)."""
 ENCODINGS = ("auto", "dense", "csr", "block")
 
 
@@ -77,8 +83,11 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
     entries = int(entry_mask(matrix, encoding.width).sum())
     fraction = entries * encoding.width / max(1, matrix.size)
     per_entry = entries / max(1, matrix.size)
-    if node.op in INT8_SPARSE_OPS:
+    if node.op in INT8_SPARSE_OPS and not hosted:
         return fraction * INT8_VALUE_COST + per_entry * INT8_ENTRY_COST
+    if node.op in INT8_SPARSE_OPS:
+        blocks = -(-matrix.shape[1] // encoding.width) / max(1, matrix.size)
+        return fraction * INT8_HOST_VALUE_COST + per_entry * INT8_HOST_ENTRY_COST + blocks * INT8_HOST_BLOCK_COST
     if node.op in ("Conv", "FusedConv"):
         w, out = node.inputs[1].type.shape, node.outputs[0].type.shape
         kernel = tuple(w[2:])
@@ -104,13 +113,26 @@ def rows_of(node: Node) -> int:
     return shape[-2] if len(shape) >= 2 else 1
 
 
-def choose_encoding(node: Node, matrix: np.ndarray, lanes: int, hosted: bool = True) -> SparseEncoding | None:
+def int8_dot(target: str) -> bool:
+    """`target`'s dense int8 kernel has a dot instruction (qconv.dot4_form: vpdpbusd, sdot)."""
+    from edgecc.backends.kernels.qconv import dot4_form
+    from edgecc.backends.targets import resolve_target
+
+    try:
+        return dot4_form(resolve_target(target))[0] != "generic"
+    except EdgeccError:
+        return False
+
+
+def choose_encoding(node: Node, matrix: np.ndarray, lanes: int, hosted: bool = True,
+                    dot: bool = False) -> SparseEncoding | None:
     """None (dense), or the encoding to store: on hosted targets the fastest by modelled time if it wins by WIN;
     on microcontrollers, where flash is what runs out, the smallest whose modelled time is no worse than dense.
-    Either way it must store fewer bytes than the dense array."""
+    Either way it must store fewer bytes than the dense array. `dot`: the target has an int8 dot instruction
+    (int8 weights stay dense, see INT8_HOST_VALUE_COST)."""
     if np.count_nonzero(matrix) >= WIN * matrix.size:  # every kernel costs >= 1 dense MAC per value kept
         return None
-    if hosted and node.op in INT8_SPARSE_OPS:  # see INT8_VALUE_COST
+    if hosted and dot and node.op in INT8_SPARSE_OPS:
         return None
     options = []
     for encoding in candidates(lanes):
@@ -152,6 +174,7 @@ def encode_sparsity(module: Module, target: str = "host", encoding: str = "auto"
         raise PassError(f"encode-sparsity: unknown encoding '{encoding}'", where="encoding",
                         hint=f"use one of {', '.join(ENCODINGS)}")
     lanes, hosted = target_info(target)
+    dot = int8_dot(target)
     forced = {"dense": None, "csr": SparseEncoding("csr"),
               "block": SparseEncoding("block", (1, width or lanes))}.get(encoding)
     records, seen = [], set()
@@ -171,7 +194,7 @@ def encode_sparsity(module: Module, target: str = "host", encoding: str = "auto"
         else:
             matrix = matrix_view(node)(value.const)
             if encoding == "auto":
-                chosen = choose_encoding(node, matrix, lanes, hosted)
+                chosen = choose_encoding(node, matrix, lanes, hosted, dot)
             else:
                 chosen = forced if forced is not None and not np.all(matrix != 0) and \
                     all(encodable(n, forced) for n in nodes) else None
@@ -204,8 +227,9 @@ class EncodeSparsity(Pass):
 
     int8: edgecc.QGemm's constant int8 B with zero points 0 (as quantize-int8 makes) takes an int8 layout (uint16
     k + V int8 values per entry, uint16 or int32 offsets: about 7.5% of the float32 bytes at 90% zeros) read by
-    backends/kernels/qsparse.py, on microcontrollers only (1.0 per value + 2.0 per entry, from instruction counts);
-    hosts keep it dense, where the dot4 kernel is faster.
+    backends/kernels/qsparse.py: on microcontrollers 1.0 per value + 2.0 per entry (from instruction counts); on
+    hosted targets without an int8 dot instruction 0.15 per value + 5.5 per entry + 16 per column block (measured on
+    AVX2: CSR 0.55 of dense at 90%); targets with vpdpbusd or sdot keep int8 weights dense.
 
     The constant keeps its dense array (the interpreter, export and every other reader are unchanged); the
     encoding is in its type (`tensor<..., sparse<block 1x8>>`) and the kernels pack it at compile time.

@@ -124,22 +124,29 @@ def stack_bytes(kb: KernelBuilder, count: int, name: str) -> ir.Value:
 # dot4
 
 
+def dot4_form(target) -> tuple[str, int, bool | None]:
+    """(kind, lanes, signed activations) of `target`'s dot4 (see Dot4): "vnni", "sdot", or "generic" (lanes 0: the
+    target's). Also read by encode-sparsity: int8 sparse weights pay only against the generic form."""
+    features = set(target.features.split(","))
+    triple = target.triple
+    if triple.startswith("x86_64") and "+avx512vnni" in features and target.vector_bits >= 512:
+        return "vnni", 16, False
+    if triple.startswith("x86_64") and target.vector_bits >= 256 and (
+            "+avxvnni" in features or {"+avx512vnni", "+avx512vl"} <= features):
+        return "vnni", 8, False  # the 256-bit form (AVX-VNNI or AVX512-VL)
+    if triple.startswith(("aarch64", "arm64")) and "+dotprod" in features:
+        return "sdot", 4, True
+    return "generic", 0, None
+
+
 class Dot4:
     """acc (<L x i32>) += per lane, the sum of 4 activation bytes times 4 int8 weight bytes."""
 
     def __init__(self, kb: KernelBuilder):
         self.kb = kb
-        features = set(kb.target.features.split(","))
-        triple = kb.target.triple
-        if triple.startswith("x86_64") and "+avx512vnni" in features and kb.target.vector_bits >= 512:
-            self.kind, self.lanes, self.signed = "vnni", 16, False
-        elif triple.startswith("x86_64") and kb.target.vector_bits >= 256 and (
-                "+avxvnni" in features or {"+avx512vnni", "+avx512vl"} <= features):
-            self.kind, self.lanes, self.signed = "vnni", 8, False  # the 256-bit form (AVX-VNNI or AVX512-VL)
-        elif triple.startswith(("aarch64", "arm64")) and "+dotprod" in features:
-            self.kind, self.lanes, self.signed = "sdot", 4, True
-        else:
-            self.kind, self.lanes, self.signed = "generic", max(1, lanes(kb)), None
+        self.kind, self.lanes, self.signed = dot4_form(kb.target)
+        if self.kind == "generic":
+            self.lanes = max(1, lanes(kb))
         self.registers = vector_registers(kb)
 
     def accumulators(self) -> int:
