@@ -1,6 +1,6 @@
-"""int8 sparse kernel (backends/kernels/qsparse.py): edgecc.QGemm with its int8 B stored in the int8 sparse layout
-(ops/sparse.py `pack_int8`), against the dense int8 kernel on the same node and edgecc's reference interpreter of it
-(the op's registry reference, which follows the ONNX spec and is checked against onnxruntime in
+"""int8 sparse kernels (backends/kernels/qsparse.py): edgecc.QGemm with its int8 B, and 1x1 QLinearConv with its W,
+stored in the int8 sparse layout (ops/sparse.py `pack_int8`), against the dense int8 kernel on the same node and
+edgecc's reference interpreter of it (the op's registry reference, which follows the ONNX spec and is checked against onnxruntime in
 test_native_qconv.py / test_quantize_int8.py).
 
 Tolerance: bit-exact. The sparse kernel sums the same exact integers (no overflow: |sum| < 2^31) and requantises
@@ -24,7 +24,7 @@ from edgecc.backends.kernels import qsparse
 from edgecc.ir.types import SparseEncoding
 from edgecc.ops.sparse import int8_offset_bytes, int8_stored_bytes, pack_int8
 
-from test_native_qconv import assert_close_int, qgemm_model, reference
+from test_native_qconv import assert_close_int, qconv_model, qgemm_model, reference
 
 RNG = np.random.default_rng(23)
 
@@ -43,18 +43,30 @@ def sparse_qgemm(a_shape, n: int, trans_b: int, level: float = 0.9, a_dtype=np.u
 
 @pytest.fixture
 def qsparse_calls(monkeypatch):
-    """The QGemm nodes the int8 sparse kernel built (so a test fails if the dense kernel quietly ran instead)."""
+    """The nodes the int8 sparse kernels built (so a test fails if the dense kernel quietly ran instead)."""
     calls = []
-    original = qsparse.emit_sparse_qgemm
+    for name in ("emit_sparse_qgemm", "emit_sparse_qlinear_conv"):
+        original = getattr(qsparse, name)
 
-    def spy(kb):
-        done = original(kb)
-        if done:
-            calls.append(kb.node.name)
-        return done
+        def spy(kb, original=original):
+            done = original(kb)
+            if done:
+                calls.append(kb.node.op)
+            return done
 
-    monkeypatch.setattr(qsparse, "emit_sparse_qgemm", spy)
+        monkeypatch.setattr(qsparse, name, spy)
     return calls
+
+
+def sparse_qconv(x_shape, m: int, level: float = 0.9, **options):
+    """test_native_qconv's 1x1 QLinearConv with `level` of W zeroed (and output channel 1 entirely)."""
+    model, feeds = qconv_model(x_shape, m, 1, **options)
+    init = next(i for i in model.graph.initializer if i.name == "w")
+    w = numpy_helper.to_array(init).copy()
+    w[RNG.random(w.shape) < level] = 0
+    w[1] = 0
+    init.CopyFrom(numpy_helper.from_array(w, "w"))
+    return model, feeds
 
 
 def _unpack(words: np.ndarray, k: int, n: int, width: int) -> np.ndarray:
@@ -113,6 +125,36 @@ def test_sparse_qgemm_equals_dense_kernel(case, encoding, qsparse_calls):
     assert_close_int(got, reference(model, feeds))
 
 
+CONV_CASES = {  # (x shape, output channels, options)
+    "pointwise": ((1, 24, 9, 9), 40, {}),
+    "signed_batched": ((2, 13, 5, 7), 10, dict(x_dtype=np.int8, y_dtype=np.int8)),
+    "per_tensor_no_bias": ((1, 16, 4, 6), 12, dict(per_channel=False, bias=False)),
+}
+
+
+@pytest.mark.parametrize("encoding", ["csr", "block{width=4}", "block{width=8}"])
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_sparse_pointwise_qlinear_conv_equals_dense_kernel(case, encoding, qsparse_calls):
+    x_shape, m, options = CONV_CASES[case]
+    model, feeds = sparse_qconv(x_shape, m, **options)
+    kind, _, width = encoding.partition("{")
+    spec = f"-O2,encode-sparsity{{encoding={kind}" + ("," + width if width else "}")
+    compiled = edgecc.compile(model, runtime="native", passes=spec, progress=False)
+    assert [v.type.sparse.kind for v in compiled.module.graph.constants() if v.type.sparse is not None] == [kind]
+    got = compiled.run(feeds)[0]
+    assert qsparse_calls == ["QLinearConv"]
+    dense = edgecc.compile(model, runtime="native", passes="-O2", progress=False).run(feeds)[0]
+    np.testing.assert_array_equal(got, dense)
+    assert_close_int(got, reference(model, feeds))
+
+
+def test_strided_or_kxk_qlinear_conv_stays_dense():
+    for model, _ in (qconv_model((1, 8, 6, 6), 8, 1, strides=[2, 2]), qconv_model((1, 8, 6, 6), 8, 3)):
+        compiled = edgecc.compile(model, runtime="reference", passes="-O2,encode-sparsity{encoding=csr}",
+                                  progress=False)
+        assert all(v.type.sparse is None for v in compiled.module.graph.constants())
+
+
 def test_wide_layer_takes_the_exact_requantisation(qsparse_calls):
     """More columns than qconv.MAX_CHANNELS: the generic kernel's exact requantisation (the form microcontrollers
     use), bit-exact to the reference; also the narrower last column block (4100 = 4 x 1025)."""
@@ -122,6 +164,10 @@ def test_wide_layer_takes_the_exact_requantisation(qsparse_calls):
     got = compiled.run(feeds)[0]
     assert qsparse_calls
     np.testing.assert_array_equal(got, reference(model, feeds))
+    model, feeds = sparse_qconv((1, 8, 3, 3), 4101, level=0.8)
+    compiled = edgecc.compile(model, runtime="native", passes="-O2,encode-sparsity{encoding=csr}", progress=False)
+    np.testing.assert_array_equal(compiled.run(feeds)[0], reference(model, feeds))
+    assert qsparse_calls == ["QGemm", "QLinearConv"]
 
 
 def test_cost_model_encodes_int8_on_microcontrollers_and_generic_dot4_hosts():
@@ -151,39 +197,50 @@ def test_arm_targets_under_qemu(target):
                                       passes=f"-O2,encode-sparsity{{{spec}}}", progress=False)
             dense = edgecc.compile(model, target=target, runtime="native", passes="-O2", progress=False)
             np.testing.assert_array_equal(compiled.run(feeds)[0], dense.run(feeds)[0])
-    model, feeds = sparse_qgemm((2, 8), 4101, 1, level=0.8)  # the exact requantisation
-    compiled = edgecc.compile(model, target=target, runtime="native",
-                              passes="-O2,encode-sparsity{encoding=csr}", progress=False)
-    np.testing.assert_array_equal(compiled.run(feeds)[0], reference(model, feeds))
+    model, feeds = sparse_qconv((2, 13, 5, 7), 10, x_dtype=np.int8, y_dtype=np.int8)
+    for spec in ("encoding=csr", "encoding=block,width=4"):
+        compiled = edgecc.compile(model, target=target, runtime="native",
+                                  passes=f"-O2,encode-sparsity{{{spec}}}", progress=False)
+        dense = edgecc.compile(model, target=target, runtime="native", passes="-O2", progress=False)
+        np.testing.assert_array_equal(compiled.run(feeds)[0], dense.run(feeds)[0])
+    for model, feeds in (sparse_qgemm((2, 8), 4101, 1, level=0.8), sparse_qconv((1, 8, 3, 3), 4101, level=0.8)):
+        compiled = edgecc.compile(model, target=target, runtime="native",  # the exact requantisation
+                                  passes="-O2,encode-sparsity{encoding=csr}", progress=False)
+        np.testing.assert_array_equal(compiled.run(feeds)[0], reference(model, feeds))
 
 
 @pytest.mark.slow
 @_needs("arm-none-eabi-gcc", "qemu-system-arm")
 def test_pruned_int8_mlp_on_cortex_m4(tmp_path):
-    """A float MLP pruned to 90% and quantised to int8 by edgecc for Cortex-M4: both QGemm weights take the int8
-    sparse layout (the microcontroller cost model), and the firmware's output under qemu-system-arm equals the
+    """A float 1x1 Conv + MLP pruned to 90% and quantised to int8 by edgecc for Cortex-M4: the QLinearConv and both
+    QGemm weights take the int8 sparse layout (the microcontroller cost model), and the firmware's output under qemu-system-arm equals the
     reference interpreter's on the same compiled module (exact: integer kernels, the exact requantisation, the same
     float32 dequantisation)."""
     from test_bare_metal import _run_on_board, _semihosting_firmware
 
     from edgecc.cli import main
 
-    w1, w2 = RNG.standard_normal((32, 48)).astype(np.float32), RNG.standard_normal((48, 10)).astype(np.float32)
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+    w0 = RNG.standard_normal((16, 32, 1, 1)).astype(np.float32)  # (pruning keeps < 32 weights per channel dense)
+    w1, w2 = RNG.standard_normal((64, 48)).astype(np.float32), RNG.standard_normal((48, 10)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"]), helper.make_node("Relu", ["c"], ["cr"]),
+             helper.make_node("Flatten", ["cr"], ["f"]),
+             helper.make_node("Gemm", ["f", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("Gemm", ["r", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 2, 2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                              [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1"),
+                               numpy_helper.from_array(w2, "w2"),
                                numpy_helper.from_array(RNG.standard_normal(48).astype(np.float32), "b1")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.save(model, tmp_path / "m.onnx")
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 1, 32)).astype(np.float32))
-    x = RNG.standard_normal((1, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 1, 32, 2, 2)).astype(np.float32))
+    x = RNG.standard_normal((1, 32, 2, 2)).astype(np.float32)
     x.tofile(tmp_path / "input.bin")
     options = dict(prune=0.9, quantize="int8", calibration=str(tmp_path / "calib.npz"), opt_level=3, progress=False)
     board = edgecc.compile(model, target="cortex-m4", **options)
-    encoded = [n.inputs[3].type.sparse for n in board.module.graph.nodes if n.op == "QGemm"]
-    assert len(encoded) == 2 and all(e is not None for e in encoded), encoded
+    encoded = {n.op + str(i): n.inputs[3].type.sparse for i, n in enumerate(board.module.graph.nodes)
+               if n.op in ("QGemm", "QLinearConv")}
+    assert len(encoded) == 3 and all(e is not None for e in encoded.values()), encoded
     expected = edgecc.compile(model, runtime="reference", **options).run({"x": x})[0].reshape(-1)
     assert main([str(tmp_path / "m.onnx"), "-O3", "--target", "cortex-m4", "--prune", "0.9", "--quantize", "int8",
                  "--calibration", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "model")]) == 0

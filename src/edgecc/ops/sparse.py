@@ -37,8 +37,9 @@ from edgecc.ir.types import SparseEncoding
 SPARSE_OPS = ("Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv")
 WEIGHT_INPUT = 1
 """The weight operand of every op above (Gemm/MatMul B, Conv W)."""
-INT8_SPARSE_OPS = ("QGemm",)
-"""int8 layers with a sparse kernel (backends/kernels/qsparse.py); their weight is input 3 (B)."""
+INT8_SPARSE_OPS = ("QGemm", "QLinearConv")
+"""int8 layers with a sparse kernel (backends/kernels/qsparse.py; QLinearConv: 1x1, group 1, stride 1, unpadded);
+their weight is input 3 (B, W)."""
 INT8_WEIGHT_INPUT = 3
 MAX_INT8_K = 65535
 """The int8 layout stores k as a uint16."""
@@ -51,13 +52,22 @@ def weight_input(node: Node) -> int:
 
 def _int8_capable(node: Node) -> str | None:
     x, w, zp = node.input(0), node.input(INT8_WEIGHT_INPUT), node.input(5)
-    if node.domain != "edgecc" or w is None or not w.is_const or w.type.dtype is not DType.int8:
+    if w is None or not w.is_const or w.type.dtype is not DType.int8:
         return "the weight is not a constant int8 array"
     if x is None or x.type is None or x.type.dtype not in (DType.uint8, DType.int8):
-        return "A is not int8 / uint8"
+        return "the activation is not int8 / uint8"
     if zp is not None and (not zp.is_const or np.any(zp.const != 0)):
         return "the weight zero point is not 0 (the int8 sparse kernel takes symmetric weights)"
-    k = w.type.shape[1] if node.attrs.get("transB", 0) else w.type.shape[0]
+    if node.op == "QLinearConv":
+        if node.attrs.get("group", 1) != 1 or any(d != 1 for d in w.type.shape[2:]) or \
+                any(node.attrs.get("pads", ())) or any(s != 1 for s in node.attrs.get("strides", ())) or \
+                node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return "int8 sparse convolutions are 1x1, group 1, stride 1 and unpadded"
+        if any(node.input(i) is None or node.input(i).type.size != 1 for i in (1, 6)):
+            return "per-tensor x_scale and y_scale only"
+        k = w.type.shape[1]
+    else:
+        k = w.type.shape[1] if node.attrs.get("transB", 0) else w.type.shape[0]
     return None if k <= MAX_INT8_K else f"K = {k} exceeds the int8 layout's uint16 index"
 
 
@@ -97,7 +107,7 @@ def encodable(node: Node, encoding: SparseEncoding) -> bool:
 def matrix_view(node: Node) -> Callable[[np.ndarray], np.ndarray]:
     """The function taking `node`'s weight array to the [K, N] matrix encodings are defined on (a view). It
     depends only on the op and transB, so kernels shared by same-shaped layers can keep it as their packing."""
-    if node.op in ("Conv", "FusedConv"):
+    if node.op in ("Conv", "FusedConv", "QLinearConv"):
         return _conv_view
     if node.op in ("Gemm", "FusedGemm", "QGemm") and node.attrs.get("transB", 0):
         return np.transpose

@@ -132,7 +132,7 @@ def choose_encoding(node: Node, matrix: np.ndarray, lanes: int, hosted: bool = T
     (int8 weights stay dense, see INT8_HOST_VALUE_COST)."""
     if np.count_nonzero(matrix) >= WIN * matrix.size:  # every kernel costs >= 1 dense MAC per value kept
         return None
-    if hosted and dot and node.op in INT8_SPARSE_OPS:
+    if hosted and (dot or node.op == "QLinearConv") and node.op in INT8_SPARSE_OPS:  # (1x1 int8: not measured)
         return None
     options = []
     for encoding in candidates(lanes):
@@ -225,11 +225,12 @@ class EncodeSparsity(Pass):
     fewer bytes (values + int32 indices + block offsets) than dense, hosted targets take the fastest if it is below
     WIN (0.8); microcontrollers, short of flash, the smallest that is modelled no slower than dense.
 
-    int8: edgecc.QGemm's constant int8 B with zero points 0 (as quantize-int8 makes) takes an int8 layout (uint16
-    k + V int8 values per entry, uint16 or int32 offsets: about 7.5% of the float32 bytes at 90% zeros) read by
-    backends/kernels/qsparse.py: on microcontrollers 1.0 per value + 2.0 per entry (from instruction counts); on
-    hosted targets without an int8 dot instruction 0.15 per value + 5.5 per entry + 16 per column block (measured on
-    AVX2: CSR 0.55 of dense at 90%); targets with vpdpbusd or sdot keep int8 weights dense.
+    int8: edgecc.QGemm's constant int8 B and a 1x1 (stride 1, unpadded, group 1) QLinearConv's W with zero points 0
+    (as quantize-int8 makes) take an int8 layout (uint16 k + V int8 values per entry, uint16 or int32 offsets:
+    about 8% of the float32 bytes at 90% zeros) read by backends/kernels/qsparse.py: on microcontrollers 1.0 per
+    value + 2.0 per entry (from instruction counts); QGemm on hosted targets without an int8 dot instruction 0.15
+    per value + 5.5 per entry + 16 per column block (measured on AVX2: CSR 0.55 of dense at 90%); targets with
+    vpdpbusd or sdot, and QLinearConv on any hosted target (not measured), keep int8 weights dense.
 
     The constant keeps its dense array (the interpreter, export and every other reader are unchanged); the
     encoding is in its type (`tensor<..., sparse<block 1x8>>`) and the kernels pack it at compile time.

@@ -1,17 +1,19 @@
-"""int8 sparse kernel: edgecc.QGemm whose constant int8 B (zero points all 0) encode-sparsity stored sparse.
+"""int8 sparse kernels: edgecc.QGemm whose constant int8 B (zero points all 0) encode-sparsity stored sparse, and
+1x1 group-1 QLinearConv (stride 1, unpadded) whose W is, as the product of each image's [positions, C] with W^T.
 
-B is packed at compile time in the int8 layout of edgecc.ops.sparse (`pack_int8`: uint16 or int32 offsets of the
-column blocks, by the shape, then per entry a little-endian uint16 k and V int8 values, read with byte loads only, so no alignment is
-assumed on any target). For each row i of A and each column block of V outputs, one <V x i32> accumulator:
+The weight is packed at compile time in the int8 layout of edgecc.ops.sparse (`pack_int8`: uint16 or int32
+offsets of the column blocks, by the shape, then per entry a little-endian uint16 k and V int8 values), read with
+byte loads only, so no alignment is assumed on any target. For each row i of A (position of the image) and each
+column block of V outputs, one <V x i32> accumulator:
 
     acc += (A[i, k] - a_zero_point) * B[k, jV .. jV+V-1]     over the block's stored entries (increasing k)
 
-then the dense QGemm kernels' requantisation, unchanged: on hosted targets qconv.QuantParams (the fixed-point form
-of qgemm.emit_fast_qgemm: the accumulator starts at its `initial`, whose correction here is only the bias because
-the zero point is subtracted per entry), so the result is bit-exact to the dense fast kernel's; elsewhere (and past
-qconv.MAX_CHANNELS columns) qgemm.requantise_exact, the generic kernel's exact reference rounding. The integer
-sum is the same exact value in every form (|sum| <= 65535 * 255 * 128 < 2^31), so only the requantisation decides
-the output bits.
+then the dense kernels' requantisation, unchanged: on hosted targets qconv.QuantParams (the fixed-point form of
+the fast QGemm / QLinearConv kernels: the accumulator starts at its `initial`, whose correction here is only the
+bias because the zero point is subtracted per entry), so the result is bit-exact to the dense fast kernel's;
+elsewhere (and past qconv.MAX_CHANNELS columns) the generic kernels' reference rounding (qgemm.requantise_exact;
+quant.qlinear_conv_output for QLinearConv). The integer sum is the same exact value in every form
+(|sum| <= 65535 * 255 * 128 < 2^31), so only the requantisation decides the output bits.
 """
 
 from __future__ import annotations
@@ -32,18 +34,58 @@ from edgecc.ops.sparse import INT8_WEIGHT_INPUT, int8_offset_bytes, matrix_view,
 
 def emit_sparse_qgemm(kb: KernelBuilder) -> bool:
     """The QGemm node by the sparse kernel when its B is encoded (and sparse_capable); False emits nothing."""
-    value = kb.node.input(INT8_WEIGHT_INPUT)
-    if value is None or value.type is None or value.type.sparse is None or sparse_capable(kb.node) is not None:
+    if not _encoded(kb):
         return False
+    a, bias = kb.inputs[0], kb.optional_input(8)
+    k, n = matrix_view(kb.node)(kb.node.input(INT8_WEIGHT_INPUT).const).shape
+
+    def exact(total, col):
+        return requantise_exact(kb, total if bias is None else kb.b.add(total, kb.load(bias, col)), col)
+
+    _emit_walk(kb, 1, int(np.prod(a.shape[:-1])), lambda _o, row, kk: add_i64(kb, mul_i64(kb, row, k), kk),
+               lambda _o, row, col: add_i64(kb, mul_i64(kb, row, n), col), 1, exact)
+    return True
+
+
+def emit_sparse_qlinear_conv(kb: KernelBuilder) -> bool:
+    """A 1x1, stride-1, unpadded group-1 QLinearConv whose W is encoded, as the matrix product of each image's
+    [positions, C] view with W's [C, M] view (ops.sparse.matrix_view); False emits nothing."""
+    if not _encoded(kb):
+        return False
+    from edgecc.backends.kernels.quant import qlinear_conv_output, qlinear_conv_scale
+
+    x, y, bias = kb.inputs[0], kb.outputs[0], kb.optional_input(8)
+    c, m, hw = x.shape[1], y.shape[1], int(np.prod(x.shape[2:]))
+    b = kb.b
+
+    def exact(total, col):
+        total = total if bias is None else b.add(total, kb.load(bias, col))
+        return qlinear_conv_output(kb, total, qlinear_conv_scale(kb, col))
+
+    _emit_walk(kb, x.shape[0], hw, lambda o, row, kk: add_i64(kb, mul_i64(kb, o, c * hw), b.mul(kk, kb.i64(hw)), row),
+               lambda o, row, col: add_i64(kb, mul_i64(kb, o, m * hw), mul_i64(kb, col, hw), row), hw, exact)
+    return True
+
+
+def _encoded(kb: KernelBuilder) -> bool:
+    value = kb.node.input(INT8_WEIGHT_INPUT)
+    return value is not None and value.type is not None and value.type.sparse is not None and \
+        sparse_capable(kb.node) is None
+
+
+def _emit_walk(kb: KernelBuilder, outer: int, rows: int, a_flat, y_flat, column_stride: int, exact) -> None:
+    """For o < outer, row < rows and each column block of the encoded weight's [K, N] view: acc = sum over the
+    block's entries of (A[a_flat(o, row, k)] - a_zp) * w, requantised by QuantParams (see the module docstring) or
+    exact(i32 sum, column) into Y[y_flat(o, row, column)] (columns column_stride apart)."""
+    value = kb.node.input(INT8_WEIGHT_INPUT)
     a, a_zp = kb.inputs[0], kb.inputs[2]
     bias = kb.optional_input(8)
     out = kb.outputs[0]
     width = value.type.sparse.width
     view = matrix_view(kb.node)
     k, n = view(value.const).shape
-    rows = int(np.prod(a.shape[:-1]))
-    if rows == 0 or n == 0:
-        return True
+    if outer * rows == 0 or n == 0:
+        return
     words = kb.packed_input(INT8_WEIGHT_INPUT, lambda w: pack_int8(view(w), width))
     blocks = -(-n // width)
     b = kb.b
@@ -61,38 +103,34 @@ def emit_sparse_qgemm(kb: KernelBuilder) -> bool:
             return b.sext(kb.load(words, add_i64(kb, block)), I64)
         return _uint16(kb, byte_ptr(kb, base, mul_i64(kb, block, 2)))
 
-    def column_block(row, jb, cols: int) -> None:
+    def column_block(o, row, jb, cols: int) -> None:
         col0 = mul_i64(kb, jb, width)
         start = params.initial(col0, width, width) if params is not None else ir.Constant(acc_ty, None)
         accs.set("acc", start)
         with kb.loop(offset(add_i64(kb, jb, 1)), "e", start=offset(jb)) as e:
             record = byte_ptr(kb, records, mul_i64(kb, e, 2 + width))
             kk = _uint16(kb, record)
-            x = b.sub(kb.convert(a.dtype, DType.int32, kb.load(a, add_i64(kb, mul_i64(kb, row, k), kk))), zp)
+            x = b.sub(kb.convert(a.dtype, DType.int32, kb.load(a, a_flat(o, row, kk))), zp)
             w = b.sext(b.load(byte_ptr(kb, record, 2), typ=vec_ty(I8, width), align=1), acc_ty)
             accs.set("acc", b.add(accs.get("acc", acc_ty), b.mul(splat(b, x, width), w)))
         acc = accs.get("acc", acc_ty)
-        flat = add_i64(kb, mul_i64(kb, row, n), col0)
+        flat = y_flat(o, row, col0)
         if params is not None:
             def store(_k: int, q: ir.Value) -> None:
-                if cols == width:
+                if cols == width and column_stride == 1:
                     store_to(kb, q, kb.element_ptr(out, flat))
                 else:
                     for j in range(cols):
-                        kb.store(out, add_i64(kb, flat, j), b.extract_element(q, ir.Constant(I32, j)))
+                        kb.store(out, add_i64(kb, flat, j * column_stride), b.extract_element(q, ir.Constant(I32, j)))
 
             params.requantise([(acc, col0, width)], store)
             return
         for j in range(cols):
-            col = add_i64(kb, col0, j)
             total = b.extract_element(acc, ir.Constant(I32, j))
-            if bias is not None:
-                total = b.add(total, kb.load(bias, col))
-            kb.store(out, add_i64(kb, flat, j), requantise_exact(kb, total, col))
+            kb.store(out, add_i64(kb, flat, j * column_stride), exact(total, add_i64(kb, col0, j)))
 
-    with kb.loop(rows, "i") as row:
-        for_column_blocks(kb, n, width, lambda jb, cols: column_block(row, jb, cols))
-    return True
+    with kb.loop(outer, "o") as o, kb.loop(rows, "i") as row:
+        for_column_blocks(kb, n, width, lambda jb, cols: column_block(o, row, jb, cols))
 
 
 def _uint16(kb: KernelBuilder, ptr: ir.Value) -> ir.Value:

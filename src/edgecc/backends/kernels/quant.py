@@ -569,6 +569,25 @@ def lower_conv_integer(kb: KernelBuilder) -> None:
     emit_int_conv(kb, x, x_zp, w, w_zp, out, epilogue)
 
 
+def qlinear_conv_scale(kb: KernelBuilder, m: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """(m, float y_zp) of QLinearConv's output channel m: m = x_scale * w_scale / y_scale in float32."""
+    x_s, w_s, y_s, y_zp = kb.inputs[1], kb.inputs[4], kb.inputs[6], kb.inputs[7]
+    b = kb.b
+    mult = b.fdiv(b.fmul(kb.load(x_s, kb.i64(0)), kb.load(w_s, m if w_s.size > 1 else kb.i64(0))),
+                  kb.load(y_s, kb.i64(0)))
+    return mult, to_float(kb, y_zp.dtype, kb.load(y_zp, kb.i64(0)), F32)
+
+
+def qlinear_conv_output(kb: KernelBuilder, acc: ir.Value, scale: tuple[ir.Value, ir.Value]) -> ir.Value:
+    """saturate(rint(float32(acc) * m) + y_zp) in the output's compute type, acc the i32 sum with the bias (shared
+    with the int8 sparse kernel, qsparse.py)."""
+    b, (mult, zp) = kb.b, scale
+    lo, hi = _NP_INFO[kb.outputs[0].dtype]
+    q = b.fadd(round_half_even(kb, b.fmul(b.sitofp(acc, F32), mult)), zp)
+    q = clamp_float(kb, nan_to_zero(kb, q), lo, hi)
+    return b.trunc(b.fptosi(q, I32), COMPUTE[kb.outputs[0].dtype])
+
+
 @lowering("QLinearConv")
 def lower_qlinear_conv(kb: KernelBuilder) -> None:
     """acc = conv(x - x_zp, w - w_zp) + B (i32), y = saturate(rint(float32(acc) * m) + float32(y_zp)) with
@@ -576,27 +595,23 @@ def lower_qlinear_conv(kb: KernelBuilder) -> None:
     weights (the quantised models' case) go to the fast kernels of qconv.py (fixed-point requantisation, within
     1 of this kernel); this one stays for every other case."""
     from edgecc.backends.kernels.qconv import emit_fast_qlinear_conv
+    from edgecc.backends.kernels.qsparse import emit_sparse_qlinear_conv  # W encoded by encode-sparsity
 
-    if emit_fast_qlinear_conv(kb):
+    if emit_sparse_qlinear_conv(kb) or emit_fast_qlinear_conv(kb):
         return
     x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = (kb.inputs + [None] * 9)[:8]
     bias = kb.optional_input(8)
     out = kb.outputs[0]
-    lo, hi = _NP_INFO[out.dtype]
     b = kb.b
 
     def epilogue(m, base, length, acc):
-        mult = b.fdiv(b.fmul(kb.load(x_s, kb.i64(0)), kb.load(w_s, m if w_s.size > 1 else kb.i64(0))),
-                      kb.load(y_s, kb.i64(0)))
-        zp = to_float(kb, y_zp.dtype, kb.load(y_zp, kb.i64(0)), F32)
+        scale = qlinear_conv_scale(kb, m)
         bv = kb.load(bias, m) if bias is not None else None
         with kb.loop(length, "e") as j:
             a = b.load(at(kb, acc, I32, j), typ=I32)
             if bv is not None:
                 a = b.add(a, bv)
-            q = b.fadd(round_half_even(kb, b.fmul(b.sitofp(a, F32), mult)), zp)
-            q = clamp_float(kb, nan_to_zero(kb, q), lo, hi)
-            kb.store(out, b.add(base, j), b.trunc(b.fptosi(q, I32), COMPUTE[out.dtype]))
+            kb.store(out, b.add(base, j), qlinear_conv_output(kb, a, scale))
 
     if y_s is None or x_s is None or w_s is None:
         raise ShapeError("QLinearConv needs x_scale, w_scale and y_scale")
