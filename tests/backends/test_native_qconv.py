@@ -14,7 +14,6 @@ the reference by the same kind of rounding, hence the same bound against it. The
 from __future__ import annotations
 
 import re
-import shutil
 import warnings
 
 import numpy as np
@@ -24,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgecc
 from edgecc.backends.llvm_driver import host_features
+from toolchains import skip_unless_runnable
 
 RNG = np.random.default_rng(11)
 
@@ -227,19 +227,10 @@ def test_256_bit_vpdpbusd():
     assert_close_int(edgecc.compile(model, target="x86-64-v3", mattr=features).run(feeds)[0], reference(model, feeds))
 
 
-def _needs(*tools):
-    missing = [t for t in tools if shutil.which(t) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (installed by .ci/run)")
-
-
-ARM = {"armv8.2": ("qemu-aarch64", "aarch64-linux-gnu-gcc"), "armv7": ("qemu-arm", "arm-linux-gnueabihf-gcc")}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("target", sorted(ARM))
+@pytest.mark.parametrize("target", ["armv7", "armv8.2"])
 def test_arm_targets_under_qemu(target):
-    if any(shutil.which(t) is None for t in ARM[target]):
-        pytest.skip(f"needs {', '.join(ARM[target])} (installed by .ci/run)")
+    skip_unless_runnable(target)
     for case in ("3x3_s2_odd_channels", "depthwise_s1", "narrow_7x7_map"):
         x_shape, m, k, group, attrs = CONV_CASES[case]
         check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, onnx_reference=False)

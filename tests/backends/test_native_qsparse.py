@@ -12,7 +12,6 @@ requantisation, so the outputs equal the reference's exactly.
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import onnx
@@ -25,6 +24,7 @@ from edgecc.ir.types import SparseEncoding
 from edgecc.ops.sparse import int8_offset_bytes, int8_stored_bytes, pack_int8
 
 from test_native_qconv import assert_close_int, qconv_model, qgemm_model, reference
+from toolchains import needs_target, needs_tools
 
 RNG = np.random.default_rng(23)
 
@@ -180,14 +180,9 @@ def test_cost_model_encodes_int8_on_microcontrollers_and_generic_dot4_hosts():
     assert weights["cortex-m4"] == SparseEncoding("csr") and weights["x86-64-v3"].kind == "block"
 
 
-def _needs(*tools):
-    missing = [t for t in tools if shutil.which(t) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (installed by .ci/run)")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("target", [pytest.param("armv8", marks=_needs("qemu-aarch64", "aarch64-linux-gnu-gcc")),
-                                    pytest.param("armv7", marks=_needs("qemu-arm", "arm-linux-gnueabihf-gcc"))])
+@pytest.mark.parametrize("target", [pytest.param("armv8", marks=needs_target("armv8")),
+                                    pytest.param("armv7", marks=needs_target("armv7"))])
 def test_arm_targets_under_qemu(target):
     for case in ("transb_rows", "plain_b_signed_a"):
         a_shape, n, trans_b, a_dtype = QGEMM_CASES[case]
@@ -210,7 +205,7 @@ def test_arm_targets_under_qemu(target):
 
 
 @pytest.mark.slow
-@_needs("arm-none-eabi-gcc", "qemu-system-arm")
+@needs_tools("arm-none-eabi-gcc", "qemu-system-arm")
 def test_pruned_int8_mlp_on_cortex_m4(tmp_path):
     """A float 1x1 Conv + MLP pruned to 90% and quantised to int8 by edgecc for Cortex-M4: the QLinearConv and both
     QGemm weights take the int8 sparse layout (the microcontroller cost model), and the firmware's output under qemu-system-arm equals the

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgecc
 from edgecc.backends.kernels import sparse as sparse_kernels
+from toolchains import missing_tools, skip_unless_runnable
 
 RTOL = 1e-5
 
@@ -194,14 +195,10 @@ def _check_two(model, feeds):
     return compiled
 
 
-ARM = {"armv8": ("qemu-aarch64", "aarch64-linux-gnu-gcc"), "armv7": ("qemu-arm", "arm-linux-gnueabihf-gcc")}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("target", sorted(ARM))
+@pytest.mark.parametrize("target", ["armv7", "armv8"])
 def test_arm_targets_under_qemu(target):
-    if any(shutil.which(t) is None for t in ARM[target]):
-        pytest.skip(f"needs {', '.join(ARM[target])} (installed by .ci/run)")
+    skip_unless_runnable(target)
     rng = np.random.default_rng(3)
     for encoding, width in [("csr", 0), ("block", 4), ("block", 8)]:
         for model, feeds in (gemm_case(rng), matmul_case(rng), matmul_case(rng, batch=(1, 21), k=9, n=11), conv_case(rng),
@@ -271,7 +268,7 @@ def test_pruned_digits_models_host_and_armv8(shared_dir, name):
         [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
     feeds = {model.graph.input[0].name: x}
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    targets = ["host"] + (["armv8"] if all(shutil.which(t) for t in ARM["armv8"]) else [])
+    targets = ["host"] + ([] if missing_tools("armv8") else ["armv8"])
     for target in targets:
         for passes in ("-O3", "-O3,encode-sparsity{encoding=csr}"):
             compiled = edgecc.compile(model, target=target, passes=passes, runtime="native", progress=False)
