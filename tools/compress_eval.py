@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 import edgecc
+from edgecc.compression import stored_weight_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared"))
@@ -37,10 +38,7 @@ SETTINGS = [("prune 50%", dict(prune=0.5), False), ("prune 50% + re-fit", dict(p
 
 
 def stored_bytes(compiled) -> int:
-    """Bytes of the weight constants as stored (encode-sparsity's encodings; int8 and packed indices as they are)."""
-    from edgecc.passes.encode_sparsity import encoded_bytes
-
-    return sum(encoded_bytes(v) for v in compiled.module.graph.constants() if v.uses)
+    return stored_weight_bytes(compiled.module)
 
 
 def compressed_weights(compiled) -> tuple[int, int]:

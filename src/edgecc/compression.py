@@ -14,40 +14,25 @@ from __future__ import annotations
 from edgecc.errors import EdgeccError
 from edgecc.ir.core import Module
 
-PRUNE_SCOPES = ("layer", "global")
-
-
 def requested(prune=None, prune_channels=None, low_rank=None, cluster_weights=None) -> bool:
     return any(v is not None for v in (prune, prune_channels, low_rank, cluster_weights))
-
-
-def _fraction(value, flag: str, upper_inclusive: bool = False) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise EdgeccError(f"{flag} takes a number, got '{value}'", where=flag) from None
-    if not 0.0 < number < 1.0 and not (upper_inclusive and number == 1.0):
-        bound = "(0, 1]" if upper_inclusive else "(0, 1)"
-        raise EdgeccError(f"{flag} {value} is outside {bound}", where=flag,
-                          hint="give a fraction, e.g. 0.8 for 80%" if flag != "--low-rank"
-                          else "give the fraction of the weights' energy to keep, e.g. 0.95")
-    return number
 
 
 def check_options(prune=None, prune_channels=None, low_rank=None, cluster_weights=None, prune_scope="layer",
                   reconstruct=None, calibration=None, tucker=False, prune_block=1) -> None:
     """Fail early, before the model is even loaded, on options that cannot work."""
+    from edgecc.passes.cluster_weights import check_clusters
+    from edgecc.passes.prune import SCOPES, check_fraction
+
     if prune is not None:
-        _fraction(prune, "--prune")
+        check_fraction(prune, "--prune", "sparsity")
     if prune_channels is not None:
-        _fraction(prune_channels, "--prune-channels")
+        check_fraction(prune_channels, "--prune-channels", "channel fraction")
     if low_rank is not None:
-        _fraction(low_rank, "--low-rank", upper_inclusive=True)
+        check_fraction(low_rank, "--low-rank", "energy", upper_closed=True)
     if cluster_weights is not None:
-        if isinstance(cluster_weights, bool) or not isinstance(cluster_weights, int) or not 2 <= cluster_weights <= 256:
-            raise EdgeccError(f"--cluster-weights {cluster_weights} is not a cluster count from 2 to 256",
-                              where="--cluster-weights", hint="16 stores 4-bit indices; 256 stores 8-bit ones")
-    if prune_scope not in PRUNE_SCOPES:
+        check_clusters(cluster_weights)
+    if prune_scope not in SCOPES:
         raise EdgeccError(f"unknown prune scope '{prune_scope}'", where="--prune-scope",
                           hint="use layer (each layer to the sparsity) or global (one threshold for all layers)")
     if reconstruct and calibration is None:
@@ -173,13 +158,21 @@ def _reconstruct(original: Module, module: Module, layers: list[dict], samples: 
     return reconstruct(original, module, changed, samples, kept, reselect=pruned)
 
 
+def stored_weight_bytes(module: Module) -> int:
+    """Bytes of the weight constants as the compiled model stores them (encode-sparsity's encodings; int8 and
+    packed codebook indices as they are)."""
+    from edgecc.passes.encode_sparsity import encoded_bytes
+
+    return sum(encoded_bytes(v) for v in module.graph.constants() if v.uses)
+
+
 def finish_report(report: dict, module: Module) -> dict:
     """Complete the compression entry once the -O pipeline (and its encode-sparsity) has run: the weights' bytes as
     stored (sparse encodings, packed indices) next to the bytes before compression."""
     from edgecc.passes.encode_sparsity import encoded_bytes
 
     constants = [v for v in module.graph.constants() if v.uses]
-    stored = sum(encoded_bytes(v) for v in constants)
+    stored = stored_weight_bytes(module)
     encoded = {v.name: {"kind": v.type.sparse.kind, "block": list(v.type.sparse.block), "bytes": encoded_bytes(v),
                         "dense_bytes": int(v.const.nbytes)}
                for v in constants if v.type is not None and v.type.sparse is not None}
