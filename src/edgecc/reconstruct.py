@@ -152,14 +152,16 @@ def _codebook_normal_equations(a: np.ndarray, y: np.ndarray, indices: np.ndarray
 
 def _weight_source(node: Node):
     """('dense', weight value) or ('codebook', the CodebookDecode node) or None."""
+    from edgecc.passes.cluster_weights import decoder_of
+
     weight = node.input(1)
     if weight is None:
         return None
     if weight.is_const:
         return "dense", weight
-    producer = weight.producer
-    if producer is not None and producer.op == "CodebookDecode" and all(v.is_const for v in producer.inputs):
-        return "codebook", producer
+    decode = decoder_of(node)
+    if decode is not None and all(v.is_const for v in decode.inputs):
+        return "codebook", decode
     return None
 
 
@@ -177,7 +179,7 @@ def reconstruct(original: Module, compressed: Module, layers: list[str], samples
     original output channels a channel-pruned layer kept: its target is the original output on those. Layers in
     `reselect` (unstructured pruning) also have their non-zeros chosen again (`obs_prune`)."""
     kept_channels = kept_channels or {}
-    from edgecc.passes.cluster_weights import decode_indices
+    from edgecc.passes.cluster_weights import codebook_of, indices_of, set_codebook
 
     nodes = {n.name: n for n in compressed.graph.nodes}
     order = [n.name for n in compressed.graph.nodes if n.name in set(layers)]
@@ -196,10 +198,7 @@ def reconstruct(original: Module, compressed: Module, layers: list[str], samples
         if kind == "dense":
             weight = holder.const
         else:
-            codebook = holder.inputs[1].const
-            shape = tuple(int(d) for d in holder.attrs["shape"])
-            indices = decode_indices(holder.inputs[0].const, int(holder.attrs["bits"]),
-                                     int(np.prod(shape))).reshape(shape).astype(np.int64)
+            codebook, indices = codebook_of(holder), indices_of(holder).astype(np.int64)
             weight = codebook[indices]
         y = _stack(targets[out])
         axis = 1 if node.op == "Conv" else y.ndim - 1
@@ -234,7 +233,7 @@ def reconstruct(original: Module, compressed: Module, layers: list[str], samples
             ridge = RIDGE * max(float(np.mean(np.diag(normal))), 1e-12)
             fitted = np.linalg.solve(normal + ridge * np.eye(k), rhs + ridge * codebook.astype(np.float64))
             weights = view(fitted[indices])
-            holder.set_input(1, compressed.graph.constant(fitted.astype(np.float32), holder.inputs[1].name))
+            set_codebook(compressed, holder, fitted)
         else:
             fits = [_refit_weights(a, y, w, b, name in reselect) for (a, y), w, b in zip(sampled, weights, biases)]
             weights, biases = [w for w, _ in fits], [b for _, b in fits]
