@@ -49,3 +49,25 @@ class IRParseError(EdgeccError):
 
 class InputError(EdgeccError):
     """Inputs given to run() do not match the model's inputs."""
+
+
+class BudgetError(EdgeccError):
+    """A device budget (flash, RAM, latency) cannot be met by any setting tried.
+
+    The message names the budget, the smallest value reached, and (in the hint) what to try.
+    """
+
+    def __init__(self, budget: str, limit: float, smallest: float, unit: str = "bytes", *,
+                 hint: str | None = None, where: str | None = None):
+        self.budget = budget
+        self.limit = limit
+        self.smallest = smallest
+        self.unit = unit
+        super().__init__(f"{budget} of {_show(limit, unit)} cannot be met: the smallest reachable is "
+                         f"{_show(smallest, unit)}", hint=hint, where=where)
+
+
+def _show(value: float, unit: str) -> str:
+    if unit == "bytes":
+        return f"{int(value)} bytes ({value / 1024:.1f} KiB)"
+    return f"{value:g} {unit}"
