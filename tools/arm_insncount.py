@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import hashlib
 import os
 import pathlib
 import re
@@ -28,6 +27,8 @@ import sys
 import tempfile
 
 import numpy as np
+
+from edgecc.backends import insncount
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("EDGECC_SHARED", ROOT.parent / "shared"))
@@ -50,103 +51,25 @@ FMA_NAMES = {"armv8": "fmla v.4s", "armv7": "vfma.f32 q", "x86-64-v4": "vfmadd*p
 FMA_PATTERNS = {target: pattern for target, name, pattern in COLUMNS if name == FMA_NAMES[target]}
 KERNEL = re.compile(r"_(k\d+)_([A-Za-z0-9]+)_[0-9a-f]+$")
 
-DRIVER = r"""
-/* tools/arm_insncount.py's driver: usage: prog R ARENA_BYTES N_INPUTS inputs.bin BYTES...
-   BYTES gives the size of each input then each output; the inputs are read in order from inputs.bin, then the
-   model's entry (bound to edgecc_entry by --defsym) runs R times. */
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-int32_t edgecc_entry(const void *const *inputs, void *const *outputs, void *arena);
-
-static void *zeroed(uint64_t bytes) {
-    uint64_t rounded = (bytes + 63) / 64 * 64 + 64;
-    void *p = aligned_alloc(64, rounded);
-    if (p) memset(p, 0, rounded);
-    return p;
-}
-
-int main(int argc, char **argv) {
-    if (argc < 5) { fprintf(stderr, "usage: %s R ARENA_BYTES N_INPUTS inputs.bin BYTES...\n", argv[0]); return 2; }
-    long reps = strtol(argv[1], NULL, 10);
-    void *arena = zeroed(strtoull(argv[2], NULL, 10));
-    int n_inputs = atoi(argv[3]), n = argc - 5;
-    FILE *f = fopen(argv[4], "rb");
-    void **buffers = calloc(n + 1, sizeof(void *));
-    if (!f || !arena || !buffers) { perror(argv[4]); return 2; }
-    for (int i = 0; i < n; ++i) {
-        uint64_t bytes = strtoull(argv[5 + i], NULL, 10);
-        buffers[i] = zeroed(bytes);
-        if (!buffers[i] || (i < n_inputs && fread(buffers[i], 1, bytes, f) != bytes)) {
-            fprintf(stderr, "input %d: short read or no memory\n", i);
-            return 2;
-        }
-    }
-    for (long r = 0; r < reps; ++r) {
-        int32_t status = edgecc_entry((const void *const *)buffers, buffers + n_inputs, arena);
-        if (status != 0) { fprintf(stderr, "model returned %d\n", status); return 3; }
-    }
-    return 0;
-}
-"""
-
 
 def plugin() -> str:
     """libinsncount.so, built by ../shared/tools/qemu-insncount/build.sh into the edgecc cache on first use."""
-    from edgecc.backends.llvm_driver import cache_dir
-
-    out = os.path.join(cache_dir(), "insncount")
-    lib = os.path.join(out, "libinsncount.so")
-    if not os.path.exists(lib):
-        subprocess.run(["bash", str(SHARED / "tools" / "qemu-insncount" / "build.sh"), out], check=True,
-                       stdout=subprocess.DEVNULL)
-    return lib
-
-
-def driver_object(target) -> str:
-    """DRIVER compiled by the target's cross compiler, cached by source, compiler and triple."""
-    from edgecc.backends.llvm_driver import cache_dir
-
-    key = hashlib.sha256((DRIVER + target.cc + target.triple).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"insncount-driver-{target.name}-{key}.o")
-    if not os.path.exists(path):
-        with tempfile.TemporaryDirectory() as tmp:
-            source = os.path.join(tmp, "driver.c")
-            pathlib.Path(source).write_text(DRIVER)
-            subprocess.run([target.cc, "-O2", "-c", source, "-o", path + ".tmp"], check=True)
-        os.replace(path + ".tmp", path)
-    return path
+    return insncount.whole_program_plugin()
 
 
 def link(compiled, folder: str) -> str:
-    """The model's object linked statically with the driver; returns the executable."""
-    code = compiled.native
-    obj = os.path.join(folder, "model.o")
-    pathlib.Path(obj).write_bytes(code.obj)
-    exe = os.path.join(folder, "run")
-    subprocess.run([code.target.cc, "-static", "-o", exe, driver_object(code.target), obj,
-                    f"-Wl,--defsym=edgecc_entry={code.entry_symbol}"], check=True)
-    return exe
+    """The model's object linked statically with edgecc's instruction-count driver; returns the executable."""
+    return insncount.link(compiled.module, compiled.native, folder)
 
 
 def write_inputs(compiled, name: str, path: str) -> None:
     """The reference inputs of ../shared/models/NAME.ref.npz (zeros for any it lacks), in graph order."""
-    ref = np.load(SHARED / "models" / f"{name}.ref.npz")
-    with open(path, "wb") as f:
-        for value in compiled.module.graph.inputs:
-            t = value.type
-            array = ref[value.name] if value.name in ref.files else np.zeros(t.shape, t.dtype.numpy)
-            f.write(np.ascontiguousarray(array, dtype=t.dtype.numpy).tobytes())
+    insncount.write_inputs(compiled.module, dict(np.load(SHARED / "models" / f"{name}.ref.npz")), path)
 
 
 def count(compiled, exe: str, inputs: str, reps: int) -> int:
     """Guest instructions of one run of `exe` with R=reps under qemu-user and the preset's -cpu."""
-    target, graph = compiled.native.target, compiled.module.graph
-    sizes = [str(v.type.nbytes) for v in list(graph.inputs) + list(graph.outputs)]
-    command = [target.qemu, "-cpu", target.qemu_cpu, "-plugin", plugin(), exe, str(reps),
-               str(max(compiled.module.memory_plan.arena_bytes, 1)), str(len(graph.inputs)), inputs, *sizes]
+    command = insncount.qemu_command(compiled.module, compiled.native, exe, inputs, reps, plugin())
     result = subprocess.run(command, capture_output=True, text=True)
     found = re.findall(r"insns: (\d+)", result.stderr)
     if result.returncode != 0 or not found:

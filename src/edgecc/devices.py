@@ -23,6 +23,9 @@ PJ_INT8_MAC = 0.2 + 0.1
 PJ_SRAM_SMALL_BYTE = 5.0 / 4
 PJ_SRAM_LARGE_BYTE = 50.0 / 4
 PJ_DRAM_BYTE = 640.0 / 4
+PJ_INSTRUCTION = 70.0
+"""Horowitz's overhead of one instruction on a simple RISC core (fetch, decode, register file, control): the
+arithmetic itself is a small part of it."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class Device:
     `cycles_per_instruction` converts guest instruction counts under qemu into core cycles (None for the host,
     whose kernels are timed directly). Energy figures are picojoules per multiply-accumulate and per byte read:
     `pj_weight_byte` where weights live (flash on microcontrollers, DRAM on application processors),
-    `pj_activation_byte` where activations live (on-chip SRAM / cache).
+    `pj_activation_byte` where activations live (on-chip SRAM / cache); `pj_per_cycle` is the core's own energy
+    per clock cycle (fetch, decode, control), from a datasheet's run current where there is one.
     """
 
     name: str
@@ -46,6 +50,7 @@ class Device:
     pj_int8_mac: float = PJ_INT8_MAC
     pj_weight_byte: float = PJ_DRAM_BYTE
     pj_activation_byte: float = PJ_SRAM_SMALL_BYTE
+    pj_per_cycle: float = PJ_INSTRUCTION
     description: str = ""
     sources: tuple[str, ...] = field(default=())
 
@@ -53,21 +58,29 @@ class Device:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
 
+def run_current_pj_per_cycle(microamps_per_mhz: float, volts: float) -> float:
+    """A datasheet's run current (uA/MHz) at its supply voltage as picojoules per clock cycle (1 uW/MHz = 1 pJ)."""
+    return microamps_per_mhz * volts
+
+
 _M4_CPI = ("Cortex-M4 Technical Reference Manual (ARM DDI 0439B), 3.3 'Processor instructions': most data "
            "processing 1 cycle, loads 2 (1 when pipelined), VFMA 3, taken branches 1+P (P = 1..3)")
 
 BUILTIN_DEVICES: dict[str, Device] = {d.name: d for d in (
     Device("stm32f4", "cortex-m4", 192 * 1024, 1024 * 1024, 168e6, cycles_per_instruction=1.4,
+           pj_per_cycle=run_current_pj_per_cycle(238, 3.3),
            pj_weight_byte=PJ_SRAM_LARGE_BYTE, pj_activation_byte=PJ_SRAM_SMALL_BYTE,
            description="STM32F407/417: Cortex-M4F @ 168 MHz, 192 KB SRAM (128 KB + 64 KB CCM), 1 MB flash",
            sources=("ST DS8626 (STM32F405xx/407xx datasheet), https://www.st.com/resource/en/datasheet/stm32f407vg.pdf",
                     _M4_CPI, HOROWITZ)),
     Device("nrf52840", "cortex-m4", 256 * 1024, 1024 * 1024, 64e6, cycles_per_instruction=1.4,
+           pj_per_cycle=run_current_pj_per_cycle(52, 3.0),
            pj_weight_byte=PJ_SRAM_LARGE_BYTE, pj_activation_byte=PJ_SRAM_SMALL_BYTE,
            description="Nordic nRF52840: Cortex-M4F @ 64 MHz, 256 KB RAM, 1 MB flash",
            sources=("Nordic nRF52840 Product Specification v1.7, https://infocenter.nordicsemi.com/pdf/"
                     "nRF52840_PS_v1.7.pdf", _M4_CPI, HOROWITZ)),
     Device("m55-board", "cortex-m55", 1024 * 1024, 5632 * 1024, 400e6, cycles_per_instruction=1.2,
+           pj_per_cycle=PJ_INSTRUCTION / 1.2,
            pj_weight_byte=PJ_SRAM_LARGE_BYTE, pj_activation_byte=PJ_SRAM_SMALL_BYTE,
            description="Alif Ensemble E3 high-performance core: Cortex-M55 (Helium) @ 400 MHz, 1 MB DTCM "
                        "(activations), 5.5 MB MRAM (code and weights)",
@@ -75,12 +88,14 @@ BUILTIN_DEVICES: dict[str, Device] = {d.name: d for d in (
                     "ensemble-e3-series/", "Cortex-M55 Technical Reference Manual (ARM 101051): dual-beat MVE, "
                     "128-bit vector instructions in two beats", HOROWITZ)),
     Device("rpi-zero2", "armv8", 512 * 1024 * 1024, None, 1.0e9, cycles_per_instruction=1.5,
+           pj_per_cycle=PJ_INSTRUCTION / 1.5,
            pj_weight_byte=PJ_DRAM_BYTE, pj_activation_byte=PJ_SRAM_SMALL_BYTE,
            description="Raspberry Pi Zero 2 W (RP3A0): 4x Cortex-A53 @ 1 GHz, 512 MB LPDDR2, microSD storage",
            sources=("Raspberry Pi Zero 2 W product brief, https://datasheets.raspberrypi.com/rpizero2/"
                     "raspberry-pi-zero-2-w-product-brief.pdf", "Cortex-A53 TRM (ARM DDI 0500): in-order, dual-issue; "
                     "Advanced SIMD on a 64-bit datapath (128-bit ops take two cycles)", HOROWITZ)),
     Device("a76-phone", "armv8.2", 6 * 1024 ** 3, None, 2.42e9, cycles_per_instruction=0.5,
+           pj_per_cycle=PJ_INSTRUCTION / 0.5,
            pj_weight_byte=PJ_DRAM_BYTE, pj_activation_byte=PJ_SRAM_SMALL_BYTE,
            description="Phone with Snapdragon 855 class big cores: Cortex-A76 (Kryo 485 Gold) @ 2.42 GHz, 6 GB "
                        "LPDDR4X",
@@ -91,7 +106,7 @@ BUILTIN_DEVICES: dict[str, Device] = {d.name: d for d in (
 """The built-in boards; `host` is made on demand from this machine (host_device())."""
 
 _KEYS = {"name", "target", "ram", "flash", "clock_mhz", "clock_hz", "cycles_per_instruction", "pj_fp32_mac",
-         "pj_int8_mac", "pj_weight_byte", "pj_activation_byte", "description", "sources"}
+         "pj_int8_mac", "pj_weight_byte", "pj_activation_byte", "pj_per_cycle", "description", "sources"}
 _REQUIRED = ("target", "ram", "flash")
 
 
@@ -197,7 +212,8 @@ def device_from_fields(data: dict, where: str, default_name: str = "board") -> D
     clock_key = "clock_mhz" if "clock_mhz" in data else "clock_hz"
     clock = _positive(data[clock_key], f"{where}: field '{clock_key}'") * (1e6 if clock_key == "clock_mhz" else 1)
     figures = {}
-    for key in ("cycles_per_instruction", "pj_fp32_mac", "pj_int8_mac", "pj_weight_byte", "pj_activation_byte"):
+    for key in ("cycles_per_instruction", "pj_fp32_mac", "pj_int8_mac", "pj_weight_byte", "pj_activation_byte",
+                "pj_per_cycle"):
         if key in data:
             figures[key] = _positive(data[key], f"{where}: field '{key}'")
     sources = data.get("sources", ())

@@ -1,0 +1,124 @@
+"""Cost estimates: totals add up, sizes agree with an independent reader of the object, per-node measurements are
+cached, and on ARM the per-node instruction counts add up to qemu's whole-program count."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import edgecc
+from edgecc.errors import EdgeccError
+from edgecc.estimate import elf_sections, estimate
+from toolchains import needs_target
+
+TINY = pathlib.Path(edgecc.__file__).parent / "models" / "tiny_cnn.onnx"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return edgecc.compile(str(TINY), opt_level=3)
+
+
+def test_host_estimate_totals(tiny):
+    est = estimate(tiny, "host", refresh=True)
+    assert [o.node for o in est.ops] == [n.name or n.label for n in tiny.module.graph.nodes]
+    assert est.flash_bytes == est.code_bytes + est.weights_bytes
+    assert est.ram_bytes == est.arena_bytes + est.stack_bytes
+    assert est.arena_bytes == tiny.report["arena_bytes"]
+    assert est.weights_bytes >= tiny.report["weights_bytes"] > 0  # as stored: packed panels, plus small tables
+    assert 0 < est.stack_bytes < 64 * 1024 and est.code_bytes > 0
+    assert sum(o.macs for o in est.ops) == tiny.report["macs"]
+    assert est.latency_ms == pytest.approx(sum(o.latency_ms for o in est.ops))
+    assert est.energy_mj == pytest.approx(sum(o.energy_mj for o in est.ops))
+    assert all(o.cycles >= 0 and o.instructions is None for o in est.ops) and est.latency_ms > 0
+    data = est.as_dict()
+    assert data["device"]["name"] == "host" and len(data["ops"]) == len(est.ops)
+
+
+def test_host_figures_are_cached(tiny, monkeypatch):
+    first = estimate(tiny, "host")
+    import edgecc.estimate as module
+
+    monkeypatch.setattr(module, "_host_node_ms", lambda *a: pytest.fail("measured again instead of cached"))
+    again = estimate(tiny, "host")
+    assert [o.cycles for o in again.ops] == [o.cycles for o in first.ops]
+
+
+@pytest.mark.skipif(shutil.which("llvm-size") is None, reason="needs llvm-size")
+def test_object_sections_match_llvm_size(tiny):
+    path = pathlib.Path(tiny.native.name + ".o")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = pathlib.Path(tmp) / path
+        obj.write_bytes(tiny.native.obj)
+        listing = subprocess.run(["llvm-size", "-A", str(obj)], capture_output=True, text=True, check=True).stdout
+    sizes = {}
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0].startswith("."):
+            sizes[parts[0]] = int(parts[1])
+    ours = elf_sections(tiny.native.obj)
+    assert ours and all(sizes[name] == size for name, size in ours.items())
+
+
+def test_energy_uses_the_device_figures(tiny):
+    from dataclasses import replace
+
+    from edgecc.devices import load_device
+
+    host = load_device("host")
+    base = estimate(tiny, host)
+    doubled = estimate(tiny, replace(host, pj_fp32_mac=2 * host.pj_fp32_mac))
+    macs = sum(o.macs for o in base.ops)
+    assert doubled.energy_mj - base.energy_mj == pytest.approx(macs * host.pj_fp32_mac * 1e-9, rel=1e-6)
+
+
+def test_helium_board_is_refused(tmp_path):
+    model = edgecc.compile(str(TINY), target="cortex-m55")
+    with pytest.raises(EdgeccError, match="cortex-m55.*m55-board"):
+        estimate(model, "m55-board")
+
+
+@pytest.mark.slow
+@needs_target("armv8")
+def test_arm_node_counts_add_up_to_the_whole_program(tiny):
+    """The per-node counts (our plugin) against the shared whole-program counter: count(R=1) - count(R=0)."""
+    import re
+    import tempfile
+
+    from edgecc.backends import insncount
+
+    model = edgecc.compile(str(TINY), opt_level=3, target="armv8")
+    est = estimate(model, "rpi-zero2", refresh=True)
+    assert est.instructions > 0 and all(o.instructions is not None for o in est.ops)
+    assert sum(o.instructions for o in est.ops) == est.instructions
+    conv = [o for o in est.ops if o.macs]
+    assert all(o.instructions > 0.25 * o.macs / 4 for o in conv)  # at least a 4-lane FMA per 4 MACs
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = insncount.link(model.module, model.native, tmp)
+        inputs = f"{tmp}/in.bin"
+        rng = np.random.default_rng(0)
+        insncount.write_inputs(model.module, {v.name: rng.standard_normal(v.type.shape).astype(np.float32)
+                                              for v in model.module.graph.inputs}, inputs)
+        whole = []
+        for reps in (0, 1):
+            run = subprocess.run(insncount.qemu_command(model.module, model.native, exe, inputs, reps,
+                                                        insncount.whole_program_plugin()),
+                                 capture_output=True, text=True, check=True)
+            whole.append(int(re.findall(r"insns: (\d+)", run.stderr)[-1]))
+    assert est.instructions == pytest.approx(whole[1] - whole[0], rel=0.01)
+    assert est.latency_ms == pytest.approx(est.instructions * 1.5 / 1e9 * 1e3, rel=1e-9)
+
+
+@pytest.mark.slow
+@needs_target("armv7")
+def test_cortex_m4_estimate_under_qemu_arm(tiny):
+    model = edgecc.compile(str(TINY), opt_level=3, target="cortex-m4")
+    est = estimate(model, "stm32f4", refresh=True)
+    assert est.instructions > 0 and "code for cortex-m4" in est.method
+    assert est.fits == {"flash": True, "ram": True}
