@@ -122,3 +122,48 @@ def test_cortex_m4_estimate_under_qemu_arm(tiny):
     est = estimate(model, "stm32f4", refresh=True)
     assert est.instructions > 0 and "code for cortex-m4" in est.method
     assert est.fits == {"flash": True, "ram": True}
+
+
+def test_compile_with_device_reports_the_estimate():
+    plain = edgecc.compile(str(TINY))
+    assert not {"flash_bytes", "ram_bytes", "latency_ms", "energy_mj", "estimate"} & set(plain.report)
+    compiled = edgecc.compile(str(TINY), device="host")
+    report = compiled.report
+    assert report["device"] == "host" and report["target"] == "host"
+    est = report["estimate"]
+    assert report["flash_bytes"] == est["code_bytes"] + est["weights_bytes"]
+    assert report["ram_bytes"] == est["arena_bytes"] + est["stack_bytes"]
+    assert report["latency_ms"] == pytest.approx(sum(o["latency_ms"] for o in est["ops"]))
+    assert report["energy_mj"] > 0
+
+
+def test_device_sets_the_target_and_a_different_target_is_refused():
+    with pytest.raises(EdgeccError, match="target 'armv8' disagrees with device stm32f4"):
+        edgecc.compile(str(TINY), target="armv8", device="stm32f4")
+
+
+def test_cli_estimate(tmp_path, capsys):
+    from edgecc.cli import main
+
+    out = tmp_path / "est.json"
+    assert main(["estimate", str(TINY), "--device", "host", "-O3", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "flash" in text and "latency" in text and "device host" in text
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["flash_bytes"] == data["code_bytes"] + data["weights_bytes"] and data["ops"]
+
+
+def test_cli_estimate_errors(tmp_path, capsys):
+    from edgecc.cli import main
+
+    out = tmp_path / "est.json"
+    with pytest.raises(SystemExit) as info:
+        main(["estimate", str(TINY)])
+    assert info.value.code == 2
+    board = tmp_path / "board.toml"
+    board.write_text('target = "cortex-m4"\nram = "-1K"\nflash = "1M"\nclock_mhz = 80\n')
+    assert main(["estimate", str(TINY), "--device", str(board), "--json", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{board}: field 'ram'" in err and "Traceback" not in err and not out.exists()

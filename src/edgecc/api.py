@@ -205,7 +205,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             prune: float | None = None, prune_scope: str = "layer", prune_block: int = 1,
             prune_channels: float | None = None,
             low_rank: float | None = None, tucker: bool = False, cluster_weights: int | None = None,
-            reconstruct: bool | None = None,
+            reconstruct: bool | None = None, device=None,
             **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
@@ -243,6 +243,10 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             packed indices.
         reconstruct: re-fit compressed layers by least squares on `calibration` (default: whenever calibration
             data is given with a compression option).
+        device: a board (a built-in name such as "stm32f4", a .toml/.json board file, or an edgecc.devices.Device):
+            it sets the target (unless `target` names a different one: an error), and the report gains
+            flash_bytes, ram_bytes, latency_ms, energy_mj and the per-op "estimate" (edgecc.estimate; it measures
+            the generated code, so it adds to the compile time). Without it nothing is estimated.
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
 
@@ -254,6 +258,11 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         raise EdgeccError(f"unknown runtime '{runtime}'", hint=f"use one of {', '.join(RUNTIMES)}")
     from edgecc.backends.targets import resolve_target
 
+    if device is not None:
+        from edgecc.devices import load_device, target_for
+
+        device = load_device(device)
+        target = target_for(device, target)
     resolved = resolve_target(target, mcpu, mattr)
     if runtime == "reference" and not resolved.is_native:
         raise EdgeccError(f"target '{target}' needs the native runtime", where="--target",
@@ -304,7 +313,14 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         report["precision"] = precision_report
     if compression_report is not None:
         report["compression"] = compression.finish_report(compression_report, module)
-    return CompiledModel(module, target, report, native)
+    compiled = CompiledModel(module, target, report, native)
+    if device is not None:
+        from edgecc.estimate import estimate, report_fields
+
+        if native is None:
+            raise EdgeccError("a device estimate needs native code", where="--device", hint="use --runtime native")
+        report.update(report_fields(estimate(compiled, device)))
+    return compiled
 
 
 def build_report(module: Module, manager: PassManager, nodes_before: int, seconds: float, target: str,

@@ -3,6 +3,7 @@
     edgecc MODEL.onnx [-O0..-O3] [--target T] [-o OUT] [--emit onnx|ir] [-p PIPELINE] [--report FILE.json]
     edgecc run MODEL.onnx --input NAME=FILE.npy [-o outputs.npz]
     edgecc compress-report MODEL.onnx --prune 0.8 [--calibration DATA] [--sweep prune=0.5,0.8,0.9]
+    edgecc estimate MODEL.onnx --device stm32f4|board.toml [--json FILE.json]
     edgecc demo
     edgecc ops | edgecc passes
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from edgecc.errors import EdgeccError
 
-SUBCOMMANDS = ("run", "demo", "ops", "passes", "compress-report")
+SUBCOMMANDS = ("run", "demo", "ops", "passes", "compress-report", "estimate")
 NOTE = ("note: this run used edgecc's NumPy reference interpreter (--runtime reference); "
         "--runtime native generates machine code")
 
@@ -30,6 +31,10 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=None,
                         help="where the code runs: host (default, or $EDGECC_TARGET), x86-64, x86-64-v3, x86-64-v4, "
                              "armv8 (aarch64), armv8.2, armv7, cortex-m4, cortex-m55, or an LLVM triple")
+    parser.add_argument("--device", metavar="NAME|FILE",
+                        help="the board: stm32f4, nrf52840, m55-board, rpi-zero2, a76-phone, host, or a .toml/.json "
+                             "board file; sets --target and adds flash/RAM/latency/energy estimates to the report "
+                             "(docs/devices.md)")
     parser.add_argument("--mcpu", help="CPU name when --target is a triple (or to override a preset's)")
     parser.add_argument("--mattr", help="CPU features, e.g. +neon,+dotprod")
     parser.add_argument("--runtime", choices=("native", "reference"), default="native",
@@ -109,7 +114,7 @@ def _compile_options(args) -> dict:
                 min_sqnr=args.min_sqnr, prune=args.prune, prune_scope=args.prune_scope, prune_block=args.prune_block,
                 prune_channels=args.prune_channels, low_rank=args.low_rank, tucker=args.tucker,
                 cluster_weights=args.cluster_weights,
-                reconstruct=args.reconstruct)
+                reconstruct=args.reconstruct, device=args.device)
 
 
 def compile_parser() -> argparse.ArgumentParser:
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             from edgecc.compress_report import cmd_compress_report
 
             return {"run": cmd_run, "demo": cmd_demo, "ops": cmd_ops, "passes": cmd_passes,
-                    "compress-report": cmd_compress_report}[argv[0]](argv[1:])
+                    "compress-report": cmd_compress_report, "estimate": cmd_estimate}[argv[0]](argv[1:])
         return cmd_compile(argv)
     except EdgeccError as exc:
         if debug:
@@ -271,6 +276,37 @@ def cmd_run(argv: list[str]) -> int:
         with np.printoptions(precision=5, threshold=20, edgeitems=3):
             for name, array in zip(compiled.output_names, outputs):
                 print(f"{name}: {array.dtype} {list(array.shape)}\n{array}")
+    return 0
+
+
+def cmd_estimate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edgecc estimate",
+                                     description="Compile a model for a device and print what it costs there, per op "
+                                                 "and in total: MACs, bytes, cycles, latency, energy, flash and RAM "
+                                                 "(docs/devices.md says how each figure is obtained).")
+    parser.add_argument("model", help="the ONNX model file")
+    parser.add_argument("--json", metavar="FILE.json", help="also write the estimate as JSON")
+    _add_compile_options(parser)
+    args = parser.parse_args(argv)
+    if not args.device:
+        parser.error("--device is required: a built-in board (stm32f4, nrf52840, m55-board, rpi-zero2, a76-phone, "
+                     "host) or a board file")
+    import edgecc
+
+    compiled = edgecc.compile(args.model, **_compile_options(args))
+    from edgecc.estimate import table
+
+    print(table(compiled.report["estimate"]))
+    if args.json:
+        from edgecc.fileio import write_atomic
+
+        def save(tmp):
+            with open(tmp, "w") as f:
+                json.dump(compiled.report["estimate"], f, indent=2)
+                f.write("\n")
+
+        write_atomic(args.json, save)
+        print(f"edgecc: wrote {args.json}")
     return 0
 
 

@@ -245,3 +245,14 @@ def _positive(value, where: str) -> float:
         raise EdgeccError(f"must be a positive number, got {value!r}", where=where)
     return float(value)
 
+
+
+def target_for(device: Device, target: str | None) -> str:
+    """The target to compile for: the device's, unless `target` (None or "host" mean "not given") names another
+    one, which is an error."""
+    from edgecc.backends.targets import ALIASES
+
+    if target in (None, "host") or ALIASES.get(target, target) == device.target:
+        return device.target
+    raise EdgeccError(f"target '{target}' disagrees with device {device.name}, whose target is {device.target}",
+                      where="--target", hint="drop --target (the device sets it) or give a board file with your target")

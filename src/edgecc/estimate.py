@@ -70,23 +70,31 @@ class Estimate:
         return data
 
     def table(self) -> str:
-        """The per-op table and the totals, for people."""
-        rows = [f"{'node':<28} {'op':<18} {'MACs':>13} {'weights B':>11} {'out B':>10} {'cycles':>13} "
-                f"{'ms':>9} {'mJ':>9}"]
-        for o in self.ops:
-            rows.append(f"{o.node[:28]:<28} {o.op[:18]:<18} {o.macs:>13,} {o.weight_bytes:>11,} {o.output_bytes:>10,} "
-                        f"{o.cycles:>13,.0f} {o.latency_ms:>9.4f} {o.energy_mj:>9.5f}")
-        d = self.device
-        limit = (lambda v: "no limit" if v is None else f"{v:,} B")
-        rows += ["",
-                 f"device {d.name} (target {d.target}, {d.clock_hz / 1e6:g} MHz); cycles: {self.method}",
-                 f"flash {self.flash_bytes:,} B = code {self.code_bytes:,} + weights {self.weights_bytes:,}"
-                 f"   (device: {limit(d.flash_bytes)})",
-                 f"RAM   {self.ram_bytes:,} B = arena {self.arena_bytes:,} + stack {self.stack_bytes:,}"
-                 f"   (device: {limit(d.ram_bytes)})",
-                 f"latency {self.latency_ms:.4f} ms   energy {self.energy_mj:.5f} mJ"
-                 + (f"   instructions {self.instructions:,}" if self.instructions is not None else "")]
-        return "\n".join(rows)
+        return table(self.as_dict())
+
+
+def table(data: dict) -> str:
+    """The per-op table and the totals of an estimate (Estimate.as_dict(), as in a report), for people."""
+    rows = [f"{'node':<28} {'op':<18} {'MACs':>13} {'weights B':>11} {'out B':>10} {'cycles':>13} {'ms':>9} "
+            f"{'mJ':>9}"]
+    for o in data["ops"]:
+        rows.append(f"{o['node'][:28]:<28} {o['op'][:18]:<18} {o['macs']:>13,} {o['weight_bytes']:>11,} "
+                    f"{o['output_bytes']:>10,} {o['cycles']:>13,.0f} {o['latency_ms']:>9.4f} {o['energy_mj']:>9.5f}")
+    d = data["device"]
+
+    def limit(v):
+        return "no limit" if v is None else f"{v:,} B"
+
+    insns = data.get("instructions")
+    rows += ["",
+             f"device {d['name']} (target {d['target']}, {d['clock_hz'] / 1e6:g} MHz); cycles: {data['method']}",
+             f"flash {data['flash_bytes']:,} B = code {data['code_bytes']:,} + weights {data['weights_bytes']:,}"
+             f"   (device: {limit(d['flash_bytes'])})",
+             f"RAM   {data['ram_bytes']:,} B = arena {data['arena_bytes']:,} + stack {data['stack_bytes']:,}"
+             f"   (device: {limit(d['ram_bytes'])})",
+             f"latency {data['latency_ms']:.4f} ms   energy {data['energy_mj']:.5f} mJ"
+             + (f"   instructions {insns:,}" if insns is not None else "")]
+    return "\n".join(rows)
 
 
 def estimate(model, device: "Device | str", feeds=None, refresh: bool = False) -> Estimate:
