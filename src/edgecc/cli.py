@@ -4,6 +4,8 @@
     edgecc run MODEL.onnx --input NAME=FILE.npy [-o outputs.npz]
     edgecc compress-report MODEL.onnx --prune 0.8 [--calibration DATA] [--sweep prune=0.5,0.8,0.9]
     edgecc estimate MODEL.onnx --device stm32f4|board.toml [--json FILE.json]
+    edgecc partition MODEL.onnx --device D --bandwidth 10Mbit/s [--rtt 20ms] -o build/split
+    edgecc serve build/split/server --port P | edgecc run-split build/split --remote HOST:P --input FILE.npy
     edgecc demo
     edgecc ops | edgecc passes
 """
@@ -20,7 +22,7 @@ import numpy as np
 
 from edgecc.errors import EdgeccError
 
-SUBCOMMANDS = ("run", "demo", "ops", "passes", "compress-report", "estimate")
+SUBCOMMANDS = ("run", "demo", "ops", "passes", "compress-report", "estimate", "partition", "serve", "run-split")
 NOTE = ("note: this run used edgecc's NumPy reference interpreter (--runtime reference); "
         "--runtime native generates machine code")
 
@@ -171,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             from edgecc.compress_report import cmd_compress_report
+            from edgecc.partition_cli import cmd_partition, cmd_run_split, cmd_serve
 
             return {"run": cmd_run, "demo": cmd_demo, "ops": cmd_ops, "passes": cmd_passes,
-                    "compress-report": cmd_compress_report, "estimate": cmd_estimate}[argv[0]](argv[1:])
+                    "compress-report": cmd_compress_report, "estimate": cmd_estimate, "partition": cmd_partition,
+                    "serve": cmd_serve, "run-split": cmd_run_split}[argv[0]](argv[1:])
         return cmd_compile(argv)
     except EdgeccError as exc:
         if debug:
@@ -263,20 +267,25 @@ def cmd_run(argv: list[str]) -> int:
         print_profile(compiled.profile(feeds, runs=args.profile))
     if args.runtime == "reference":
         print(f"edgecc: {NOTE}", file=sys.stderr)
-    if args.output:
+    show_outputs(compiled.output_names, outputs, args.output)
+    return 0
+
+
+def show_outputs(names: list[str], outputs: list[np.ndarray], path: str | None) -> None:
+    """Save outputs to an .npz at `path` (all or nothing), or print them."""
+    if path:
         from edgecc.fileio import write_atomic
 
         def save(tmp):
             with open(tmp, "wb") as f:
-                np.savez(f, **dict(zip(compiled.output_names, outputs)))
+                np.savez(f, **dict(zip(names, outputs)))
 
-        write_atomic(args.output, save)
-        print(f"edgecc: wrote {len(outputs)} output(s) to {args.output}")
+        write_atomic(path, save)
+        print(f"edgecc: wrote {len(outputs)} output(s) to {path}")
     else:
         with np.printoptions(precision=5, threshold=20, edgeitems=3):
-            for name, array in zip(compiled.output_names, outputs):
+            for name, array in zip(names, outputs):
                 print(f"{name}: {array.dtype} {list(array.shape)}\n{array}")
-    return 0
 
 
 def cmd_estimate(argv: list[str]) -> int:
