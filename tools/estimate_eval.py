@@ -1,0 +1,179 @@
+"""How good are edgecc's device estimates? The acceptance figures of docs/estimates.md.
+
+    python tools/estimate_eval.py [--models a,b] [--boards rpi-zero2,a76-phone,stm32f4] [--rounds 5]
+                                  [--write docs/estimates.md]
+
+Host: each model of ../shared/models is compiled -O3 for the host; the estimate (the sum of the per-node median
+times of the profiling entry, edgecc.estimate with refresh) is compared with the measured latency (the median of
+many CompiledModel.run calls on the model's reference inputs; edgecc's code is single-threaded). Both are taken in
+alternating rounds so that a busy machine's load meets both; the estimate of each round is the median per node of
+its profile runs, and the figures below are medians over rounds. The check is that per-kernel timing predicts the
+whole run (what it leaves out: the entry's calls, the Python call, caches warmed by the previous kernel).
+
+ARM boards: each model compiled for the board's target and estimated (per-node guest instructions under qemu-user
+x the board's cycles per instruction / clock): instruction counts, latency, energy, flash and RAM against the board.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("EDGECC_SHARED", ROOT.parent / "shared"))
+MODELS = ["mlp_mnist", "lenet5", "bert_tiny_enc", "shufflenet_v2_x1_0", "squeezenet1_1", "mobilenet_v2", "resnet18"]
+BOARDS = ["rpi-zero2", "a76-phone", "stm32f4"]
+TOLERANCE = 0.30
+
+
+def reference_feeds(compiled, name: str) -> dict[str, np.ndarray]:
+    ref = np.load(SHARED / "models" / f"{name}.ref.npz")
+    return {v.name: np.ascontiguousarray(ref[v.name], dtype=v.type.dtype.numpy).reshape(v.type.shape)
+            for v in compiled.module.graph.inputs}
+
+
+def timed_runs(compiled, feeds, seconds: float, least: int) -> list[float]:
+    """Milliseconds of back-to-back CompiledModel.run calls for about `seconds` (at least `least` calls)."""
+    times, start = [], time.perf_counter()
+    while len(times) < least or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        compiled.run(feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def host_row(name: str, rounds: int) -> dict:
+    import edgecc
+    from edgecc.estimate import estimate
+
+    compiled = edgecc.compile(str(SHARED / "models" / f"{name}.onnx"), opt_level=3)
+    feeds = reference_feeds(compiled, name)
+    for _ in range(3):
+        compiled.run(feeds)  # warm up: pages, caches
+    estimates, measured, fastest = [], [], []
+    for _ in range(rounds):
+        estimates.append(estimate(compiled, "host", feeds=feeds, refresh=True).latency_ms)
+        times = timed_runs(compiled, feeds, 1.0, 15)
+        measured.append(statistics.median(times))
+        fastest.append(min(times))
+    est, run = statistics.median(estimates), statistics.median(measured)
+    return {"model": name, "macs": compiled.report["macs"], "nodes": len(compiled.module.graph.nodes),
+            "estimate_ms": est, "measured_ms": run, "fastest_ms": min(fastest), "ratio": est / run,
+            "ok": abs(est / run - 1) <= TOLERANCE}
+
+
+def board_row(name: str, board: str) -> dict:
+    import edgecc
+    from edgecc.devices import load_device
+    from edgecc.estimate import estimate
+
+    device = load_device(board)
+    compiled = edgecc.compile(str(SHARED / "models" / f"{name}.onnx"), opt_level=3, target=device.target)
+    est = estimate(compiled, device, feeds=reference_feeds(compiled, name))
+    return {"model": name, "board": board, "macs": compiled.report["macs"], "instructions": est.instructions,
+            "latency_ms": est.latency_ms, "energy_mj": est.energy_mj, "flash": est.flash_bytes, "ram": est.ram_bytes,
+            "fits": est.fits, "cpi": device.cycles_per_instruction, "clock": device.clock_hz}
+
+
+def host_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | MACs | nodes | estimate (ms) | measured run, median (ms) | estimate / median | within 30% "
+             "| fastest run (ms) | estimate / fastest |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['macs']:,} | {r['nodes']} | {r['estimate_ms']:.3f} | {r['measured_ms']:.3f} "
+                     f"| {r['ratio']:.2f} | {'yes' if r['ok'] else '**no**'} | {r['fastest_ms']:.3f} "
+                     f"| {r['estimate_ms'] / r['fastest_ms']:.2f} |")
+    return lines
+
+
+def board_table(rows: list[dict]) -> list[str]:
+    def fits(r, key):
+        return {True: "yes", False: "**no**"}.get(r["fits"].get(key), "no limit")
+
+    lines = ["| model | board | MACs | guest instructions | instr/MAC | CPI | latency (ms) | energy (mJ) | flash (B) "
+             "| fits flash | RAM (B) | fits RAM |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['board']} | {r['macs']:,} | {r['instructions']:,} | "
+                     f"{r['instructions'] / max(r['macs'], 1):.2f} | {r['cpi']} | {r['latency_ms']:.2f} | "
+                     f"{r['energy_mj']:.3f} | {r['flash']:,} | {fits(r, 'flash')} | {r['ram']:,} | {fits(r, 'ram')} |")
+    return lines
+
+
+def provenance() -> str:
+    import edgecc
+
+    tree = pathlib.Path(edgecc.__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return (f"Measured {datetime.date.today().isoformat()} at commit {commit} on {cpu} ({os.cpu_count()} cores, "
+            f"shared with other jobs: re-take on a quiet machine).")
+
+
+def document(host: list[dict], boards: list[dict], command: str) -> str:
+    passed = sum(r["ok"] for r in host)
+    lines = ["# Device estimates: how good they are", "", f"Command: `{command}`. {provenance()}", "",
+             "How each figure is obtained is in docs/devices.md.", "",
+             "## Host: estimate vs measured latency", "",
+             "Estimate: `edgecc.estimate(model, \"host\")`, the sum over nodes of each node's median time through the "
+             "profiling entry (cycle counter around every kernel). Measured: the median of back-to-back "
+             "`CompiledModel.run` calls (at least 15, about a second) on the model's reference inputs. Taken in "
+             "alternating rounds; each figure is the median over rounds. So the check is whether per-kernel timing "
+             "predicts the whole run: the difference is the Python call and copying outputs, the entry's calls, and "
+             "caches warmed or cooled by the previous kernel.", "",
+             *host_table(host), "", f"{passed} of {len(host)} models within +-{TOLERANCE:.0%} of the median run. "
+             f"Load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. On a machine this "
+             "busy a run of a few milliseconds is often preempted, which the median of whole runs feels and the "
+             "per-node medians of the estimate do not; the fastest run shows what an unpreempted run takes.", "",
+             "## ARM boards: instruction counts behind the estimates", "",
+             "Per-node guest instructions under qemu-user (rpi-zero2: `qemu-aarch64 -cpu cortex-a53`, a76-phone: "
+             "`qemu-aarch64 -cpu neoverse-n1` running armv8.2 code, stm32f4: Cortex-M4 code on `qemu-arm -cpu "
+             "cortex-a15`), summed; latency = instructions x the board's cycles per instruction / its clock. The "
+             "cycles-per-instruction factors are stated assumptions (docs/devices.md), not measurements of the "
+             "boards; the instruction counts are exact for the code generated. Flash and RAM are checked against the "
+             "board (stm32f4: 1 MB flash, 192 KB RAM).", "",
+             *board_table(boards), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models of ../shared/models")
+    parser.add_argument("--boards", default=",".join(BOARDS), help="comma-separated ARM boards ('' for none)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating estimate/measure rounds per model")
+    parser.add_argument("--write", metavar="FILE.md", help="write the markdown report")
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    host = []
+    for name in models:
+        host.append(host_row(name, args.rounds))
+        r = host[-1]
+        print(f"host {name}: estimate {r['estimate_ms']:.3f} ms, measured {r['measured_ms']:.3f} ms, "
+              f"ratio {r['ratio']:.2f}", flush=True)
+    boards = []
+    for board in [b for b in args.boards.split(",") if b]:
+        for name in models:
+            boards.append(board_row(name, board))
+            r = boards[-1]
+            print(f"{board} {name}: {r['instructions']:,} instructions, {r['latency_ms']:.2f} ms", flush=True)
+    print("\n".join(host_table(host) + [""] + board_table(boards)))
+    if args.write:
+        from edgecc.fileio import write_atomic
+
+        command = "python tools/estimate_eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        text = document(host, boards, command.strip())
+        write_atomic(args.write, lambda tmp: pathlib.Path(tmp).write_text(text))
+    return 0 if all(r["ok"] for r in host) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
