@@ -73,9 +73,11 @@ class ModuleEmitter:
         it wants for constant inputs (input index -> packing function)."""
         opdef = opdef_of(node)
         attrs = opdef.complete_attrs(node.attrs, where=node.label)
+        # An op the memory plan computes in place reads and writes one buffer: its pointers may not be noalias.
+        in_place = any(v._id in self.module.memory_plan.in_place for v in node.outputs)
         key = (node.op, node.domain, tuple(sorted((k, _freeze(v)) for k, v in attrs.items())),
                tuple(None if v is None else v.type for v in node.inputs), tuple(v.type for v in node.outputs),
-               tuple(v is not None and v.is_const for v in node.inputs))
+               tuple(v is not None and v.is_const for v in node.inputs), in_place)
 
         def const_key(indices) -> tuple:
             return tuple((i, _freeze(node.inputs[i].const)) for i in sorted(indices))
@@ -96,7 +98,7 @@ class ModuleEmitter:
         self.kernel_modules.append(module)
         fn = ir.Function(module, fn_type, name=symbol)
         fn.attributes.add("noinline")
-        for arg in fn.args:
+        for arg in fn.args if not in_place else ():
             arg.add_attribute("noalias")
         args = iter(fn.args)
         inputs = [None if v is None else Buffer(next(args), v.type) for v in node.inputs]

@@ -6,7 +6,7 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
-from edgecc.ir.core import Module, Value
+from edgecc.ir.core import Module, Node, Value
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 
@@ -19,14 +19,17 @@ ALIGNMENT = 64
 class MemoryPlan:
     """Arena offsets of intermediate values (by value id), and the figures the report gives.
 
-    `aliases` maps the output of an in-place op (a Reshape-like view whose input dies there) to that input: the
-    two share one buffer, and no code runs for the op."""
+    `aliases` maps the output of an in-place view (a Reshape-like op whose input dies there) to that input: the
+    two share one buffer, and no code runs for the op. `in_place` maps the output of an elementwise op computed
+    into the buffer of an input that dies there (see in_place_compute): the kernel runs, reading and writing
+    the same bytes."""
 
     offsets: dict[int, int] = field(default_factory=dict)
     arena_bytes: int = 0
     lower_bound_bytes: int = 0
     unplanned_bytes: int = 0
     aliases: dict[int, int] = field(default_factory=dict)
+    in_place: dict[int, int] = field(default_factory=dict)
 
     def offset_of(self, value: Value) -> int:
         return self.offsets[value._id]
@@ -54,24 +57,158 @@ def lifetimes(module: Module) -> dict[int, tuple[int, int]]:
     return life
 
 
-def in_place_aliases(module: Module) -> dict[int, int]:
-    """{output id: input id} for ops whose output is their input's bytes (op metadata `aliases_input`), where
-    the input is an intermediate read by no later node: the output can take over the input's buffer."""
+IN_PLACE_EXCLUDED = frozenset({"Dropout", "QuantizeLinear", "DequantizeLinear", "Identity"})
+"""Elementwise ops whose kernel is not the one-read-one-write loop of kernels/elementwise.emit_elementwise (a
+copy with memcpy, the quantisation kernels), or a view already (Identity)."""
+
+
+def _in_place_candidates(node: Node, opdef) -> list[int]:
+    """Input positions whose buffer `node` may overwrite: an elementwise op's loop reads each operand at the index
+    it writes (kernels/elementwise.emit_elementwise) and only then stores, so an operand of the output's exact
+    shape and element size can be overwritten; a broadcast operand (read at many indices) cannot."""
+    if opdef is None or opdef.kind != "elementwise" or node.op in IN_PLACE_EXCLUDED or node.domain \
+            or len(node.outputs) != 1:
+        return []
+    out = node.outputs[0].type
+    return [i for i, v in enumerate(node.inputs) if v is not None and not v.is_const and v.type.shape == out.shape
+            and v.type.dtype.itemsize == out.dtype.itemsize]
+
+
+def in_place_aliases(module: Module, compute: bool = False) -> tuple[dict[int, int], dict[int, int]]:
+    """({view output id: input id}, {computed output id: input id}). Views: ops whose output is their input's
+    bytes (op metadata `aliases_input`). Computed (with `compute`): elementwise ops that may write over an operand
+    (see _in_place_candidates). Either way the input is an intermediate read by no later node, so the output can
+    take over its buffer."""
     from edgecc.ops import get
 
     graph = module.graph
     arena_values = {v._id for v in intermediates(module)}
     life = lifetimes(module)
-    aliases: dict[int, int] = {}
+    views: dict[int, int] = {}
+    computed: dict[int, int] = {}
+    root = {}
     for step, node in enumerate(graph.nodes):
         opdef = get(node.op, node.domain)
-        if opdef is None or not opdef.aliases_input or not node.inputs or node.inputs[0] is None:
+        out = node.outputs[0] if node.outputs else None
+        if out is None or out._id not in arena_values:
             continue
-        source, out = node.inputs[0], node.outputs[0]
-        if source._id in arena_values and out._id in arena_values and life[source._id][1] == step \
-                and source.type.nbytes == out.type.nbytes:
-            aliases[out._id] = aliases.get(source._id, source._id)
-    return aliases
+        if opdef is not None and opdef.aliases_input and node.inputs and node.inputs[0] is not None:
+            source = node.inputs[0]
+            if source._id in arena_values and life[source._id][1] == step and source.type.nbytes == out.type.nbytes:
+                views[out._id] = root[out._id] = root.get(source._id, source._id)
+            continue
+        if not compute:
+            continue
+        for index in _in_place_candidates(node, opdef):
+            source = node.inputs[index]
+            if source._id in arena_values and life[source._id][1] == step:
+                computed[out._id] = root[out._id] = root.get(source._id, source._id)
+                break
+    return views, computed
+
+
+def live_bytes_by_step(module: Module, in_place: bool = True) -> list[int]:
+    """Bytes of arena buffers (aligned) alive at each step of the current order, buffers shared in place once."""
+    views, computed = in_place_aliases(module, in_place)
+    aliases = {**views, **computed}
+    life = lifetimes(module)
+    for member, root in aliases.items():
+        life[root] = (min(life[root][0], life[member][0]), max(life[root][1], life[member][1]))
+    live = [0] * max(len(module.graph.nodes), 1)
+    for value in intermediates(module):
+        if value._id in aliases:
+            continue
+        first, last = life[value._id]
+        for step in range(first, last + 1):
+            live[step] += _align(max(value.type.nbytes, 1))
+    return live
+
+
+def plan_lower_bound(module: Module, in_place: bool = True) -> int:
+    """The most arena bytes alive at one step of the current order: no placement can do better."""
+    return max(live_bytes_by_step(module, in_place), default=0)
+
+
+ORDER_BEAM = 64
+"""States kept per step by memory_order once the exact search has more (wide graphs, patched stages)."""
+
+ORDER_WORK = 4_000_000
+"""About how many (state, node) checks memory_order may spend; the beam narrows on large graphs to stay within."""
+
+
+def memory_order(module: Module, in_place: bool = True) -> list[Node]:
+    """A topological order of the nodes with the smallest peak of live arena bytes found (Liberis & Lane 2019,
+    "Neural networks on microcontrollers: saving memory at inference via operator reordering").
+
+    Dynamic programming over the sets of nodes already run: the cost of reaching a set is the peak so far, and
+    a set's live bytes depend only on the set, so keeping the best path to each set is exact. The sets of one
+    size are at most (branch lengths + 1) multiplied over the parallel branches, few for CNNs' residual and
+    fire/shuffle blocks; when a step has more than the beam (ORDER_BEAM, fewer on large graphs) the best ones
+    are kept, which turns the search into a heuristic. An elementwise op whose operand dies there costs no new
+    buffer, as in the plan (in_place)."""
+    from edgecc.ops import get
+
+    graph = module.graph
+    nodes = graph.nodes
+    n = len(nodes)
+    if n < 3:
+        return list(nodes)
+    index = {id(node): i for i, node in enumerate(nodes)}
+    outputs = {v._id for v in graph.outputs}
+    preds = [0] * n
+    size: dict[int, int] = {}
+    consumers: dict[int, int] = {}  # value id -> mask of reading nodes
+    for i, node in enumerate(nodes):
+        for v in node.inputs:
+            if v is not None and v.producer is not None and id(v.producer) in index:
+                preds[i] |= 1 << index[id(v.producer)]
+                consumers[v._id] = consumers.get(v._id, 0) | (1 << i)
+    for node in nodes:
+        for v in node.outputs:
+            size[v._id] = 0 if v._id in outputs else _align(max(v.type.nbytes, 1))
+    reuse = []  # per node: ids of inputs it may overwrite or view (no new buffer when one of them dies there)
+    for node in nodes:
+        opdef = get(node.op, node.domain)
+        if opdef is not None and opdef.aliases_input and node.inputs and node.inputs[0] is not None:
+            reuse.append([node.inputs[0]._id])
+        elif in_place:
+            reuse.append([node.inputs[i]._id for i in _in_place_candidates(node, opdef)])
+        else:
+            reuse.append([])
+    beam = max(4, min(ORDER_BEAM, ORDER_WORK // (n * n)))
+    states: dict[int, tuple] = {0: (0, 0, None)}  # executed mask -> (peak, live, order as (last, rest) links)
+    for _ in range(n):
+        following: dict[int, tuple] = {}
+        for done, (peak, live, order) in states.items():
+            for i in range(n):
+                bit = 1 << i
+                if done & bit or preds[i] & ~done:
+                    continue
+                after = done | bit
+                node = nodes[i]
+                dying = [v._id for v in node.inputs if v is not None and v._id in consumers
+                         and consumers[v._id] & ~after == 0 and v._id in size]
+                dying = list(dict.fromkeys(dying))
+                new = sum(size[v._id] for v in node.outputs)
+                if any(r in dying and size[r] for r in reuse[i]):
+                    new = 0 if len(node.outputs) == 1 else new
+                during = live + new
+                freed = sum(size[v] for v in dying)
+                freed += sum(size[v._id] for v in node.outputs if v._id not in consumers)  # unread: freed at once
+                if new == 0:
+                    freed -= size[node.outputs[0]._id]  # the output took over a dying operand's buffer
+                candidate = (max(peak, during), during - freed, (i, order))
+                if after not in following or candidate[:2] < following[after][:2]:
+                    following[after] = candidate
+        if len(following) > beam:
+            following = dict(sorted(following.items(), key=lambda kv: kv[1][:2])[:beam])
+        states = following
+    (_, _, links), = states.values()
+    order = []
+    while links is not None:
+        order.append(links[0])
+        links = links[1]
+    return [nodes[i] for i in reversed(order)]
 
 
 def _place(order: list[Value], sizes: dict[int, int], life: dict[int, tuple[int, int]]) -> tuple[dict, int]:
@@ -109,24 +246,19 @@ and fully random): BERT-tiny's fused residual MatMuls leave every fixed order 17
 ones reach it."""
 
 
-def plan(module: Module) -> MemoryPlan:
+def plan(module: Module, in_place: bool = True) -> MemoryPlan:
     """Greedy placement (see _place) in each of PLACEMENT_ORDERS, keeping the smallest arena. A buffer is a
-    value, or a chain of in-place views of one value (see in_place_aliases), alive from the first's definition to
-    the last one's last use."""
-    aliases = in_place_aliases(module)
+    value, or a chain of values sharing it in place (views and, with `in_place`, elementwise ops over a dying
+    operand: see in_place_aliases), alive from the first's definition to the last one's last use."""
+    views, computed = in_place_aliases(module, in_place)
+    aliases = {**views, **computed}
     everything = intermediates(module)
     values = [v for v in everything if v._id not in aliases]
     life = lifetimes(module)
     for member, root in aliases.items():
         life[root] = (min(life[root][0], life[member][0]), max(life[root][1], life[member][1]))
     sizes = {v._id: _align(max(v.type.nbytes, 1)) for v in values}
-    steps = len(module.graph.nodes)
-    live = [0] * max(steps, 1)
-    for value in values:
-        first, last = life[value._id]
-        for step in range(first, last + 1):
-            live[step] += sizes[value._id]
-    lower_bound = max(live, default=0)
+    lower_bound = plan_lower_bound(module, in_place)
 
     def random_orders():
         rng = random.Random(0)  # seeded: the same model always gets the same plan
@@ -148,7 +280,22 @@ def plan(module: Module) -> MemoryPlan:
     for member, root in aliases.items():
         offsets[member] = offsets[root]
     unplanned = sum(_align(max(v.type.nbytes, 1)) for v in everything)
-    return MemoryPlan(offsets, arena, lower_bound, unplanned, aliases)
+    return MemoryPlan(offsets, arena, lower_bound, unplanned, views, computed)
+
+
+def plan_best_order(module: Module, reorder: bool = True, in_place: bool = True) -> MemoryPlan:
+    """The plan of the current node order, or (with `reorder`) of memory_order's order when its arena is smaller;
+    the module keeps the order whose plan is returned, so ordering never raises the arena."""
+    current = plan(module, in_place)
+    if not reorder:
+        return current
+    original = list(module.graph.nodes)
+    module.graph.nodes = memory_order(module, in_place)
+    reordered = plan(module, in_place)
+    if reordered.arena_bytes < current.arena_bytes:
+        return reordered
+    module.graph.nodes = original
+    return current
 
 
 @register_pass
@@ -156,28 +303,36 @@ def plan(module: Module) -> MemoryPlan:
 class PlanMemoryPass(Pass):
     """Assign each intermediate tensor an offset in one arena, reusing memory of tensors no longer alive.
 
-    Liveness comes from the current node order. Ops whose output is their input's bytes (Reshape, Flatten,
-    Squeeze, Unsqueeze, Identity) work in place when their input dies there: output and input share one buffer
-    and the op costs nothing at run time. Buffers are placed at the lowest offset that overlaps no placed buffer
-    alive at the same time (64-byte aligned), in a few greedy orders (largest first, earliest first, ...), then
-    seeded random ones until the lower bound is reached, keeping the smallest arena. Graph inputs and outputs
-    live in the caller's buffers, constants in the object's read-only data. The plan goes to `module.memory_plan`, with
-    the arena size, the sum of all intermediates (what no planning costs) and the lower bound of this order
-    (the most bytes alive at one step).
+    First the node order: with `reorder` (default), the topological order with the smallest peak of live
+    intermediates is searched (dynamic programming over the sets of nodes run, exact for the few parallel
+    branches of CNN blocks, a beam on wide graphs; Liberis & Lane 2019) and kept when its arena is smaller.
+    Liveness comes from that order. Ops whose output is their input's bytes (Reshape, Flatten, Squeeze,
+    Unsqueeze, Identity) work in place when their input dies there: output and input share one buffer and the op
+    costs nothing at run time. With `in-place` (default), an elementwise op (Relu, Clip, Add, Mul, ...) whose
+    operand of the output's shape and element size dies there writes its result over that operand (its kernel
+    reads and writes the same index; broadcast operands never). Buffers are placed at the lowest offset that
+    overlaps no placed buffer alive at the same time (64-byte aligned), in a few greedy orders (largest first,
+    earliest first, ...), then seeded random ones until the lower bound is reached, keeping the smallest arena.
+    Graph inputs and outputs live in the caller's buffers, constants in the object's read-only data. The plan
+    goes to `module.memory_plan`, with the arena size, the sum of all intermediates (what no planning costs) and
+    the lower bound of this order (the most bytes alive at one step).
 
     Requires: topologically-sorted, shapes-inferred. Establishes: memory-planned (any later change to the
     graph invalidates it).
 
-    Example: a chain a -> b -> c of equal tensors needs two slots: c reuses a's memory.
+    Example: a chain a -> Neg -> b -> Exp -> c needs one slot: b and c are computed in place.
     """
 
     name = "plan-memory"
     requires = frozenset({TOPO_SORTED, SHAPES_INFERRED})
     establishes = frozenset({MEMORY_PLANNED})
     preserves = frozenset({TOPO_SORTED, SHAPES_INFERRED, MEMORY_PLANNED})
+    reorder: bool = True
+    in_place: bool = True
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
-        result = plan(module)
+        result = plan_best_order(module, self.reorder, self.in_place)
         module.memory_plan = result
         return PassResult(True, {"arena-bytes": result.arena_bytes, "lower-bound-bytes": result.lower_bound_bytes,
-                                 "unplanned-bytes": result.unplanned_bytes})
+                                 "unplanned-bytes": result.unplanned_bytes,
+                                 "in-place-ops": len(result.in_place) + len(result.aliases)})
