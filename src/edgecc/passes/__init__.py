@@ -10,6 +10,7 @@ from edgecc.passes import prune_channels  # noqa: F401  (compression, opt-in)
 from edgecc.passes import low_rank  # noqa: F401  (compression, opt-in)
 from edgecc.passes import encode_sparsity  # noqa: F401  (end of -O2/-O3)
 from edgecc.passes import cluster_weights  # noqa: F401  (compression, opt-in)
+from edgecc.passes import patch_execution  # noqa: F401  (RAM, opt-in)
 from edgecc.passes.base import CANONICAL, SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.manager import PassManager
 from edgecc.passes.pipeline import OPT_PIPELINES, parse_pipeline, pipeline_for_level
