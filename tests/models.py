@@ -30,3 +30,38 @@ def small_mlp(batch="N") -> onnx.ModelProto:
         helper.make_node("Softmax", ["logits"], ["y"], name="softmax"),
     ]
     return make_model(nodes, [tensor_info("x", [batch, 4])], [tensor_info("y", [batch, 3])], inits, name="mlp")
+
+
+def stage_cnn() -> tuple:
+    """A first stage with every kind of window the pass handles: a strided padded conv, a dilated depthwise conv,
+    a residual Add inside the stage, an average pool without counted pads, a max pool, a per-channel scale;
+    then a head (global pool, Gemm) that stays whole. Odd map sizes make the tiles unequal. Returns (model, x, the
+    output onnxruntime computes for x)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+
+    def init(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    inits = [init("w1", (8, 3, 3, 3)), init("b1", (8,)), init("wd", (8, 1, 3, 3)), init("w2", (8, 8, 1, 1)),
+             init("scale", (1, 8, 1, 1)), init("wf", (8, 5)), init("bf", (5,))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "wd"], ["d1"], kernel_shape=[3, 3], group=8, dilations=[2, 2],
+                         pads=[2, 2, 2, 2]),
+        helper.make_node("Clip", ["d1", "", ""], ["d2"]),
+        helper.make_node("Conv", ["d2", "w2"], ["p1"], kernel_shape=[1, 1]),
+        helper.make_node("Add", ["p1", "r1"], ["s1"]),
+        helper.make_node("AveragePool", ["s1"], ["a1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0),
+        helper.make_node("MaxPool", ["a1"], ["m1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0]),
+        helper.make_node("Mul", ["m1", "scale"], ["cut"]),
+        helper.make_node("GlobalAveragePool", ["cut"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"]),
+    ]
+    model = make_model(nodes, [tensor_info("x", [1, 3, 45, 39])], [tensor_info("y", [1, 5])], inits)
+    x = rng.standard_normal((1, 3, 45, 39)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return model, x, session.run(None, {"x": x})[0]

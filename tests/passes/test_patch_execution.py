@@ -3,52 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
 
 import edgecc
 from edgecc.api import optimize
 from edgecc.errors import PassError
 from edgecc.frontend.onnx_import import import_model
 from edgecc.passes.patch_execution import cut_candidates, find_value, patch, split, stage_of
-from models import make_model, tensor_info
+from models import stage_cnn
 
 TOLERANCE = 1e-5
 """float32: a tile runs the same kernels on the same numbers in the same order as the whole map, except where a
 kernel's vector blocking of a row differs with the row's width, which can reorder one sum (a few ulps)."""
-
-
-def stage_cnn() -> tuple:
-    """A first stage with every kind of window the pass handles: a strided padded conv, a dilated depthwise conv,
-    a residual Add inside the stage, an average pool without counted pads, a max pool, a per-channel scale;
-    then a head (global pool, Gemm) that stays whole. Odd map sizes make the tiles unequal."""
-    rng = np.random.default_rng(0)
-
-    def init(name, shape):
-        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
-
-    inits = [init("w1", (8, 3, 3, 3)), init("b1", (8,)), init("wd", (8, 1, 3, 3)), init("w2", (8, 8, 1, 1)),
-             init("scale", (1, 8, 1, 1)), init("wf", (8, 5)), init("bf", (5,))]
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "wd"], ["d1"], kernel_shape=[3, 3], group=8, dilations=[2, 2],
-                         pads=[2, 2, 2, 2]),
-        helper.make_node("Clip", ["d1", "", ""], ["d2"]),
-        helper.make_node("Conv", ["d2", "w2"], ["p1"], kernel_shape=[1, 1]),
-        helper.make_node("Add", ["p1", "r1"], ["s1"]),
-        helper.make_node("AveragePool", ["s1"], ["a1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0),
-        helper.make_node("MaxPool", ["a1"], ["m1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0]),
-        helper.make_node("Mul", ["m1", "scale"], ["cut"]),
-        helper.make_node("GlobalAveragePool", ["cut"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"]),
-    ]
-    model = make_model(nodes, [tensor_info("x", [1, 3, 45, 39])], [tensor_info("y", [1, 5])], inits)
-    x = rng.standard_normal((1, 3, 45, 39)).astype(np.float32)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return model, x, session.run(None, {"x": x})[0]
 
 
 @pytest.mark.parametrize("pipeline", ["-O0,patch-execution{cut=cut,tiles=3}", "-O2,patch-execution{tiles=2}",
