@@ -202,7 +202,7 @@ def reference(path, feeds):
 def test_costs_cover_the_folded_graph(cnn_planner):
     _, planner = cnn_planner
     names = {n.name for n in planner.module.graph.nodes}
-    assert planner.unmapped == {"device": [], "server": []}
+    assert planner.unmapped == {"device": {}, "server": {}}
     assert set(planner.device_ms) <= names and planner.device_ms and all(v >= 0 for v in planner.device_ms.values())
 
 

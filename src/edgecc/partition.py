@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edgecc.api import parse_shape_bindings
 from edgecc.errors import EdgeccError
 from edgecc.partition_cut import CutCost, CutProblem, solve
 
@@ -163,7 +164,6 @@ def node_times(compiled, device) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- the plan
 def folded_module(model, input_shapes=None):
     """The graph the cut is taken on: imported, shapes inferred, constants folded, dead nodes removed."""
-    from edgecc.api import parse_shape_bindings
     from edgecc.frontend.onnx_import import import_model
     from edgecc.passes import PassContext, PassManager, parse_pipeline
 
@@ -198,28 +198,24 @@ class Planner:
 
     def __init__(self, model, device="host", server="host", *, input_shapes=None, **compile_options):
         import edgecc
+        from edgecc.frontend.onnx_export import export_model
 
         self.device = load_side(device, "device")
         self.server = load_side(server, "server")
         self.input_shapes = input_shapes
         self.options = compile_options
         self.module = folded_module(model, input_shapes)
-        self.onnx = self.module_onnx()
+        self.onnx = export_model(self.module)
         whole_device = edgecc.compile(model, target=self.device.target, input_shapes=input_shapes, name="whole",
                                       **compile_options)
         whole_server = edgecc.compile(model, target=self.server.target, input_shapes=input_shapes, name="whole",
                                       **compile_options)
-        self.whole = {"device": whole_device, "server": whole_server}
         self.device_ms = node_times(whole_device, self.device)
         self.server_ms = node_times(whole_server, self.server)
         names = {n.name for n in self.module.graph.nodes}
-        self.unmapped = {side: sorted(set(times) - names) for side, times in
+        self.unmapped = {side: {n: ms for n, ms in times.items() if n not in names} for side, times in
                          (("device", self.device_ms), ("server", self.server_ms))}
-
-    def module_onnx(self):
-        from edgecc.frontend.onnx_export import export_model
-
-        return export_model(self.module)
+        """Costed nodes the folded graph does not have (made by a pass): their time is left out of the cut."""
 
     def problem(self, bandwidth, rtt_ms=0.0, transfer_dtype="float32") -> CutProblem:
         return build_problem(self.module, self.device_ms, self.server_ms, parse_bandwidth(bandwidth),
@@ -238,7 +234,8 @@ class Planner:
         def compile_half(half, side, name):
             if half is None:
                 return None
-            shapes = {k: v for k, v in _bindings(self.input_shapes).items() if k in {i.name for i in half.graph.input}}
+            names = {i.name for i in half.graph.input}
+            shapes = {k: v for k, v in parse_shape_bindings(self.input_shapes).items() if k in names}
             return edgecc.compile(half, target=side.target, input_shapes=shapes or None, name=name, **self.options)
 
         report = partition_report(problem, solution, self.device, self.server, transfer_dtype, self.unmapped)
@@ -247,12 +244,6 @@ class Planner:
                          cut=list(chosen.up), returned=list(chosen.down), outputs=list(problem.outputs),
                          inputs=list(problem.inputs), transfer_dtype=transfer_dtype, report=report,
                          device_onnx=device_onnx, server_onnx=server_onnx)
-
-
-def _bindings(input_shapes) -> dict:
-    from edgecc.api import parse_shape_bindings
-
-    return parse_shape_bindings(input_shapes)
 
 
 def split_onnx(model, module, problem: CutProblem, chosen: CutCost):
