@@ -1,4 +1,5 @@
-"""int8 sparse kernels (backends/kernels/qsparse.py): edgecc.QGemm with its int8 B, and 1x1 QLinearConv with its W,
+"""int8 sparse kernels (backends/kernels/qsparse.py): edgecc.QGemm with its int8 B, and QLinearConv (1x1 and KxK,
+strided, padded, dilated) with its W,
 stored in the int8 sparse layout (ops/sparse.py `pack_int8`), against the dense int8 kernel on the same node and
 edgecc's reference interpreter of it (the op's registry reference, which follows the ONNX spec and is checked against onnxruntime in
 test_native_qconv.py / test_quantize_int8.py).
@@ -58,15 +59,28 @@ def qsparse_calls(monkeypatch):
     return calls
 
 
-def sparse_qconv(x_shape, m: int, level: float = 0.9, **options):
-    """test_native_qconv's 1x1 QLinearConv with `level` of W zeroed (and output channel 1 entirely)."""
-    model, feeds = qconv_model(x_shape, m, 1, **options)
+def sparse_qconv(x_shape, m: int, level: float = 0.9, kernel: int = 1, **options):
+    """test_native_qconv's QLinearConv (kernel x kernel) with `level` of W zeroed (and output channel 1 entirely)."""
+    model, feeds = qconv_model(x_shape, m, kernel, **options)
     init = next(i for i in model.graph.initializer if i.name == "w")
     w = numpy_helper.to_array(init).copy()
     w[RNG.random(w.shape) < level] = 0
     w[1] = 0
     init.CopyFrom(numpy_helper.from_array(w, "w"))
     return model, feeds
+
+
+def sparse_against_dense(model, feeds, encoding: str) -> np.ndarray:
+    """The node compiled with its weight forced to `encoding` ("csr", "block{width=4}"), checked to take it and
+    to equal the dense kernel bit for bit; its output."""
+    kind, _, width = encoding.partition("{")
+    spec = f"-O2,encode-sparsity{{encoding={kind}" + ("," + width if width else "}")
+    compiled = edgecc.compile(model, runtime="native", passes=spec, progress=False)
+    assert [v.type.sparse.kind for v in compiled.module.graph.constants() if v.type.sparse is not None] == [kind]
+    got = compiled.run(feeds)[0]
+    dense = edgecc.compile(model, runtime="native", passes="-O2", progress=False).run(feeds)[0]
+    np.testing.assert_array_equal(got, dense)
+    return got
 
 
 def _unpack(words: np.ndarray, k: int, n: int, width: int) -> np.ndarray:
@@ -114,14 +128,8 @@ QGEMM_CASES = {  # (A shape, N, transB, A dtype)
 def test_sparse_qgemm_equals_dense_kernel(case, encoding, qsparse_calls):
     a_shape, n, trans_b, a_dtype = QGEMM_CASES[case]
     model, feeds = sparse_qgemm(a_shape, n, trans_b, a_dtype=a_dtype)
-    kind, _, width = encoding.partition("{")
-    spec = f"-O2,encode-sparsity{{encoding={kind}" + ("," + width if width else "}")
-    compiled = edgecc.compile(model, runtime="native", passes=spec, progress=False)
-    assert [v.type.sparse.kind for v in compiled.module.graph.constants() if v.type.sparse is not None] == [kind]
-    got = compiled.run(feeds)[0]
+    got = sparse_against_dense(model, feeds, encoding)
     assert qsparse_calls, "the sparse kernel did not run"
-    dense = edgecc.compile(model, runtime="native", passes="-O2", progress=False).run(feeds)[0]
-    np.testing.assert_array_equal(got, dense)
     assert_close_int(got, reference(model, feeds))
 
 
@@ -137,22 +145,51 @@ CONV_CASES = {  # (x shape, output channels, options)
 def test_sparse_pointwise_qlinear_conv_equals_dense_kernel(case, encoding, qsparse_calls):
     x_shape, m, options = CONV_CASES[case]
     model, feeds = sparse_qconv(x_shape, m, **options)
-    kind, _, width = encoding.partition("{")
-    spec = f"-O2,encode-sparsity{{encoding={kind}" + ("," + width if width else "}")
-    compiled = edgecc.compile(model, runtime="native", passes=spec, progress=False)
-    assert [v.type.sparse.kind for v in compiled.module.graph.constants() if v.type.sparse is not None] == [kind]
-    got = compiled.run(feeds)[0]
+    got = sparse_against_dense(model, feeds, encoding)
     assert qsparse_calls == ["QLinearConv"]
-    dense = edgecc.compile(model, runtime="native", passes="-O2", progress=False).run(feeds)[0]
-    np.testing.assert_array_equal(got, dense)
     assert_close_int(got, reference(model, feeds))
 
 
-def test_strided_or_kxk_qlinear_conv_stays_dense():
-    for model, _ in (qconv_model((1, 8, 6, 6), 8, 1, strides=[2, 2]), qconv_model((1, 8, 6, 6), 8, 3)):
-        compiled = edgecc.compile(model, runtime="reference", passes="-O2,encode-sparsity{encoding=csr}",
+KXK_CASES = {  # (x shape, output channels, kernel, attributes): digits_cnn / ResNet layer kinds on small maps
+    "3x3_s2_padded": ((1, 16, 14, 14), 32, 3, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    "3x3_s1_padded": ((1, 8, 9, 10), 12, 3, dict(pads=[1, 1, 1, 1])),
+    "dilated_signed_batched": ((2, 5, 9, 8), 8, 3, dict(dilations=[2, 2], x_dtype=np.int8, y_dtype=np.int8)),
+    "1x1_s2": ((1, 8, 7, 7), 8, 1, dict(strides=[2, 2])),
+    "2x2_asymmetric_pads_per_tensor": ((1, 6, 7, 7), 8, 2, dict(pads=[0, 1, 1, 0], strides=[2, 1],
+                                                                 per_channel=False, bias=False)),
+}
+
+
+@pytest.mark.parametrize("encoding", ["csr", "block{width=4}"])
+@pytest.mark.parametrize("case", sorted(KXK_CASES))
+def test_sparse_kxk_qlinear_conv_equals_dense_kernel(case, encoding, qsparse_calls):
+    """KxK, strided, dilated and padded convolutions: the tap walk (a tap outside the input skipped) is bit-exact to
+    the dense int8 kernel, and within the one-step tolerance of onnx.reference (assert_close_int)."""
+    from qdq_reference import reference_runner
+
+    x_shape, m, k, options = KXK_CASES[case]
+    model, feeds = sparse_qconv(x_shape, m, 0.85, k, **options)
+    got = sparse_against_dense(model, feeds, encoding)
+    assert qsparse_calls == ["QLinearConv"]
+    assert_close_int(got, reference_runner(model)(feeds))
+
+
+def test_kxk_blocks_must_not_straddle_taps():
+    """A KxK QLinearConv whose C_out is not a multiple of V keeps its weight dense under forced blocks (a block of
+    the [C_in, taps x C_out] view would mix two taps); CSR encodes it."""
+    model, _ = qconv_model((1, 8, 6, 6), 6, 3)
+    encodings = {}
+    for spec in ("encoding=block,width=4", "encoding=csr"):
+        compiled = edgecc.compile(model, runtime="reference", passes=f"-O2,encode-sparsity{{{spec}}}",
                                   progress=False)
-        assert all(v.type.sparse is None for v in compiled.module.graph.constants())
+        encodings[spec] = [v.type.sparse for v in compiled.module.graph.constants() if v.type.sparse is not None]
+    assert encodings == {"encoding=block,width=4": [], "encoding=csr": [SparseEncoding("csr")]}
+
+
+def test_grouped_qlinear_conv_stays_dense():
+    model, _ = qconv_model((1, 8, 6, 6), 8, 3, group=2)
+    compiled = edgecc.compile(model, runtime="reference", passes="-O2,encode-sparsity{encoding=csr}", progress=False)
+    assert all(v.type.sparse is None for v in compiled.module.graph.constants())
 
 
 def test_wide_layer_takes_the_exact_requantisation(qsparse_calls):
@@ -198,6 +235,13 @@ def test_arm_targets_under_qemu(target):
                                   passes=f"-O2,encode-sparsity{{{spec}}}", progress=False)
         dense = edgecc.compile(model, target=target, runtime="native", passes="-O2", progress=False)
         np.testing.assert_array_equal(compiled.run(feeds)[0], dense.run(feeds)[0])
+    x_shape, m, k, options = KXK_CASES["3x3_s2_padded"]
+    model, feeds = sparse_qconv(x_shape, m, 0.85, k, **options)
+    for spec in ("encoding=csr", "encoding=block,width=4"):
+        compiled = edgecc.compile(model, target=target, runtime="native",
+                                  passes=f"-O2,encode-sparsity{{{spec}}}", progress=False)
+        dense = edgecc.compile(model, target=target, runtime="native", passes="-O2", progress=False)
+        np.testing.assert_array_equal(compiled.run(feeds)[0], dense.run(feeds)[0])
     for model, feeds in (sparse_qgemm((2, 8), 4101, 1, level=0.8), sparse_qconv((1, 8, 3, 3), 4101, level=0.8)):
         compiled = edgecc.compile(model, target=target, runtime="native",  # the exact requantisation
                                   passes="-O2,encode-sparsity{encoding=csr}", progress=False)
@@ -207,7 +251,7 @@ def test_arm_targets_under_qemu(target):
 @pytest.mark.slow
 @needs_tools("arm-none-eabi-gcc", "qemu-system-arm")
 def test_pruned_int8_mlp_on_cortex_m4(tmp_path):
-    """A float 1x1 Conv + MLP pruned to 90% and quantised to int8 by edgecc for Cortex-M4: the QLinearConv and both
+    """A float 3x3 padded Conv + MLP pruned to 90% and quantised to int8 by edgecc for Cortex-M4: the QLinearConv and both
     QGemm weights take the int8 sparse layout (the microcontroller cost model), and the firmware's output under qemu-system-arm equals the
     reference interpreter's on the same compiled module (exact: integer kernels, the exact requantisation, the same
     float32 dequantisation)."""
@@ -215,9 +259,9 @@ def test_pruned_int8_mlp_on_cortex_m4(tmp_path):
 
     from edgecc.cli import main
 
-    w0 = RNG.standard_normal((16, 32, 1, 1)).astype(np.float32)  # (pruning keeps < 32 weights per channel dense)
+    w0 = RNG.standard_normal((16, 32, 3, 3)).astype(np.float32)  # (pruning keeps < 32 weights per channel dense)
     w1, w2 = RNG.standard_normal((64, 48)).astype(np.float32), RNG.standard_normal((48, 10)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"]), helper.make_node("Relu", ["c"], ["cr"]),
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["cr"]),
              helper.make_node("Flatten", ["cr"], ["f"]),
              helper.make_node("Gemm", ["f", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("Gemm", ["r", "w2"], ["y"])]

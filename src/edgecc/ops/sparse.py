@@ -38,8 +38,8 @@ SPARSE_OPS = ("Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv")
 WEIGHT_INPUT = 1
 """The weight operand of every op above (Gemm/MatMul B, Conv W)."""
 INT8_SPARSE_OPS = ("QGemm", "QLinearConv")
-"""int8 layers with a sparse kernel (backends/kernels/qsparse.py; QLinearConv: 1x1, group 1, stride 1, unpadded);
-their weight is input 3 (B, W)."""
+"""int8 layers with a sparse kernel (backends/kernels/qsparse.py; QLinearConv: group 1, 2-D, or 1x1 stride 1
+unpadded of any rank); their weight is input 3 (B, W)."""
 INT8_WEIGHT_INPUT = 3
 MAX_INT8_K = 65535
 """The int8 layout stores k as a uint16."""
@@ -59,16 +59,24 @@ def _int8_capable(node: Node) -> str | None:
     if zp is not None and (not zp.is_const or np.any(zp.const != 0)):
         return "the weight zero point is not 0 (the int8 sparse kernel takes symmetric weights)"
     if node.op == "QLinearConv":
-        if node.attrs.get("group", 1) != 1 or any(d != 1 for d in w.type.shape[2:]) or \
-                any(node.attrs.get("pads", ())) or any(s != 1 for s in node.attrs.get("strides", ())) or \
-                node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return "int8 sparse convolutions are 1x1, group 1, stride 1 and unpadded"
+        if node.attrs.get("group", 1) != 1:
+            return "grouped convolution"
+        if not pointwise_unit(node) and x.type.rank != 4:
+            return f"{x.type.rank - 2}-D convolution (int8 sparse kernels: 1x1 stride 1 of any rank, others 2-D)"
         if any(node.input(i) is None or node.input(i).type.size != 1 for i in (1, 6)):
             return "per-tensor x_scale and y_scale only"
         k = w.type.shape[1]
     else:
         k = w.type.shape[1] if node.attrs.get("transB", 0) else w.type.shape[0]
     return None if k <= MAX_INT8_K else f"K = {k} exceeds the int8 layout's uint16 index"
+
+
+def pointwise_unit(node: Node) -> bool:
+    """A Conv / QLinearConv with a 1x1 kernel, stride 1 and no padding: a matrix product per image."""
+    w = node.input(weight_input(node))
+    return all(d == 1 for d in w.type.shape[2:]) and not any(node.attrs.get("pads", ())) and \
+        all(s == 1 for s in node.attrs.get("strides", ())) and \
+        node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
 
 
 def sparse_capable(node: Node) -> str | None:
@@ -99,7 +107,7 @@ def encodable(node: Node, encoding: SparseEncoding) -> bool:
     """The kernels take `node` (sparse_capable) with `encoding`: a KxK Conv's blocks must not straddle taps (V
     divides C_out)."""
     w = node.inputs[weight_input(node)].type
-    if node.op in ("Conv", "FusedConv") and w.size // max(1, w.shape[0] * w.shape[1]) > 1:
+    if node.op in ("Conv", "FusedConv", "QLinearConv") and w.size // max(1, w.shape[0] * w.shape[1]) > 1:
         return w.shape[0] % encoding.width == 0
     return True
 

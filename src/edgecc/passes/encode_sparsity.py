@@ -44,11 +44,12 @@ the transposed tiles of A and of the outputs (CSR at 90%: 0.27-0.59 of dense on 
 WIN = 0.8
 """A sparse encoding is chosen only if its modelled time is below this fraction of the dense kernel's (and it
 stores fewer bytes): a margin for the model's error, so a weight is never made slower."""
-INT8_VALUE_COST, INT8_ENTRY_COST = 1.0, 2.0
+INT8_VALUE_COST, INT8_ENTRY_COST, INT8_BLOCK_COST = 1.0, 2.0, 3.0
 """The int8 sparse kernel (backends/kernels/qsparse.py, scalar on microcontrollers) per stored value (a byte load,
-sign extension, multiply-add) and per entry and row (two index bytes, the activation load and its zero point), in
-the generic dense int8 kernel's MACs (an activation and a weight load, a multiply-add): counted from the
-instructions, not measured on a board."""
+sign extension, multiply-add), per entry and row (two index bytes, the activation load and its zero point), and
+per column block and row (two uint16 offsets of two bytes each, the loop test; for a padded KxK convolution's tap
+the bounds check), in the generic dense int8 kernel's MACs (an activation and a weight load, a multiply-add):
+counted from the instructions, not measured on a board."""
 INT8_HOST_VALUE_COST, INT8_HOST_ENTRY_COST, INT8_HOST_BLOCK_COST = 0.15, 5.5, 16
 """The same kernel on a hosted vector target whose dense int8 kernel has the generic (widened) dot4, in that
 kernel's MACs: per stored value (V lanes of one vector multiply-add), per entry and row, and per column block and
@@ -83,10 +84,10 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
     entries = int(entry_mask(matrix, encoding.width).sum())
     fraction = entries * encoding.width / max(1, matrix.size)
     per_entry = entries / max(1, matrix.size)
+    blocks = -(-matrix.shape[1] // encoding.width) / max(1, matrix.size)  # column blocks per dense MAC
     if node.op in INT8_SPARSE_OPS and not hosted:
-        return fraction * INT8_VALUE_COST + per_entry * INT8_ENTRY_COST
+        return fraction * INT8_VALUE_COST + per_entry * INT8_ENTRY_COST + blocks * INT8_BLOCK_COST
     if node.op in INT8_SPARSE_OPS:
-        blocks = -(-matrix.shape[1] // encoding.width) / max(1, matrix.size)
         return fraction * INT8_HOST_VALUE_COST + per_entry * INT8_HOST_ENTRY_COST + blocks * INT8_HOST_BLOCK_COST
     if node.op in ("Conv", "FusedConv"):
         w, out = node.inputs[1].type.shape, node.outputs[0].type.shape
@@ -132,7 +133,7 @@ def choose_encoding(node: Node, matrix: np.ndarray, lanes: int, hosted: bool = T
     (int8 weights stay dense, see INT8_HOST_VALUE_COST)."""
     if np.count_nonzero(matrix) >= WIN * matrix.size:  # every kernel costs >= 1 dense MAC per value kept
         return None
-    if hosted and (dot or node.op == "QLinearConv") and node.op in INT8_SPARSE_OPS:  # (1x1 int8: not measured)
+    if hosted and (dot or node.op == "QLinearConv") and node.op in INT8_SPARSE_OPS:  # (int8 conv: not measured)
         return None
     options = []
     for encoding in candidates(lanes):
@@ -225,10 +226,11 @@ class EncodeSparsity(Pass):
     fewer bytes (values + int32 indices + block offsets) than dense, hosted targets take the fastest if it is below
     WIN (0.8); microcontrollers, short of flash, the smallest that is modelled no slower than dense.
 
-    int8: edgecc.QGemm's constant int8 B and a 1x1 (stride 1, unpadded, group 1) QLinearConv's W with zero points 0
-    (as quantize-int8 makes) take an int8 layout (uint16 k + V int8 values per entry, uint16 or int32 offsets:
-    about 8% of the float32 bytes at 90% zeros) read by backends/kernels/qsparse.py: on microcontrollers 1.0 per
-    value + 2.0 per entry (from instruction counts); QGemm on hosted targets without an int8 dot instruction 0.15
+    int8: edgecc.QGemm's constant int8 B and a group-1 QLinearConv's W (2-D of any kernel, stride, padding and
+    dilation, or 1x1 stride 1 of any rank; for a KxK one V divides C_out) with zero points 0 (as quantize-int8
+    makes) take an int8 layout (uint16 k + V int8 values per entry, uint16 or int32 offsets: about 8% of the
+    float32 bytes at 90% zeros) read by backends/kernels/qsparse.py: on microcontrollers 1.0 per value + 2.0 per
+    entry + 3.0 per column block (from instruction counts); QGemm on hosted targets without an int8 dot instruction 0.15
     per value + 5.5 per entry + 16 per column block (measured on AVX2: CSR 0.55 of dense at 90%); targets with
     vpdpbusd or sdot, and QLinearConv on any hosted target (not measured), keep int8 weights dense.
 
