@@ -7,8 +7,12 @@ Dot4 (`Dot4`): acc_i32[lane] += sum of 4 byte products (activation x int8 weight
   (or +avx512vnni,+avx512vl) its ymm form (8 lanes);
 - AArch64 with +dotprod: `sdot` (s8 x s8, 4 lanes); uint8 activations are flipped to int8 (xor 0x80) as they are
   packed, and the shift (-128 * sum of the weights) goes into the per-channel correction;
+- x86 without VNNI (SSE2, AVX2, AVX-512 BW): `pmaddwd` on 2 int16 values per 32-bit word (activations packed as
+  int16 x - x_zp, weights sign-extended; exact, see Dot4). vpmaddubsw is never used: its i16 pair sums saturate
+  for 8-bit weights (u8 255 x s8 -128, twice, is below -2^15), and 7-bit weights would cost accuracy. LLVM does
+  not form pmaddwd from the widened form below (it emitted vpmullw + blends + packs, 4-5x slower than fp32 on Zen 3);
 - elsewhere a widened form LLVM vectorises (i16 products, which cannot overflow: 255 * 128 < 2^15, then pairwise
-  i32 sums: vpmaddwd on AVX2, smull/saddlp on NEON). vpmaddubsw is never used: its i16 pair sums saturate.
+  i32 sums: smull/saddlp on NEON).
 
 Zero points: acc = sum x * w over the padded input (padding holds x_zp, so it contributes x_zp * w, exactly what
 the correction removes): y_acc = acc - (x_zp + delta) * sum(w) + B, where sum(w) per output channel is computed
@@ -49,7 +53,7 @@ import dataclasses
 import numpy as np
 from llvmlite import ir
 
-from edgecc.backends.codegen import I8, I32, I64, PTR, Buffer, KernelBuilder
+from edgecc.backends.codegen import I8, I16, I32, I64, PTR, Buffer, KernelBuilder
 from edgecc.backends.kernels.conv import Accumulators, add_i64, for_blocks, i32_vector, intrinsic, lanes, \
     mul_i64, vector_registers
 
@@ -139,30 +143,61 @@ def dot4_form(target) -> tuple[str, int, bool | None]:
     return "generic", 0, None
 
 
+MADD = {128: ("llvm.x86.sse2.pmadd.wd", "+sse2"), 256: ("llvm.x86.avx2.pmadd.wd", "+avx2"),
+        512: ("llvm.x86.avx512.pmaddw.d.512", "+avx512bw")}
+"""x86 without VNNI: pmaddwd of each vector width (intrinsic, the feature it needs)."""
+
+
 class Dot4:
-    """acc (<L x i32>) += per lane, the sum of 4 activation bytes times 4 int8 weight bytes."""
+    """acc (<L x i32>) += per lane, the sum of the activation values of one 32-bit word times the int8 weights of
+    one 32-bit word: 4 bytes x 4 bytes (vpdpbusd, sdot, the widened generic form), or on x86 without VNNI
+    (`per_word` 2, dot4_form still says "generic") 2 int16 x 2 int16 by `pmaddwd`.
+
+    The pmaddwd form ("pairs"): activations are packed as int16 x - x_zp (`centred`: the zero point is taken off
+    when packing, so padding is 0 and the correction is bias only) and weights as sign-extended int16. Bound:
+    |x - x_zp| <= 255 and |w| <= 128 give |products| <= 32640 and |pair sums| <= 65280, exact in pmaddwd's int32
+    (its only inexact case, both pairs -32768 * -32768, cannot occur), and |acc| <= K * 32640 as in MAX_K.
+    One pmaddwd does 16 multiply-adds per 256 bits (vpmaddubsw's 32 would need 7-bit weights not to saturate)."""
 
     def __init__(self, kb: KernelBuilder):
         self.kb = kb
         self.kind, self.lanes, self.signed = dot4_form(kb.target)
+        self.per_word = 4
+        """Activation values (channels) per 32-bit word: 4 bytes, or 2 int16 with pmaddwd."""
+        self.madd = None
         if self.kind == "generic":
             self.lanes = max(1, lanes(kb))
+            madd = MADD.get(kb.target.vector_bits)
+            if kb.target.triple.startswith("x86_64") and madd and madd[1] in kb.target.features.split(","):
+                self.madd, self.per_word = madd[0], 2
         self.registers = vector_registers(kb)
+
+    @property
+    def centred(self) -> bool:
+        """Activations are packed as int16 x - x_zp (the pmaddwd form)."""
+        return self.per_word == 2
 
     def accumulators(self) -> int:
         """Accumulator vectors a register tile may hold (the generic form needs temporaries of its own)."""
         budget = 24 if self.registers >= 32 else 10
+        if self.centred:
+            return budget
         return budget // 2 if self.kind == "generic" else budget
 
     def flip(self, act_signed: bool) -> tuple[int, int]:
         """(xor mask applied to activation bytes when packed, delta): the dot sees x + delta."""
-        if self.signed is None or self.signed == act_signed:
+        if self.centred or self.signed is None or self.signed == act_signed:
             return 0, 0
         return 0x80, (-128 if self.signed else 128)
 
     def dot(self, acc: ir.Value, x: ir.Value, w: ir.Value, act_signed: bool) -> ir.Value:
-        """acc + dot4(x, w): x is <4L x i8> activations (after the flip), w is <L x i32> weight words."""
+        """acc + dot4(x, w): x is 32 L bytes of activations (after the flip, or centred int16), w is <L x i32>
+        weight words."""
         b, n = self.kb.b, self.lanes
+        if self.madd:
+            ty, pairs = vec_ty(I32, n), vec_ty(I16, 2 * n)
+            fn = intrinsic(self.kb, self.madd, ty, [pairs, pairs])
+            return b.add(acc, b.call(fn, [b.bitcast(x, pairs), b.bitcast(w, pairs)]))
         if self.kind == "vnni":
             ty = vec_ty(I32, n)
             fn = intrinsic(self.kb, f"llvm.x86.avx512.vpdpbusd.{32 * n}", ty, [ty, ty, ty])
@@ -415,19 +450,22 @@ def conv_geometry(kb: KernelBuilder, x: Buffer, w_shape, y: Buffer) -> ConvGeome
 
 
 class BandPacker:
-    """Packs output-row bands of the input into scratch: [group][phase y][phase x][rows][Wq][g channels] bytes,
-    padding filled with the zero point (xor the flip)."""
+    """Packs output-row bands of the input into scratch: [group][phase y][phase x][rows][Wq][g channels] values,
+    padding filled with the zero point (xor the flip). With `centre` (the x zero point as an i16 value, the
+    pmaddwd form) the values are int16 x - x_zp, and padding is 0 (`fill` must then be 0)."""
 
     def __init__(self, kb: KernelBuilder, x: Buffer, geo: ConvGeometry, g: int, rows: int, flip: int,
-                 fill: ir.Value):
+                 fill: ir.Value, centre: ir.Value | None = None):
         self.kb, self.x, self.geo, self.g, self.rows, self.flip, self.fill = kb, x, geo, g, rows, flip, fill
+        self.centre = centre
+        self.unit = g * (2 if centre is not None else 1)  # bytes per position
         self.plane = (rows + geo.ey) * geo.wq  # positions of one phase plane
-        self.group_bytes = geo.sy * geo.sx * self.plane * g
+        self.group_bytes = geo.sy * geo.sx * self.plane * self.unit
 
     def pack(self, n_idx, group, oh0, band_rows, channels: int = 1) -> None:
         """Pack channel groups group..group+channels-1 (each of g channels) for output rows oh0..oh0+band_rows-1
         into self.scratch (from its start)."""
-        kb, b, geo, g = self.kb, self.kb.b, self.geo, self.g
+        kb, b, geo, g, unit = self.kb, self.kb.b, self.geo, self.g, self.unit
         rows = add_i64(kb, band_rows, geo.ey)
         with kb.loop(channels, "pg") as gi:
             gidx = add_i64(kb, group, gi)
@@ -438,17 +476,17 @@ class BandPacker:
                     inside = [c for c in range(geo.wq) if 0 <= c * geo.sx + px - geo.pl < geo.w]
                     c_lo, c_hi = (inside[0], inside[-1] + 1) if inside else (0, 0)
                     with kb.loop(rows, "pr") as rr:
-                        dst = add_i64(kb, mul_i64(kb, gi, self.group_bytes), (phase * self.plane) * g,
-                                      mul_i64(kb, rr, geo.wq * g))
+                        dst = add_i64(kb, mul_i64(kb, gi, self.group_bytes), (phase * self.plane) * unit,
+                                      mul_i64(kb, rr, geo.wq * unit))
                         ih = add_i64(kb, mul_i64(kb, add_i64(kb, oh0, rr), geo.sy), py - geo.pt)
                         valid = b.icmp_unsigned("<", ih, kb.i64(geo.h))
                         with b.if_else(valid) as (then, otherwise):
                             with then:
                                 if c_lo:
-                                    memset(kb, byte_ptr(kb, self.scratch, dst), self.fill, c_lo * g)
+                                    memset(kb, byte_ptr(kb, self.scratch, dst), self.fill, c_lo * unit)
                                 if c_hi < geo.wq:
-                                    memset(kb, byte_ptr(kb, self.scratch, add_i64(kb, dst, c_hi * g)), self.fill,
-                                           (geo.wq - c_hi) * g)
+                                    memset(kb, byte_ptr(kb, self.scratch, add_i64(kb, dst, c_hi * unit)),
+                                           self.fill, (geo.wq - c_hi) * unit)
                                 srcs = []
                                 for j in range(g):
                                     ch = add_i64(kb, mul_i64(kb, gidx, g), j)
@@ -458,18 +496,32 @@ class BandPacker:
                                     srcs.append(add_i64(kb, mul_i64(kb, n_idx, geo.c * geo.h * geo.w),
                                                         mul_i64(kb, ch, geo.h * geo.w), mul_i64(kb, ih, geo.w),
                                                         px - geo.pl))
-                                if g == 1 and geo.sx == 1 and not self.flip and c_hi > c_lo:  # one plain copy
+                                if unit == 1 and geo.sx == 1 and not self.flip and c_hi > c_lo:  # one plain copy
                                     memcpy(kb, byte_ptr(kb, self.scratch, add_i64(kb, dst, c_lo)),
                                            kb.element_ptr(self.x, add_i64(kb, srcs[0], c_lo)), c_hi - c_lo)
                                 else:
                                     self.copy_columns(srcs, dst, c_lo, c_hi, px)
                             with otherwise:
-                                memset(kb, byte_ptr(kb, self.scratch, dst), self.fill, geo.wq * g)
+                                memset(kb, byte_ptr(kb, self.scratch, dst), self.fill, geo.wq * unit)
+
+    def value(self, v: ir.Value) -> ir.Value:
+        """An activation byte (or vector of them) as packed: xor the flip, or widened to i16 less the zero point."""
+        b = self.kb.b
+        if self.centre is not None:
+            signed = self.x.dtype.name == "int8"
+            if isinstance(v.type, ir.VectorType):
+                wide = (b.sext if signed else b.zext)(v, vec_ty(I16, v.type.count))
+                return b.sub(wide, splat(b, self.centre, v.type.count))
+            return b.sub((b.sext if signed else b.zext)(v, I16), self.centre)
+        if self.flip:
+            mask = ir.Constant(I8, self.flip)
+            return b.xor(v, ir.Constant(v.type, [mask] * v.type.count) if isinstance(v.type, ir.VectorType) else mask)
+        return v
 
     def copy_columns(self, srcs, dst, c_lo: int, c_hi: int, px: int) -> None:
         """Columns c_lo..c_hi-1 of the g channel rows at srcs into the packed row at dst: whole CHUNKs by vectors,
-        the rest byte by byte."""
-        kb, b, geo, g = self.kb, self.kb.b, self.geo, self.g
+        the rest value by value."""
+        kb, geo, g = self.kb, self.geo, self.g
         chunks = self.chunks(c_lo, c_hi, px)
         if chunks:
             with kb.loop(chunks, "pv") as k:
@@ -477,11 +529,9 @@ class BandPacker:
         if c_hi > c_lo + chunks * CHUNK:
             with kb.loop(c_hi, "pc", start=c_lo + chunks * CHUNK) as col:
                 for j in range(g):
-                    v = kb.load(self.x, add_i64(kb, srcs[j], mul_i64(kb, col, geo.sx)))
-                    if self.flip:
-                        v = b.xor(v, ir.Constant(I8, self.flip))
-                    store_to(kb, v, byte_ptr(kb, self.scratch,
-                                             add_i64(kb, dst, mul_i64(kb, col, g), j)))
+                    v = self.value(kb.load(self.x, add_i64(kb, srcs[j], mul_i64(kb, col, geo.sx))))
+                    store_to(kb, v, byte_ptr(kb, self.scratch, add_i64(kb, dst, mul_i64(kb, col, self.unit),
+                                                                       j * (self.unit // g))))
 
     def chunks(self, c_lo: int, c_hi: int, px: int) -> int:
         """Whole CHUNKs of columns from c_lo whose vector reads (CHUNK * sx bytes) stay inside the input row."""
@@ -497,16 +547,17 @@ class BandPacker:
         for src in srcs:
             wide = b.load(kb.element_ptr(self.x, add_i64(kb, src, mul_i64(kb, col, sx))), typ=vec_ty(I8, CHUNK * sx),
                           align=1)
-            rows.append(wide if sx == 1 else b.shuffle_vector(wide, wide, i32_vector(range(0, CHUNK * sx, sx))))
+            row = wide if sx == 1 else b.shuffle_vector(wide, wide, i32_vector(range(0, CHUNK * sx, sx)))
+            rows.append(self.value(row))
         if g == 1:
             value = rows[0]
+        elif g == 2:  # out[2i + j] = rows[j][i]
+            value = b.shuffle_vector(rows[0], rows[1], i32_vector(j * CHUNK + i for i in range(CHUNK) for j in range(2)))
         else:  # g == 4: out[4i + j] = rows[j][i]
             low = b.shuffle_vector(rows[0], rows[1], i32_vector(range(2 * CHUNK)))
             high = b.shuffle_vector(rows[2], rows[3], i32_vector(range(2 * CHUNK)))
             value = b.shuffle_vector(low, high, i32_vector(j * CHUNK + i for i in range(CHUNK) for j in range(4)))
-        if self.flip:
-            value = b.xor(value, ir.Constant(value.type, [ir.Constant(I8, self.flip)] * value.type.count))
-        store_to(kb, value, byte_ptr(kb, self.scratch, add_i64(kb, dst, mul_i64(kb, col, g))))
+        store_to(kb, value, byte_ptr(kb, self.scratch, add_i64(kb, dst, mul_i64(kb, col, self.unit))))
 
 
 def band_span(kb: KernelBuilder, geo: ConvGeometry, band, rows: int) -> tuple:
@@ -531,14 +582,15 @@ def band_rows(geo: ConvGeometry, bytes_per_row: int, limit: int = BAND_BYTES) ->
     return -(-geo.oh // bands)
 
 
-def pack_dot_weights(w: np.ndarray, mr: int, c4: int) -> np.ndarray:
-    """[M, C, kh, kw] int8 -> int32 words: M sums padded to a whole block, then [M/mr][C/4][tap][mr][4 bytes]."""
+def pack_dot_weights(w: np.ndarray, mr: int, c4: int, per_word: int = 4) -> np.ndarray:
+    """[M, C, kh, kw] int8 -> int32 words: M sums padded to a whole block, then [M/mr][C/per_word][tap][mr][word],
+    a word holding 4 int8 weights of consecutive channels, or 2 sign-extended int16 ones (per_word 2, pmaddwd)."""
     m, c = w.shape[:2]
     blocks = -(-m // mr)
     taps = int(np.prod(w.shape[2:]))
-    padded = np.zeros((blocks * mr, c4 * 4, taps), np.int8)
+    padded = np.zeros((blocks * mr, c4 * per_word, taps), np.int8 if per_word == 4 else np.int16)
     padded[:m, :c] = w.reshape(m, c, taps)
-    words = padded.reshape(blocks, mr, c4, 4, taps).transpose(0, 2, 4, 1, 3)  # block, c4, tap, mr, 4
+    words = padded.reshape(blocks, mr, c4, per_word, taps).transpose(0, 2, 4, 1, 3)  # block, c4, tap, mr, word
     words = np.ascontiguousarray(words).view(np.int32).reshape(-1)
     sums = np.zeros(blocks * mr, np.int32)
     sums[:m] = weight_sums(w)
@@ -557,12 +609,30 @@ def choose_tile(positions: int, lanes_: int, budget: int, channels: int) -> tupl
     return max(1, min(channels, budget // nr)), nr
 
 
+class ActivationForm:
+    """How a kernel packs activations for `dot`: bytes xor `flip` (the dot then sees x + delta, padding holds the
+    zero point), or centred int16 x - x_zp (the pmaddwd form: padding 0, no zero-point correction). `params` are
+    the (x_scale, x_zp, w_scale, y_scale, y_zp, bias) QuantParams sees."""
+
+    def __init__(self, kb: KernelBuilder, dot: Dot4, x: Buffer, params_in):
+        self.flip, self.delta = dot.flip(x.dtype.name == "int8")
+        x_zp = params_in[1]
+        if dot.centred:
+            self.fill = ir.Constant(I8, 0)
+            self.centre = ir.Constant(I16, 0) if x_zp is None else \
+                (kb.b.sext if x_zp.dtype.name == "int8" else kb.b.zext)(kb.load(x_zp, kb.i64(0)), I16)
+            self.params = (params_in[0], None, *params_in[2:])
+        else:
+            self.fill = packed_zero_point(kb, x_zp, self.flip)
+            self.centre = None
+            self.params = tuple(params_in)
+
+
 def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y: Buffer, dot: Dot4) -> bool:
     """Group-1 QLinearConv by dot4 over packed bands (see the module docstring). False if the band does not fit."""
     b = kb.b
     act_signed = x.dtype.name == "int8"
-    flip, delta = dot.flip(act_signed)
-    c4 = -(-geo.c // 4)
+    c4 = -(-geo.c // dot.per_word)  # channel words
     phases = geo.sy * geo.sx
     bytes_per_row = c4 * phases * geo.wq * 4
     if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
@@ -574,17 +644,16 @@ def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y:
     T = nr * L
     n_tiles_max = -(-rows * geo.wq // T)
     taps = list(geo.taps())
-    packed = kb.packed_input(3, lambda w: pack_dot_weights(w, mr, c4))
+    packed = kb.packed_input(3, lambda w: pack_dot_weights(w, mr, c4, dot.per_word))
     blocks = -(-geo.m // mr)
     w_words = blocks * mr  # the sums come first
-    params = QuantParams(kb, geo.m, blocks * mr, *params_in, sums=packed, delta=delta)
+    form = ActivationForm(kb, dot, x, params_in)
+    params = QuantParams(kb, geo.m, blocks * mr, *form.params, sums=packed, delta=form.delta)
 
-    x_zp = params_in[1]
-    fill = packed_zero_point(kb, x_zp, flip)
-    packer = BandPacker(kb, x, geo, 4, rows, flip, fill)
+    packer = BandPacker(kb, x, geo, dot.per_word, rows, form.flip, form.fill, form.centre)
     slack = (T + geo.ey * geo.wq + geo.ex + 1) * 4
     packer.scratch = stack_bytes(kb, c4 * packer.group_bytes + slack, "band")
-    memset(kb, byte_ptr(kb, packer.scratch, c4 * packer.group_bytes), fill, slack)
+    memset(kb, byte_ptr(kb, packer.scratch, c4 * packer.group_bytes), form.fill, slack)
     stage_stride = n_tiles_max * T
     staging = stack_bytes(kb, mr * stage_stride, "stage")
     accs = Accumulators(kb)
@@ -642,7 +711,7 @@ def channel_lanes_pay(geo: ConvGeometry, dot: Dot4) -> bool:
     """Output channels in the lanes (emit_channel_dot_conv) when the whole padded map fits one band and fills
     lanes clearly better (10 points) than flattened positions do: 7x7 maps use 49 of 64 position lanes (ResNet-18's
     last stage: 0.66 -> 0.50 ms per 512-channel 3x3 layer on Zen 4); 14x14 ones already 88%."""
-    c4 = -(-geo.c // 4)
+    c4 = -(-geo.c // dot.per_word)
     rows_in, cols_in = geo.window_extent
     if rows_in * cols_in * c4 * 4 > BAND_BYTES:
         return False
@@ -660,8 +729,8 @@ def emit_channel_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, param
     broadcast input words and MV * P dot4. Outputs are stored lane by lane (channel stride H * W)."""
     b = kb.b
     act_signed = x.dtype.name == "int8"
-    flip, delta = dot.flip(act_signed)
-    c4 = -(-geo.c // 4)
+    form = ActivationForm(kb, dot, x, params_in)
+    c4 = -(-geo.c // dot.per_word)  # channel words
     rows_in, cols_in = geo.window_extent
     pos_bytes = c4 * 4
     L = dot.lanes
@@ -671,11 +740,10 @@ def emit_channel_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, param
     p_full = max(1, budget // mv)
     n_pos = geo.oh * geo.ow
     taps = [((ky * geo.dy) * cols_in + kx * geo.dx) * pos_bytes for ky in range(geo.kh) for kx in range(geo.kw)]
-    packed = kb.packed_input(3, lambda w: pack_dot_weights(w, block, c4))
+    packed = kb.packed_input(3, lambda w: pack_dot_weights(w, block, c4, dot.per_word))
     blocks = -(-geo.m // block)
-    params = QuantParams(kb, geo.m, blocks * block, *params_in, sums=packed, delta=delta)
-    x_zp = params_in[1]
-    fill = packed_zero_point(kb, x_zp, flip)
+    params = QuantParams(kb, geo.m, blocks * block, *form.params, sums=packed, delta=form.delta)
+    value_bytes = 4 // dot.per_word
     scratch = stack_bytes(kb, rows_in * cols_in * pos_bytes, "map")
     offsets = kb.table(np.array([((p // geo.ow) * geo.sy * cols_in + (p % geo.ow) * geo.sx) * pos_bytes
                                  for p in range(n_pos)], np.int64), "qpos")
@@ -686,17 +754,19 @@ def emit_channel_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, param
     c_lo, c_hi = max(0, geo.pl), min(cols_in, geo.w + geo.pl)
 
     def pack(n_idx) -> None:
-        memset(kb, scratch, fill, rows_in * cols_in * pos_bytes)
+        memset(kb, scratch, form.fill, rows_in * cols_in * pos_bytes)
         if r_hi <= r_lo or c_hi <= c_lo:
             return
         with kb.loop(geo.c, "pc") as c, kb.loop(r_hi, "pr", start=r_lo) as r:
             src = add_i64(kb, mul_i64(kb, n_idx, geo.c * geo.h * geo.w), mul_i64(kb, c, geo.h * geo.w),
                           mul_i64(kb, r, geo.w), -geo.pt * geo.w - geo.pl)
-            dst = add_i64(kb, mul_i64(kb, r, cols_in * pos_bytes), c)
+            dst = add_i64(kb, mul_i64(kb, r, cols_in * pos_bytes), mul_i64(kb, c, value_bytes))
             with kb.loop(c_hi, "pcol", start=c_lo) as col:
                 v = kb.load(x, add_i64(kb, src, col))
-                if flip:
-                    v = b.xor(v, ir.Constant(I8, flip))
+                if form.centre is not None:
+                    v = b.sub((b.sext if act_signed else b.zext)(v, I16), form.centre)
+                elif form.flip:
+                    v = b.xor(v, ir.Constant(I8, form.flip))
                 store_to(kb, v, byte_ptr(kb, scratch, add_i64(kb, dst, mul_i64(kb, col, pos_bytes))))
 
     def tile(n_idx, m0, count: int, p0, n: int) -> None:

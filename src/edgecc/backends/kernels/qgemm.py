@@ -4,7 +4,7 @@ Fast path (hosted target, constant int8 B with zero points all 0, K <= qconv.MAX
 output columns in the vector lanes. B is packed at compile time into panels of NB = NV * L columns,
 [K/4][NB][4 bytes] each (zero-padded in K and N), after the N column sums; a register tile is MR rows of A x NV
 column vectors: per 4 values of K it loads NV weight vectors, broadcasts one 32-bit word of each A row and does
-MR * NV dot4 steps (qconv.Dot4: vpdpbusd, sdot or the widened generic form). Rows of one (GEMV, a Linear layer
+MR * NV dot4 steps (qconv.Dot4: vpdpbusd, sdot, pmaddwd over int16 pairs, or the widened generic form). Rows of one (GEMV, a Linear layer
 at batch 1) get the widest panels. The correction for A's zero point and the fixed-point requantisation are
 qconv's (QuantParams), so results are within 1 of the reference (exact but near ties).
 
@@ -19,24 +19,24 @@ import dataclasses
 import numpy as np
 from llvmlite import ir
 
-from edgecc.backends.codegen import COMPUTE, I8, I32, Buffer, KernelBuilder
+from edgecc.backends.codegen import COMPUTE, I8, I16, I32, Buffer, KernelBuilder
 from edgecc.backends.kernels import lowering
 from edgecc.backends.kernels.conv import Accumulators, add_i64, for_blocks, mul_i64
-from edgecc.backends.kernels.qconv import MAX_CHANNELS, MAX_K, Dot4, QuantParams, splat, store_to, vec_ty, \
-    weight_sums
+from edgecc.backends.kernels.qconv import MAX_CHANNELS, MAX_K, ActivationForm, Dot4, QuantParams, splat, store_to, \
+    vec_ty, weight_sums
 from edgecc.errors import EdgeccError
 from edgecc.ir.dtypes import DType
 
 
-def pack_qgemm_b(b: np.ndarray, trans_b: int, nb: int) -> np.ndarray:
+def pack_qgemm_b(b: np.ndarray, trans_b: int, nb: int, per_word: int = 4) -> np.ndarray:
     """B ([K, N], or [N, K] with transB) -> int32: N column sums padded to whole panels, then the panels
-    [N/nb][K/4][nb][4 bytes]."""
+    [N/nb][K/per_word][nb][word] (a word: 4 int8 values of K, or 2 sign-extended int16 ones for pmaddwd)."""
     bt = b if trans_b else b.T  # [N, K]
     n, k = bt.shape
-    panels, k4 = -(-n // nb), -(-k // 4)
-    padded = np.zeros((panels * nb, k4 * 4), np.int8)
+    panels, k4 = -(-n // nb), -(-k // per_word)
+    padded = np.zeros((panels * nb, k4 * per_word), np.int8 if per_word == 4 else np.int16)
     padded[:n, :k] = bt
-    words = padded.reshape(panels, nb, k4, 4).transpose(0, 2, 1, 3)
+    words = padded.reshape(panels, nb, k4, per_word).transpose(0, 2, 1, 3)
     sums = np.zeros(panels * nb, np.int32)
     sums[:n] = weight_sums(bt)
     return np.concatenate([sums, np.ascontiguousarray(words).view(np.int32).reshape(-1)])
@@ -63,11 +63,13 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
     nv = max(1, min(-(-n // L), budget if rows == 1 else 4))
     mr = max(1, min(rows, budget // nv))
     nb = nv * L
-    panels, k4 = -(-n // nb), k // 4
+    g = dot.per_word
+    panels, k4 = -(-n // nb), k // g
     act_signed = a.dtype is DType.int8
-    flip, delta = dot.flip(act_signed)
-    packed = kb.packed_input(3, lambda w: pack_qgemm_b(w, trans_b, nb))
-    params = QuantParams(kb, n, panels * nb, a_s, a_zp, b_s, y_s, y_zp, bias, packed, delta)
+    packed = kb.packed_input(3, lambda w: pack_qgemm_b(w, trans_b, nb, g))
+    form = ActivationForm(kb, dot, a, (a_s, a_zp, b_s, y_s, y_zp, bias))
+    flip = form.flip
+    params = QuantParams(kb, n, panels * nb, *form.params, packed, form.delta)
     b = kb.b
     accs = Accumulators(kb)
     acc_ty = vec_ty(I32, L)
@@ -76,8 +78,15 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
     mask = ir.Constant(I32, flip * 0x01010101)
 
     def a_word(row, kk, tail: int = 0) -> ir.Value:
-        """The 4 bytes A[row, kk..kk+3] (only `tail` of them when K ends inside the word) as an i32, flipped."""
+        """The 4 bytes A[row, kk..kk+3] (only `tail` of them when K ends inside the word) as an i32, flipped; or
+        in the pmaddwd form the 2 values A[row, kk..kk+1] as int16 less the zero point (0 past K)."""
         base = add_i64(kb, mul_i64(kb, row, k), kk)
+        if form.centre is not None:
+            pair = ir.Constant(vec_ty(I16, 2), [ir.Constant(I16, 0)] * 2)
+            for j in range(tail or 2):
+                value = b.sub((b.sext if act_signed else b.zext)(kb.load(a, add_i64(kb, base, j)), I16), form.centre)
+                pair = b.insert_element(pair, value, ir.Constant(I32, j))
+            return b.bitcast(pair, I32)
         if not tail:
             word = b.load(b.bitcast(kb.element_ptr(a, base), I32.as_pointer()), typ=I32, align=1)
         else:
@@ -94,7 +103,7 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
         starts = [params.initial(add_i64(kb, col0, v * L), L, L) for v in range(nvec)]
         for r, v in slots:
             accs.set(("g", r, v), starts[v])
-        w_panel = add_i64(kb, mul_i64(kb, col0, (k + 3) // 4), panels * nb)  # panel col0 / nb
+        w_panel = add_i64(kb, mul_i64(kb, col0, -(-k // g)), panels * nb)  # panel col0 / nb
 
         def step(kk, wk, tail: int = 0) -> None:
             values = {key: accs.get(("g", *key), acc_ty) for key in slots}
@@ -108,10 +117,10 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
                 accs.set(("g", *key), values[key])
 
         if k4:
-            with kb.loop(k4, "k4") as g:
-                step(mul_i64(kb, g, 4), add_i64(kb, w_panel, mul_i64(kb, g, nb)))
-        if k % 4:
-            step(k4 * 4, add_i64(kb, w_panel, k4 * nb), k % 4)
+            with kb.loop(k4, "k4") as kq:
+                step(mul_i64(kb, kq, g), add_i64(kb, w_panel, mul_i64(kb, kq, nb)))
+        if k % g:
+            step(k4 * g, add_i64(kb, w_panel, k4 * nb), k % g)
         def store(k: int, q: ir.Value) -> None:
             r, v = slots[k]
             flat = add_i64(kb, mul_i64(kb, add_i64(kb, row0, r), n), col0, v * L)
