@@ -167,3 +167,22 @@ def test_cli_estimate_errors(tmp_path, capsys):
     assert main(["estimate", str(TINY), "--device", str(board), "--json", str(out)]) == 1
     err = capsys.readouterr().err
     assert f"{board}: field 'ram'" in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("line, size", [
+    ("  401000:      pushq   %rbp", 8),
+    ("  401004:      subq    $0x1a8, %rsp", 0x1a8),
+    ("  10:   stp     x29, x30, [sp, #-96]!", 96),
+    ("  14:   sub     sp, sp, #416", 416),
+    ("  18:   sub     sp, sp, #1, lsl #12", 4096),
+    ("  2:    push    {r4, r5, r6, r7, lr}", 20),
+    ("  4:    vpush   {d8, d9, d10}", 24),
+    ("  8:    sub.w   sp, sp, #1024", 1024),
+    ("  a:    sub     sp, #16", 16),
+    ("  c:    ldr     r0, [sp, #16]", 0),
+])
+def test_prologue_frame_steps(line, size):
+    """Frames are read from prologues as llvm-objdump prints them (x86-64 AT&T, AArch64, Thumb-2)."""
+    from edgecc.estimate import _frame_step
+
+    assert _frame_step(line) == size
