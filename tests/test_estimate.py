@@ -13,7 +13,7 @@ import pytest
 import edgecc
 from edgecc.errors import EdgeccError
 from edgecc.estimate import elf_sections, estimate
-from toolchains import needs_target
+from toolchains import needs_target, needs_tools
 
 TINY = pathlib.Path(edgecc.__file__).parent / "models" / "tiny_cnn.onnx"
 
@@ -78,10 +78,36 @@ def test_energy_uses_the_device_figures(tiny):
     assert doubled.energy_mj - base.energy_mj == pytest.approx(macs * host.pj_fp32_mac * 1e-9, rel=1e-6)
 
 
-def test_helium_board_is_refused(tmp_path):
+def test_unmeasurable_target_is_refused():
+    from dataclasses import replace
+
+    from edgecc.devices import load_device
+
     model = edgecc.compile(str(TINY), target="cortex-m55")
-    with pytest.raises(EdgeccError, match="cortex-m55.*m55-board"):
-        estimate(model, "m55-board")
+    board = replace(load_device("m55-board"), target="armv7em-unknown-none-eabihf")
+    with pytest.raises(EdgeccError, match="no way to measure"):
+        estimate(model, board)
+
+
+@pytest.mark.slow
+@needs_tools("arm-none-eabi-gcc", "qemu-system-arm")
+def test_helium_estimate_under_qemu_system_arm():
+    """m55-board: the firmware's per-node counts add up to less than the whole firmware's (newlib's start-up)."""
+    import re
+    import tempfile
+
+    from edgecc.backends import insncount
+
+    model = edgecc.compile(str(TINY), opt_level=3, device="m55-board")
+    est = model.report["estimate"]
+    assert est["instructions"] > 0 and "qemu-system-arm -M mps3-an547" in est["method"]
+    assert sum(o["instructions"] for o in est["ops"]) == est["instructions"]
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = insncount.firmware(model.module, model.native, None, tmp)
+        run = subprocess.run(insncount.system_command(model.native.target, exe, insncount.whole_program_plugin()),
+                             capture_output=True, text=True, check=True, timeout=120)
+    whole = int(re.findall(r"insns: (\d+)", run.stdout + run.stderr)[-1])
+    assert est["instructions"] < whole < est["instructions"] + 200_000
 
 
 @pytest.mark.slow

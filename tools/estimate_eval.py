@@ -1,6 +1,6 @@
 """How good are edgecc's device estimates? The acceptance figures of docs/estimates.md.
 
-    python tools/estimate_eval.py [--models a,b] [--boards rpi-zero2,a76-phone,stm32f4] [--rounds 5]
+    python tools/estimate_eval.py [--models a,b] [--boards rpi-zero2,a76-phone,stm32f4,...] [--rounds 5]
                                   [--write docs/estimates.md]
 
 Host: each model of ../shared/models is compiled -O3 for the host; the estimate (the sum of the per-node median
@@ -31,7 +31,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("EDGECC_SHARED", ROOT.parent / "shared"))
 MODELS = ["mlp_mnist", "lenet5", "bert_tiny_enc", "shufflenet_v2_x1_0", "squeezenet1_1", "mobilenet_v2", "resnet18"]
-BOARDS = ["rpi-zero2", "a76-phone", "stm32f4"]
+BOARDS = ["rpi-zero2", "a76-phone", "stm32f4", "nrf52840", "m55-board"]
 TOLERANCE = 0.30
 
 
@@ -154,9 +154,9 @@ def document(host: list[dict], boards: list[dict], command: str) -> str:
              "quiet machine nearly every run is unpreempted and all columns agree. "
              "Re-take on a quiet machine.", "",
              "## ARM boards: instruction counts behind the estimates", "",
-             "Per-node guest instructions under qemu-user (rpi-zero2: `qemu-aarch64 -cpu cortex-a53`, a76-phone: "
-             "`qemu-aarch64 -cpu neoverse-n1` running armv8.2 code, stm32f4: Cortex-M4 code on `qemu-arm -cpu "
-             "cortex-a15`), summed; latency = instructions x the board's cycles per instruction / its clock. The "
+             "Per-node guest instructions under qemu (rpi-zero2: `qemu-aarch64 -cpu cortex-a53`, a76-phone: "
+             "`qemu-aarch64 -cpu neoverse-n1` running armv8.2 code, stm32f4 and nrf52840: Cortex-M4 code on `qemu-arm "
+             "-cpu cortex-a15`, m55-board: Helium firmware on `qemu-system-arm -M mps3-an547`), summed; latency = instructions x the board's cycles per instruction / its clock. The "
              "cycles-per-instruction factors are stated assumptions (docs/devices.md), not measurements of the "
              "boards; the instruction counts are exact for the code generated. Flash and RAM are checked against the "
              "board (stm32f4: 1 MB flash, 192 KB RAM).", "",

@@ -7,7 +7,8 @@ plan, the stack from the generated functions' prologues. Cycles are measured, no
 - on ARM boards each node's guest instructions are counted under qemu-user (backends/insncount.py) and multiplied
   by the board's cycles per instruction, then divided by its clock. Cortex-M4 code is counted as built for the
   M4 (Thumb-2, single-precision VFP) but linked for Linux and run on qemu-arm's Cortex-A15, since qemu-user
-  cannot run M-profile programs; Helium (Cortex-M55) code has no such host and is refused.
+  cannot run M-profile programs; Helium (Cortex-M55) code, which no A-profile core runs, is counted as firmware
+  under qemu-system-arm on the MPS3-AN547 board.
 Energy is a sum of per-operation and per-byte figures of the device (docs/devices.md). Measurements are cached on
 disk by the object code's hash, so repeating an estimate is cheap.
 """
@@ -113,15 +114,16 @@ def estimate(model, device: "Device | str", feeds=None, refresh: bool = False) -
         instructions, total_insns = [None] * len(cycles), None
         method = f"host kernels timed by the cycle counter: {timing['how']}; cycles = time x clock"
     else:
-        from edgecc.backends.insncount import node_counts
+        from edgecc.backends.insncount import SYSTEM_BOARDS, node_counts
 
-        counts = _cached(code, f"insns-{code.target.qemu_cpu}", arrays, refresh,
+        counts = _cached(code, f"insns-{code.target.qemu_cpu or code.target.name}", arrays, refresh,
                          lambda: list(node_counts(module, code, arrays)))
         instructions, total_insns = counts[0], counts[1]
         cpi = device.cycles_per_instruction or 1.0
         cycles = [n * cpi for n in instructions]
-        method = (f"guest instructions under {code.target.qemu} -cpu {code.target.qemu_cpu} (code for "
-                  f"{code.target.cpu}) x {cpi} cycles per instruction")
+        runner = (f"{code.target.qemu} -cpu {code.target.qemu_cpu}" if code.target.qemu else
+                  f"qemu-system-arm -M {SYSTEM_BOARDS[code.target.name][0]}")
+        method = f"guest instructions under {runner} (code for {code.target.cpu}) x {cpi} cycles per instruction"
     ops = [_op(node, c, n, device) for node, c, n in zip(module.graph.nodes, cycles, instructions)]
     code_bytes, weights_bytes = object_sizes(model.native.obj)
     arena = int(module.memory_plan.arena_bytes)
@@ -173,14 +175,15 @@ def measuring_target(device: Device):
     """The target whose code is measured for `device`: its own preset, or the Linux-linked Cortex-M4 variant."""
     from edgecc.backends.targets import resolve_target
 
+    from edgecc.backends.insncount import can_count
+
     target = resolve_target(device.target)
-    if target.is_native or target.qemu:
+    if target.is_native or can_count(target):
         return target
     if target.name == "cortex-m4":
         return replace(target, name="cortex-m4-counted", **CORTEX_M4_COUNTED)
     raise EdgeccError(f"no way to measure {target.name} code here (device {device.name})", where="estimate",
-                      hint="qemu-user cannot run M-profile programs and no A-profile core runs Helium (MVE) "
-                           "instructions; estimates exist for host, x86 presets, armv8, armv8.2, armv7 and cortex-m4")
+                      hint="estimates exist for host, x86 presets, armv8, armv8.2, armv7, cortex-m4 and cortex-m55")
 
 
 def _code_for(model, device: Device):

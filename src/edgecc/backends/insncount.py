@@ -1,4 +1,4 @@
-"""Guest instruction counts of generated ARM code under qemu-user, per node and in total.
+"""Guest instruction counts of generated ARM code under qemu (user mode, or system mode for Helium), per node.
 
 A TCG plugin (PLUGIN below, built once into the edgecc cache with the qemu-plugin.h that
 ../shared/tools/qemu-insncount/build.sh fetches) counts every guest instruction inline and, on the translation
@@ -239,16 +239,91 @@ def _symbols(exe: str, target) -> dict[str, tuple[int, int]]:
     return table
 
 
+SYSTEM_BOARDS = {"cortex-m55": ("mps3-an547", "0x20080000", ["-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard"])}
+"""Bare-metal targets counted under qemu-system-arm (qemu-user runs no M-profile program): the MPS board, its stack
+top (the end of the DTCM) and arm-none-eabi-gcc's flags. The firmware's code and data go to the board's DDR at
+0x60000000 (2 GB, room for any model's weights), the vector table to address 0 where the board boots."""
+
+FIRMWARE = r"""
+/* edgecc's instruction-count firmware: the vector table, a reset handler that enables the FPU/MVE (CPACR CP10/CP11)
+   and enters newlib's semihosting runtime, and main running the model once on the inputs below. */
+#include <stdint.h>
+extern void _start(void);
+int32_t edgecc_entry(const void *const *inputs, void *const *outputs, void *arena);
+void reset_handler(void) {
+    *(volatile uint32_t *)0xE000ED88u |= 0xFu << 20;
+    __asm volatile("dsb\n\tisb");
+    _start();
+}
+__attribute__((section(".vectors"), used)) const void *const vectors[2] = {(const void *)STACK_TOP,
+                                                                           (const void *)reset_handler};
+static uint8_t arena[ARENA_BYTES + 1] __attribute__((aligned(64)));
+"""
+
+
+def firmware(module, code, arrays: dict[str, np.ndarray] | None, folder: str) -> str:
+    """A bare-metal program running the model once under qemu-system-arm (SYSTEM_BOARDS); returns the ELF."""
+    from edgecc.backends.artifacts import require_tool
+
+    _, stack_top, flags = SYSTEM_BOARDS[code.target.name]
+    require_tool("arm-none-eabi-gcc"), require_tool("qemu-system-arm")
+    arrays = arrays or {}
+    graph = module.graph
+    lines = [FIRMWARE]
+    for i, value in enumerate(graph.inputs):
+        t = value.type
+        data = np.ascontiguousarray(arrays.get(value.name, np.zeros(t.shape, t.dtype.numpy)), t.dtype.numpy)
+        body = ",".join(str(b) for b in data.tobytes())
+        lines.append(f"static const uint8_t in{i}[{max(t.nbytes, 1)}] __attribute__((aligned(64))) = {{{body}}};")
+    for i, value in enumerate(graph.outputs):
+        lines.append(f"static uint8_t out{i}[{max(value.type.nbytes, 1)}] __attribute__((aligned(64)));")
+    inputs = ", ".join(f"in{i}" for i in range(len(graph.inputs))) or "0"
+    outputs = ", ".join(f"out{i}" for i in range(len(graph.outputs)))
+    lines.append(f"int main(void) {{ const void *inputs[] = {{{inputs}}}; void *outputs[] = {{{outputs}}};\n"
+                 "    return edgecc_entry(inputs, outputs, arena); }")
+    source = os.path.join(folder, "firmware.c")
+    pathlib.Path(source).write_text("\n".join(lines) + "\n")
+    obj = os.path.join(folder, "model.o")
+    pathlib.Path(obj).write_bytes(code.obj)
+    exe = os.path.join(folder, "fw.elf")
+    subprocess.run(["arm-none-eabi-gcc", *flags, "--specs=rdimon.specs", "-O2", f"-DSTACK_TOP={stack_top}",
+                    f"-DARENA_BYTES={module.memory_plan.arena_bytes}", source, obj,
+                    "-Wl,--section-start=.vectors=0x0", "-Wl,-Ttext=0x60000000", "-Wl,--no-warn-rwx-segments",
+                    f"-Wl,--defsym=edgecc_entry={code.entry_symbol}", "-o", exe], check=True, capture_output=True)
+    return exe
+
+
+def system_command(target, exe: str, plugin: str) -> list[str]:
+    board = SYSTEM_BOARDS[target.name][0]
+    return ["qemu-system-arm", "-M", board, "-cpu", target.name, "-nographic", "-semihosting-config",
+            "enable=on,target=native", "-kernel", exe, "-plugin", plugin]
+
+
+def can_count(target) -> bool:
+    """Whether node_counts can measure code for `target` here: a hosted preset with qemu-user, or a SYSTEM_BOARD."""
+    return bool(target.qemu) or target.name in SYSTEM_BOARDS
+
+
 def node_counts(module, code, arrays: dict[str, np.ndarray] | None = None) -> tuple[list[int], int]:
     """(guest instructions of each node in graph order, of the whole entry call) for one run of `code` under
-    qemu-user. Nodes the memory plan makes views (no kernel call) count 0."""
+    qemu-user (hosted targets) or qemu-system-arm (SYSTEM_BOARDS). Nodes the memory plan makes views (no kernel
+    call) count 0."""
     plan = module.memory_plan
     calls = [i for i, node in enumerate(module.graph.nodes)
              if not (node.outputs and all(v._id in plan.aliases for v in node.outputs))]
     with tempfile.TemporaryDirectory(prefix="edgecc-estimate-") as tmp:
-        exe = link(module, code, tmp)
-        inputs = os.path.join(tmp, "inputs.bin")
-        write_inputs(module, arrays, inputs)
+        if code.target.qemu:
+            exe = link(module, code, tmp)
+            inputs = os.path.join(tmp, "inputs.bin")
+            write_inputs(module, arrays, inputs)
+
+            def command(plugin):
+                return qemu_command(module, code, exe, inputs, 1, plugin)
+        else:
+            exe = firmware(module, code, arrays, tmp)
+
+            def command(plugin):
+                return system_command(code.target, exe, plugin)
         symbols = _symbols(exe, code.target)
         if code.entry_symbol not in symbols:
             raise EdgeccError(f"no symbol {code.entry_symbol} in the linked program", where="instruction count")
@@ -258,8 +333,7 @@ def node_counts(module, code, arrays: dict[str, np.ndarray] | None = None) -> tu
         marks = os.path.join(tmp, "marks.txt")
         pathlib.Path(marks).write_text("".join(f"{a:x}\n" for a in kernels))
         log = os.path.join(tmp, "log.txt")
-        plugin = f"{node_plugin()},lo={entry_lo:x},hi={entry_lo + entry_size:x},marks={marks},outfile={log}"
-        _run(qemu_command(module, code, exe, inputs, 1, plugin))
+        _run(command(f"{node_plugin()},lo={entry_lo:x},hi={entry_lo + entry_size:x},marks={marks},outfile={log}"))
         events = [(int(a, 16), int(n)) for a, n in (line.split() for line in pathlib.Path(log).read_text()
                                                        .splitlines()[1:])]
     return _split(events, kernels, entry_lo, calls, module)
