@@ -34,7 +34,8 @@ def small_mlp(batch="N") -> onnx.ModelProto:
 
 def stage_cnn() -> tuple:
     """A first stage with every kind of window the pass handles: a strided padded conv, a dilated depthwise conv,
-    a residual Add inside the stage, an average pool without counted pads, a max pool, a per-channel scale;
+    a residual Add inside the stage, an average pool without counted pads, a ceil-mode max pool, a per-channel scale, a
+    fire module (1x1 and 3x3 branches joined by a channel Concat);
     then a head (global pool, Gemm) that stays whole. Odd map sizes make the tiles unequal. Returns (model, x, the
     output onnxruntime computes for x)."""
     import onnxruntime as ort
@@ -45,7 +46,8 @@ def stage_cnn() -> tuple:
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
 
     inits = [init("w1", (8, 3, 3, 3)), init("b1", (8,)), init("wd", (8, 1, 3, 3)), init("w2", (8, 8, 1, 1)),
-             init("scale", (1, 8, 1, 1)), init("wf", (8, 5)), init("bf", (5,))]
+             init("scale", (1, 8, 1, 1)), init("we1", (4, 8, 1, 1)), init("we3", (4, 8, 3, 3)),
+             init("wf", (8, 5)), init("bf", (5,))]
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"]),
@@ -55,8 +57,12 @@ def stage_cnn() -> tuple:
         helper.make_node("Conv", ["d2", "w2"], ["p1"], kernel_shape=[1, 1]),
         helper.make_node("Add", ["p1", "r1"], ["s1"]),
         helper.make_node("AveragePool", ["s1"], ["a1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0),
-        helper.make_node("MaxPool", ["a1"], ["m1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0]),
-        helper.make_node("Mul", ["m1", "scale"], ["cut"]),
+        helper.make_node("MaxPool", ["a1"], ["m1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0],
+                         ceil_mode=1),
+        helper.make_node("Mul", ["m1", "scale"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "we1"], ["e1"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["scaled", "we3"], ["e3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["e1", "e3"], ["cut"], axis=1),
         helper.make_node("GlobalAveragePool", ["cut"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
         helper.make_node("Gemm", ["f", "wf", "bf"], ["y"]),

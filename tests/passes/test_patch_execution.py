@@ -34,11 +34,12 @@ def test_tiles_walk_the_windows_backwards():
     model, _, _ = stage_cnn()
     module, _ = optimize(import_model(model, {}, None), passes="infer-shapes")
     cut = find_value(module, "cut")
-    assert [n.op for n in stage_of(module, cut)][-1] == "Mul"
+    assert [n.op for n in stage_of(module, cut)][-3:] == ["Conv", "Conv", "Concat"]
     assert [v.name for v in cut_candidates(module)][-1] == "cut"  # the head (global pool) is not local
     stats = patch(module, cut, 2, 3)
     assert stats["grid"] == [2, 3] and stats["halo_mac_overhead"] > 0
     convs = [n for n in module.graph.nodes if n.op == "Conv" and list(n.attrs.get("strides", ())) == [2, 2]]
+    assert sum(n.op == "Concat" and n.attrs["axis"] == 1 for n in module.graph.nodes) == 6  # one per tile
     assert len(convs) == 6
     # pads survive only at the image border: the top-left tile pads top and left, the bottom-right bottom and right
     assert convs[0].attrs["pads"] == [1, 1, 0, 0] and convs[-1].attrs["pads"][:2] == [0, 0]

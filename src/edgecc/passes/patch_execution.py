@@ -49,10 +49,18 @@ def unsupported_reason(node: Node) -> str | None:
         return f"{node.label} does not produce one NCHW map"
     if (node.op, node.domain) in WINDOWED_OPS:
         attrs = opdef.complete_attrs(node.attrs, where=node.label)
-        if attrs.get("auto_pad", "NOTSET") != "NOTSET" or attrs.get("ceil_mode", 0):
-            return f"{node.label} uses auto_pad or ceil_mode"
+        if attrs.get("auto_pad", "NOTSET") != "NOTSET":
+            return f"{node.label} uses auto_pad"
+        if attrs.get("ceil_mode", 0) and node.op != "MaxPool":
+            return f"{node.label} uses ceil_mode"  # whether the overhang counts in an average is not padding's rule
         if len(node.outputs) > 1 and node.outputs[1].uses:
             return f"{node.label}'s indices are read"
+        return None
+    if node.op == "Concat" and not node.domain:
+        out = node.outputs[0].type
+        if node.attrs.get("axis") not in (1, -3) or any(v is None or v.is_const or v.type.rank != 4
+                                                         or v.type.shape[2:] != out.shape[2:] for v in node.inputs):
+            return f"{node.label} does not join computed maps along channels"
         return None
     if opdef.kind == "elementwise" and len(node.outputs) == 1:
         out = node.outputs[0].type
@@ -92,7 +100,7 @@ def input_window(node: Node, index: int, out: Window) -> Window:
         h0, h1, _, _ = _input_span(node, out[0], out[1], 0, h)
         w0, w1, _, _ = _input_span(node, out[2], out[3], 1, w)
         return (h0, h1, w0, w1)
-    return out  # elementwise operands and FusedConv's residual: the same positions
+    return out  # elementwise operands, channel Concat's inputs and FusedConv's residual: the same positions
 
 
 def stage_of(module: Module, cut: Value) -> list[Node] | str:
@@ -188,6 +196,8 @@ class _TileBuilder:
                 _, _, top, bottom = _input_span(node, out[0], out[1], 0, h)
                 _, _, left, right = _input_span(node, out[2], out[3], 1, w)
                 attrs["pads"] = [top, left, bottom, right]
+                if attrs.get("ceil_mode"):  # a MaxPool's ceil-mode overhang is padding (ignored by the max)
+                    attrs["ceil_mode"] = 0
             shape = result.type.shape[:2] + (out[1] - out[0], out[3] - out[2])
             value = Value(self.graph.unique_name(f"{result.name}_{self.tag}"), result.type.with_shape(shape))
             outputs = [value] + [Value(self.graph.unique_name(f"{v.name}_{self.tag}"), v.type.with_shape(
@@ -199,7 +209,7 @@ class _TileBuilder:
 
 def patch(module: Module, cut: Value, rows: int, cols: int) -> dict:
     """Rewrite the stage computing `cut` to run in a rows x cols grid of tiles; returns
-    {"cut", "grid", "macs_before", "macs_after", "halo_mac_overhead"}. Raises PassError when the stage cannot be
+    {"cut", "grid", "cut_bytes", "macs_before", "macs_after", "halo_mac_overhead"}. Raises PassError when the stage cannot be
     patched."""
     stage = stage_of(module, cut)
     if isinstance(stage, str):
@@ -226,7 +236,7 @@ def patch(module: Module, cut: Value, rows: int, cols: int) -> dict:
         node.drop_inputs()
     graph.nodes = new_nodes + [n for n in graph.nodes if id(n) not in members]
     macs_after = module_macs(graph)
-    return {"cut": cut.name, "grid": [rows, cols], "macs_before": macs_before, "macs_after": macs_after,
+    return {"cut": cut.name, "grid": [rows, cols], "cut_bytes": cut.type.nbytes, "macs_before": macs_before, "macs_after": macs_after,
             "halo_mac_overhead": round(macs_after / macs_before - 1, 4) if macs_before else 0.0}
 
 
@@ -295,12 +305,28 @@ PEAK_SLACK = 0.02
 a few kilobytes more often costs several times the MACs (MobileNetV2: 1.302 MB at +48% vs 1.305 MB at +6%)."""
 
 
-def choose(tried: list[dict]) -> dict | None:
+def choose(module: Module, tried: list[dict]) -> dict | None:
+    """The trial to apply: by increasing halo overhead (then smaller cut tensor, whose Concat is cheaper), the
+    first among those within PEAK_SLACK of the smallest peak whose planned arena is too; the peak is a lower
+    bound that placement does not always reach (a cut after a wide depthwise output: +8%). Each trial checked is
+    planned on a copy; usually the first or second one is taken."""
+    from edgecc.passes.plan_memory import plan
+
     if not tried:
         return None
-    smallest = min(t["peak_bytes"] for t in tried)
-    near = [t for t in tried if t["peak_bytes"] <= smallest * (1 + PEAK_SLACK)]
-    return min(near, key=lambda t: (t["halo_mac_overhead"], t["peak_bytes"]))
+    limit = min(t["peak_bytes"] for t in tried) * (1 + PEAK_SLACK)
+    near = sorted((t for t in tried if t["peak_bytes"] <= limit),
+                  key=lambda t: (t["halo_mac_overhead"], t["cut_bytes"], t["peak_bytes"]))
+    best = None
+    for trial in near:
+        copy = module.clone()
+        patch(copy, find_value(copy, trial["cut"]), *trial["grid"])
+        arena = plan(copy).arena_bytes
+        if best is None or arena < best[0]:
+            best = (arena, trial)
+        if arena <= limit:
+            break
+    return best[1]
 
 
 @register_pass
@@ -309,15 +335,15 @@ class PatchExecutionPass(Pass):
     """Compute the high-resolution first stage of a CNN tile by tile, so its large maps never exist whole
     (patch-based inference, MCUNetV2).
 
-    The stage is every node from the graph input to a cut tensor; it must hold only convolutions, pools and
-    elementwise ops on NCHW maps, and nothing inside it may be read after it. For each tile of an NxM grid over
+    The stage is every node from the graph input to a cut tensor; it must hold only convolutions, pools,
+    elementwise ops and channel Concats on NCHW maps, and nothing inside it may be read after it. For each tile of an NxM grid over
     the cut tensor, the pass walks the stage backwards to find the window of every value (the receptive field
     with its halo) and emits a Slice of the input window, the stage's nodes on those windows (pads kept only at
     the image border, so results equal the whole-image computation) and Concats that assemble the cut tensor.
     Halo positions are computed by more than one tile: the stats give the extra MACs.
 
     Options: `cut` (a value name; default: among all patchable cuts and grids 2x2..8x8, the least halo overhead
-    within 2% of the smallest peak of live intermediates), `tiles` (N for an NxN grid; 0 = choose), `max-overhead` (largest
+    whose planned arena is within 2% of the smallest peak of live intermediates), `tiles` (N for an NxN grid; 0 = choose), `max-overhead` (largest
     halo MAC overhead accepted when choosing, a fraction; default 0.5).
 
     Example: `-p "-O2,patch-execution{tiles=4}"`.
@@ -338,7 +364,7 @@ class PatchExecutionPass(Pass):
         else:
             tried = best_patch(module, (self.tiles,) if self.tiles else GRIDS, self.max_overhead)
             tried = [t for t in tried if t["cut"] == self.cut] if self.cut else tried
-            best = choose(tried)
+            best = choose(module, tried)
             if best is None:
                 return PassResult(False, {"tiles": 0})
             stats = patch(module, find_value(module, best["cut"]), *best["grid"])

@@ -135,6 +135,10 @@ ORDER_BEAM = 64
 ORDER_WORK = 4_000_000
 """About how many (state, node) checks memory_order may spend; the beam narrows on large graphs to stay within."""
 
+ORDER_STEPS = 40_000
+"""memory_order gives up (keeps the graph order) after this many candidate steps (about half a second), reached only on
+very wide graphs such as a patched stage's independent tiles, whose emitted tile-by-tile order is already good."""
+
 
 def memory_order(module: Module, in_place: bool = True) -> list[Node]:
     """A topological order of the nodes with the smallest peak of live arena bytes found (Liberis & Lane 2019,
@@ -144,8 +148,8 @@ def memory_order(module: Module, in_place: bool = True) -> list[Node]:
     a set's live bytes depend only on the set, so keeping the best path to each set is exact. The sets of one
     size are at most (branch lengths + 1) multiplied over the parallel branches, few for CNNs' residual and
     fire/shuffle blocks; when a step has more than the beam (ORDER_BEAM, fewer on large graphs) the best ones
-    are kept, which turns the search into a heuristic. An elementwise op whose operand dies there costs no new
-    buffer, as in the plan (in_place)."""
+    are kept, which turns the search into a heuristic (abandoned for the graph order after ORDER_STEPS). An
+    elementwise op whose operand dies there costs no new buffer, as in the plan (in_place)."""
     from edgecc.ops import get
 
     graph = module.graph
@@ -175,35 +179,38 @@ def memory_order(module: Module, in_place: bool = True) -> list[Node]:
             reuse.append([node.inputs[i]._id for i in _in_place_candidates(node, opdef)])
         else:
             reuse.append([])
+    successors = [[j for j in range(n) if preds[j] >> i & 1] for i in range(n)]
+    reads = [list(dict.fromkeys(v._id for v in node.inputs if v is not None and v._id in consumers and v._id in size))
+             for node in nodes]
+    made = [sum(size[v._id] for v in node.outputs) for node in nodes]
+    unread = [sum(size[v._id] for v in node.outputs if v._id not in consumers) for node in nodes]
     beam = max(4, min(ORDER_BEAM, ORDER_WORK // (n * n)))
-    states: dict[int, tuple] = {0: (0, 0, None)}  # executed mask -> (peak, live, order as (last, rest) links)
+    # executed mask -> (peak, live, order as (last, rest) links, nodes ready to run)
+    states: dict[int, tuple] = {0: (0, 0, None, frozenset(i for i in range(n) if not preds[i]))}
+    steps = 0
     for _ in range(n):
         following: dict[int, tuple] = {}
-        for done, (peak, live, order) in states.items():
-            for i in range(n):
-                bit = 1 << i
-                if done & bit or preds[i] & ~done:
-                    continue
-                after = done | bit
-                node = nodes[i]
-                dying = [v._id for v in node.inputs if v is not None and v._id in consumers
-                         and consumers[v._id] & ~after == 0 and v._id in size]
-                dying = list(dict.fromkeys(dying))
-                new = sum(size[v._id] for v in node.outputs)
-                if any(r in dying and size[r] for r in reuse[i]):
-                    new = 0 if len(node.outputs) == 1 else new
+        for done, (peak, live, order, ready) in states.items():
+            steps += len(ready)
+            if steps > ORDER_STEPS:
+                return list(nodes)
+            for i in ready:
+                after = done | 1 << i
+                dying = [v for v in reads[i] if consumers[v] & ~after == 0]
+                new = made[i]
+                in_place = len(nodes[i].outputs) == 1 and any(r in dying and size[r] for r in reuse[i])
+                if in_place:
+                    new = 0  # the output takes over a dying operand's buffer
                 during = live + new
-                freed = sum(size[v] for v in dying)
-                freed += sum(size[v._id] for v in node.outputs if v._id not in consumers)  # unread: freed at once
-                if new == 0:
-                    freed -= size[node.outputs[0]._id]  # the output took over a dying operand's buffer
-                candidate = (max(peak, during), during - freed, (i, order))
-                if after not in following or candidate[:2] < following[after][:2]:
-                    following[after] = candidate
+                freed = sum(size[v] for v in dying) + unread[i] - (made[i] if in_place else 0)
+                key = (max(peak, during), during - freed)
+                if after not in following or key < following[after][:2]:
+                    unlocked = [j for j in successors[i] if preds[j] & ~after == 0]
+                    following[after] = (*key, (i, order), (ready - {i}).union(unlocked))
         if len(following) > beam:
             following = dict(sorted(following.items(), key=lambda kv: kv[1][:2])[:beam])
         states = following
-    (_, _, links), = states.values()
+    (_, _, links, _), = states.values()
     order = []
     while links is not None:
         order.append(links[0])
