@@ -205,7 +205,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             prune: float | None = None, prune_scope: str = "layer", prune_block: int = 1,
             prune_channels: float | None = None,
             low_rank: float | None = None, tucker: bool = False, cluster_weights: int | None = None,
-            reconstruct: bool | None = None, device=None,
+            reconstruct: bool | None = None, device=None, optimize_for: str | None = None, max_flash=None,
+            max_latency_ms: float | None = None, max_ram=None, validation=None, plot: str | None = None,
             **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
@@ -247,12 +248,38 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             it sets the target (unless `target` names a different one: an error), and the report gains
             flash_bytes, ram_bytes, latency_ms, energy_mj and the per-op "estimate" (edgecc.estimate; it measures
             the generated code, so it adds to the compile time). Without it nothing is estimated.
+        optimize_for: "speed" (default: O3, unrolled and vectorised kernels) or "size" (less code, for flash-bound
+            microcontrollers; the default under a flash budget).
+        max_flash: bytes (or "256K", "1M") of flash the model (weights + code) may take: each layer's precision and
+            compression are chosen by a search on `calibration` (edgecc.budgets, docs/budgets.md); the report's
+            "budget" entry has the chosen setting per layer and the Pareto front explored.
+        max_latency_ms: the latency the device's cost model must show (needs a device's cost model).
+        max_ram: bytes of RAM the planned arena may take, met without touching numerics (edgecc.ram.fit_ram:
+            memory-aware order, in-place ops, patch-based execution of the first stage); the report gains "ram".
+        validation: with a budget, an .npz of inputs and `label`: accuracy of the points explored.
+        plot: with a budget, write the explored points and the front to this PNG (needs matplotlib).
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
 
     Returns:
         A CompiledModel with .run(feeds), .input_names, .output_names and .report.
     """
+    if max_flash is not None or max_latency_ms is not None:
+        return _compile_within_budget(
+            model, max_flash=max_flash, max_latency_ms=max_latency_ms, max_ram=max_ram, validation=validation,
+            device=device,
+            plot=plot, target=target, opt_level=opt_level, calibration=calibration, optimize_for=optimize_for,
+            chosen={"quantize": quantize, "prune": prune, "prune_channels": prune_channels, "low_rank": low_rank,
+                    "cluster_weights": cluster_weights, "keep_fp32": keep_fp32, "min_sqnr": min_sqnr},
+            input_shapes=input_shapes, passes=passes, constant_inputs=constant_inputs, runtime=runtime, name=name,
+            mcpu=mcpu, mattr=mattr, progress=progress, calibration_method=calibration_method, **options)
+    if max_ram is not None:
+        from edgecc.devices import parse_size
+
+        max_ram = parse_size(max_ram, "--max-ram")
+    if validation is not None or plot is not None:
+        raise EdgeccError("--validation and --plot go with a budget", where="--validation" if validation is not None
+                          else "--plot", hint="add --max-flash SIZE (or drop them)")
     start = time.perf_counter()
     if runtime not in RUNTIMES:
         raise EdgeccError(f"unknown runtime '{runtime}'", hint=f"use one of {', '.join(RUNTIMES)}")
@@ -264,6 +291,15 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         device = load_device(device)
         target = target_for(device, target)
     resolved = resolve_target(target, mcpu, mattr)
+    if optimize_for is not None:
+        from dataclasses import replace
+
+        from edgecc.backends.targets import OPTIMISE_FOR
+
+        if optimize_for not in OPTIMISE_FOR:
+            raise EdgeccError(f"unknown optimize-for '{optimize_for}'", where="--optimize-for",
+                              hint="use speed or size")
+        resolved = replace(resolved, optimise_for=optimize_for)
     if runtime == "reference" and not resolved.is_native:
         raise EdgeccError(f"target '{target}' needs the native runtime", where="--target",
                           hint="the reference interpreter runs on this machine only; add --runtime native")
@@ -298,6 +334,10 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
                                    **options)
         if quantize == "fp16":
             precision_report = precision.convert_fp16(module, resolved)
+        if max_ram is not None:
+            from edgecc.ram import fit_ram
+
+            ram_report = fit_ram(module, max_ram, target)
         native = None
         if runtime == "native":
             from edgecc.backends.native import generate
@@ -313,6 +353,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         report["precision"] = precision_report
     if compression_report is not None:
         report["compression"] = compression.finish_report(compression_report, module)
+    if max_ram is not None:
+        report["ram"] = ram_report
     compiled = CompiledModel(module, target, report, native)
     if device is not None:
         from edgecc.estimate import estimate, report_fields
@@ -320,6 +362,38 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         if native is None:
             raise EdgeccError("a device estimate needs native code", where="--device", hint="use --runtime native")
         report.update(report_fields(estimate(compiled, device)))
+    return compiled
+
+
+def _compile_within_budget(model, *, max_flash, max_latency_ms, validation, plot, target, chosen: dict,
+                           optimize_for, calibration, device, **compile_options) -> CompiledModel:
+    """compile() under device budgets: the per-layer search of edgecc.budgets (which compiles the candidates)."""
+    from edgecc import budgets
+
+    given = [k for k, v in chosen.items() if v is not None]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise EdgeccError("a flash or latency budget chooses precision and compression per layer itself",
+                          where=option, hint=f"drop {option}, or drop the budget")
+    if max_flash is not None:
+        from edgecc.devices import parse_size
+
+        max_flash = parse_size(max_flash, "--max-flash")
+    if max_latency_ms is not None and device is None:
+        raise EdgeccError("a latency budget needs a device's cost model", where="--max-latency",
+                          hint="add --device NAME (e.g. stm32f4) or a board file")
+    if device is not None:
+        from edgecc.devices import load_device, target_for
+
+        device = load_device(device)
+        target = target_for(device, target)
+    compile_options["optimize_for"] = optimize_for or "size"
+    compiled, report = budgets.search(model, target=target, max_flash=max_flash, max_latency_ms=max_latency_ms,
+                                      calibration=calibration, validation=validation, device=device,
+                                      compile_options=compile_options)
+    compiled.report["budget"] = report
+    if plot is not None:
+        budgets.plot(report, plot)
     return compiled
 
 

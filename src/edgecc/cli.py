@@ -74,7 +74,23 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
                         help="with --quantize int8: keep the most sensitive layers in float32 until the output SQNR "
                              "on the calibration data reaches DB (per-layer SQNR is in --report)")
     _add_compression_options(parser)
+    _add_budget_options(parser)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+
+
+def _add_budget_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("device budgets (a search over per-layer settings; see docs/budgets.md)")
+    group.add_argument("--max-flash", metavar="SIZE",
+                       help="flash the model may take (weights + code), e.g. 64K or 1M: each layer's precision and "
+                            "compression are chosen on --calibration data")
+    group.add_argument("--max-latency", dest="max_latency_ms", type=float, metavar="MS",
+                       help="latency the device's cost model must show")
+    group.add_argument("--max-ram", metavar="SIZE", help="RAM (arena + stack) the model may take")
+    group.add_argument("--validation", metavar="DATA.npz",
+                       help="with a budget: inputs and `label`, to report the accuracy of the points explored")
+    group.add_argument("--plot", metavar="FILE.png", help="with a budget: draw the explored points and the front")
+    group.add_argument("--optimize-for", choices=("speed", "size"), default=None,
+                       help="kernel code: speed (default) or size (less flash; the default under --max-flash)")
 
 
 def _add_compression_options(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +132,9 @@ def _compile_options(args) -> dict:
                 min_sqnr=args.min_sqnr, prune=args.prune, prune_scope=args.prune_scope, prune_block=args.prune_block,
                 prune_channels=args.prune_channels, low_rank=args.low_rank, tucker=args.tucker,
                 cluster_weights=args.cluster_weights,
-                reconstruct=args.reconstruct, device=args.device)
+                reconstruct=args.reconstruct, device=args.device, max_flash=args.max_flash,
+                max_latency_ms=args.max_latency_ms, max_ram=args.max_ram, validation=args.validation, plot=args.plot,
+                optimize_for=args.optimize_for)
 
 
 def compile_parser() -> argparse.ArgumentParser:
@@ -229,6 +247,10 @@ def cmd_compile(argv: list[str]) -> int:
           f"{report['weights_bytes'] / 1024:.1f} KiB weights{arena}, {report['compile_seconds']:.2f} s)")
     if args.runtime == "reference":
         print(f"edgecc: {NOTE}", file=sys.stderr)
+    if "budget" in report:
+        from edgecc.budgets import summary
+
+        print(summary(report["budget"]))
     return 0
 
 

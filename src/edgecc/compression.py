@@ -24,14 +24,14 @@ def check_options(prune=None, prune_channels=None, low_rank=None, cluster_weight
     from edgecc.passes.cluster_weights import check_clusters
     from edgecc.passes.prune import SCOPES, check_fraction
 
-    if prune is not None:
-        check_fraction(prune, "--prune", "sparsity")
+    for value in per_layer(prune):
+        check_fraction(value, "--prune", "sparsity")
     if prune_channels is not None:
         check_fraction(prune_channels, "--prune-channels", "channel fraction")
     if low_rank is not None:
         check_fraction(low_rank, "--low-rank", "energy", upper_closed=True)
-    if cluster_weights is not None:
-        check_clusters(cluster_weights)
+    for value in per_layer(cluster_weights):
+        check_clusters(value)
     if prune_scope not in SCOPES:
         raise EdgeccError(f"unknown prune scope '{prune_scope}'", where="--prune-scope",
                           hint="use layer (each layer to the sparsity) or global (one threshold for all layers)")
@@ -45,6 +45,19 @@ def check_options(prune=None, prune_channels=None, low_rank=None, cluster_weight
     if reconstruct and not requested(prune, prune_channels, low_rank, cluster_weights):
         raise EdgeccError("--reconstruct re-fits compressed layers, but no compression was asked for",
                           where="--reconstruct", hint="add --prune, --prune-channels, --low-rank or --cluster-weights")
+
+
+def per_layer(option) -> dict:
+    """{value: layer names, or None for every layer} of an option given as one value for all layers or as a dict
+    {layer name: value} (per-layer settings, as edgecc.budgets chooses them); {} when the option is not given."""
+    if option is None:
+        return {}
+    if not isinstance(option, dict):
+        return {option: None}
+    groups: dict = {}
+    for layer, value in option.items():
+        groups.setdefault(value, []).append(layer)
+    return groups
 
 
 def _weight_layers(module: Module) -> dict[str, int]:
@@ -86,16 +99,19 @@ def compress(module: Module, *, prune=None, prune_scope: str = "layer", prune_bl
     if prune is not None:
         from edgecc.passes.prune import prune_magnitude
 
-        options.update(prune=float(prune), prune_scope=prune_scope)
+        options.update(prune=_option_entry(prune, float), prune_scope=prune_scope)
         if prune_block != 1:
             options["prune_block"] = int(prune_block)
-        layers += [dict(r, technique="prune")
-                   for r in prune_magnitude(module, float(prune), scope=prune_scope, block=prune_block)]
+        for value, names in per_layer(prune).items():
+            layers += [dict(r, technique="prune") for r in prune_magnitude(module, float(value), scope=prune_scope,
+                                                                            block=prune_block, layers=names)]
     if cluster_weights is not None:
         from edgecc.passes.cluster_weights import cluster_weights as cluster_weights_of
 
-        options["cluster_weights"] = int(cluster_weights)
-        layers += [dict(r, technique="cluster-weights") for r in cluster_weights_of(module, int(cluster_weights))]
+        options["cluster_weights"] = _option_entry(cluster_weights, int)
+        for value, names in per_layer(cluster_weights).items():
+            layers += [dict(r, technique="cluster-weights")
+                       for r in cluster_weights_of(module, int(value), layers=names)]
     run_pipeline(module, "infer-shapes,dce")
     report = {"options": options, "layers": layers,
               "weights_bytes_before": int(weights_before), "macs_before": int(macs_before),
@@ -111,6 +127,11 @@ def compress(module: Module, *, prune=None, prune_scope: str = "layer", prune_bl
             report["output_sqnr_db_before_refit"] = report["output_sqnr_db"]
             report["output_sqnr_db"] = output_sqnr(original, module, samples)
     return report
+
+
+def _option_entry(option, kind):
+    """The report's record of an option: the value, or {layer: value} for per-layer settings."""
+    return {layer: kind(v) for layer, v in option.items()} if isinstance(option, dict) else kind(option)
 
 
 def output_sqnr(original: Module, module: Module, samples: list) -> float:

@@ -28,6 +28,9 @@ class Target:
     qemu_cpu: str | None = None
     sysroot: str | None = None
     float_abi_note: str = ""
+    optimise_for: str = "speed"
+    """"speed" (O3, vectorised and unrolled loops) or "size" (no unrolling or vectorisation: kernels take less
+    flash, which counts on microcontrollers; see llvm_driver.optimise)."""
 
     @property
     def is_native(self) -> bool:
@@ -87,6 +90,8 @@ PRESETS: dict[str, Target] = {
     "cortex-m55": Target("cortex-m55", "thumbv8.1m.main-unknown-none-eabihf", "cortex-m55", "+mve.fp", 128,
                          hosted=False, cc="arm-none-eabi-gcc"),
 }
+OPTIMISE_FOR = ("speed", "size")
+
 ALIASES = {"aarch64": "armv8", "arm64": "armv8", "armv7a": "armv7", "x86_64": "x86-64"}
 
 

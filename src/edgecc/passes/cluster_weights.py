@@ -29,6 +29,7 @@ from edgecc.ops.codebook import bits_for, decode_indices, pack_indices, packed_s
 from edgecc.ops.costs import node_macs
 from edgecc.ops.registry import EDGECC_DOMAIN
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
+from edgecc.passes.prune import selected
 from edgecc.passes.registry import register_pass
 
 __all__ = ["cluster_weights", "codebook_of", "decode_indices", "decoder_of", "indices_of", "kmeans_1d",
@@ -136,18 +137,19 @@ def _decode_node(module: Module, layer: Node, packed: np.ndarray, codebook: np.n
     return decode
 
 
-def cluster_weights(module: Module, clusters: int, seed: int = 0, min_elements: int = 256) -> list[dict]:
+def cluster_weights(module: Module, clusters: int, seed: int = 0, min_elements: int = 256, layers=None) -> list[dict]:
     """Share each eligible layer's weights through a `clusters`-entry codebook (in place); one record per weight
     layer: the common compression keys plus "clusters" (entries used), "bits" (index width), "error" (relative
     Frobenius error of the clustered weights, ||W - W'|| / ||W||) and "decode" (the CodebookDecode node's name).
-    Layers too small to gain are kept dense with "skipped" saying why."""
+    Layers too small to gain are kept dense with "skipped" saying why. `layers` (node names), when given, limits
+    clustering to those layers (the others get no record)."""
     check_clusters(clusters)
     if int(min_elements) < 1:
         raise EdgeccError(f"min-elements={min_elements} must be at least 1", where=OPTION)
     graph = module.graph
     fitted: dict[int, tuple] = {}  # a constant shared by several layers is clustered once
     records = []
-    for layer in list(graph.nodes):
+    for layer in selected(list(graph.nodes), layers):
         weights = layer.input(1)
         if (layer.domain, layer.op) not in WEIGHT_OPS or weights is None or not weights.is_const:
             continue

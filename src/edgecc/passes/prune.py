@@ -66,6 +66,14 @@ def new_constant(graph: Graph, node: Node, index: int, array: np.ndarray, suffix
     return value
 
 
+def selected(nodes: list[Node], layers) -> list[Node]:
+    """`nodes` limited to the names in `layers` (all of them when `layers` is None): per-layer settings."""
+    if layers is None:
+        return nodes
+    names = frozenset(layers)
+    return [n for n in nodes if n.name in names]
+
+
 def check_fraction(value, option: str, what: str, upper_closed: bool = False) -> float:
     """A number in (0, 1) (or (0, 1] with `upper_closed`), else an EdgeccError naming the option."""
     ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
@@ -150,7 +158,7 @@ def block_mask(node: Node, weights: np.ndarray, sparsity: float, block: int) -> 
 
 
 def prune_magnitude(module: Module, sparsity: float, scope: str = "layer", min_elements: int = 256,
-                    min_fan_in: int = MIN_FAN_IN, block: int = 1) -> list[dict]:
+                    min_fan_in: int = MIN_FAN_IN, block: int = 1, layers=None) -> list[dict]:
     """Zero the smallest-magnitude weights of every Conv / Gemm / MatMul layer, in place; one record per layer.
 
     scope="layer": each layer loses round(sparsity * numel) weights (its own |w| quantile), capped at numel - 1.
@@ -158,7 +166,8 @@ def prune_magnitude(module: Module, sparsity: float, scope: str = "layer", min_e
     more); an output channel the threshold would empty keeps its largest weight (the record says how many).
     Layers with fewer than `min_elements` weights, or fewer than `min_fan_in` per output channel, are skipped.
     Biases are never pruned. A weight constant shared by several layers is pruned once and shared again. Ties are
-    broken by position, so results are deterministic.
+    broken by position, so results are deterministic. `layers` (node names), when given, limits pruning to those
+    layers (the others get no record), so that a search can give each layer its own sparsity.
     """
     sparsity = check_fraction(sparsity, "--prune", "sparsity")
     if scope not in SCOPES:
@@ -176,7 +185,7 @@ def prune_magnitude(module: Module, sparsity: float, scope: str = "layer", min_e
     graph = module.graph
     records: list[dict] = []
     eligible: list[tuple[Node, dict]] = []
-    for node in weight_layers(graph):
+    for node in selected(weight_layers(graph), layers):
         weights = node.inputs[1].const
         record = layer_record(node, sparsity=float(np.mean(weights == 0)), scope=scope)
         records.append(record)
