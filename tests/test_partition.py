@@ -81,6 +81,22 @@ def test_chain_min_cut_equals_best_cut_point(data, length, bandwidth, rtt):
     assert solution["chosen"].total_ms <= min(solution["all_device"].total_ms, solution["all_server"].total_ms)
 
 
+def test_seeded_chains_meet_interior_optima():
+    """The hypothesis chains above, but seeded and counted: the comparison must also cover optima inside the chain."""
+    rng = np.random.default_rng(7)
+    interior = 0
+    for _ in range(300):
+        length = int(rng.integers(2, 10))
+        problem = chain_problem(rng.uniform(0, 100, length), rng.uniform(0, 20, length),
+                                rng.integers(1000, 2_000_000, length + 1), float(rng.choice([1e6, 1e7, 1e8])),
+                                float(rng.choice([0.0, 20.0])))
+        best = min(chain_cut_points(problem), key=lambda c: c.total_ms)
+        chosen = solve(problem)["chosen"]
+        assert chosen.total_ms == pytest.approx(best.total_ms, abs=1e-4)
+        interior += 0 < len(chosen.device_nodes) < length
+    assert interior >= 10  # 20 of these 300 (seed 7)
+
+
 def downward_closed_subsets(problem: CutProblem):
     """Every valid device set: closed under predecessors (the brute force on small DAGs)."""
     producers = problem.producers()
