@@ -149,3 +149,44 @@ def test_mobilenet_v2_arena_four_times_smaller_and_exact(shared_dir):
     expected = session.run(None, {session.get_inputs()[0].name: x})[0]
     got = compiled.run([x])[0]
     assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-4
+
+
+def fire(axis: int = 1, reuse_input: bool = False):
+    """A fire module: squeeze, then 1x1 and 3x3 expands joined by a Concat (optionally one expand also read after)."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
+             for n, s in [("ws", (4, 8, 1, 1)), ("w1", (8, 4, 1, 1)), ("w3", (8, 4, 3, 3)), ("wo", (2, 16, 1, 1))]]
+    nodes = [helper.make_node("Conv", ["x", "ws"], ["s"], kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["s"], ["sr"]),
+             helper.make_node("Conv", ["sr", "w1"], ["e1"], kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["sr", "w3"], ["e3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["e3"], ["e3r"]),
+             helper.make_node("Concat", ["e1", "e3r"], ["cat"], axis=axis)]
+    if axis == 1:
+        nodes.append(helper.make_node("Conv", ["cat", "wo"], ["o"], kernel_shape=[1, 1]))
+    else:
+        nodes.append(helper.make_node("ReduceMax", ["cat"], ["o"], axes=[2], keepdims=1))
+    nodes.append(helper.make_node("Sigmoid", ["o"], ["y"]))
+    if reuse_input:
+        nodes[-1] = helper.make_node("Add", ["o", "o"], ["o2"])
+        nodes += [helper.make_node("ReduceMax", ["e1"], ["t"], keepdims=1, axes=[1]),
+                  helper.make_node("Mul", ["o2", "t"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", [1, 8, 9, 11])], [tensor_info("y", None)], inits, opset=13)
+    return model, rng.standard_normal((1, 8, 9, 11)).astype(np.float32)
+
+
+def test_channel_concat_is_assembled_in_place_and_matches_onnxruntime():
+    model, x = fire()
+    compiled = edgecc.compile(model)
+    memory = compiled.module.memory_plan
+    assert len(memory.assembled) == 1 and "Concat" not in compiled.native.llvm_ir  # no copy runs
+    assert memory.arena_bytes < plan(compiled.module.clone(), in_place=False).arena_bytes or memory.in_place
+    np.testing.assert_allclose(compiled.run({"x": x})[0], _onnxruntime(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis, reuse", [(2, False), (1, True)])
+def test_concat_is_copied_when_its_slices_are_not_runs_or_are_read_elsewhere(axis, reuse):
+    model, x = fire(axis, reuse)
+    compiled = edgecc.compile(model)
+    assert not compiled.module.memory_plan.assembled
+    np.testing.assert_allclose(compiled.run({"x": x})[0], _onnxruntime(model, {"x": x})[0], rtol=1e-5, atol=1e-5)

@@ -164,7 +164,8 @@ class ModuleEmitter:
         if tick:
             tick(0)
         for index, node in enumerate(graph.nodes):
-            if not (node.outputs and all(v._id in plan.aliases for v in node.outputs)):  # else an in-place view
+            # In-place views and Concats whose inputs were written into their slices run no code.
+            if not (node.outputs and all(v._id in plan.aliases or v._id in plan.assembled for v in node.outputs)):
                 kernel, packings = self._kernel_for(node)
                 args = [pointer(v, packings.get(i)) for i, v in enumerate(node.inputs) if v is not None]
                 args += [pointer(v) for v in node.outputs]

@@ -30,6 +30,9 @@ class MemoryPlan:
     unplanned_bytes: int = 0
     aliases: dict[int, int] = field(default_factory=dict)
     in_place: dict[int, int] = field(default_factory=dict)
+    assembled: dict[int, dict[int, int]] = field(default_factory=dict)
+    """{Concat output id: {input id: byte offset}}: Concats whose inputs were written straight into their slice of
+    the output (see concat_slices); no code runs for them."""
 
     def offset_of(self, value: Value) -> int:
         return self.offsets[value._id]
@@ -107,17 +110,60 @@ def in_place_aliases(module: Module, compute: bool = False) -> tuple[dict[int, i
     return views, computed
 
 
+def concat_slices(module: Module, root: dict[int, int]) -> dict[int, dict[int, int]]:
+    """Concats that need no copy: {output id: {input id: byte offset}}. Where every dim before the axis is 1, each
+    input is one contiguous run of the output's bytes, so the input's producer (and the in-place chain ending in
+    it, `root` maps members to their first value) can write there directly. Only when every input is an
+    intermediate read by this Concat alone (so nothing else ever sees the slice) and not itself an assembled
+    Concat's output; all inputs or none, so the Concat never copies a slice onto itself."""
+    graph = module.graph
+    arena_values = {v._id for v in intermediates(module)}
+    assembled: dict[int, dict[int, int]] = {}
+    for node in graph.nodes:
+        if node.op != "Concat" or node.domain or node.outputs[0]._id not in arena_values:
+            continue
+        out = node.outputs[0]
+        axis = node.attrs.get("axis", 0) % out.type.rank
+        if any(d != 1 for d in out.type.shape[:axis]):
+            continue
+        inputs = node.inputs
+        owned = [v is not None and v._id in arena_values and len(v.uses) == 1 and root.get(v._id, v._id) not in
+                 assembled for v in inputs]
+        if not inputs or not all(owned) or len({v._id for v in inputs}) != len(inputs):
+            continue
+        offsets, offset = {}, 0
+        for value in inputs:
+            offsets[value._id] = offset
+            offset += value.type.nbytes
+        assembled[out._id] = offsets
+    return assembled
+
+
+def _buffers(module: Module, in_place: bool):
+    """Who owns which buffer: (views, computed, assembled, life, values to place). A buffer is a value with the
+    chain of values sharing it in place (views; with `in_place` computed elementwise ops) and, for a Concat
+    assembled in place (with `in_place`), its inputs' chains too; `life` gives each placed value its buffer's (first step, last step)."""
+    views, computed = in_place_aliases(module, in_place)
+    root = {**views, **computed}
+    assembled = concat_slices(module, root) if in_place else {}
+    life = lifetimes(module)
+    for member, first in root.items():
+        life[first] = (min(life[first][0], life[member][0]), max(life[first][1], life[member][1]))
+    inside = set()
+    for out, slices in assembled.items():
+        for value in slices:
+            first = root.get(value, value)
+            inside.add(first)
+            life[out] = (min(life[out][0], life[first][0]), max(life[out][1], life[first][1]))
+    values = [v for v in intermediates(module) if v._id not in root and v._id not in inside]
+    return views, computed, assembled, life, values
+
+
 def live_bytes_by_step(module: Module, in_place: bool = True) -> list[int]:
     """Bytes of arena buffers (aligned) alive at each step of the current order, buffers shared in place once."""
-    views, computed = in_place_aliases(module, in_place)
-    aliases = {**views, **computed}
-    life = lifetimes(module)
-    for member, root in aliases.items():
-        life[root] = (min(life[root][0], life[member][0]), max(life[root][1], life[member][1]))
+    *_, life, values = _buffers(module, in_place)
     live = [0] * max(len(module.graph.nodes), 1)
-    for value in intermediates(module):
-        if value._id in aliases:
-            continue
+    for value in values:
         first, last = life[value._id]
         for step in range(first, last + 1):
             live[step] += _align(max(value.type.nbytes, 1))
@@ -256,14 +302,11 @@ ones reach it."""
 def plan(module: Module, in_place: bool = True) -> MemoryPlan:
     """Greedy placement (see _place) in each of PLACEMENT_ORDERS, keeping the smallest arena. A buffer is a
     value, or a chain of values sharing it in place (views and, with `in_place`, elementwise ops over a dying
-    operand: see in_place_aliases), alive from the first's definition to the last one's last use."""
-    views, computed = in_place_aliases(module, in_place)
+    operand: see in_place_aliases, and Concats assembled in their inputs' producers: see concat_slices), alive
+    from the first's definition to the last one's last use."""
+    views, computed, assembled, life, values = _buffers(module, in_place)
     aliases = {**views, **computed}
     everything = intermediates(module)
-    values = [v for v in everything if v._id not in aliases]
-    life = lifetimes(module)
-    for member, root in aliases.items():
-        life[root] = (min(life[root][0], life[member][0]), max(life[root][1], life[member][1]))
     sizes = {v._id: _align(max(v.type.nbytes, 1)) for v in values}
     lower_bound = plan_lower_bound(module, in_place)
 
@@ -284,10 +327,13 @@ def plan(module: Module, in_place: bool = True) -> MemoryPlan:
         if best[1] <= lower_bound:
             break  # no order can do better
     offsets, arena = best
+    for out, slices in assembled.items():
+        for value, offset in slices.items():
+            offsets[aliases.get(value, value)] = offsets[out] + offset
     for member, root in aliases.items():
         offsets[member] = offsets[root]
     unplanned = sum(_align(max(v.type.nbytes, 1)) for v in everything)
-    return MemoryPlan(offsets, arena, lower_bound, unplanned, views, computed)
+    return MemoryPlan(offsets, arena, lower_bound, unplanned, views, computed, assembled)
 
 
 def plan_best_order(module: Module, reorder: bool = True, in_place: bool = True) -> MemoryPlan:
@@ -317,7 +363,9 @@ class PlanMemoryPass(Pass):
     Unsqueeze, Identity) work in place when their input dies there: output and input share one buffer and the op
     costs nothing at run time. With `in-place` (default), an elementwise op (Relu, Clip, Add, Mul, ...) whose
     operand of the output's shape and element size dies there writes its result over that operand (its kernel
-    reads and writes the same index; broadcast operands never). Buffers are placed at the lowest offset that
+    reads and writes the same index; broadcast operands never). A Concat whose inputs are each one contiguous run
+    of its output (every dim before the axis is 1, as for channels at batch 1) and read by it alone is assembled
+    in place: each input's producer writes straight into its slice, and the Concat runs no code. Buffers are placed at the lowest offset that
     overlaps no placed buffer alive at the same time (64-byte aligned), in a few greedy orders (largest first,
     earliest first, ...), then seeded random ones until the lower bound is reached, keeping the smallest arena.
     Graph inputs and outputs live in the caller's buffers, constants in the object's read-only data. The plan
