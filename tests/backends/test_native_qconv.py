@@ -1,6 +1,6 @@
 """Fast int8 kernels (backends/kernels/qconv.py, qgemm.py): QLinearConv with constant symmetric int8 weights and
 edgecc.QGemm, native against the op's registry reference (which follows the ONNX spec) and, for QLinearConv,
-onnxruntime; on the host (AVX-512 VNNI here), the AVX2 preset (the generic dot4), and armv8.2 (sdot) and armv7
+onnxruntime; on the host, the AVX2 and SSE2 presets (pmaddwd over int16 pairs), and armv8.2 (sdot) and armv7
 (generic NEON) under qemu-user.
 
 Tolerance: atol 1 (uint8/int8 units) with at least 99% of outputs exact. The kernels requantise in fixed point
@@ -117,6 +117,7 @@ CONV_CASES = {
     "depthwise_s1": ((1, 24, 14, 37), 24, 3, 24, dict(pads=[1, 1, 1, 1])),
     "depthwise_s2": ((1, 20, 15, 41), 20, 3, 20, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
     "depthwise_5x5_no_pad": ((1, 7, 12, 11), 7, 5, 7, {}),
+    "dilated_depthwise": ((1, 5, 13, 21), 5, 3, 5, dict(dilations=[2, 2], strides=[1, 2], pads=[2, 1, 0, 2])),
 }
 
 
@@ -204,14 +205,36 @@ def test_qgemm_generic_fallbacks_are_exact():
         edgecc.compile(model, runtime="native")
 
 
-def test_generic_dot4_on_avx2():
-    """The x86-64-v3 preset has no VNNI: the widened generic dot4 (runs on this host)."""
-    check_qconv(*qconv_model((1, 9, 10, 11), 13, 3, pads=[1, 1, 1, 1]), target="x86-64-v3", onnx_reference=False)
+@pytest.mark.parametrize("target", ["x86-64-v3", "x86-64"])
+def test_pmaddwd_without_vnni(target):
+    """x86 without VNNI (AVX2, and SSE2's 128-bit form; both run on any x86-64 host): pmaddwd over int16 pairs
+    (qconv.Dot4) in the group-1, channel-lanes, depthwise and QGemm kernels, never the saturating vpmaddubsw."""
+    for case in ("3x3_s2_odd_channels", "narrow_7x7_map", "depthwise_s1", "depthwise_s2", "dilated_depthwise"):
+        x_shape, m, k, group, attrs = CONV_CASES[case]
+        check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, onnx_reference=False)
     check_qconv(*qconv_model((1, 9, 10, 11), 13, 3, x_dtype=np.int8, y_dtype=np.int8, pads=[1, 1, 1, 1]),
-                target="x86-64-v3", onnx_reference=False)
+                target=target, onnx_reference=False)
     model, feeds = qgemm_model((3, 45), 19)
-    assert_close_int(edgecc.compile(model, runtime="native", target="x86-64-v3").run(feeds)[0],
-                     reference(model, feeds))
+    assert_close_int(edgecc.compile(model, runtime="native", target=target).run(feeds)[0], reference(model, feeds))
+    asm = _kernel_asm(*qconv_model((1, 9, 10, 11), 13, 3, pads=[1, 1, 1, 1])[:1], target, "QLinearConv")
+    assert re.search(r"\bv?pmaddwd\b", asm) and not re.search(r"pmaddubsw", asm)
+
+
+@pytest.mark.parametrize("group", [1, 12])
+def test_pmaddwd_bound_at_the_extremes(group):
+    """The pmaddwd form's bound (qconv.Dot4): x - x_zp = 255 (uint8 input 255, zero point 0) against weights -128
+    and 127 gives pair sums of +-65280 and accumulators far past int16, all exact in int32."""
+    model, feeds = qconv_model((1, 12, 9, 10), 12, 3, group, pads=[1, 1, 1, 1], y_scale=60.0)
+    weights = next(t for t in model.graph.initializer if t.name == "w")
+    w = numpy_helper.to_array(weights).copy()
+    w[...] = -128
+    w[:, :, 1] = 127
+    weights.CopyFrom(numpy_helper.from_array(w, "w"))
+    zp = next(t for t in model.graph.initializer if t.name == "x_zp")
+    zp.CopyFrom(numpy_helper.from_array(np.array(0, np.uint8), "x_zp"))
+    feeds["x"][...] = 255
+    feeds["x"][..., ::3] = 254
+    check_qconv(model, feeds, target="x86-64-v3", onnx_reference=False)
 
 
 @pytest.mark.skipif(not {"+avx512vnni", "+avx512vl"} <= set(host_features().split(",")),

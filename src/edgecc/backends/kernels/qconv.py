@@ -519,44 +519,55 @@ class BandPacker:
         return v
 
     def copy_columns(self, srcs, dst, c_lo: int, c_hi: int, px: int) -> None:
-        """Columns c_lo..c_hi-1 of the g channel rows at srcs into the packed row at dst: whole CHUNKs by vectors,
-        the rest value by value."""
+        """Columns c_lo..c_hi-1 of the g channel rows at srcs into the packed row at dst: whole chunks of CHUNK,
+        then CHUNK / 2 columns by vectors, the rest by one chunk ending at c_hi (overlapping columns already
+        copied, with the same values) when its read stays inside the row, else value by value."""
         kb, geo, g = self.kb, self.geo, self.g
-        chunks = self.chunks(c_lo, c_hi, px)
-        if chunks:
-            with kb.loop(chunks, "pv") as k:
-                self.copy_chunk(srcs, dst, add_i64(kb, mul_i64(kb, k, CHUNK), c_lo))
-        if c_hi > c_lo + chunks * CHUNK:
-            with kb.loop(c_hi, "pc", start=c_lo + chunks * CHUNK) as col:
-                for j in range(g):
-                    v = self.value(kb.load(self.x, add_i64(kb, srcs[j], mul_i64(kb, col, geo.sx))))
-                    store_to(kb, v, byte_ptr(kb, self.scratch, add_i64(kb, dst, mul_i64(kb, col, self.unit),
-                                                                       j * (self.unit // g))))
+        start = c_lo
+        for width in (CHUNK, CHUNK // 2):
+            chunks = self.chunks(start, c_hi, px, width)
+            if chunks:
+                with kb.loop(chunks, "pv") as k:
+                    self.copy_chunk(srcs, dst, add_i64(kb, mul_i64(kb, k, width), start), width)
+                start += chunks * width
+        if start == c_hi:
+            return
+        for width in (CHUNK // 2, CHUNK):
+            col = c_hi - width
+            if c_lo <= col <= start and self.chunks(col, c_hi, px, width):
+                self.copy_chunk(srcs, dst, kb.i64(col), width)
+                return
+        with kb.loop(c_hi, "pc", start=start) as col:
+            for j in range(g):
+                v = self.value(kb.load(self.x, add_i64(kb, srcs[j], mul_i64(kb, col, geo.sx))))
+                store_to(kb, v, byte_ptr(kb, self.scratch, add_i64(kb, dst, mul_i64(kb, col, self.unit),
+                                                                   j * (self.unit // g))))
 
-    def chunks(self, c_lo: int, c_hi: int, px: int) -> int:
-        """Whole CHUNKs of columns from c_lo whose vector reads (CHUNK * sx bytes) stay inside the input row."""
+    def chunks(self, c_lo: int, c_hi: int, px: int, width: int = CHUNK) -> int:
+        """Whole chunks of `width` columns from c_lo whose vector reads (width * sx bytes) stay inside the input
+        row."""
         geo, k = self.geo, 0
-        while c_lo + (k + 1) * CHUNK <= c_hi and (c_lo + (k + 1) * CHUNK) * geo.sx - 1 + px - geo.pl <= geo.w - 1:
+        while c_lo + (k + 1) * width <= c_hi and (c_lo + (k + 1) * width) * geo.sx - 1 + px - geo.pl <= geo.w - 1:
             k += 1
         return k
 
-    def copy_chunk(self, srcs, dst, col) -> None:
-        """Columns col..col+CHUNK-1 of the g channel rows at srcs into dst, interleaved by channel."""
+    def copy_chunk(self, srcs, dst, col, width: int = CHUNK) -> None:
+        """Columns col..col+width-1 of the g channel rows at srcs into dst, interleaved by channel."""
         kb, b, sx, g = self.kb, self.kb.b, self.geo.sx, self.g
         rows = []
         for src in srcs:
-            wide = b.load(kb.element_ptr(self.x, add_i64(kb, src, mul_i64(kb, col, sx))), typ=vec_ty(I8, CHUNK * sx),
+            wide = b.load(kb.element_ptr(self.x, add_i64(kb, src, mul_i64(kb, col, sx))), typ=vec_ty(I8, width * sx),
                           align=1)
-            row = wide if sx == 1 else b.shuffle_vector(wide, wide, i32_vector(range(0, CHUNK * sx, sx)))
+            row = wide if sx == 1 else b.shuffle_vector(wide, wide, i32_vector(range(0, width * sx, sx)))
             rows.append(self.value(row))
         if g == 1:
             value = rows[0]
         elif g == 2:  # out[2i + j] = rows[j][i]
-            value = b.shuffle_vector(rows[0], rows[1], i32_vector(j * CHUNK + i for i in range(CHUNK) for j in range(2)))
+            value = b.shuffle_vector(rows[0], rows[1], i32_vector(j * width + i for i in range(width) for j in range(2)))
         else:  # g == 4: out[4i + j] = rows[j][i]
-            low = b.shuffle_vector(rows[0], rows[1], i32_vector(range(2 * CHUNK)))
-            high = b.shuffle_vector(rows[2], rows[3], i32_vector(range(2 * CHUNK)))
-            value = b.shuffle_vector(low, high, i32_vector(j * CHUNK + i for i in range(CHUNK) for j in range(4)))
+            low = b.shuffle_vector(rows[0], rows[1], i32_vector(range(2 * width)))
+            high = b.shuffle_vector(rows[2], rows[3], i32_vector(range(2 * width)))
+            value = b.shuffle_vector(low, high, i32_vector(j * width + i for i in range(width) for j in range(4)))
         store_to(kb, value, byte_ptr(kb, self.scratch, add_i64(kb, dst, mul_i64(kb, col, self.unit))))
 
 
@@ -849,14 +860,16 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
     """Depthwise QLinearConv: each channel's padded map packed (one byte per position). With vpdpbusd (and
     AVX-512 VBMI's byte permute) or sdot, up to 4 taps of one kernel row are one dot4: the rows are packed whole
     (one plane per y stride phase), and lane i takes the 4 bytes at sx * i + 0..3 of the window (a byte shuffle of
-    one load), the weight word holding the taps' weights. Elsewhere the input is packed by stride phases as in
-    emit_dot_conv and each tap is an i32 multiply-add over L positions (u8/s8 x s8 products need 16 bits; sums
-    need 32)."""
+    one load), the weight word holding the taps' weights. On x86 without VNNI: pmaddwd over tap pairs
+    (emit_paired_depthwise_qconv). Elsewhere the input is packed by stride phases as in emit_dot_conv and each tap
+    is an i32 multiply-add over L positions (u8/s8 x s8 products need 16 bits; sums need 32)."""
     b = kb.b
     act_signed = x.dtype.name == "int8"
     dot = Dot4(kb)
     features = set(kb.target.features.split(","))
     windowed = dot.kind == "sdot" or (dot.kind == "vnni" and "+avx512vbmi" in features)
+    if not windowed and dot.centred:
+        return emit_paired_depthwise_qconv(kb, geo, x, params_in, y, dot)
     L = dot.lanes if windowed else max(1, lanes(kb))
     window_bytes = next((n for n in (16, 32, 64) if n >= (L - 1) * geo.sx + 4), None)
     windowed = windowed and window_bytes is not None
@@ -922,6 +935,101 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
             flat = add_i64(kb, mul_i64(kb, n_idx, geo.m * geo.oh * geo.ow), mul_i64(kb, c, geo.oh * geo.ow),
                            mul_i64(kb, add_i64(kb, oh0, rr), geo.ow))
             memcpy(kb, kb.element_ptr(y, flat), byte_ptr(kb, staging, mul_i64(kb, rr, wq)), geo.ow)
+    return True
+
+
+def tap_pairs(geo: ConvGeometry) -> list[tuple[int, int, int, int | None]]:
+    """The taps of geo.taps() in pairs reading adjacent positions of one phase plane (phase, offset, tap a, tap b
+    at offset + 1, or None: a lone tap, paired with a zero weight). 3x3 stride 1: per kernel row (kx 0, 1) and
+    (kx 2); stride 2: (kx 0, 2) share phase 0 at offsets 0 and 1, kx 1 is alone in phase 1."""
+    taps = sorted((phase, offset, t) for t, (phase, offset) in enumerate(geo.taps()))
+    pairs, i = [], 0
+    while i < len(taps):
+        phase, offset, t = taps[i]
+        if i + 1 < len(taps) and taps[i + 1][:2] == (phase, offset + 1):
+            pairs.append((phase, offset, t, taps[i + 1][2]))
+            i += 2
+        else:
+            pairs.append((phase, offset, t, None))
+            i += 1
+    return pairs
+
+
+def pack_paired_depthwise_weights(w: np.ndarray, pairs) -> np.ndarray:
+    """[C, 1, kh, kw] int8 -> int32: the C sums, then per channel one word per tap pair (2 sign-extended int16
+    weights, the second 0 for a lone tap)."""
+    taps = w.reshape(w.shape[0], -1)
+    words = np.zeros((w.shape[0], len(pairs), 2), np.int16)
+    for k, (_, _, ta, tb) in enumerate(pairs):
+        words[:, k, 0] = taps[:, ta]
+        if tb is not None:
+            words[:, k, 1] = taps[:, tb]
+    return np.concatenate([weight_sums(w), words.view(np.int32).reshape(-1)])
+
+
+def emit_paired_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y: Buffer,
+                                dot: Dot4) -> bool:
+    """Depthwise QLinearConv with pmaddwd (x86 without VNNI): each channel's band packed by stride phases as int16
+    x - x_zp (BandPacker, centred), taps paired when they read adjacent positions (tap_pairs). One pmaddwd of the
+    2L values from position p + offset gives, in lane i, x[p + 2i + offset] * wa + x[p + 2i + offset + 1] * wb:
+    the pair's contribution to output p + 2i; the load from one position further gives the odd outputs p + 2i + 1.
+    So a 3x3 kernel is 6 pmaddwd per 2L outputs instead of 9 i32 multiplies per L. Even and odd results are
+    requantised separately and interleaved when stored. Exact for the bound in Dot4."""
+    b = kb.b
+    L = dot.lanes
+    bytes_per_row = geo.sy * geo.sx * geo.wq * 2
+    if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
+        return False
+    rows = band_rows(geo, bytes_per_row)
+    budget = 12 if vector_registers(kb) >= 32 else 6  # accumulators: an even and an odd one per 2L positions
+    positions = rows * geo.wq  # per band: padded positions plus a tile's fixed cost (its loop, requantisation
+    # branch and the dependency chains one vector pair alone leaves waiting), counted as 2L positions
+    nr = min(range(1, budget // 2 + 1), key=lambda n: (-(-positions // (2 * L * n)) * (2 * L * n + 2 * L), -n))
+    T = nr * 2 * L
+    n_tiles_max = -(-rows * geo.wq // T)
+    pairs = tap_pairs(geo)
+    packed = kb.packed_input(3, lambda w: pack_paired_depthwise_weights(w, pairs))
+    form = ActivationForm(kb, dot, x, params_in)
+    params = QuantParams(kb, geo.m, geo.m, *form.params, sums=packed, delta=form.delta)
+    packer = BandPacker(kb, x, geo, 1, rows, 0, form.fill, form.centre)
+    slack = (T + geo.ey * geo.wq + geo.ex + 2) * 2
+    packer.scratch = stack_bytes(kb, packer.group_bytes + slack, "band")
+    memset(kb, byte_ptr(kb, packer.scratch, packer.group_bytes), form.fill, slack)
+    staging = stack_bytes(kb, n_tiles_max * T, "stage")
+    x_ty = vec_ty(I16, 2 * L)
+    n_bands = -(-geo.oh // rows)
+    interleave = i32_vector(j * L + i for i in range(L) for j in range(2))
+
+    with kb.loop(geo.n, "n") as n_idx, kb.loop(geo.c, "c") as c, kb.loop(n_bands, "band") as band:
+        oh0, rb = band_span(kb, geo, band, rows)
+        packer.pack(n_idx, c, oh0, rb)
+        weights = [splat(b, kb.load(packed, add_i64(kb, mul_i64(kb, c, len(pairs)), geo.m + k)), L)
+                   for k in range(len(pairs))]
+        start = params.initial(c, L)
+        positions = b.sub(b.mul(rb, kb.i64(geo.wq)), kb.i64(geo.wq - geo.ow))
+        n_tiles = b.sdiv(b.add(positions, kb.i64(T - 1)), kb.i64(T))
+        with kb.loop(n_tiles, "tile") as t:
+            q0 = mul_i64(kb, t, T)
+            values = [start] * (2 * nr)  # [2v]: even outputs of vector pair v, [2v + 1]: odd ones
+            for k, (phase, offset, _, _) in enumerate(pairs):
+                for v in range(2 * nr):
+                    at_ = add_i64(kb, q0, phase * packer.plane + offset + (v // 2) * 2 * L + v % 2)
+                    xv = b.load(byte_ptr(kb, packer.scratch, mul_i64(kb, at_, 2)), typ=x_ty, align=2)
+                    values[v] = dot.dot(values[v], xv, weights[k], True)
+            even = {}
+
+            def store(k: int, out: ir.Value) -> None:
+                if k % 2 == 0:
+                    even[k // 2] = out
+                    return
+                both = b.shuffle_vector(even[k // 2], out, interleave)
+                store_to(kb, both, byte_ptr(kb, staging, add_i64(kb, q0, (k // 2) * 2 * L)))
+
+            params.requantise([(values[v], c, None) for v in range(2 * nr)], store)
+        with kb.loop(rb, "row") as rr:
+            flat = add_i64(kb, mul_i64(kb, n_idx, geo.m * geo.oh * geo.ow), mul_i64(kb, c, geo.oh * geo.ow),
+                           mul_i64(kb, add_i64(kb, oh0, rr), geo.ow))
+            memcpy(kb, kb.element_ptr(y, flat), byte_ptr(kb, staging, mul_i64(kb, rr, geo.wq)), geo.ow)
     return True
 
 
