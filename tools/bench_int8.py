@@ -2,8 +2,11 @@
 
     python tools/bench_int8.py [--models resnet18,mobilenet_v2] [--runs 30] [--write docs/performance-int8.md]
 
-Both quantised models are calibrated on the same 8 random inputs (minmax, per-channel int8 weights, uint8
-activations). The three engines run alternately (warm-up first); medians in ms.
+Models of ../shared/models are calibrated on 8 random inputs and timed on their .ref.npz input; the digits_* models
+of ../shared/data (e.g. --models digits_cnn,digits_mobilenet) on their real calibration set and first test image.
+Both quantised models (edgecc's and onnxruntime's quantize_static QDQ: minmax, per-channel int8 weights, uint8
+activations) see the same calibration. The three engines run alternately (warm-up first); medians in ms.
+--write replaces (or adds) this machine's section of the file, named by its CPU, and keeps the others.
 """
 
 from __future__ import annotations
@@ -19,13 +22,22 @@ from edgecc.precision import sqnr_db
 from quant_eval import _session, ort_quantized
 
 
-def bench_model(name: str, runs: int) -> dict:
-    import edgecc
-
-    path = str(SHARED / "models" / f"{name}.onnx")
+def model_inputs(name: str) -> tuple[str, dict, np.ndarray]:
+    """(model path, feeds, calibration samples) of a shared model or a digits_* model of ../shared/data."""
+    if name.startswith("digits_"):
+        data = SHARED / "data"
+        calib = np.load(data / f"{name}_calib.npz")["input"]
+        return str(data / f"{name}.onnx"), {"input": np.load(data / f"{name}_test.npz")["input"][0]}, calib
     feeds = {"input": np.load(SHARED / "models" / f"{name}.ref.npz")["input"]}
     rng = np.random.default_rng(0)
     calib = np.stack([rng.standard_normal(feeds["input"].shape).astype(np.float32) for _ in range(8)])
+    return str(SHARED / "models" / f"{name}.onnx"), feeds, calib
+
+
+def bench_model(name: str, runs: int) -> dict:
+    import edgecc
+
+    path, feeds, calib = model_inputs(name)
     fp32 = edgecc.compile(path, opt_level=3, progress=False)
     int8 = edgecc.compile(path, opt_level=3, progress=False, quantize="int8", calibration={"input": calib})
     ort_int8 = _session(ort_quantized(path, "input", calib))
@@ -46,6 +58,18 @@ def bench_model(name: str, runs: int) -> dict:
             "sqnr": sqnr_db(reference, int8.run(feeds)[0]), "ops": int8.report["ops"]}
 
 
+def write_section(path: str, title: str, section: str) -> None:
+    """Replace the `title` section (up to the next "## ") of the Markdown file at path, or append it."""
+    import pathlib
+    import re
+
+    file = pathlib.Path(path)
+    text = file.read_text() if file.exists() else "# int8 performance\n"
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    file.write_text(text)
+
+
 def main() -> int:
     args = bench_arguments(__doc__)
     rows = ["| model | edgecc fp32 ms | edgecc int8 ms | onnxruntime int8 QDQ ms | int8 / own fp32 | int8 / ORT int8 "
@@ -56,9 +80,10 @@ def main() -> int:
                     f"{r['ratio_ort']:.2f} | {r['sqnr']:.1f} |")
         print(rows[-1], flush=True)
     if args.write:
-        with open(args.write, "w") as f:
-            f.write(f"# int8 performance\n\n`python tools/bench_int8.py --runs {args.runs}` on {cpu_name()}, one "
-                    "thread, median of the runs, engines alternating in one process.\n\n" + "\n".join(rows) + "\n")
+        title = f"## {cpu_name()}"
+        section = (f"{title}\n\n`python tools/bench_int8.py --runs {args.runs} --models {args.models}`, one thread, "
+                   "median of the runs, engines alternating in one process.\n\n" + "\n".join(rows) + "\n")
+        write_section(args.write, title, section)
     return 0
 
 
