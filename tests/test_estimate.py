@@ -212,3 +212,13 @@ def test_prologue_frame_steps(line, size):
     from edgecc.estimate import _frame_step
 
     assert _frame_step(line) == size
+
+
+@needs_target("armv7")
+def test_sizes_are_for_the_device_target_whatever_the_model_was_built_for(tiny):
+    """A host-built model estimated on the M4 board: flash and stack are read from code generated for the M4."""
+    on_board = edgecc.compile(str(TINY), opt_level=3, target="cortex-m4")
+    from edgecc.estimate import object_sizes
+
+    est = estimate(tiny, "stm32f4")
+    assert (est.code_bytes, est.weights_bytes) == object_sizes(on_board.native.obj)

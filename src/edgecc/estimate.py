@@ -106,7 +106,8 @@ def estimate(model, device: "Device | str", feeds=None, refresh: bool = False) -
     if model.native is None:
         raise EdgeccError("an estimate needs native code", where="estimate", hint="compile with runtime='native'")
     module = model.module
-    code = _code_for(model, device)
+    built = _code_for(model, _device_target(device))
+    code = _code_for(model, measuring_target(device), built)
     arrays = _inputs(module, feeds)
     if code.target.is_native:
         timing = _cached(code, "host-ms", arrays, refresh, lambda: _host_node_ms(model, code, arrays))
@@ -125,9 +126,9 @@ def estimate(model, device: "Device | str", feeds=None, refresh: bool = False) -
                   f"qemu-system-arm -M {SYSTEM_BOARDS[code.target.name][0]}")
         method = f"guest instructions under {runner} (code for {code.target.cpu}) x {cpi} cycles per instruction"
     ops = [_op(node, c, n, device) for node, c, n in zip(module.graph.nodes, cycles, instructions)]
-    code_bytes, weights_bytes = object_sizes(model.native.obj)
+    code_bytes, weights_bytes = object_sizes(built.obj)
     arena = int(module.memory_plan.arena_bytes)
-    stack = stack_bytes(model.native)
+    stack = stack_bytes(built)
     result = Estimate(device, ops, code_bytes, weights_bytes, code_bytes + weights_bytes, arena, stack,
                       arena + stack, sum(o.latency_ms for o in ops), sum(o.energy_mj for o in ops), method,
                       total_insns)
@@ -173,11 +174,9 @@ Thumb-2 and VFPv4 include every M4 instruction, and qemu-user refuses M-profile 
 
 def measuring_target(device: Device):
     """The target whose code is measured for `device`: its own preset, or the Linux-linked Cortex-M4 variant."""
-    from edgecc.backends.targets import resolve_target
-
     from edgecc.backends.insncount import can_count
 
-    target = resolve_target(device.target)
+    target = _device_target(device)
     if target.is_native or can_count(target):
         return target
     if target.name == "cortex-m4":
@@ -186,15 +185,22 @@ def measuring_target(device: Device):
                       hint="estimates exist for host, x86 presets, armv8, armv8.2, armv7, cortex-m4 and cortex-m55")
 
 
-def _code_for(model, device: Device):
-    """The model's own native code if it is for the measuring target, else code generated for it."""
-    target = measuring_target(device)
-    native = model.native
-    if native.target == target:
-        return native
+def _device_target(device: Device):
+    """The device's target preset as a Target."""
+    from edgecc.backends.targets import resolve_target
+
+    return resolve_target(device.target)
+
+
+def _code_for(model, target, known=None):
+    """Native code of the model for `target`: the model's own (or `known`) if it is for that target, else code
+    generated for it from the model's module (optimised for the model's own target)."""
+    for code in (model.native, known):
+        if code is not None and code.target == target:
+            return code
     from edgecc.backends.native import generate
 
-    return generate(model.module, target, native.name)
+    return generate(model.module, target, model.native.name)
 
 
 def _inputs(module, feeds) -> dict[str, np.ndarray]:
