@@ -158,7 +158,7 @@ def parse_size(text: "str | int", where: str = "size") -> int:
 
 
 def load_device(spec: "str | os.PathLike | Device") -> Device:
-    """A Device, a built-in name (`edgecc devices` lists them), or a .toml/.json file describing a board."""
+    """A Device, a built-in name (BUILTIN_DEVICES, or "host" for this machine), or a .toml/.json board file."""
     if isinstance(spec, Device):
         return spec
     text = os.fspath(spec)

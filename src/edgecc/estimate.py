@@ -110,7 +110,7 @@ def estimate(model, device: "Device | str", feeds=None, refresh: bool = False) -
     code = _code_for(model, measuring_target(device), built)
     arrays = _inputs(module, feeds)
     if code.target.is_native:
-        timing = _cached(code, "host-ms", arrays, refresh, lambda: _host_node_ms(model, code, arrays))
+        timing = _cached(code, "host-ms-v2", arrays, refresh, lambda: _host_node_ms(model, code, arrays))
         cycles = [ms * 1e-3 * device.clock_hz for ms in timing["ms"]]
         instructions, total_insns = [None] * len(cycles), None
         method = f"host kernels timed by the cycle counter: {timing['how']}; cycles = time x clock"
