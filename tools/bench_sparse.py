@@ -55,7 +55,21 @@ def prune(matrix: np.ndarray, level: float, width: int) -> np.ndarray:
     return np.where(keep, matrix, 0).astype(np.float32)
 
 
-def layer_model(kind: str, shape, level: float, width: int, rng) -> tuple[onnx.ModelProto, dict]:
+PROFILE_MACS = 4_000_000
+"""A layer of fewer MACs is benchmarked as copies of itself (one shared weight, distinct biases so no pass merges
+them) adding up to about this many: CompiledModel.profile converts the cycle counter with the wall time of the
+whole call, whose ctypes overhead (about 1 us) would otherwise be counted in a one-node model's kernel time."""
+
+
+def copies_of(kind: str, shape) -> int:
+    """How many copies of the layer one benchmark model holds (see PROFILE_MACS)."""
+    _, *dims = shape
+    macs = dims[0] * dims[1] * dims[2] * dims[3] * dims[5] ** 2 if kind == "conv" else int(np.prod(dims))
+    return int(max(1, min(32, PROFILE_MACS // macs)))
+
+
+def layer_model(kind: str, shape, level: float, width: int, rng, copies: int = 1) -> tuple[onnx.ModelProto, dict]:
+    """One layer (`copies` times, reading the same input and weight) with seeded random weights pruned to `level`."""
     if kind == "conv":
         _, c, co, h, w, s, k = shape
         view = prune(rng.standard_normal((c, k * k * co)).astype(np.float32), level, width)  # [C_in, taps x C_out]
@@ -71,10 +85,18 @@ def layer_model(kind: str, shape, level: float, width: int, rng) -> tuple[onnx.M
                                                                                                  ["y"])
         x_shape, y_shape = [m, k], [m, n]
         bias = rng.standard_normal(n).astype(np.float32)
-    inits = [numpy_helper.from_array(weights, "w")] + ([numpy_helper.from_array(bias, "b")] if len(node.input) > 2
-                                                        else [])
-    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    nodes, inits, outputs = [], [numpy_helper.from_array(weights, "w")], []
+    for copy in range(copies):
+        name = f"y{copy}" if copies > 1 else "y"
+        inputs = list(node.input)
+        if len(inputs) > 2:
+            inputs[2] = f"b{copy}"
+            inits.append(numpy_helper.from_array((bias + copy).astype(np.float32), inputs[2]))
+        nodes.append(helper.make_node(node.op_type, inputs, [name], name=name, **{
+            a.name: helper.get_attribute_value(a) for a in node.attribute}))
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, y_shape))
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     return model, {"x": rng.standard_normal(x_shape).astype(np.float32)}
 
@@ -85,19 +107,14 @@ def compiled_layer(model, encoding: str):
     return edgecc.compile(model, opt_level=3, passes=f"-O3,encode-sparsity{{encoding={encoding}}}", progress=False)
 
 
-def kernel_ms(model, feeds, encoding: str, runs: int) -> tuple[float, object]:
-    """The layer's kernel time (ms, median over `runs`) compiled with `encoding`, and the compiled model."""
-    compiled = compiled_layer(model, encoding)
-    return sum(r["ms"] for r in compiled.profile(feeds, runs)), compiled
-
-
 def paired_ms(dense, sparse, dense_feeds, sparse_feeds, runs: int, rounds: int = 5) -> tuple[float, float]:
-    """Median kernel times of two compiled layers profiled alternately, `rounds` times runs/rounds each, so a
-    change in the machine's load meets both."""
+    """Median kernel times of two compiled layers (per copy of the layer) profiled alternately, `rounds` times
+    runs/rounds each, so a change in the machine's load meets both."""
     times: tuple[list, list] = ([], [])
     for _ in range(rounds):
         for compiled, feeds, out in ((dense, dense_feeds, times[0]), (sparse, sparse_feeds, times[1])):
-            out.append(sum(r["ms"] for r in compiled.profile(feeds, max(1, runs // rounds))))
+            rows = compiled.profile(feeds, max(1, runs // rounds))
+            out.append(sum(r["ms"] for r in rows) / len(rows))
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -114,11 +131,12 @@ def bench_layers(levels, runs: int, lanes: int):
             label = (f"{shape[0]} {shape[6]}x{shape[6]} {shape[1]}->{shape[2]} @{shape[3]}x{shape[4]}" +
                      (f" s{shape[5]}" if shape[5] > 1 else "")) if kind == "conv" else \
                 f"{shape[0]} FC {shape[2]}->{shape[3]} M={shape[1]}"
-            model, dense_feeds = layer_model(kind, shape, 0.0, 1, rng)
+            copies = copies_of(kind, shape)
+            model, dense_feeds = layer_model(kind, shape, 0.0, 1, rng, copies)
             dense_layer = compiled_layer(model, "dense")
             for pattern, width, forced in (("unstructured", 1, "csr"), (f"block 1x{lanes}", lanes, "block")):
                 for level in levels:
-                    model, feeds = layer_model(kind, shape, level, width, rng)
+                    model, feeds = layer_model(kind, shape, level, width, rng, copies)
                     dense, sparse = paired_ms(dense_layer, compiled_layer(model, forced), dense_feeds, feeds, runs)
                     auto = compiled_layer(model, "auto")
                     rows.append((label, pattern, level, dense, sparse, encoding_of(auto)))

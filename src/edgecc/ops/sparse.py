@@ -165,6 +165,56 @@ def pack(matrix: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([offsets, records.reshape(-1)])
 
 
+SLICE_LANES = 16
+"""Columns of a slice of the sliced matrix-vector layout (`pack_sliced`): two AVX vectors of float32."""
+MAX_SLICED_K = 65535
+"""The sliced layout stores k as a uint16."""
+
+
+def sliced_product(width: int, rows: int, k: int, n: int, lanes: int, hosted: bool) -> bool:
+    """A matrix product takes the sliced layout (`pack_sliced`): CSR (width 1) with fewer rows of A than the
+    target's 8 float lanes (AVX; more rows go in vectors, see rows_in_vectors), k within a uint16, on a hosted
+    target (its output row on the stack: at most ROW_TILE_BYTES)."""
+    return width == 1 and lanes == SLICE_LANES // 2 and rows < lanes and k <= MAX_SLICED_K and hosted and \
+        -(-n // SLICE_LANES) * SLICE_LANES * 4 <= ROW_TILE_BYTES
+
+
+def pack_sliced(matrix: np.ndarray, lanes: int = SLICE_LANES) -> np.ndarray:
+    """The sliced matrix-vector layout of a float32 [K, N] CSR weight, for a product with few rows of A
+    (backends/kernels/sparse.py `emit_sliced_rows`): the columns sorted by their count of nonzeros (so a slice's
+    columns have about as many and little padding is needed), in slices of `lanes`, each slice's nonzeros
+    interleaved so that step t of the slice holds the t-th nonzero of each of its columns, as int32 words:
+
+        steps[0 : S + 1]         first step of each of the S = ceil(N / lanes) slices (cumulative)
+        columns[0 : S x lanes]   the output column of each lane of each slice (N and up: the padding lanes)
+        then per step            lanes float32 values, then lanes uint16 k (lanes / 2 words)
+
+    A column with fewer nonzeros than its slice's longest is padded with the value 0.0 at its last k (0 if it has
+    none): the product then reads only elements of A the dense product multiplies by a weight of that column, so a
+    non-finite A gives NaN exactly where the dense kernel's 0 x inf would. A step is 6 x lanes bytes: 6 bytes per
+    stored slot, padding included, against CSR's 8 per nonzero."""
+    k, n = matrix.shape
+    if k > MAX_SLICED_K:
+        raise ValueError(f"K = {k} does not fit the sliced layout's uint16 index")
+    slices = -(-n // lanes)
+    counts = np.count_nonzero(matrix, axis=0)
+    columns = np.concatenate([np.argsort(-counts, kind="stable"), np.arange(n, slices * lanes)]).astype(np.int32)
+    lengths = np.concatenate([counts, np.zeros(slices * lanes - n, counts.dtype)])[columns]
+    steps = np.concatenate([[0], np.cumsum(lengths.reshape(slices, lanes).max(axis=1))]).astype(np.int32)
+    values = np.zeros((int(steps[-1]), lanes), np.float32)
+    indices = np.zeros((int(steps[-1]), lanes), np.uint16)
+    for lane, col in enumerate(columns[:n]):
+        rows = np.flatnonzero(matrix[:, col])
+        s, j = divmod(lane, lanes)
+        span = slice(steps[s], steps[s + 1])
+        values[span, j][:rows.size] = matrix[rows, col]
+        indices[span, j] = rows[-1] if rows.size else 0
+        indices[span, j][:rows.size] = rows
+    body = np.concatenate([values.view(np.uint8).reshape(-1, 4 * lanes),
+                           indices.astype("<u2").view(np.uint8).reshape(-1, 2 * lanes)], axis=1)
+    return np.concatenate([steps, columns, body.reshape(-1).view("<i4").astype(np.int32)])
+
+
 def int8_offset_bytes(k: int, blocks: int) -> int:
     """Bytes per offset of the int8 layout: 2 when no count can exceed a uint16 (K x J entries at most), else 4."""
     return 2 if k * blocks <= 0xFFFF else 4

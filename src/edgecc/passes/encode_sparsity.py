@@ -12,7 +12,7 @@ from edgecc.ir.core import Module, Node, Value
 from edgecc.ir.types import SparseEncoding
 from edgecc.ops.costs import node_macs
 from edgecc.ops.sparse import (INT8_SPARSE_OPS, ROW_TILE_BYTES, banded, encodable, encoded_bytes_of, entry_mask,
-                               matrix_view, rows_in_vectors, sparse_capable, weight_input)
+                               matrix_view, rows_in_vectors, sliced_product, sparse_capable, weight_input)
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
 from edgecc.passes.registry import register_pass
 
@@ -41,6 +41,11 @@ GEMM_ROWS_VALUE_COST, GEMM_ROWS_ENTRY_COST = 2.2, 0.8
 """The matrix product with rows of A in vectors (ops.sparse.rows_in_vectors: entries narrower than the vectors and
 at least `lanes` rows, e.g. bert_tiny's MatMuls): per stored value and per entry, like the 1x1 Conv kernel's plus
 the transposed tiles of A and of the outputs (CSR at 90%: 0.27-0.59 of dense on bert_tiny's shapes)."""
+SLICED_VALUE_COST, SLICED_CACHED_VALUE_COST, SLICED_CACHED_BYTES = 3.0, 6.0, 262144
+"""The sliced matrix-vector kernel (ops.sparse.sliced_product: CSR, fewer rows than the 8 lanes of an AVX host):
+time per stored value and row, in dense MACs; twice that where the dense weight fits in SLICED_CACHED_BYTES (a
+Zen 3's L2 holds it, and the dense kernel runs from there instead of L3). Fitted to tools/bench_sparse.py at 90%
+unstructured: 0.26-0.34 of dense on 784 -> 256, 512/1024/1280 -> 1000; 0.63 on 256 -> 128 (128 KiB)."""
 WIN = 0.8
 """A sparse encoding is chosen only if its modelled time is below this fraction of the dense kernel's (and it
 stores fewer bytes): a margin for the model's error, so a weight is never made slower."""
@@ -98,6 +103,9 @@ def modelled_time(node: Node, matrix: np.ndarray, encoding: SparseEncoding, lane
             narrow = max(1.0, 16 / out[-1]) ** 0.5
             return fraction * KXK_VALUE_COST + per_entry * KXK_ENTRY_COST * narrow
         return fraction * CONV_VALUE_COST + per_entry * CONV_ENTRY_COST
+    if sliced_product(encoding.width, rows_of(node), *matrix.shape, lanes, hosted):
+        cost = SLICED_CACHED_VALUE_COST if 4 * matrix.size <= SLICED_CACHED_BYTES else SLICED_VALUE_COST
+        return fraction * cost
     if rows_in_vectors(rows_of(node), matrix.shape[0], encoding.width, lanes, stack_bytes=ROW_TILE_BYTES * hosted):
         return fraction * GEMM_ROWS_VALUE_COST + per_entry * GEMM_ROWS_ENTRY_COST
     rows = rows_of(node)
@@ -222,7 +230,8 @@ class EncodeSparsity(Pass):
     wide). Matrix product with
     V outputs of a row per vector: 3 x min(lanes, 4) per entry and row, + 25 x lanes per column block and row tile
     (small layers stay dense); with V < lanes and at least `lanes` rows of A, rows in vectors: 2.2 per value + 0.8
-    per entry. Fitted to tools/bench_sparse.py on the host (docs/performance-sparse.md). Of the encodings that store
+    per entry; CSR with fewer rows than the 8 lanes of an AVX host, the sliced matrix-vector kernel (columns in
+    slices of 16 sorted by nonzeros): 3 per value, 6 where the dense weight fits in 256 KiB. Fitted to tools/bench_sparse.py on the host (docs/performance-sparse.md). Of the encodings that store
     fewer bytes (values + int32 indices + block offsets) than dense, hosted targets take the fastest if it is below
     WIN (0.8); microcontrollers, short of flash, the smallest that is modelled no slower than dense.
 
