@@ -24,6 +24,7 @@ from edgecc.partition import Partition, Planner, decode, encode, parse_bandwidth
     transfer_error_bound
 from edgecc.partition_cut import CutProblem, chain_cut_points, evaluate, solve
 from models import make_model, tensor_info
+from toolchains import needs_target
 
 # fp32 transfer: the halves are the whole model's kernels on the same inputs, so they agree with onnxruntime as
 # the whole model does; 1e-5 of the output's range is the issue's bound (float32 accumulation over <= 300 terms).
@@ -346,3 +347,20 @@ def test_shared_model_split_equals_onnxruntime(shared_dir):
     assert split.report["chosen_is"] == "min_cut" and split.cut
     feeds = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     assert relative_error(split.run(feeds)[0], reference(path, feeds)[0]) <= RTOL
+
+
+@pytest.mark.slow
+@needs_target("armv8")
+def test_arm_device_half_under_qemu(cnn_planner, cnn_feeds):
+    """A real board: rpi-zero2's costs from qemu instruction counts, its half built as armv8 code and run under
+    qemu-user, the server half on the host."""
+    path, _ = cnn_planner
+    planner = Planner(path, "rpi-zero2", "host")
+    assert planner.device.target == "armv8" and sum(planner.device_ms.values()) > 0
+    measured = planner.build("1Mbit/s", 20.0).report["latency_ms"]
+    assert measured["chosen"] <= min(measured["all_device"], measured["all_server"])
+    device = {"conv0": 0.1, "relu0": 0.1, "conv1": 50.0, "conv2": 50.0, "add": 1.0, "pool": 1.0, "fc": 1.0}
+    split = forced(planner, device, dict.fromkeys(device, 1.0)).build("1Gbit/s", 1.0)
+    assert split.device_model.native.target.name == "armv8" and split.cut == ["f"]
+    for got, want in zip(split.run(cnn_feeds), reference(path, cnn_feeds)):
+        assert relative_error(got, want) <= RTOL
