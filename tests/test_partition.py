@@ -298,6 +298,17 @@ def test_cli_errors(cnn_planner, tmp_path, capsys, args, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["run-split", "{tmp}", "--remote", "nohost"], "bad server address 'nohost'"),
+    (["run-split", "{tmp}", "--remote", "127.0.0.1:9"], "not a split written by `edgecc partition`"),
+    (["serve", "{tmp}", "--port", "0"], "server.json: not found"),
+])
+def test_cli_serve_and_run_split_errors(tmp_path, capsys, argv, message):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_partition_serve_and_run_split_on_loopback(cnn_planner, cnn_feeds, tmp_path, capsys):
     path, _ = cnn_planner
     out = tmp_path / "split"

@@ -77,7 +77,9 @@ def cmd_run_split(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from edgecc.cli import _load_inputs, show_outputs
     from edgecc.partition import Partition
+    from edgecc.serve import parse_address
 
+    parse_address(args.remote)  # a bad address fails before compiling
     split = Partition.load(args.folder)
     show_outputs(split.outputs, split.run(_load_inputs(args.input, split.inputs), remote=args.remote), args.output)
     return 0
