@@ -128,9 +128,11 @@ def test_fit_ram_patches_to_the_budget_and_keeps_results():
 def test_fit_ram_names_the_smallest_arena_when_nothing_fits():
     model, _, _ = stage_cnn()
     module = _prepared(model)
-    with pytest.raises(BudgetError, match=r"--max-ram of 1000 bytes .*smallest reachable is \d+ bytes") as error:
+    with pytest.raises(BudgetError, match=r"--max-ram: max_ram of 1000 bytes .*smallest reachable is \d+ bytes") \
+            as error:
         fit_ram(module, 1000, "cortex-m4")
-    assert "--quantize int8" in error.value.hint and error.value.smallest > 1000
+    assert error.value.budget == "max_ram" and error.value.smallest > 1000
+    assert "--quantize int8" in error.value.hint and "cortex-m4" in error.value.hint
 
 
 @pytest.mark.slow

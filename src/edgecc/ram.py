@@ -34,7 +34,8 @@ def fit_ram(module: Module, max_ram_bytes: int | None, target=None, *, stack_byt
     choice with the least halo MAC overhead. With `max_ram_bytes` None only (1) is applied. Returns a report:
     the arena of each step, the patching chosen (cut, grid, halo MAC overhead) and the final `arena_bytes`.
     Raises BudgetError naming the budget and the smallest arena + stack reached when nothing fits.
-    `target` (a name or preset) only names the target in the error."""
+    `target` (a name or preset) only names the target in the error (budget "max_ram", where "--max-ram", as the
+    other budgets of edgecc.budgets)."""
     report = {"max_ram_bytes": max_ram_bytes, "stack_bytes": stack_bytes, **arena_figures(module), "patch": None}
     current = plan_best_order(module)  # keeps the better order in `module`
     report["arena_bytes"] = current.arena_bytes
@@ -44,7 +45,7 @@ def fit_ram(module: Module, max_ram_bytes: int | None, target=None, *, stack_byt
     room = max_ram_bytes - stack_bytes
     tried = best_patch(module, GRIDS, max_overhead)
     smallest = current.arena_bytes
-    for choice in sorted(tried, key=lambda t: (t["halo_mac_overhead"], t["peak_bytes"])):
+    for choice in sorted(tried, key=lambda t: (t["halo_mac_overhead"], t["cut_bytes"], t["peak_bytes"])):
         if choice["peak_bytes"] > room:
             continue  # its lower bound already misses: no placement can fit
         arena = _patched_arena(module, choice)
@@ -56,9 +57,9 @@ def fit_ram(module: Module, max_ram_bytes: int | None, target=None, *, stack_byt
             return report
     if tried:  # none fits: the smallest arena any patching reaches, for the message
         smallest = min(smallest, _patched_arena(module, min(tried, key=lambda t: t["peak_bytes"])))
-    where = f"target {target}" if isinstance(target, str) else None
-    raise BudgetError("--max-ram", max_ram_bytes, smallest + stack_bytes, where=where,
-                      hint="patch-based execution and operator ordering reached this arena"
+    on = f" on target {target}" if isinstance(target, str) else ""
+    raise BudgetError("max_ram", max_ram_bytes, smallest + stack_bytes, where="--max-ram",
+                      hint=f"operator ordering, in-place ops and patch-based execution reached this arena{on}"
                            + (f" (+ {stack_bytes} bytes of stack)" if stack_bytes else "")
                            + "; int8 activations take a quarter of float32's bytes: add --quantize int8 "
                              "(with --calibration), or choose a board with more RAM")

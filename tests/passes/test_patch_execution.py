@@ -59,3 +59,21 @@ def test_stage_with_a_value_read_after_it_is_refused():
 def test_split_is_even_with_larger_spans_first():
     assert split(10, 3) == [(0, 4), (4, 7), (7, 10)]
     assert split(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def test_int8_stage_is_patched_without_changing_a_bit(shared_dir):
+    """QLinearConv, the integer residual Add and the lookup activations run on windows too. The integer kernels'
+    results are exact functions of their window's bytes (fixed-point requantisation), so the patched model must
+    equal the unpatched one bit for bit; the unpatched int8 model is checked against the references elsewhere
+    (tests/test_quantize_int8.py, tools/quant_eval.py)."""
+    data = shared_dir / "data"
+    options = dict(quantize="int8", calibration=str(data / "digits_mobilenet_calib.npz"))
+    model = str(data / "digits_mobilenet.onnx")
+    whole = edgecc.compile(model, **options)
+    patched = edgecc.compile(model, passes="-O2,patch-execution{tiles=2}", **options)
+    assert patched.report["ops"]["QLinearConv"] > whole.report["ops"]["QLinearConv"]
+    assert patched.report["ops"].get("QLinearAdd", 0) > whole.report["ops"].get("QLinearAdd", 0)
+    assert patched.report["arena_bytes"] < whole.report["arena_bytes"]
+    x = np.load(data / "digits_mobilenet_test.npz")["input"][:8]
+    for sample in x:
+        np.testing.assert_array_equal(patched.run([sample])[0], whole.run([sample])[0])

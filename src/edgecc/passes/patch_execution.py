@@ -25,8 +25,15 @@ from edgecc.passes.registry import register_pass
 Window = tuple[int, int, int, int]
 """(h0, h1, w0, w1): rows h0..h1-1 and columns w0..w1-1 of a map (half-open)."""
 
-WINDOWED_OPS = {("Conv", ""), ("FusedConv", "edgecc"), ("MaxPool", ""), ("AveragePool", "")}
-"""Ops with a kernel window (kernel_shape, strides, dilations, pads) over the last two axes."""
+WINDOWED_OPS = {("Conv", ""), ("FusedConv", "edgecc"), ("QLinearConv", ""), ("MaxPool", ""), ("AveragePool", "")}
+"""Ops with a kernel window (kernel_shape, strides, dilations, pads) over the last two axes of input 0."""
+
+WEIGHT_INPUT = {"QLinearConv": 3}
+"""Where a windowed op's weight is when it is not input 1 (its shape gives the kernel when kernel_shape is absent)."""
+
+POINTWISE_OPS = {("QLinearAdd", "edgecc"), ("QLinearMul", "edgecc"), ("QLookup", "edgecc")}
+"""Integer ops that combine their computed operands position by position; their constant inputs are scales, zero
+points or a lookup table, never data laid over the map."""
 
 
 def _is_spatial_value(value: Value) -> bool:
@@ -34,10 +41,10 @@ def _is_spatial_value(value: Value) -> bool:
 
 
 def _broadcasts_over_map(value: Value) -> bool:
-    """A constant operand of an elementwise op that is the same at every position of an NCHW map."""
+    """A constant operand of an elementwise op that is the same at every position of an NCHW map: size 1 on the
+    axes it would broadcast along H and W (its last two, right-aligned)."""
     shape = value.type.shape
-    return len(shape) <= 4 and all(d == 1 for d in shape[-2:]) if len(shape) >= 2 else \
-        (len(shape) == 0 or shape[0] == 1)
+    return len(shape) <= 4 and all(d == 1 for d in shape[-2:])
 
 
 def unsupported_reason(node: Node) -> str | None:
@@ -62,13 +69,14 @@ def unsupported_reason(node: Node) -> str | None:
                                                          or v.type.shape[2:] != out.shape[2:] for v in node.inputs):
             return f"{node.label} does not join computed maps along channels"
         return None
-    if opdef.kind == "elementwise" and len(node.outputs) == 1:
+    pointwise = (node.op, node.domain) in POINTWISE_OPS
+    if (opdef.kind == "elementwise" or pointwise) and len(node.outputs) == 1:
         out = node.outputs[0].type
         for value in node.inputs:
             if value is None:
                 continue
             if value.is_const:
-                if not _broadcasts_over_map(value):
+                if not pointwise and not _broadcasts_over_map(value):
                     return f"{node.label} reads a constant that varies over the map"
             elif value.type.shape != out.shape:
                 return f"{node.label} broadcasts a computed operand"
@@ -78,7 +86,8 @@ def unsupported_reason(node: Node) -> str | None:
 
 def _window_attrs(node: Node) -> dict:
     attrs = get(node.op, node.domain).complete_attrs(node.attrs, where=node.label)
-    kernel = list(attrs["kernel_shape"]) if "kernel_shape" in attrs else list(node.inputs[1].type.shape[2:])
+    kernel = list(attrs["kernel_shape"]) if attrs.get("kernel_shape") else \
+        list(node.inputs[WEIGHT_INPUT.get(node.op, 1)].type.shape[2:])
     return {"kernel": kernel, "strides": list(attrs.get("strides") or [1, 1]),
             "dilations": list(attrs.get("dilations") or [1, 1]), "pads": list(attrs.get("pads") or [0, 0, 0, 0])}
 
@@ -335,8 +344,8 @@ class PatchExecutionPass(Pass):
     """Compute the high-resolution first stage of a CNN tile by tile, so its large maps never exist whole
     (patch-based inference, MCUNetV2).
 
-    The stage is every node from the graph input to a cut tensor; it must hold only convolutions, pools,
-    elementwise ops and channel Concats on NCHW maps, and nothing inside it may be read after it. For each tile of an NxM grid over
+    The stage is every node from the graph input to a cut tensor; it must hold only convolutions (float or
+    QLinearConv), pools, elementwise ops (and the integer Add/Mul/lookup) and channel Concats on NCHW maps, and nothing inside it may be read after it. For each tile of an NxM grid over
     the cut tensor, the pass walks the stage backwards to find the window of every value (the receptive field
     with its halo) and emits a Slice of the input window, the stage's nodes on those windows (pads kept only at
     the image border, so results equal the whole-image computation) and Concats that assemble the cut tensor.
