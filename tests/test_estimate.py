@@ -222,3 +222,10 @@ def test_sizes_are_for_the_device_target_whatever_the_model_was_built_for(tiny):
 
     est = estimate(tiny, "stm32f4")
     assert (est.code_bytes, est.weights_bytes) == object_sizes(on_board.native.obj)
+
+
+def test_cli_compile_with_device_prints_the_estimate(tmp_path, capsys):
+    from edgecc.cli import main
+
+    assert main([str(TINY), "--device", "host", "-o", str(tmp_path / "m")]) == 0
+    assert "edgecc: on host: flash " in capsys.readouterr().out

@@ -251,7 +251,18 @@ def cmd_compile(argv: list[str]) -> int:
         from edgecc.budgets import summary
 
         print(summary(report["budget"]))
+    if "estimate" in report:
+        print(f"edgecc: on {report['device']}: {_estimate_summary(report['estimate'])}")
     return 0
+
+
+def _estimate_summary(est: dict) -> str:
+    def of(value, limit):
+        return f"{value:,} B" + ("" if limit is None else f" of {limit:,}")
+
+    device = est["device"]
+    return (f"flash {of(est['flash_bytes'], device['flash_bytes'])}, RAM {of(est['ram_bytes'], device['ram_bytes'])}, "
+            f"{est['latency_ms']:.3f} ms, {est['energy_mj']:.4f} mJ (estimated; edgecc estimate shows each op)")
 
 
 def _load_inputs(specs: list[str], input_names: list[str]) -> dict[str, np.ndarray]:
