@@ -61,6 +61,7 @@ def test_split_is_even_with_larger_spans_first():
     assert split(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
+@pytest.mark.slow
 def test_int8_stage_is_patched_without_changing_a_bit(shared_dir):
     """QLinearConv, the integer residual Add and the lookup activations run on windows too. The integer kernels'
     results are exact functions of their window's bytes (fixed-point requantisation), so the patched model must
