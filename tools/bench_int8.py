@@ -58,6 +58,21 @@ def bench_model(name: str, runs: int) -> dict:
             "sqnr": sqnr_db(reference, int8.run(feeds)[0]), "ops": int8.report["ops"]}
 
 
+def host_int8_form() -> str:
+    """What the host's int8 kernels multiply with (qconv.Dot4), for the section title."""
+    from edgecc.backends.kernels.qconv import MADD, dot4_form
+    from edgecc.backends.targets import resolve_target
+
+    target = resolve_target("host")
+    kind, lanes_, _ = dot4_form(target)
+    if kind == "vnni":
+        return f"VNNI, vpdpbusd {32 * lanes_}-bit"
+    madd = MADD.get(target.vector_bits)
+    if target.triple.startswith("x86_64") and madd and madd[1] in target.features.split(","):
+        return f"no VNNI, pmaddwd {target.vector_bits}-bit"
+    return kind
+
+
 def write_section(path: str, title: str, section: str) -> None:
     """Replace the `title` section (up to the next "## ") of the Markdown file at path, or append it."""
     import pathlib
@@ -80,7 +95,7 @@ def main() -> int:
                     f"{r['ratio_ort']:.2f} | {r['sqnr']:.1f} |")
         print(rows[-1], flush=True)
     if args.write:
-        title = f"## {cpu_name()}"
+        title = f"## {cpu_name()} ({host_int8_form()})"
         section = (f"{title}\n\n`python tools/bench_int8.py --runs {args.runs} --models {args.models}`, one thread, "
                    "median of the runs, engines alternating in one process.\n\n" + "\n".join(rows) + "\n")
         write_section(args.write, title, section)
