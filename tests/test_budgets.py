@@ -83,6 +83,12 @@ def test_pareto_front_keeps_only_undominated_points():
     points = [{"label": "a", "flash_bytes": 100, "sqnr_db": 30.0}, {"label": "b", "flash_bytes": 50, "sqnr_db": 20.0},
               {"label": "c", "flash_bytes": 120, "sqnr_db": 25.0}, {"label": "d", "flash_bytes": 50, "sqnr_db": 10.0}]
     assert [p["label"] for p in pareto_front(points)] == ["b", "a"]
+    # latency counts where both points know it: a slower compiled point is kept only if better elsewhere
+    timed = [{"label": "x", "flash_bytes": 100, "sqnr_db": 30.0, "latency_ms": 2.0},
+             {"label": "y", "flash_bytes": 100, "sqnr_db": 30.0, "latency_ms": 1.0},
+             {"label": "z", "flash_bytes": 100, "sqnr_db": 31.0, "latency_ms": None}]
+    assert [p["label"] for p in pareto_front(timed)] == ["z"]
+    assert [p["label"] for p in pareto_front(timed[:2])] == ["y"]
 
 
 # -- the search -----------------------------------------------------------------------------------------------

@@ -127,6 +127,13 @@ def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, ma
         choice = smallest
         if not _fits(point, max_flash, max_latency_ms):
             raise _error(point, max_flash, max_latency_ms)
+    if max_flash is not None and point["flash_bytes"] < max_flash:
+        # the greedy steps are coarse: spend the bytes left on the layers that lose the most, and keep it if it fits
+        better = dict(choice)
+        if _upgrade(better, candidates, max_flash - point["flash_bytes"]):
+            trial, trial_point = build(better, "refined with the bytes left")
+            if _fits(trial_point, max_flash, max_latency_ms) and trial_point["sqnr_db"] > point["sqnr_db"]:
+                compiled, point, choice = trial, trial_point, better
     return compiled, _report(point, choice, points, [c for cs in candidates.values() for c in cs], max_flash,
                              max_latency_ms)
 
@@ -224,13 +231,34 @@ def _greedy(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], 
                        "latency_ms": None, "accuracy": None})
 
 
+def _upgrade(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], slack: int) -> bool:
+    """Move layers to settings that lose less, most noise removed per byte first, within `slack` estimated bytes;
+    `choice` is updated in place. Returns whether anything moved."""
+    current = {name: next(c for c in candidates[name] if c.setting == s) for name, s in choice.items()}
+    moved = False
+    while True:
+        best, best_score = None, 0.0
+        for name, now in current.items():
+            for option in candidates[name]:
+                cost, gain = option.bytes_delta - now.bytes_delta, now.noise - option.noise
+                if gain > 0 and cost <= slack and gain / max(cost, 1) > best_score:
+                    best, best_score = option, gain / max(cost, 1)
+        if best is None:
+            return moved
+        slack -= best.bytes_delta - current[best.layer].bytes_delta
+        current[best.layer] = best
+        choice[best.layer] = best.setting
+        moved = True
+
+
 def _measure(compiled, choice: dict[str, Setting], label: str, prepared: Module, probe: list, labelled,
              device) -> dict:
     """A compiled point: flash (weights + code), output SQNR against the float model (interpreter, on the probe
     samples), validation accuracy when labels were given, latency when a device's cost model is at hand."""
     from edgecc.compression import output_sqnr
 
-    point = {"label": label, "measured": True, "flash_bytes": flash_bytes(compiled),
+    code, weights = flash_parts(compiled)
+    point = {"label": label, "measured": True, "flash_bytes": code + weights, "code_bytes": code,
              "sqnr_db": output_sqnr(prepared, compiled.module, probe) if choice else float("inf"),
              "latency_ms": None, "accuracy": None,
              "settings": {name: s.name for name, s in choice.items() if s != FP32}}
@@ -242,13 +270,19 @@ def _measure(compiled, choice: dict[str, Setting], label: str, prepared: Module,
 
 
 def flash_bytes(compiled) -> int:
-    """Flash of the compiled model: code plus read-only data (the weights as stored), read from the object's
-    sections as the device estimate counts them (edgecc.estimate.object_sizes)."""
+    """Flash of the compiled model: code plus read-only data (the weights as stored)."""
+    return sum(flash_parts(compiled))
+
+
+def flash_parts(compiled) -> tuple[int, int]:
+    """(code, weights) bytes of the compiled model, read from the object's sections as the device estimate counts
+    them (edgecc.estimate.object_sizes)."""
     from edgecc.estimate import object_sizes
 
     if compiled.native is None:
         raise EdgeccError("a flash budget needs native code", where="--max-flash", hint="use --runtime native")
-    return int(sum(object_sizes(compiled.native.obj)))
+    code, weights = object_sizes(compiled.native.obj)
+    return int(code), int(weights)
 
 
 def _validation_set(validation, module: Module) -> tuple[list, np.ndarray]:
@@ -290,31 +324,26 @@ def _fits(point: dict, max_flash, max_latency_ms) -> bool:
 def _error(point: dict, max_flash, max_latency_ms) -> BudgetError:
     if max_flash is not None and point["flash_bytes"] > max_flash:
         return BudgetError("max_flash", max_flash, point["flash_bytes"], where="--max-flash",
-                           hint="raise the budget to at least the smallest reachable, use a board with more flash, "
-                                "or a smaller model (fewer channels)")
+                           hint=f"the kernels' code alone is {point['code_bytes']} bytes; raise the budget to at least "
+                                "the smallest reachable, use a board with more flash, or a smaller model (fewer or "
+                                "equal-shaped layers)")
     return BudgetError("max_latency_ms", max_latency_ms, point["latency_ms"], unit="ms", where="--max-latency",
                        hint="raise the budget, pick a faster board (--device), or a smaller model")
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
-    """The points no other point beats on every axis: smaller flash, higher SQNR (and accuracy, lower latency when
-    known)."""
+    """The points no other point beats: smaller flash, higher SQNR, and lower latency / higher accuracy where both
+    points know them (estimated steps have no latency or accuracy)."""
     def axes(p):
-        values = [p["flash_bytes"], -p["sqnr_db"]]
-        if p.get("latency_ms") is not None:
-            values.append(p["latency_ms"])
-        if p.get("accuracy") is not None:
-            values.append(-p["accuracy"])
-        return values
+        return {"flash": p["flash_bytes"], "sqnr": -p["sqnr_db"],
+                "latency": p.get("latency_ms"), "accuracy": None if p.get("accuracy") is None else -p["accuracy"]}
 
-    front = []
-    for p in points:
-        a = axes(p)
-        dominated = any(len(axes(q)) == len(a) and all(x <= y for x, y in zip(axes(q), a)) and axes(q) != a
-                        for q in points)
-        if not dominated:
-            front.append(p)
-    return sorted(front, key=lambda p: p["flash_bytes"])
+    def beats(q, p):
+        a, b = axes(q), axes(p)
+        shared = [k for k in a if a[k] is not None and b[k] is not None]
+        return all(a[k] <= b[k] for k in shared) and any(a[k] < b[k] for k in shared)
+
+    return sorted((p for p in points if not any(beats(q, p) for q in points)), key=lambda p: p["flash_bytes"])
 
 
 def _report(point: dict, choice: dict[str, Setting], points: list, candidates: list, max_flash, max_latency_ms

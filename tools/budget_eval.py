@@ -1,0 +1,126 @@
+"""Flash budgets on the trained digits models (issue 7's acceptance).
+
+    python tools/budget_eval.py [--write docs/budgets.md] [--models digits_mlp,...] [--fraction 0.15]
+                                [--device stm32f4]
+
+For each model of ../shared/data: the fp32 weight bytes (the prepared model's, BatchNorm folded, as the report
+counts them), a flash budget of `fraction` of them, `edgecc.compile(..., device=, max_flash=, calibration=)`; the
+flash of the result (code + weights from the object), the chosen setting per layer, the Pareto front explored, and
+the test accuracy (500 images) against onnxruntime's fp32 accuracy. The compiled model's accuracy is that of its
+final IR run by edgecc's interpreter (the kernels' references: Cortex-M4 code does not run on this machine). Then an
+impossible budget (1 KiB) and its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("EDGECC_SHARED", ROOT.parent / "shared"))
+MODELS = ["digits_mlp", "digits_cnn", "digits_mobilenet"]
+
+
+def test_accuracy(model_path: str, module, test) -> tuple[float, float]:
+    """(fp32 accuracy by onnxruntime, the compiled module's accuracy by the interpreter), in %."""
+    import onnxruntime as ort
+
+    from edgecc.budgets import accuracy
+
+    session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    feeds = [{"input": x} for x in test["input"]]
+    fp32 = 100.0 * float(np.mean([np.argmax(session.run(None, f)[0]) for f in feeds] == test["label"]))
+    return round(fp32, 2), accuracy(module, feeds, test["label"])
+
+
+def evaluate(name: str, fraction: float, device: str) -> tuple[dict, str]:
+    import edgecc
+    from edgecc.budgets import front_table
+
+    data = SHARED / "data"
+    model = str(data / f"{name}.onnx")
+    fp32_weights = edgecc.compile(model, device=device).report["weights_bytes"]
+    budget = int(fraction * fp32_weights)
+    start = time.perf_counter()
+    row = {"model": name, "fp32_weights": fp32_weights, "budget": budget}
+    try:
+        compiled = edgecc.compile(model, device=device, max_flash=budget, calibration=str(data / f"{name}_calib.npz"))
+    except edgecc.errors.BudgetError as error:
+        row.update(seconds=round(time.perf_counter() - start), error=str(error))
+        return row, f"### {name}\n\n`{error}`\n"
+    report = compiled.report["budget"]
+    fp32_acc, acc = test_accuracy(model, compiled.module, np.load(data / f"{name}_test.npz"))
+    row.update(seconds=round(time.perf_counter() - start), flash=report["flash_bytes"], sqnr=report["output_sqnr_db"],
+               latency=compiled.report.get("latency_ms"), fp32_accuracy=fp32_acc, accuracy=acc)
+    settings = "\n".join(f"| {layer} | {setting} |" for layer, setting in report["settings"].items())
+    text = (f"### {name}\n\nChosen settings:\n\n| layer | setting |\n|---|---|\n{settings}\n\n"
+            f"Pareto front of the points explored (flash, output SQNR on calibration samples, latency on {device}):"
+            f"\n\n{front_table(report)}\n")
+    return row, text
+
+
+def impossible(device: str) -> str:
+    import edgecc
+
+    data = SHARED / "data"
+    try:
+        edgecc.compile(str(data / "digits_mlp.onnx"), device=device, max_flash="1K",
+                       calibration=str(data / "digits_mlp_calib.npz"))
+    except edgecc.errors.BudgetError as error:
+        return str(error)
+    return "(no error: the budget was met)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", metavar="FILE.md")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--fraction", type=float, default=0.15)
+    parser.add_argument("--device", default="stm32f4")
+    args = parser.parse_args()
+    rows, sections = [], []
+    for name in args.models.split(","):
+        row, text = evaluate(name, args.fraction, args.device)
+        print(row, file=sys.stderr)
+        rows.append(row)
+        sections.append(text)
+    error = impossible(args.device)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    lines = ["# Flash budgets: results on the digits models", "",
+             f"Measured with `python tools/budget_eval.py --write docs/budgets-results.md` at commit {commit.strip()} "
+             f"on {platform.machine()} ({os.cpu_count()} cores, shared), Python {platform.python_version()}.",
+             f"Budget: {args.fraction:.0%} of each model's fp32 weight bytes (BatchNorm folded), device "
+             f"`{args.device}`. Flash is code + weights from the compiled object; accuracy on the 500 test images "
+             "(fp32: onnxruntime; budget: the compiled IR run by edgecc's interpreter). Latency is the device "
+             "estimate (qemu instruction counts x CPI). Search times were taken on a busy machine.", "",
+             "| model | fp32 weights | budget | flash | within | output SQNR dB | latency ms | fp32 acc % | acc % | "
+             "within 1 pt | search s |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['fp32_weights']:,} | {r['budget']:,} | BudgetError | no |  |  |  |  | "
+                         f" | {r['seconds']} |")
+            continue
+        lines.append(f"| {r['model']} | {r['fp32_weights']:,} | {r['budget']:,} | {r['flash']:,} | "
+                     f"{'yes' if r['flash'] <= r['budget'] else 'no'} | {r['sqnr']} | "
+                     f"{'' if r['latency'] is None else round(r['latency'], 3)} | {r['fp32_accuracy']} | "
+                     f"{r['accuracy']} | {'yes' if r['accuracy'] >= r['fp32_accuracy'] - 1.0 else 'no'} | "
+                     f"{r['seconds']} |")
+    lines += ["", f"Impossible budget (digits_mlp, 1 KiB): `{error}`", "", *sections]
+    text = "\n".join(lines) + "\n"
+    if args.write:
+        from edgecc.fileio import write_atomic
+
+        write_atomic(args.write, lambda tmp: pathlib.Path(tmp).write_text(text))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
