@@ -86,7 +86,9 @@ def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, ma
     options.setdefault("opt_level", 3)
     options.setdefault("optimize_for", "size")
     say = log or (lambda message: None)
-    prepared = import_model(model, None, None)
+    from edgecc.api import parse_shape_bindings
+
+    prepared = import_model(model, parse_shape_bindings(options.get("input_shapes")), options.get("constant_inputs"))
     run_pipeline(prepared, PREPARE_PIPELINE)
     samples = load_calibration(calibration, prepared)
     probe = samples[:PROBE_SAMPLES]
@@ -126,7 +128,7 @@ def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, ma
         compiled, point = build(smallest, "smallest setting of every layer")
         choice = smallest
         if not _fits(point, max_flash, max_latency_ms):
-            raise _error(point, max_flash, max_latency_ms)
+            raise _error(points, max_flash, max_latency_ms)
     if max_flash is not None and point["flash_bytes"] < max_flash:
         # the greedy steps are coarse: spend the bytes left on the layers that lose the most, and keep it if it fits
         better = dict(choice)
@@ -321,14 +323,19 @@ def _fits(point: dict, max_flash, max_latency_ms) -> bool:
     return max_latency_ms is None or point["latency_ms"] is None or point["latency_ms"] <= max_latency_ms
 
 
-def _error(point: dict, max_flash, max_latency_ms) -> BudgetError:
-    if max_flash is not None and point["flash_bytes"] > max_flash:
-        return BudgetError("max_flash", max_flash, point["flash_bytes"], where="--max-flash",
-                           hint=f"the kernels' code alone is {point['code_bytes']} bytes; raise the budget to at least "
-                                "the smallest reachable, use a board with more flash, or a smaller model (fewer or "
-                                "equal-shaped layers)")
-    return BudgetError("max_latency_ms", max_latency_ms, point["latency_ms"], unit="ms", where="--max-latency",
-                       hint="raise the budget, pick a faster board (--device), or a smaller model")
+def _error(points: list[dict], max_flash, max_latency_ms) -> BudgetError:
+    """The budget that failed, with the smallest value any compiled point reached."""
+    compiled = [p for p in points if p["measured"]]
+    smallest = min(compiled, key=lambda p: p["flash_bytes"])
+    if max_flash is not None and smallest["flash_bytes"] > max_flash:
+        return BudgetError("max_flash", max_flash, smallest["flash_bytes"], where="--max-flash",
+                           hint=f"the kernels' code alone is {smallest['code_bytes']} bytes there; raise the budget to "
+                                "at least the smallest reachable, use a board with more flash, or a smaller model "
+                                "(fewer or equal-shaped layers)")
+    fastest = min(p["latency_ms"] for p in compiled if p["latency_ms"] is not None)
+    return BudgetError("max_latency_ms", max_latency_ms, fastest, unit="ms", where="--max-latency",
+                       hint="the search moves layers by bytes, not time; raise the budget, pick a faster board "
+                            "(--device), or a smaller model")
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
