@@ -17,7 +17,8 @@ TOLERANCE = 1e-5
 kernel's vector blocking of a row differs with the row's width, which can reorder one sum (a few ulps)."""
 
 
-@pytest.mark.parametrize("pipeline", ["-O0,patch-execution{cut=cut,tiles=3}", "-O2,patch-execution{tiles=2}",
+@pytest.mark.parametrize("pipeline", ["-O0,patch-execution{cut=cut,tiles=3}", "-O0,patch-execution{cut=cut,max-overhead=2}",
+                                      "-O2,patch-execution{tiles=2}",
                                       "-O2,patch-execution"])
 def test_patched_stage_matches_onnxruntime(pipeline):
     model, x, expected = stage_cnn()
@@ -78,3 +79,13 @@ def test_int8_stage_is_patched_without_changing_a_bit(shared_dir):
     x = np.load(data / "digits_mobilenet_test.npz")["input"][:8]
     for sample in x:
         np.testing.assert_array_equal(patched.run([sample])[0], whole.run([sample])[0])
+
+
+@pytest.mark.parametrize("options, message", [("tiles=-1", "tiles=-1 must be >= 1"),
+                                              ("cut=nope", "no value named 'nope'"),
+                                              ("cut=y", "cannot patch the stage ending at 'y'"),
+                                              ("cut=cut,max-overhead=0.01", "costs more than max-overhead")])
+def test_bad_options_are_named(options, message):
+    model, _, _ = stage_cnn()
+    with pytest.raises(PassError, match=message):
+        edgecc.compile(model, opt_level=0, passes=f"-O0,patch-execution{{{options}}}", runtime="reference")

@@ -281,21 +281,27 @@ GRIDS = (2, 3, 4, 5, 6, 7, 8)
 """Square grids tried when choosing: beyond 8x8 the halo MACs of MobileNet-like stages exceed the tiles' own."""
 
 
-def best_patch(module: Module, grids=GRIDS, max_overhead: float | None = None) -> list[dict]:
+def best_patch(module: Module, grids=GRIDS, max_overhead: float | None = None, cut: str = "") -> list[dict]:
     """Every (cut, NxN grid) worth trying, each patched on a copy of `module`: the patch stats plus "peak_bytes"
     (the most arena bytes alive at one step, in place as plan-memory computes); sorted by peak, then halo MAC
-    overhead. Only cuts whose stage holds a step at the current peak can lower it; for each cut, grids stop
-    growing once the overhead passes `max_overhead` (it grows with the grid). `module` is not changed."""
+    overhead. Only cuts whose stage holds a step at the current peak can lower it (or only `cut`, when named:
+    PassError if its stage cannot be patched); for each cut, grids stop growing once the overhead passes
+    `max_overhead` (it grows with the grid). `module` is not changed."""
     from edgecc.passes.plan_memory import live_bytes_by_step, plan_lower_bound
 
-    live = live_bytes_by_step(module)
-    peak = max(live, default=0)
-    at_peak = {id(module.graph.nodes[step]) for step, size in enumerate(live) if size == peak}
+    if cut:
+        named = find_value(module, cut)
+        reason = stage_of(module, named)
+        if isinstance(reason, str):
+            raise PassError(f"cannot patch the stage ending at '{cut}': {reason}")
+        candidates = [named]
+    else:
+        live = live_bytes_by_step(module)
+        peak = max(live, default=0)
+        at_peak = {id(module.graph.nodes[step]) for step, size in enumerate(live) if size == peak}
+        candidates = [v for v in cut_candidates(module) if any(id(n) in at_peak for n in stage_of(module, v))]
     tried = []
-    for value in cut_candidates(module):
-        stage = stage_of(module, value)
-        if not any(id(node) in at_peak for node in stage):
-            continue
+    for value in candidates:
         for n in grids:
             if n > min(value.type.shape[2:]):
                 break
@@ -371,11 +377,14 @@ class PatchExecutionPass(Pass):
         if self.cut and self.tiles:
             stats = patch(module, find_value(module, self.cut), self.tiles, self.tiles)
         else:
-            tried = best_patch(module, (self.tiles,) if self.tiles else GRIDS, self.max_overhead)
-            tried = [t for t in tried if t["cut"] == self.cut] if self.cut else tried
-            best = choose(module, tried)
+            best = choose(module, best_patch(module, (self.tiles,) if self.tiles else GRIDS, self.max_overhead,
+                                             self.cut))
+            if best is None and self.cut:
+                raise PassError(f"every grid over the stage ending at '{self.cut}' costs more than "
+                                f"max-overhead={self.max_overhead} in halo MACs", where=self.name,
+                                hint="raise max-overhead, or give tiles=N")
             if best is None:
-                return PassResult(False, {"tiles": 0})
+                return PassResult(False, {"tiles": 0})  # nothing lowers the peak within max-overhead
             stats = patch(module, find_value(module, best["cut"]), *best["grid"])
         return PassResult(True, {"tiles": stats["grid"][0] * stats["grid"][1],
                                  "halo-mac-overhead-permille": round(1000 * stats["halo_mac_overhead"])})

@@ -343,7 +343,10 @@ def plan_best_order(module: Module, reorder: bool = True, in_place: bool = True)
     if not reorder:
         return current
     original = list(module.graph.nodes)
-    module.graph.nodes = memory_order(module, in_place)
+    ordered = memory_order(module, in_place)
+    if all(a is b for a, b in zip(ordered, original)):
+        return current  # the graph order is already the one found
+    module.graph.nodes = ordered
     reordered = plan(module, in_place)
     if reordered.arena_bytes < current.arena_bytes:
         return reordered
