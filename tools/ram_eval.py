@@ -1,7 +1,7 @@
 """The planned arena of every model of ../shared, step by step: layer by layer, memory-aware order, in-place ops,
 patch-based execution; the halo MACs patching costs and the outputs' error against onnxruntime.
 
-    python tools/ram_eval.py [--models mobilenet_v2,...] [--write docs/memory.md]
+    python tools/ram_eval.py [--models mobilenet_v2,...] [--time ROUNDS] [--write docs/memory.md]
 
 "layer by layer" is the plan of the -O2 graph order with only Reshape-like views in place (edgecc before this
 work). Each later column adds one step to the previous. "patched" is what `-p "-O2,patch-execution"` chooses
@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -52,7 +53,21 @@ def relative_error(compiled, path: str, x: np.ndarray) -> float:
     return max(float(np.abs(g - e).max() / max(np.abs(e).max(), 1e-30)) for g, e in zip(got, expected))
 
 
-def evaluate(name: str) -> dict:
+def alternating_medians(models: list, x: np.ndarray, rounds: int) -> list[float]:
+    """Median wall time (ms) of each model's run, the models taking turns in every round, so a shared machine's
+    load falls on all of them alike."""
+    times = [[] for _ in models]
+    for model in models:
+        model.run([x])  # warm up
+    for _ in range(rounds):
+        for k, model in enumerate(models):
+            start = time.perf_counter()
+            model.run([x])
+            times[k].append(1000 * (time.perf_counter() - start))
+    return [float(np.median(t)) for t in times]
+
+
+def evaluate(name: str, rounds: int = 0) -> dict:
     path = model_path(name)
     x = sample_input(name)
     module = edgecc.compile(path, runtime="reference").module  # -O2, graph order, no plan yet
@@ -68,6 +83,8 @@ def evaluate(name: str) -> dict:
         row["grid"] = record["stats"]["tiles"]
         row["halo"] = patched.report["macs"] / default.report["macs"] - 1
         row["patched_error"] = relative_error(patched, path, x)
+        if rounds:
+            row["default_ms"], row["patched_ms"] = alternating_medians([default, patched], x, rounds)
     return row
 
 
@@ -115,22 +132,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--write", metavar="FILE.md")
+    parser.add_argument("--time", type=int, default=0, metavar="ROUNDS",
+                        help="also time the default and patched native code (median of ROUNDS alternating runs)")
     args = parser.parse_args()
     rows = []
     for name in args.models.split(","):
-        row = evaluate(name)
+        row = evaluate(name, args.time)
         rows.append(row)
         print(row, file=sys.stderr)
     lines = ["| model | layer by layer (KiB) | + order | + in-place | + patching | grid | ratio | halo MACs | "
-             "max rel. error (default) | max rel. error (patched) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "max rel. error (default) | max rel. error (patched) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         final = r.get("patched", r["in_place"])
         grid = f"{int(r['grid'] ** 0.5)}x{int(r['grid'] ** 0.5)}" if "grid" in r else "-"
         lines.append(f"| {r['model']} | {kib(r['layer_by_layer'])} | {kib(r['ordered'])} | {kib(r['in_place'])} | "
                      f"{kib(r.get('patched'))} | {grid} | {r['layer_by_layer'] / final:.2f}x | "
                      + (f"+{100 * r['halo']:.1f}%" if "halo" in r else "-")
-                     + f" | {r['default_error']:.1e} | " + (f"{r['patched_error']:.1e}" if "patched_error" in r else "-")
+                     + f" | {r['default_error']:.1e} | "
+                     + (f"{r['patched_error']:.1e}" if "patched_error" in r else "-")
                      + " |")
+    timed = [r for r in rows if "patched_ms" in r]
+    if timed:
+        lines += ["", f"Latency on this machine (median of {args.time} alternating runs, host native code; a shared "
+                  "machine: re-take on a quiet one):", "",
+                  "| model | default (ms) | patched (ms) | patched / default |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['default_ms']:.2f} | {r['patched_ms']:.2f} | "
+                  f"{r['patched_ms'] / r['default_ms']:.2f} |" for r in timed]
     budgets = []
     mobilenet = next((r for r in rows if r["model"] == "mobilenet_v2"), None)
     if mobilenet:

@@ -17,9 +17,9 @@ TOLERANCE = 1e-5
 kernel's vector blocking of a row differs with the row's width, which can reorder one sum (a few ulps)."""
 
 
-@pytest.mark.parametrize("pipeline", ["-O0,patch-execution{cut=cut,tiles=3}", "-O0,patch-execution{cut=cut,max-overhead=2}",
-                                      "-O2,patch-execution{tiles=2}",
-                                      "-O2,patch-execution"])
+@pytest.mark.parametrize("pipeline", ["-O0,patch-execution{cut=cut,tiles=3}",
+                                      "-O0,patch-execution{cut=cut,max-overhead=2}",
+                                      "-O2,patch-execution{tiles=2}", "-O2,patch-execution"])
 def test_patched_stage_matches_onnxruntime(pipeline):
     model, x, expected = stage_cnn()
     whole = edgecc.compile(model)

@@ -217,8 +217,8 @@ class _TileBuilder:
 
 
 def patch(module: Module, cut: Value, rows: int, cols: int) -> dict:
-    """Rewrite the stage computing `cut` to run in a rows x cols grid of tiles; returns
-    {"cut", "grid", "cut_bytes", "macs_before", "macs_after", "halo_mac_overhead"}. Raises PassError when the stage cannot be
+    """Rewrite the stage computing `cut` to run in a rows x cols grid of tiles; returns {"cut", "grid",
+    "cut_bytes", "macs_before", "macs_after", "halo_mac_overhead"}. Raises PassError when the stage cannot be
     patched."""
     stage = stage_of(module, cut)
     if isinstance(stage, str):
@@ -245,8 +245,9 @@ def patch(module: Module, cut: Value, rows: int, cols: int) -> dict:
         node.drop_inputs()
     graph.nodes = new_nodes + [n for n in graph.nodes if id(n) not in members]
     macs_after = module_macs(graph)
-    return {"cut": cut.name, "grid": [rows, cols], "cut_bytes": cut.type.nbytes, "macs_before": macs_before, "macs_after": macs_after,
-            "halo_mac_overhead": round(macs_after / macs_before - 1, 4) if macs_before else 0.0}
+    overhead = round(macs_after / macs_before - 1, 4) if macs_before else 0.0
+    return {"cut": cut.name, "grid": [rows, cols], "cut_bytes": cut.type.nbytes, "macs_before": macs_before,
+            "macs_after": macs_after, "halo_mac_overhead": overhead}
 
 
 def _concat(graph, nodes: list[Node], parts: list[Value], axis: int, name: str) -> Value:
@@ -351,15 +352,16 @@ class PatchExecutionPass(Pass):
     (patch-based inference, MCUNetV2).
 
     The stage is every node from the graph input to a cut tensor; it must hold only convolutions (float or
-    QLinearConv), pools, elementwise ops (and the integer Add/Mul/lookup) and channel Concats on NCHW maps, and nothing inside it may be read after it. For each tile of an NxM grid over
-    the cut tensor, the pass walks the stage backwards to find the window of every value (the receptive field
-    with its halo) and emits a Slice of the input window, the stage's nodes on those windows (pads kept only at
-    the image border, so results equal the whole-image computation) and Concats that assemble the cut tensor.
-    Halo positions are computed by more than one tile: the stats give the extra MACs.
+    QLinearConv), pools, elementwise ops (and the integer Add/Mul/lookup) and channel Concats on NCHW maps, and
+    nothing inside it may be read after it. For each tile of an NxN grid over the cut tensor, the pass walks the
+    stage backwards to find the window of every value (the receptive field with its halo) and emits a Slice of
+    the input window, the stage's nodes on those windows (pads kept only at the image border, so results equal
+    the whole-image computation) and Concats that assemble the cut tensor. Halo positions are computed by more
+    than one tile: the stats give the extra MACs.
 
     Options: `cut` (a value name; default: among all patchable cuts and grids 2x2..8x8, the least halo overhead
-    whose planned arena is within 2% of the smallest peak of live intermediates), `tiles` (N for an NxN grid; 0 = choose), `max-overhead` (largest
-    halo MAC overhead accepted when choosing, a fraction; default 0.5).
+    whose planned arena is within 2% of the smallest peak of live intermediates), `tiles` (N for an NxN grid;
+    0 = choose), `max-overhead` (largest halo MAC overhead accepted when choosing, a fraction; default 0.5).
 
     Example: `-p "-O2,patch-execution{tiles=4}"`.
     """

@@ -142,7 +142,8 @@ def concat_slices(module: Module, root: dict[int, int]) -> dict[int, dict[int, i
 def _buffers(module: Module, in_place: bool):
     """Who owns which buffer: (views, computed, assembled, life, values to place). A buffer is a value with the
     chain of values sharing it in place (views; with `in_place` computed elementwise ops) and, for a Concat
-    assembled in place (with `in_place`), its inputs' chains too; `life` gives each placed value its buffer's (first step, last step)."""
+    assembled in place (with `in_place`), its inputs' chains too; `life` gives each placed value its buffer's
+    (first step, last step)."""
     views, computed = in_place_aliases(module, in_place)
     root = {**views, **computed}
     assembled = concat_slices(module, root) if in_place else {}
@@ -368,9 +369,10 @@ class PlanMemoryPass(Pass):
     operand of the output's shape and element size dies there writes its result over that operand (its kernel
     reads and writes the same index; broadcast operands never). A Concat whose inputs are each one contiguous run
     of its output (every dim before the axis is 1, as for channels at batch 1) and read by it alone is assembled
-    in place: each input's producer writes straight into its slice, and the Concat runs no code. Buffers are placed at the lowest offset that
-    overlaps no placed buffer alive at the same time (64-byte aligned), in a few greedy orders (largest first,
-    earliest first, ...), then seeded random ones until the lower bound is reached, keeping the smallest arena.
+    in place: each input's producer writes straight into its slice, and the Concat runs no code. Buffers are
+    placed at the lowest offset that overlaps no placed buffer alive at the same time (64-byte aligned), in a few
+    greedy orders (largest first, earliest first, ...), then seeded random ones until the lower bound is reached,
+    keeping the smallest arena.
     Graph inputs and outputs live in the caller's buffers, constants in the object's read-only data. The plan
     goes to `module.memory_plan`, with the arena size, the sum of all intermediates (what no planning costs) and
     the lower bound of this order (the most bytes alive at one step).
