@@ -264,50 +264,77 @@ class QuantParams:
         small_slot = stack_array(kb, I8, 1, "qsmall")
         store_to(kb, ir.Constant(I8, 1), small_slot)
 
-        def i32c(v: int) -> ir.Constant:
-            return ir.Constant(I32, v)
+        def channel_params(m, n: int | None) -> None:
+            """Compute and store the parameters of channel m (n None), or of channels m..m+n-1 (all < channels)
+            as <n x ...> vectors: the same operations lane by lane."""
+            def c(v: int, ty: ir.Type = I32) -> ir.Constant:
+                return ir.Constant(ty, v) if n is None else ir.Constant(vec_ty(ty, n), [ir.Constant(ty, v)] * n)
 
-        with kb.loop(padded, "qp") as m:
-            mc = b.select(b.icmp_signed("<", m, kb.i64(channels)), m, kb.i64(channels - 1))
-            mult = b.fdiv(b.fmul(xs, kb.load(w_scale, mc if w_scale.size > 1 else kb.i64(0))), ys)
-            bits = b.bitcast(mult, I32)
-            expo = b.and_(b.lshr(bits, i32c(23)), i32c(0xFF))
-            mant = b.or_(b.and_(bits, i32c(0x7FFFFF)), i32c(0x800000))
-            m0 = b.shl(mant, i32c(7))  # in [2^30, 2^31): a positive i32
-            shift = b.sub(i32c(157), expo)  # mult = m0 * 2^-shift exactly
+            def sp(value: ir.Value) -> ir.Value:
+                return value if n is None else splat(b, value, n)
+
+            def read(buf: Buffer, ty: ir.Type, index) -> ir.Value:
+                if n is None:
+                    return kb.load(buf, index)
+                return b.load(b.gep(buf.ptr, [index], inbounds=True, source_etype=ty), typ=vec_ty(ty, n), align=4)
+
+            if n is None:
+                mc = b.select(b.icmp_signed("<", m, kb.i64(channels)), m, kb.i64(channels - 1))
+            else:
+                mc = m
+            scale = read(w_scale, ir.FloatType(), mc) if w_scale.size > 1 else sp(kb.load(w_scale, kb.i64(0)))
+            mult = b.fdiv(b.fmul(sp(xs), scale), sp(ys))
+            bits = b.bitcast(mult, I32 if n is None else vec_ty(I32, n))
+            expo = b.and_(b.lshr(bits, c(23)), c(0xFF))
+            mant = b.or_(b.and_(bits, c(0x7FFFFF)), c(0x800000))
+            m0 = b.shl(mant, c(7))  # in [2^30, 2^31): a positive i32
+            shift = b.sub(c(157), expo)  # mult = m0 * 2^-shift exactly
             # high-word multiplier round(mant * 2^(expo - 118)), for expo < 126 (mult < 1/2)
-            down = b.sub(i32c(118), expo)
-            down_c = b.select(b.icmp_signed(">", down, i32c(31)), i32c(31), down)
-            rounded = b.lshr(b.add(mant, b.shl(i32c(1), b.sub(down_c, i32c(1)))), down_c)
-            m1 = b.select(b.icmp_signed(">", down, i32c(0)), rounded,
-                          b.shl(mant, b.select(b.icmp_signed(">", down, i32c(-8)), b.sub(i32c(0), down), i32c(0))))
+            down = b.sub(c(118), expo)
+            down_c = b.select(b.icmp_signed(">", down, c(31)), c(31), down)
+            rounded = b.lshr(b.add(mant, b.shl(c(1), b.sub(down_c, c(1)))), down_c)
+            m1 = b.select(b.icmp_signed(">", down, c(0)), rounded,
+                          b.shl(mant, b.select(b.icmp_signed(">", down, c(-8)), b.sub(c(0), down), c(0))))
             # shift <= MAX_SHIFT keeps (acc * m0 + offset) inside i64: smaller multipliers (< 2^-15) drop low
             # bits of m0, an error below |acc| * 2^-MAX_SHIFT <= 2^-15 of an output unit
-            excess = b.sub(shift, i32c(MAX_SHIFT))
-            excess = b.select(b.icmp_signed(">", excess, i32c(31)), i32c(31), excess)
-            m0 = b.select(b.icmp_signed(">", excess, i32c(0)), b.lshr(m0, excess), m0)
-            usable = b.and_(b.icmp_unsigned("!=", expo, i32c(0)), b.icmp_signed(">=", bits, i32c(0)))
-            m0 = b.select(usable, m0, i32c(0))  # zero, subnormal or negative multipliers give y_zp
-            m1 = b.select(usable, m1, i32c(0))
+            excess = b.sub(shift, c(MAX_SHIFT))
+            excess = b.select(b.icmp_signed(">", excess, c(31)), c(31), excess)
+            m0 = b.select(b.icmp_signed(">", excess, c(0)), b.lshr(m0, excess), m0)
+            usable = b.and_(b.icmp_unsigned("!=", expo, c(0)), b.icmp_signed(">=", bits, c(0)))
+            m0 = b.select(usable, m0, c(0))  # zero, subnormal or negative multipliers give y_zp
+            m1 = b.select(usable, m1, c(0))
             # the high word keeps 32 + log2(M) bits of M: from M >= 2^-12 on that is >= 20 bits, an error below
             # 2^-12 of an output unit for every accumulator whose output is in range; smaller multipliers (large
             # accumulators, e.g. a wide final Gemm with M ~ 2^-23) take the exact form
-            small = b.or_(b.and_(b.icmp_signed("<", expo, i32c(126)), b.icmp_signed(">=", expo, i32c(115))),
+            small = b.or_(b.and_(b.icmp_signed("<", expo, c(126)), b.icmp_signed(">=", expo, c(115))),
                           b.not_(usable))
+            if n is not None:  # every lane small
+                small = b.icmp_unsigned("==", b.bitcast(small, ir.IntType(n)), ir.Constant(ir.IntType(n), -1))
             was = b.load(small_slot, typ=I8)
             store_to(kb, b.and_(was, b.zext(small, I8)), small_slot)
             # shift >= 1: multipliers >= 2^30 saturate every nonzero accumulator either way
-            shift = b.select(b.icmp_signed(">", shift, i32c(MAX_SHIFT)), i32c(MAX_SHIFT), shift)
-            shift = b.select(b.icmp_signed("<", shift, i32c(1)), i32c(1), shift)
-            s64 = b.zext(shift, I64)
-            offset = b.add(b.shl(kb.i64(1), b.sub(s64, kb.i64(1))), b.shl(zp_y, s64))
-            corr = b.mul(x_offset, kb.load(sums, m))
-            corr = b.sub(kb.load(bias, mc) if bias is not None else i32c(0), corr)
-            offset1 = b.sub(offset32, b.shl(b.zext(m1, I64), kb.i64(31)))
-            for slot, value, align in ((self.init, b.add(corr, i32c(-2 ** 31)), 4), (self.m0, m0, 4),
+            shift = b.select(b.icmp_signed(">", shift, c(MAX_SHIFT)), c(MAX_SHIFT), shift)
+            shift = b.select(b.icmp_signed("<", shift, c(1)), c(1), shift)
+            s64 = b.zext(shift, I64 if n is None else vec_ty(I64, n))
+            offset = b.add(b.shl(c(1, I64), b.sub(s64, c(1, I64))), b.shl(sp(zp_y), s64))
+            corr = b.mul(sp(x_offset), read(sums, I32, m))
+            corr = b.sub(read(bias, I32, mc) if bias is not None else c(0), corr)
+            offset1 = b.sub(sp(offset32), b.shl(b.zext(m1, s64.type), c(31, I64)))
+            for slot, value, align in ((self.init, b.add(corr, c(-2 ** 31)), 4), (self.m0, m0, 4),
                                        (self.shift, shift, 4), (self.offset, offset, 8), (self.m1, m1, 4),
                                        (self.offset1, offset1, 8)):
-                store_to(kb, value, b.gep(slot, [m], inbounds=True, source_etype=value.type), align)
+                elem = value.type if n is None else value.type.element
+                store_to(kb, value, b.gep(slot, [m], inbounds=True, source_etype=elem), align)
+
+        # whole vectors of channels first (the computation costs ~25 cycles per channel done one by one, which
+        # counts in small layers), then the rest and the padding one by one
+        n_vec = max(1, lanes(kb))
+        whole = channels // n_vec if n_vec > 1 else 0
+        if whole:
+            with kb.loop(whole, "qv") as blk:
+                channel_params(mul_i64(kb, blk, n_vec), n_vec)
+        with kb.loop(padded, "qp", start=whole * n_vec) as m:
+            channel_params(m, None)
         self.small = b.icmp_unsigned("!=", b.load(small_slot, typ=I8), ir.Constant(I8, 0))
 
     def load(self, slot: ir.Value, ty: ir.Type, m, n: int | None = None) -> ir.Value:
