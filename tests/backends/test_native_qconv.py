@@ -118,6 +118,7 @@ CONV_CASES = {
     "depthwise_s2": ((1, 20, 15, 41), 20, 3, 20, dict(strides=[2, 2], pads=[1, 1, 1, 1])),
     "depthwise_5x5_no_pad": ((1, 7, 12, 11), 7, 5, 7, {}),
     "dilated_depthwise": ((1, 5, 13, 21), 5, 3, 5, dict(dilations=[2, 2], strides=[1, 2], pads=[2, 1, 0, 2])),
+    "one_input_channel_5x5": ((2, 1, 16, 19), 6, 5, 1, dict(pads=[1, 2, 0, 1])),  # lenet5's first layer kind
 }
 
 
@@ -209,7 +210,8 @@ def test_qgemm_generic_fallbacks_are_exact():
 def test_pmaddwd_without_vnni(target):
     """x86 without VNNI (AVX2, and SSE2's 128-bit form; both run on any x86-64 host): pmaddwd over int16 pairs
     (qconv.Dot4) in the group-1, channel-lanes, depthwise and QGemm kernels, never the saturating vpmaddubsw."""
-    for case in ("3x3_s2_odd_channels", "narrow_7x7_map", "depthwise_s1", "depthwise_s2", "dilated_depthwise"):
+    for case in ("3x3_s2_odd_channels", "narrow_7x7_map", "depthwise_s1", "depthwise_s2", "dilated_depthwise",
+                 "one_input_channel_5x5"):
         x_shape, m, k, group, attrs = CONV_CASES[case]
         check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, onnx_reference=False)
     check_qconv(*qconv_model((1, 9, 10, 11), 13, 3, x_dtype=np.int8, y_dtype=np.int8, pads=[1, 1, 1, 1]),

@@ -1003,7 +1003,8 @@ def emit_paired_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer,
     2L values from position p + offset gives, in lane i, x[p + 2i + offset] * wa + x[p + 2i + offset + 1] * wb:
     the pair's contribution to output p + 2i; the load from one position further gives the odd outputs p + 2i + 1.
     So a 3x3 kernel is 6 pmaddwd per 2L outputs instead of 9 i32 multiplies per L. Even and odd results are
-    requantised separately and interleaved when stored. Exact for the bound in Dot4."""
+    requantised separately and interleaved when stored. Exact for the bound in Dot4. Also takes group-1
+    convolutions of one input channel (lenet5's first layer): each packed band then feeds all M output channels."""
     b = kb.b
     L = dot.lanes
     bytes_per_row = geo.sy * geo.sx * geo.wq * 2
@@ -1029,12 +1030,11 @@ def emit_paired_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer,
     n_bands = -(-geo.oh // rows)
     interleave = i32_vector(j * L + i for i in range(L) for j in range(2))
 
-    with kb.loop(geo.n, "n") as n_idx, kb.loop(geo.c, "c") as c, kb.loop(n_bands, "band") as band:
-        oh0, rb = band_span(kb, geo, band, rows)
-        packer.pack(n_idx, c, oh0, rb)
-        weights = [splat(b, kb.load(packed, add_i64(kb, mul_i64(kb, c, len(pairs)), geo.m + k)), L)
+    def channel_band(n_idx, m, oh0, rb) -> None:
+        """Output channel m over the packed band of rows oh0..oh0+rb-1."""
+        weights = [splat(b, kb.load(packed, add_i64(kb, mul_i64(kb, m, len(pairs)), geo.m + k)), L)
                    for k in range(len(pairs))]
-        start = params.initial(c, L)
+        start = params.initial(m, L)
         positions = b.sub(b.mul(rb, kb.i64(geo.wq)), kb.i64(geo.wq - geo.ow))
         n_tiles = b.sdiv(b.add(positions, kb.i64(T - 1)), kb.i64(T))
         with kb.loop(n_tiles, "tile") as t:
@@ -1054,11 +1054,19 @@ def emit_paired_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer,
                 both = b.shuffle_vector(even[k // 2], out, interleave)
                 store_to(kb, both, byte_ptr(kb, staging, add_i64(kb, q0, (k // 2) * 2 * L)))
 
-            params.requantise([(values[v], c, None) for v in range(2 * nr)], store)
+            params.requantise([(values[v], m, None) for v in range(2 * nr)], store)
         with kb.loop(rb, "row") as rr:
-            flat = add_i64(kb, mul_i64(kb, n_idx, geo.m * geo.oh * geo.ow), mul_i64(kb, c, geo.oh * geo.ow),
+            flat = add_i64(kb, mul_i64(kb, n_idx, geo.m * geo.oh * geo.ow), mul_i64(kb, m, geo.oh * geo.ow),
                            mul_i64(kb, add_i64(kb, oh0, rr), geo.ow))
             memcpy(kb, kb.element_ptr(y, flat), byte_ptr(kb, staging, mul_i64(kb, rr, geo.wq)), geo.ow)
+
+    mult = geo.m // geo.c  # output channels per input channel (1: depthwise; M: one input channel, group 1)
+    with kb.loop(geo.n, "n") as n_idx, kb.loop(geo.c, "c") as c, kb.loop(n_bands, "band") as band:
+        oh0, rb = band_span(kb, geo, band, rows)
+        packer.pack(n_idx, c, oh0, rb)
+        with kb.loop(mult, "mult") as j:
+            m = add_i64(kb, mul_i64(kb, c, mult), j)
+            channel_band(n_idx, m, oh0, rb)
     return True
 
 
@@ -1096,6 +1104,8 @@ def emit_fast_qlinear_conv(kb: KernelBuilder) -> bool:
     params = (x_s, x_zp, w_s, y_s, y_zp, bias)
     if group == 1 and cg * geo.kh * geo.kw <= MAX_K:
         dot = Dot4(kb)
+        if geo.c == 1 and dot.centred:  # one input channel: pairs of taps fill the int16 pairs, not channels
+            return emit_paired_depthwise_qconv(kb, geo, x, params, y, dot)
         if channel_lanes_pay(geo, dot):
             emit_channel_dot_conv(kb, geo, x, params, y, dot)
             return True
