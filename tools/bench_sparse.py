@@ -19,6 +19,7 @@ encodings, median wall time of CompiledModel.run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -38,9 +39,11 @@ CONV_LAYERS = [  # (source, C_in, C_out, H, W, stride, kernel)
     ("resnet18", 512, 512, 7, 7, 1, 3), ("resnet18", 64, 128, 56, 56, 2, 3),
 ]
 FC_LAYERS = [  # (source, M, K, N)
-    ("mlp_mnist", 1, 784, 256), ("mlp_mnist", 1, 256, 128), ("mobilenet_v2", 1, 1280, 1000),
+    ("mlp_mnist", 1, 784, 256), ("mlp_mnist", 1, 256, 128), ("mlp_mnist", 1, 128, 10),
+    ("mobilenet_v2", 1, 1280, 1000), ("resnet18", 1, 512, 1000), ("shufflenet_v2_x1_0", 1, 1024, 1000),
     ("bert_tiny_enc", 128, 128, 512), ("bert_tiny_enc", 128, 512, 128),
 ]
+"""(squeezenet1_1's classifier is a 1x1 Conv, in CONV_LAYERS' kind.)"""
 
 
 def prune(matrix: np.ndarray, level: float, width: int) -> np.ndarray:
@@ -126,7 +129,7 @@ def encoding_of(compiled) -> str:
 def bench_layers(levels, runs: int, lanes: int):
     rng = np.random.default_rng(0)
     rows = []
-    for kind, shapes in (("conv", CONV_LAYERS), ("fc", FC_LAYERS)):
+    for kind, shapes in (("fc", FC_LAYERS), ("conv", CONV_LAYERS)):
         for shape in shapes:
             label = (f"{shape[0]} {shape[6]}x{shape[6]} {shape[1]}->{shape[2]} @{shape[3]}x{shape[4]}" +
                      (f" s{shape[5]}" if shape[5] > 1 else "")) if kind == "conv" else \
@@ -153,7 +156,6 @@ ARM_LAYERS = [("conv", ("mobilenet_v2", 576, 96, 14, 14, 1, 1)), ("conv", ("mobi
 def arm_instructions(model, feeds, encoding: str, target: str) -> int:
     """Guest instructions of one run of the layer on `target` under qemu-user (tools/arm_insncount.py's driver
     and TCG plugin): exact and repeatable where wall time under qemu says nothing."""
-    import os
     import tempfile
 
     import edgecc
@@ -245,6 +247,7 @@ def main() -> int:
     from edgecc.backends.targets import resolve_target
 
     lanes = max(1, resolve_target("host").vector_bits // 32)
+    load = os.getloadavg()  # a busy machine slows long kernels most: said in the output
     levels = [float(v) for v in args.levels.split(",")]
     out = []
     if args.layers:
@@ -270,7 +273,8 @@ def main() -> int:
             f.write(f"# Sparse kernels\n\n`python tools/bench_sparse.py --runs {args.runs} --levels {args.levels} "
                     f"--models {args.models}" + (f" --arm {args.arm}" if args.arm else "") + f"` on {cpu_name()}, one thread, host target ({lanes} float lanes). "
                     "Layer times are the kernel's median over the runs (profile entry's cycle counter); model times "
-                    "the median wall time of a run.\n\n" + "\n".join(out + models) + "\n")
+                    "the median wall time of a run. Load average (1 min) at the start and the end: "
+                    f"{load[0]:.1f} and {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.\n\n" + "\n".join(out + models) + "\n")
     return 0
 
 
