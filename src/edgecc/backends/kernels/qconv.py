@@ -1104,8 +1104,8 @@ def emit_fast_qlinear_conv(kb: KernelBuilder) -> bool:
     params = (x_s, x_zp, w_s, y_s, y_zp, bias)
     if group == 1 and cg * geo.kh * geo.kw <= MAX_K:
         dot = Dot4(kb)
-        if geo.c == 1 and dot.centred:  # one input channel: pairs of taps fill the int16 pairs, not channels
-            return emit_paired_depthwise_qconv(kb, geo, x, params, y, dot)
+        if geo.c == 1 and dot.centred and emit_paired_depthwise_qconv(kb, geo, x, params, y, dot):
+            return True  # one input channel: pairs of taps fill the int16 pairs, not channels
         if channel_lanes_pay(geo, dot):
             emit_channel_dot_conv(kb, geo, x, params, y, dot)
             return True
