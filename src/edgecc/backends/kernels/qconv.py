@@ -44,7 +44,7 @@ depthwise 0.5-1.0x (1.9x for 960x7x7, whose per-channel packing and requantising
 cost more than the 9-tap float layer), all its convolutions 0.45x; whole models: resnet18 9.7 ms (0.29x fp32
 33.9 ms; ort 37.7 ms), mobilenet_v2 3.1 ms (0.43x of 7.3; ort 8.5), squeezenet1_1 2.5 ms (0.34x of 7.3; ort 9.6),
 shufflenet_v2_x1_0 1.5 ms (0.40x of 3.7; ort 5.3).
-On Zen 3 (AVX2, pmaddwd; docs/performance-int8.md): whole models 0.55 (resnet18) to 0.68 (shufflenet_v2) of fp32,
+On Zen 3 (AVX2, pmaddwd; docs/performance-int8.md): whole models 0.49 (resnet18) to 0.70 (shufflenet_v2) of fp32,
 all faster than onnxruntime's int8; pmaddwd + vpaddd is at most 2x fp32's FMA rate, before requantisation and packing.
 """
 
