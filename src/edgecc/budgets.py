@@ -11,7 +11,8 @@ per unit of added output noise (noise powers of independent layers add), until t
 estimate is then checked by compiling the choice and reading the object's real flash (weights + code: int8 and
 codebook kernels add code the estimate does not know about); when it is over, the greedy continues towards a target
 lowered by the overshoot. Every compiled point and every greedy step is kept, and the report lists the Pareto front
-of flash, latency (when a device's cost model gives it) and SQNR/accuracy.
+of flash, latency (when a device's cost model gives it) and SQNR/accuracy over the compiled points (the greedy's
+estimated steps are listed with them in "explored", but an estimate does not push a compiled point off the front).
 
 When even the smallest setting of every layer does not fit, BudgetError names the budget, the smallest flash
 reached (compiled, not estimated) and what to try.
@@ -360,11 +361,11 @@ def _report(point: dict, choice: dict[str, Setting], points: list, candidates: l
             "settings": {name: s.name for name, s in choice.items()},
             "candidates": [{"layer": c.layer, "setting": c.setting.name, "bytes_delta": c.bytes_delta,
                             "sqnr_db": c.sqnr_db} for c in candidates],
-            "explored": points, "front": pareto_front(points)}
+            "explored": points, "front": pareto_front([p for p in points if p["measured"]])}
 
 
 def front_table(report: dict) -> str:
-    """The Pareto front as a Markdown table."""
+    """The Pareto front of the compiled points as a Markdown table."""
     lines = ["| point | flash bytes | output SQNR dB | latency ms | accuracy % |", "|---|---:|---:|---:|---:|"]
     for p in report["front"]:
         lines.append(f"| {p['label']}{'' if p['measured'] else ' (estimated)'} | {p['flash_bytes']:,} | "
