@@ -168,6 +168,13 @@ def test_impossible_latency_names_the_smallest_estimate():
     assert info.value.budget == "max_latency_ms" and info.value.smallest > 1e-6 and "ms" in str(info.value)
 
 
+@needs_target("armv7")
+def test_device_estimate_measures_the_code_as_built_for_size():
+    """The device estimate reads the object that was built (optimised for size), not a speed build of it."""
+    compiled = edgecc.compile(MODEL, device="stm32f4", optimize_for="size")
+    assert compiled.report["flash_bytes"] == flash_bytes(compiled)
+
+
 def test_max_ram_meets_the_arena_budget_through_the_ram_planner():
     compiled = edgecc.compile(MODEL, target=TARGET, max_ram="4K")
     assert compiled.report["ram"]["fits"] and compiled.report["arena_bytes"] <= 4096

@@ -106,8 +106,9 @@ def estimate(model, device: "Device | str", feeds=None, refresh: bool = False) -
     if model.native is None:
         raise EdgeccError("an estimate needs native code", where="estimate", hint="compile with runtime='native'")
     module = model.module
-    built = _code_for(model, _device_target(device))
-    code = _code_for(model, measuring_target(device), built)
+    goal = model.native.target.optimise_for  # code optimised for size (a flash budget) is measured as built
+    built = _code_for(model, replace(_device_target(device), optimise_for=goal))
+    code = _code_for(model, replace(measuring_target(device), optimise_for=goal), built)
     arrays = _inputs(module, feeds)
     if code.target.is_native:
         timing = _cached(code, "host-ms-v2", arrays, refresh, lambda: _host_node_ms(model, code, arrays))
