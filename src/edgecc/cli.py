@@ -142,7 +142,9 @@ def compile_parser() -> argparse.ArgumentParser:
         prog="edgecc",
         description="edgecc: an ahead-of-time compiler for trained neural networks (ONNX in).\n\n"
                     "Other commands: `edgecc run MODEL --input NAME=FILE.npy`, `edgecc compress-report MODEL`, "
-                    "`edgecc demo`, `edgecc ops`, `edgecc passes` (each has --help).",
+                    "`edgecc estimate MODEL --device D`, `edgecc partition MODEL --device D --bandwidth B`, "
+                    "`edgecc serve`, `edgecc run-split`, `edgecc demo`, `edgecc ops`, `edgecc passes` "
+                    "(each has --help).",
         epilog="Examples:\n  edgecc model.onnx -O3 --target armv8 -o build/model      (model.o, libmodel.a, libmodel.so, "
                "model.h)\n  edgecc model.onnx -O3 --emit onnx -o build/model.opt --report build/report.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
