@@ -192,3 +192,19 @@ def test_concat_is_copied_when_its_slices_are_not_runs_or_are_read_elsewhere(axi
     compiled = edgecc.compile(model)
     assert not compiled.module.memory_plan.assembled
     np.testing.assert_allclose(compiled.run({"x": x})[0], _onnxruntime(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_max_ram_counts_the_generated_codes_stack():
+    """RAM = arena + stack: a budget one byte under the unpatched arena + its stack is met by patching (fit_ram alone
+    would take the unpatched arena, which fits without the stack), and the result still matches onnxruntime."""
+    model, x, expected = stage_cnn()
+    plain = edgecc.compile(model, target="cortex-m4", max_ram=10**7).report["ram"]
+    assert plain["patch"] is None and plain["stack_bytes"] > 0
+    assert plain["ram_bytes"] == plain["arena_bytes"] + plain["stack_bytes"]
+    budget = plain["ram_bytes"] - 1
+    assert fit_ram(_prepared(model), budget, "cortex-m4")["patch"] is None  # the arena alone fits: no patching
+    compiled = edgecc.compile(model, target="cortex-m4", max_ram=budget)
+    ram = compiled.report["ram"]
+    assert ram["patch"] is not None and ram["ram_bytes"] <= budget
+    assert ram["arena_bytes"] == compiled.module.memory_plan.arena_bytes
+    np.testing.assert_allclose(_native(compiled.module.clone()).run({"x": x})[0], expected, rtol=1e-5, atol=1e-5)

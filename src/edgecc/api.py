@@ -334,18 +334,26 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
                                    **options)
         if quantize == "fp16":
             precision_report = precision.convert_fp16(module, resolved)
-        if max_ram is not None:
-            from edgecc.ram import fit_ram
-
-            ram_report = fit_ram(module, max_ram, target)
         native = None
-        if runtime == "native":
+
+        def build(fitted):
             from edgecc.backends.native import generate
 
             # Code generation needs every compile-time value folded and a memory plan.
             PassManager(parse_pipeline("infer-shapes,fold-constants,dce,plan-memory"),
-                        PassContext(verify_each=manager.ctx.verify_each)).run(module)
-            native = generate(module, resolved, name or module.name, progress=bar)
+                        PassContext(verify_each=manager.ctx.verify_each)).run(fitted)
+            return generate(fitted, resolved, name or fitted.name, progress=bar)
+
+        if max_ram is not None and runtime == "native":  # RAM = arena + the generated code's stack
+            from edgecc.ram import fit_ram_with_stack
+
+            module, ram_report, native = fit_ram_with_stack(module, max_ram, target, build)
+        elif max_ram is not None:  # no code, no stack figure: the arena alone
+            from edgecc.ram import fit_ram
+
+            ram_report = fit_ram(module, max_ram, target)
+        if runtime == "native" and native is None:
+            native = build(module)
     finally:
         bar.close()
     report = build_report(module, manager, nodes_before, time.perf_counter() - start, target, runtime)

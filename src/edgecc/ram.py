@@ -65,6 +65,39 @@ def fit_ram(module: Module, max_ram_bytes: int | None, target=None, *, stack_byt
                              "(with --calibration), or choose a board with more RAM")
 
 
+STACK_ROUNDS = 3
+"""Fits of the arena to the room left by the stack before giving up: the stack bound is the entry's frame plus the
+largest kernel frame, and patching changes it little (smaller tiles, the same kernel shapes; the entry keeps few
+values in registers across calls), so the second fit normally holds; each round uses the largest bound seen."""
+
+
+def fit_ram_with_stack(module: Module, max_ram_bytes: int | None, target, build) -> tuple[Module, dict, object]:
+    """`max_ram` counted as arena + stack, the stack read from the generated code by the bound the device estimate
+    uses (edgecc.estimate.stack_bytes). `build(module)` generates the native code of a fitted module. The arena is
+    fitted first with no stack (the stack is only known once code exists); when arena + stack is over the budget the
+    fit starts again from a copy of the unfitted module with the room the stack leaves, until the code built from it
+    has a stack no larger than the one it was fitted for. Returns (fitted module, report with stack_bytes and
+    ram_bytes, code); raises BudgetError as fit_ram does, or naming the arena + stack reached."""
+    from edgecc.estimate import stack_bytes
+
+    unfitted = module.clone() if max_ram_bytes is not None else None
+    report = fit_ram(module, max_ram_bytes, target)
+    code = build(module)
+    stack = stack_bytes(code)
+    for _ in range(STACK_ROUNDS):
+        if max_ram_bytes is None or module.memory_plan.arena_bytes + stack <= max_ram_bytes:
+            arena = int(module.memory_plan.arena_bytes)
+            report.update(arena_bytes=arena, stack_bytes=stack, ram_bytes=arena + stack)
+            return module, report, code
+        module = unfitted.clone()
+        report = fit_ram(module, max_ram_bytes, target, stack_bytes=stack)
+        code = build(module)
+        stack = max(stack, stack_bytes(code))
+    raise BudgetError("max_ram", max_ram_bytes, int(module.memory_plan.arena_bytes) + stack, where="--max-ram",
+                      hint=f"the generated code's stack ({stack} bytes) kept growing as the arena was fitted to the "
+                           "room it left; raise the budget or add --quantize int8 (with --calibration)")
+
+
 def _patched_arena(module: Module, choice: dict) -> int:
     trial = module.clone()
     patch(trial, find_value(trial, choice["cut"]), *choice["grid"])
