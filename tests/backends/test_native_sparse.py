@@ -163,12 +163,14 @@ def test_sparse_kernels_match_onnxruntime(case, encoding, width, sparse_calls):
 
 
 def _unslice(words: np.ndarray, k: int, n: int, lanes: int) -> np.ndarray:
-    """numpy decoder of ops.sparse.pack_sliced back to the [K, N] matrix (padding slots hold 0.0)."""
+    """numpy decoder of ops.sparse.pack_sliced back to the [K, N] matrix (padding slots hold 0.0); k is a uint8 when
+    K <= 256, else a uint16."""
+    index_bytes = 1 if k <= 256 else 2
     slices = -(-n // lanes)
     steps, columns = words[:slices + 1], words[slices + 1:slices + 1 + slices * lanes]
-    body = words[slices + 1 + slices * lanes:].view(np.uint8).reshape(-1, 6 * lanes)
+    body = words[slices + 1 + slices * lanes:].view(np.uint8).reshape(-1, (4 + index_bytes) * lanes)
     values = body[:, :4 * lanes].copy().view(np.float32)
-    ks = body[:, 4 * lanes:].copy().view("<u2")
+    ks = body[:, 4 * lanes:].copy().view("<u2" if index_bytes == 2 else "u1")
     out = np.zeros((k, slices * lanes), np.float32)
     for s in range(slices):
         for t in range(steps[s], steps[s + 1]):
@@ -177,24 +179,30 @@ def _unslice(words: np.ndarray, k: int, n: int, lanes: int) -> np.ndarray:
     return out[:, :n]
 
 
-def test_sliced_layout_round_trips():
+@pytest.mark.parametrize("k, step_bytes", [(300, 96), (256, 80)])
+def test_sliced_layout_round_trips(k, step_bytes):
     """The sliced layout holds every nonzero once, in its column (sorted into slices of 16 by count); padding
-    slots are 0.0 at a k the column reads anyway; a few columns past a multiple of 16 and empty columns."""
+    slots are 0.0 at a k the column reads anyway; a few columns past a multiple of 16 and empty columns; uint16 k
+    past K = 256 (6 bytes per slot), uint8 k up to K = 256 (5 bytes), the last row of A included."""
     from edgecc.ops.sparse import SLICE_LANES, pack_sliced
 
     rng = np.random.default_rng(31)
-    w = _sparse(rng, (300, 37), 0.9, zero_columns=(0, 5, 36))
+    w = _sparse(rng, (k, 37), 0.9, zero_columns=(0, 5, 36))
+    w[k - 1, 1] = 2.5
     words = pack_sliced(w, SLICE_LANES)
-    np.testing.assert_array_equal(_unslice(words, 300, 37, SLICE_LANES), w)
+    np.testing.assert_array_equal(_unslice(words, k, 37, SLICE_LANES), w)
     assert words.dtype == np.int32
+    slices = 3
+    assert (words.size - (slices + 1 + slices * SLICE_LANES)) * 4 == words[slices] * step_bytes
 
 
 @pytest.mark.skipif(edgecc.backends.targets.resolve_target("host").vector_bits != 256,
                     reason="the sliced matrix-vector kernel is for 8-lane (AVX) hosts")
-@pytest.mark.parametrize("m, k, n, trans_b", [(1, 300, 37, 1), (1, 16, 5, 0), (7, 45, 70, 0)])
+@pytest.mark.parametrize("m, k, n, trans_b", [(1, 300, 37, 1), (1, 256, 40, 0), (1, 16, 5, 0), (7, 45, 70, 0)])
 def test_sliced_matrix_vector_kernel_matches_onnxruntime(monkeypatch, m, k, n, trans_b):
-    """CSR products with fewer rows than the 8 lanes take the sliced kernel: k past 255 (uint16 indices), fewer
-    columns than a slice, 7 rows, empty columns; fused activation, alpha and bias."""
+    """CSR products with fewer rows than the 8 lanes take the sliced kernel: k past 255 (uint16 indices), K = 256
+    (uint8 indices up to 255), fewer columns than a slice, 7 rows, empty columns; fused activation, alpha and
+    bias."""
     calls = []
     original = sparse_kernels.emit_sliced_rows
     monkeypatch.setattr(sparse_kernels, "emit_sliced_rows", lambda kb, *args: calls.append(1) or original(kb, *args))

@@ -34,7 +34,7 @@ from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_blo
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
 from edgecc.ops.sparse import (ROW_TILE_BYTES, SLICE_LANES, WEIGHT_INPUT, banded, matrix_view, pack, pack_sliced,
-                               rows_in_vectors, sliced_product, sparse_capable)
+                               rows_in_vectors, sliced_index_bytes, sliced_product, sparse_capable)
 
 
 def sparse_weights(kb: KernelBuilder) -> tuple[Buffer, int, int, int] | None:
@@ -122,7 +122,7 @@ def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int, int], a
     words, width, blocks, k = found
     if sak == 1 and kb.target.triple.startswith("x86_64") and \
             sliced_product(width, m, k, n, lanes(kb), kb.target.hosted):  # (measured on x86 only)
-        emit_sliced_rows(kb, a, a_off, sam, m, n, epilogue)
+        emit_sliced_rows(kb, a, a_off, sam, m, k, n, epilogue)
         return
     entries = _Entries(kb, words, width, blocks)
     tile = rows_in_vectors(m, k, width, lanes(kb), vector_registers(kb) * 3 // 4, stack_limit(kb, ROW_TILE_BYTES))
@@ -173,20 +173,22 @@ def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int, int], a
     for_blocks(kb, m, mr, row_block, "ib")
 
 
-def emit_sliced_rows(kb: KernelBuilder, a: Buffer, a_off, sam: int, m: int, n: int, epilogue) -> None:
+def emit_sliced_rows(kb: KernelBuilder, a: Buffer, a_off, sam: int, m: int, k: int, n: int, epilogue) -> None:
     """C = A @ B for few rows of A and a CSR B repacked in slices of 16 columns (ops.sparse.pack_sliced). A CSR
     matrix-vector product is bound by its loads and branches: per nonzero an index, a weight and an element of A,
     and a loop of its own per column, whose exit mispredicts (0.56-0.96 of the dense kernel at 90% zeros on a Zen
-    3). Here each step of a slice is, for each of its two vectors of 8 columns, one vector load of 8 weights, two
-    64-bit loads of 8 uint16 k, 8 scalar loads of A put in a vector (an AVX2 gather measured slower on Zen 3) and
-    one FMA; one loop serves 16 columns. The sums go to their columns in a stack row (the slices hold columns sorted
-    by nonzeros), then through the epilogue in order."""
+    3). Here each step of a slice is, for each of its two vectors of 8 columns, one vector load of 8 weights, one
+    64-bit load of 8 uint8 k (two of 8 uint16 k when K > 256), 8 scalar loads of A put in a vector (an AVX2 gather
+    measured slower on Zen 3) and one FMA; one loop serves 16 columns. The sums go to their columns in a stack row
+    (the slices hold columns sorted by nonzeros), then through the epilogue in order."""
     vl, per_slice = lanes(kb), SLICE_LANES
     view = matrix_view(kb.node)
     words = kb.packed_input(WEIGHT_INPUT, lambda w: pack_sliced(view(w), per_slice))
     b, vec = kb.b, Vec(kb, DType.float32)
     slices = -(-n // per_slice)
-    columns0, steps0, step_words = slices + 1, slices + 1 + slices * per_slice, 3 * per_slice // 2
+    index_bytes = sliced_index_bytes(k)
+    columns0, steps0, step_words = slices + 1, slices + 1 + slices * per_slice, (4 + index_bytes) * per_slice // 4
+    ks_per_word = 8 // index_bytes
     fty = vec.ty(vl)
     row_out = Buffer(b.gep(entry_alloca(kb, ir.ArrayType(F32, slices * per_slice)), [kb.i64(0), kb.i64(0)],
                            inbounds=True), TensorType(DType.float32, (slices * per_slice,)))
@@ -199,11 +201,14 @@ def emit_sliced_rows(kb: KernelBuilder, a: Buffer, a_off, sam: int, m: int, n: i
             values = b.load(kb.element_ptr(words, add_i64(kb, record, v * vl)), typ=fty, align=4)
             quads = []
             for half in range(vl // 4):
-                word = b.load(kb.element_ptr(words, add_i64(kb, record, per_slice + v * vl // 2 + 2 * half)),
-                              typ=I64, align=4)
                 quad = ir.Constant(vec.ty(4), ir.Undefined)
                 for q in range(4):
-                    kq = b.and_(b.lshr(word, kb.i64(16 * q)) if q else word, kb.i64(0xFFFF))
+                    lane = 4 * half + q
+                    if lane % ks_per_word == 0:  # the next 64 bits of k
+                        word = b.load(kb.element_ptr(words, add_i64(
+                            kb, record, per_slice + (v * vl + lane) * index_bytes // 4)), typ=I64, align=4)
+                    shift = 8 * index_bytes * (lane % ks_per_word)
+                    kq = b.and_(b.lshr(word, kb.i64(shift)) if shift else word, kb.i64((1 << 8 * index_bytes) - 1))
                     quad = b.insert_element(quad, b.load(b.gep(row_ptr, [kq], source_etype=F32), typ=F32, align=4),
                                             ir.Constant(I32, q))
                 quads.append(quad)
