@@ -10,6 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import edgecc
+from edgecc import budgets
 from edgecc.budgets import SETTINGS, flash_bytes, pareto_front
 from edgecc.cli import main
 from edgecc.errors import BudgetError, EdgeccError
@@ -159,6 +160,26 @@ def test_plot_without_matplotlib_says_what_to_install(within_half, tmp_path):
     else:
         plot(compiled.report["budget"], str(path))
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_target("armv8.2")  # the a76-phone's code is counted under qemu-aarch64 (edgecc.estimate)
+def test_latency_budget_steers_the_search_to_int8_layers(monkeypatch):
+    """A budget of 90% of the float32 estimate on a Cortex-A76 (sdot: int8 Gemms take fewer instructions) needs
+    int8 on a layer: the search moves layers by their estimated latency, checks the choice by compiling, and keeps
+    more SQNR than int8 everywhere (a layer stays float32). Settings limited to float32/int8 to keep it fast."""
+    monkeypatch.setattr(budgets, "SETTINGS", budgets.SETTINGS[:2])
+    model = mlp(128, 128)
+    calibration = {"x": np.random.default_rng(1).standard_normal((64, 1, 128)).astype(np.float32)}
+    fp32 = edgecc.compile(model, device="a76-phone").report["latency_ms"]
+    compiled = edgecc.compile(model, device="a76-phone", max_latency_ms=0.9 * fp32, calibration=calibration)
+    report = compiled.report["budget"]
+    assert report["latency_ms"] <= 0.9 * fp32 and compiled.report["latency_ms"] <= 0.9 * fp32
+    assert "int8" in report["settings"].values() and "fp32" in report["settings"].values()
+    by_label = {p["label"]: p for p in report["explored"]}
+    assert by_label["float32"]["latency_ms"] > 0.9 * fp32  # the budget needs the search
+    assert report["output_sqnr_db"] > by_label["every layer int8"]["sqnr_db"]
+    int8 = [c for c in report["candidates"] if c["setting"] == "int8"]
+    assert len(int8) == 3 and all(c["latency_delta_ms"] < 0 for c in int8 if c["layer"] != "fc3")
 
 
 @needs_target("armv7")  # Cortex-M4 code is counted under qemu-arm (edgecc.estimate)

@@ -14,14 +14,22 @@ lowered by the overshoot. Every compiled point and every greedy step is kept, an
 of flash, latency (when a device's cost model gives it) and SQNR/accuracy over the compiled points (the greedy's
 estimated steps are listed with them in "explored", but an estimate does not push a compiled point off the front).
 
-When even the smallest setting of every layer does not fit, BudgetError names the budget, the smallest flash
-reached (compiled, not estimated) and what to try.
+A latency budget steers the search the same way: each setting's latency cost on a layer comes from the device
+estimate (edgecc.estimate's per-op figures) of one compile with every layer at that setting, the layer's nodes (the
+layer's own and its `<layer>_*` helpers such as a codebook decode) against the same nodes of the float32 compile;
+the greedy then takes the moves with the most milliseconds saved per added noise until the estimated latency fits,
+and the compiled choice is checked (the Quantize/Dequantize nodes between layers of different precision are not in
+any layer's cost, so the goal is lowered by the overshoot as for flash). Which settings are faster is the board's
+business: on the Cortex-M4 boards int8 kernels are slower than float32 and only 90%-pruned int8 layers are faster.
+
+When even the smallest (or, under a latency budget alone, the fastest) setting of every layer does not fit,
+BudgetError names the budget, the smallest flash or latency reached (compiled, not estimated) and what to try.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -62,6 +70,7 @@ class Candidate:
     setting: Setting
     bytes_delta: int      # stored weight bytes, this setting minus float32 (negative: saves)
     sqnr_db: float        # the model's output SQNR with only this layer changed
+    latency_delta_ms: float = 0.0  # the layer's estimated latency, this setting minus float32 (latency budgets)
 
     @property
     def noise(self) -> float:
@@ -115,19 +124,38 @@ def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, ma
     candidates = _candidates(prepared, layers, target, probe, options["opt_level"])
     choice = {name: FP32 for name in layers}
     goal = base_point["flash_bytes"] if max_flash is None else max_flash
+    steer_latency = max_latency_ms is not None and base_point["latency_ms"] is not None
+    if steer_latency:
+        say("estimating each setting's latency per layer on the device")
+        _latency_costs(candidates, baseline, lambda setting: build(
+            {name: setting if any(c.setting == setting for c in candidates[name]) else FP32 for name in layers},
+            f"every layer {setting.name}")[0])
+    latency_goal = max_latency_ms
     compiled, point = baseline, base_point
     for round_ in range(MAX_ROUNDS):
-        if max_flash is None:
+        if max_flash is None and not steer_latency:
             break
-        moved = _greedy(choice, candidates, base_point["flash_bytes"], goal, points)
+        moved = False
+        if max_flash is not None:
+            moved |= _greedy(choice, candidates, "bytes_delta", base_point, goal, points)
+        if steer_latency:
+            moved |= _greedy(choice, candidates, "latency_delta_ms", base_point, latency_goal, points)
+        if not moved and round_ > 0:
+            break  # the goals moved but nothing cheaper is left: the last compile stands
         compiled, point = build(choice, f"search round {round_ + 1}")
         if _fits(point, max_flash, max_latency_ms) or not moved:
             break
-        goal -= point["flash_bytes"] - max_flash  # what the estimate missed (kernel code), taken off the goal
+        if max_flash is not None and point["flash_bytes"] > max_flash:
+            goal -= point["flash_bytes"] - max_flash  # what the estimate missed (kernel code), taken off the goal
+        if steer_latency and point["latency_ms"] > max_latency_ms:
+            latency_goal -= point["latency_ms"] - max_latency_ms  # the Quantize/Dequantize between layers
     if not _fits(point, max_flash, max_latency_ms):
-        smallest = {name: min(candidates[name], key=lambda c: c.bytes_delta).setting for name in layers}
-        compiled, point = build(smallest, "smallest setting of every layer")
-        choice = smallest
+        cost = "bytes_delta" if max_flash is not None or not steer_latency else "latency_delta_ms"
+        smallest = {name: min(candidates[name], key=lambda c: getattr(c, cost)).setting for name in layers}
+        if smallest != choice:
+            compiled, point = build(smallest, ("smallest" if cost == "bytes_delta" else "fastest")
+                                    + " setting of every layer")
+            choice = smallest
         if not _fits(point, max_flash, max_latency_ms):
             raise _error(points, max_flash, max_latency_ms)
     if max_flash is not None and point["flash_bytes"] < max_flash:
@@ -201,26 +229,46 @@ def _candidates(prepared: Module, layers: list[str], target: str, probe: list, o
     return table
 
 
-def _greedy(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], base_flash: int, goal: int,
+def _latency_costs(candidates: dict[str, list[Candidate]], baseline, compile_all) -> None:
+    """Fill each candidate's latency_delta_ms from device estimates: `compile_all(setting)` compiles the model with
+    every layer that has `setting` at it (one compile per setting); a layer's latency is the estimate of its nodes
+    (edgecc.estimate's per-op figures), compared with the same nodes of the float32 `baseline`."""
+    def per_layer(compiled) -> dict[str, float]:
+        ops = compiled.report["estimate"]["ops"]
+        return {name: sum(o["latency_ms"] for o in ops if o["node"] == name or o["node"].startswith(name + "_"))
+                for name in candidates}
+
+    float32 = per_layer(baseline)
+    settings = [s for s in SETTINGS[1:] if any(c.setting == s for cs in candidates.values() for c in cs)]
+    for setting in settings:
+        layer_ms = per_layer(compile_all(setting))
+        for name, options in candidates.items():
+            for i, c in enumerate(options):
+                if c.setting == setting:
+                    options[i] = replace(c, latency_delta_ms=layer_ms[name] - float32[name])
+
+
+def _greedy(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], cost: str, base: dict, goal,
             points: list) -> bool:
-    """Move layers to smaller settings, best bytes-saved per added noise first, until the estimated flash is at most
-    `goal` (or nothing smaller is left); `choice` is updated in place. Returns whether anything moved."""
+    """Move layers to settings that cost less by `cost` ("bytes_delta": flash, "latency_delta_ms": latency), most
+    saved per added noise first, until the estimate (from the float32 point `base`) is at most `goal` (or nothing
+    cheaper is left); `choice` is updated in place. Returns whether anything moved."""
+    start = base["flash_bytes"] if cost == "bytes_delta" else base["latency_ms"]
     current = {name: next(c for c in candidates[name] if c.setting == s) for name, s in choice.items()}
     moved = False
     while True:
-        estimate = base_flash + sum(c.bytes_delta for c in current.values())
-        if estimate <= goal:
+        if start + sum(getattr(c, cost) for c in current.values()) <= goal:
             return moved
         best, best_score = None, -math.inf
         for name, now in current.items():
             for option in candidates[name]:
-                saved = now.bytes_delta - option.bytes_delta
+                saved = getattr(now, cost) - getattr(option, cost)
                 if saved <= 0:
                     continue
                 added = option.noise - now.noise
                 score = math.inf if added <= 0 else saved / added
                 if score > best_score or (score == best_score and best is not None and saved >
-                                          current[best.layer].bytes_delta - best.bytes_delta):
+                                          getattr(current[best.layer], cost) - getattr(best, cost)):
                     best, best_score = option, score
         if best is None:
             return moved
@@ -228,10 +276,12 @@ def _greedy(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], 
         choice[best.layer] = best.setting
         moved = True
         noise = sum(c.noise for c in current.values())
+        latency = None if base["latency_ms"] is None else round(
+            base["latency_ms"] + sum(c.latency_delta_ms for c in current.values()), 4)
         points.append({"label": f"estimate: {best.layer} -> {best.setting.name}", "measured": False,
-                       "flash_bytes": int(base_flash + sum(c.bytes_delta for c in current.values())),
+                       "flash_bytes": int(base["flash_bytes"] + sum(c.bytes_delta for c in current.values())),
                        "sqnr_db": round(-10 * math.log10(noise), 2) if noise > 0 else float("inf"),
-                       "latency_ms": None, "accuracy": None})
+                       "latency_ms": latency if cost == "latency_delta_ms" else None, "accuracy": None})
 
 
 def _upgrade(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], slack: int) -> bool:
@@ -266,7 +316,7 @@ def _measure(compiled, choice: dict[str, Setting], label: str, prepared: Module,
              "latency_ms": None, "accuracy": None,
              "settings": {name: s.name for name, s in choice.items() if s != FP32}}
     if device is not None:
-        point["latency_ms"] = round(float(compiled.report["latency_ms"]), 4)
+        point["latency_ms"] = float(compiled.report["latency_ms"])  # unrounded: the budget check reads it
     if labelled is not None:
         point["accuracy"] = accuracy(compiled.module, *labelled)
     return point
@@ -335,7 +385,8 @@ def _error(points: list[dict], max_flash, max_latency_ms) -> BudgetError:
                                 "(fewer or equal-shaped layers)")
     fastest = min(p["latency_ms"] for p in compiled if p["latency_ms"] is not None)
     return BudgetError("max_latency_ms", max_latency_ms, fastest, unit="ms", where="--max-latency",
-                       hint="the search moves layers by bytes, not time; raise the budget, pick a faster board "
+                       hint="no per-layer setting the search tried is fast enough on this board (its compiled "
+                            "points are in the report's explored list); raise the budget, pick a faster board "
                             "(--device), or a smaller model")
 
 
@@ -360,7 +411,7 @@ def _report(point: dict, choice: dict[str, Setting], points: list, candidates: l
             "latency_ms": point["latency_ms"], "output_sqnr_db": point["sqnr_db"], "accuracy": point["accuracy"],
             "settings": {name: s.name for name, s in choice.items()},
             "candidates": [{"layer": c.layer, "setting": c.setting.name, "bytes_delta": c.bytes_delta,
-                            "sqnr_db": c.sqnr_db} for c in candidates],
+                            "sqnr_db": c.sqnr_db, "latency_delta_ms": c.latency_delta_ms} for c in candidates],
             "explored": points, "front": pareto_front([p for p in points if p["measured"]])}
 
 
@@ -369,7 +420,7 @@ def front_table(report: dict) -> str:
     lines = ["| point | flash bytes | output SQNR dB | latency ms | accuracy % |", "|---|---:|---:|---:|---:|"]
     for p in report["front"]:
         lines.append(f"| {p['label']}{'' if p['measured'] else ' (estimated)'} | {p['flash_bytes']:,} | "
-                     f"{p['sqnr_db']} | {'' if p['latency_ms'] is None else p['latency_ms']} | "
+                     f"{p['sqnr_db']} | {'' if p['latency_ms'] is None else format(p['latency_ms'], '.4g')} | "
                      f"{'' if p['accuracy'] is None else p['accuracy']} |")
     return "\n".join(lines)
 
