@@ -1,14 +1,15 @@
 """Flash budgets on the trained digits models (issue 7's acceptance).
 
     python tools/budget_eval.py [--write docs/budgets.md] [--models digits_mlp,...] [--fraction 0.15]
-                                [--device stm32f4]
+                                [--device stm32f4] [--latency 0.6]
 
 For each model of ../shared/data: the fp32 weight bytes (the prepared model's, BatchNorm folded, as the report
 counts them), a flash budget of `fraction` of them, `edgecc.compile(..., device=, max_flash=, calibration=)`; the
 flash of the result (code + weights from the object), the chosen setting per layer, the Pareto front explored, and
 the test accuracy (500 images) against onnxruntime's fp32 accuracy. The compiled model's accuracy is that of its
 final IR run by edgecc's interpreter (the kernels' references: Cortex-M4 code does not run on this machine). Then an
-impossible budget (1 KiB) and its error.
+impossible budget (1 KiB) and its error. With --latency FRACTION: a latency budget of that fraction of each model's
+float32 estimate instead (the section "Latency budgets" of docs/budgets-results.md).
 """
 
 from __future__ import annotations
@@ -66,6 +67,54 @@ def evaluate(name: str, fraction: float, device: str) -> tuple[dict, str]:
     return row, text
 
 
+def evaluate_latency(name: str, fraction: float, device: str) -> dict:
+    """A latency budget of `fraction` of the float32 estimate on `device` (max_latency_ms alone): the latency the
+    search reached (device estimate of the compiled choice), the settings, output SQNR and test accuracy."""
+    import edgecc
+
+    data = SHARED / "data"
+    model = str(data / f"{name}.onnx")
+    fp32 = edgecc.compile(model, device=device).report["latency_ms"]
+    row = {"model": name, "fp32_latency": fp32, "budget": fraction * fp32}
+    start = time.perf_counter()
+    try:
+        compiled = edgecc.compile(model, device=device, max_latency_ms=fraction * fp32,
+                                  calibration=str(data / f"{name}_calib.npz"))
+    except edgecc.errors.BudgetError as error:
+        row.update(seconds=round(time.perf_counter() - start), error=str(error))
+        return row
+    report = compiled.report["budget"]
+    fp32_acc, acc = test_accuracy(model, compiled.module, np.load(data / f"{name}_test.npz"))
+    row.update(seconds=round(time.perf_counter() - start), latency=report["latency_ms"], sqnr=report["output_sqnr_db"],
+               fp32_accuracy=fp32_acc, accuracy=acc, settings=report["settings"])
+    return row
+
+
+def latency_section(rows: list[dict], fraction: float, device: str) -> str:
+    """The "## Latency budgets" section of docs/budgets-results.md."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    lines = [LATENCY_HEADING, "",
+             f"Measured with `python tools/budget_eval.py --latency {fraction} --models "
+             f"{','.join(r['model'] for r in rows)} --write docs/budgets-results.md` at commit {commit.strip()} on "
+             f"{platform.machine()} ({os.cpu_count()} cores, shared). Budget: max_latency_ms = {fraction:.0%} of the "
+             f"float32 estimate on `{device}` (qemu instruction counts x CPI), no flash budget; each setting's latency "
+             "per layer from one compile with every layer at it.", "",
+             "| model | fp32 ms | budget ms | reached ms | output SQNR dB | fp32 acc % | acc % | settings | search s |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        head = f"| {r['model']} | {r['fp32_latency']:.3f} | {r['budget']:.3f} | "
+        if "error" in r:
+            lines.append(head + f"BudgetError |  |  |  | `{r['error']}` | {r['seconds']} |")
+            continue
+        settings = ", ".join(f"{layer}: {s}" for layer, s in r["settings"].items())
+        lines.append(head + f"{r['latency']:.3f} | {r['sqnr']} | {r['fp32_accuracy']} | {r['accuracy']} | {settings} | "
+                     f"{r['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+LATENCY_HEADING = "## Latency budgets"
+
+
 def impossible(device: str) -> str:
     import edgecc
 
@@ -84,7 +133,25 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--fraction", type=float, default=0.15)
     parser.add_argument("--device", default="stm32f4")
+    parser.add_argument("--latency", type=float, metavar="FRACTION",
+                        help="instead: latency budgets of FRACTION of the fp32 estimate; --write replaces the "
+                             "file's latency section (or appends it)")
     args = parser.parse_args()
+    if args.latency is not None:
+        rows = []
+        for name in args.models.split(","):
+            rows.append(evaluate_latency(name, args.latency, args.device))
+            print(rows[-1], file=sys.stderr)
+        section = latency_section(rows, args.latency, args.device)
+        if args.write:
+            from edgecc.fileio import write_atomic
+
+            path = pathlib.Path(args.write)
+            old = path.read_text() if path.exists() else ""
+            kept = old.split(LATENCY_HEADING)[0].rstrip("\n")
+            write_atomic(args.write, lambda tmp: pathlib.Path(tmp).write_text((kept + "\n\n" if kept else "") + section))
+        print(section)
+        return 0
     rows, sections = [], []
     for name in args.models.split(","):
         row, text = evaluate(name, args.fraction, args.device)
@@ -114,6 +181,9 @@ def main() -> int:
                      f"{r['seconds']} |")
     lines += ["", f"Impossible budget (digits_mlp, 1 KiB): `{error}`", "", *sections]
     text = "\n".join(lines) + "\n"
+    if args.write and pathlib.Path(args.write).exists():  # keep the latency section (--latency writes it)
+        _, heading, latency = pathlib.Path(args.write).read_text().partition(LATENCY_HEADING)
+        text += f"\n{heading}{latency}" if heading else ""
     if args.write:
         from edgecc.fileio import write_atomic
 
