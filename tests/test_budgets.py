@@ -180,6 +180,7 @@ def test_latency_budget_steers_the_search_to_int8_layers(monkeypatch):
     assert report["output_sqnr_db"] > by_label["every layer int8"]["sqnr_db"]
     int8 = [c for c in report["candidates"] if c["setting"] == "int8"]
     assert len(int8) == 3 and all(c["latency_delta_ms"] < 0 for c in int8 if c["layer"] != "fc3")
+    assert "estimated latency" in budgets.summary(report)
 
 
 @needs_target("armv7")  # Cortex-M4 code is counted under qemu-arm (edgecc.estimate)

@@ -460,5 +460,8 @@ def summary(report: dict) -> str:
     lines = [f"edgecc: flash {report['flash_bytes']:,} B (budget {report['max_flash']:,} B), output SQNR "
              f"{report['output_sqnr_db']} dB on the calibration data" if report["max_flash"] is not None else
              f"edgecc: flash {report['flash_bytes']:,} B"]
+    if report["max_latency_ms"] is not None:
+        lines.append(f"edgecc: estimated latency {report['latency_ms']:.4g} ms (budget {report['max_latency_ms']:.4g} ms),"
+                     f" output SQNR {report['output_sqnr_db']} dB on the calibration data")
     lines += [f"  {layer}: {setting}" for layer, setting in report["settings"].items()]
     return "\n".join(lines + ["Pareto front of the points explored:", front_table(report)])
