@@ -21,6 +21,8 @@ DEBIAN_PACKAGES = {
     "qemu-aarch64": "qemu-user",
     "qemu-arm": "qemu-user",
     "cc": "gcc",
+    "llvm-nm": "llvm",
+    "llvm-objdump": "llvm",
 }
 
 
