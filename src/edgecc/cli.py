@@ -233,15 +233,11 @@ def cmd_compile(argv: list[str]) -> int:
     emit = args.emit or ("all" if args.runtime == "native" else "onnx")
     compiled = edgecc.compile(args.model, name=symbol_name(os.path.basename(stem)), **_compile_options(args))
     files = compiled.artifacts(stem, emit)
-    if args.report:
-        files[args.report] = (json.dumps(compiled.report, indent=2, sort_keys=True) + "\n").encode()
-    from edgecc.fileio import atomic_outputs
+    from edgecc.fileio import json_bytes, write_files
 
-    paths = list(files)
-    with atomic_outputs(paths) as temps:
-        for tmp, path in zip(temps, paths):
-            with open(tmp, "wb") as f:
-                f.write(files[path])
+    if args.report:
+        files[args.report] = json_bytes(compiled.report)
+    paths = write_files(files)
     report = compiled.report
     arena = f", arena {report['arena_bytes']:,} B" if report.get("arena_bytes") is not None else ""
     print(f"edgecc: wrote {', '.join(p for p in paths if p != args.report)} ({report['nodes_before']} -> "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from typing import Callable, Iterator
@@ -32,3 +33,18 @@ def atomic_outputs(paths: list[str]) -> Iterator[list[str]]:
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     with atomic_outputs([path]) as (tmp,):
         write(tmp)
+
+
+def write_files(files: dict[str, bytes]) -> list[str]:
+    """Write every {path: bytes} entry, all of them or none; return the paths written."""
+    paths = list(files)
+    with atomic_outputs(paths) as temps:
+        for tmp, path in zip(temps, paths):
+            with open(tmp, "wb") as f:
+                f.write(files[path])
+    return paths
+
+
+def json_bytes(data) -> bytes:
+    """A report as written to disk: indented, keys sorted (so two runs diff cleanly), one trailing newline."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

@@ -393,7 +393,7 @@ class Partition:
     def save(self, folder: str) -> list[str]:
         """Write `folder/device/` (native artifacts, device.onnx), `folder/server/` (native artifacts, server.onnx,
         server.json for `edgecc serve`) and `folder/split.json`, all or nothing. Returns the paths."""
-        from edgecc.fileio import atomic_outputs
+        from edgecc.fileio import json_bytes, write_files
 
         files: dict[str, bytes] = {}
         for side, compiled, half in (("device", self.device_model, self.device_onnx),
@@ -403,20 +403,11 @@ class Partition:
             files.update(compiled.artifacts(os.path.join(folder, side, side), "all"))
             files[os.path.join(folder, side, f"{side}.onnx")] = half.SerializeToString()
         if self.server_model is not None:
-            files[os.path.join(folder, "server", "server.json")] = _json({
+            files[os.path.join(folder, "server", "server.json")] = json_bytes({
                 "inputs": self.server_model.input_names, "outputs": self.server_model.output_names,
                 "target": self.server_model.target, "transfer_dtype": self.transfer_dtype})
-        files[os.path.join(folder, "split.json")] = _json(self.report)
-        paths = list(files)
-        with atomic_outputs(paths) as temps:
-            for tmp, path in zip(temps, paths):
-                with open(tmp, "wb") as f:
-                    f.write(files[path])
-        return paths
-
-
-def _json(data) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+        files[os.path.join(folder, "split.json")] = json_bytes(self.report)
+        return write_files(files)
 
 
 def serve_message(server_model, message: bytes, transfer_dtype: str | None = None) -> bytes:
