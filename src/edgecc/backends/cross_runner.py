@@ -53,21 +53,27 @@ int main(int argc, char **argv) {
 """
 
 
-def _driver_object(cc: str, target) -> str:
-    """The driver compiled for `target`, cached on disk (compiling it per model would dominate test time)."""
-    key = hashlib.sha256((DRIVER + cc + target.triple).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"driver-{target.name}-{key}.o")
+def cached_c_object(source: str, cc: str, target, stem: str = "driver", what: str = "test driver") -> str:
+    """C `source` compiled by `cc` for `target`, cached on disk by its text (compiling a driver per model would
+    dominate test time)."""
+    key = hashlib.sha256((source + cc + target.triple).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"{stem}-{target.name}-{key}.o")
     if not os.path.exists(path):
         with tempfile.TemporaryDirectory() as tmp:
-            source = os.path.join(tmp, "driver.c")
-            with open(source, "w") as f:
-                f.write(DRIVER)
-            obj = os.path.join(tmp, "driver.o")
-            result = subprocess.run([cc, "-O2", "-c", source, "-o", obj], capture_output=True, text=True)
+            source_path = os.path.join(tmp, f"{stem}.c")
+            with open(source_path, "w") as f:
+                f.write(source)
+            obj = os.path.join(tmp, f"{stem}.o")
+            result = subprocess.run([cc, "-O2", "-c", source_path, "-o", obj], capture_output=True, text=True)
             if result.returncode != 0:
-                raise EdgeccError(f"compiling the {target.name} test driver failed: {result.stderr.strip()[-400:]}")
+                raise EdgeccError(f"compiling the {target.name} {what} failed: {result.stderr.strip()[-400:]}")
             os.replace(obj, path)
     return path
+
+
+def _driver_object(cc: str, target) -> str:
+    """The test driver (DRIVER) compiled for `target`."""
+    return cached_c_object(DRIVER, cc, target)
 
 
 class CrossRunner:

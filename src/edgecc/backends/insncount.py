@@ -171,16 +171,10 @@ def node_plugin() -> str:
 
 
 def driver_object(target) -> str:
-    """DRIVER compiled by the target's cross compiler, cached by source, compiler and triple."""
-    key = hashlib.sha256((DRIVER + target.cc + target.triple).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"insncount-driver-{target.name}-{key}.o")
-    if not os.path.exists(path):
-        with tempfile.TemporaryDirectory() as tmp:
-            source = os.path.join(tmp, "driver.c")
-            pathlib.Path(source).write_text(DRIVER)
-            subprocess.run([target.cc, "-O2", "-c", source, "-o", path + ".tmp"], check=True)
-        os.replace(path + ".tmp", path)
-    return path
+    """DRIVER compiled by the target's cross compiler (cached, like the qemu test driver)."""
+    from edgecc.backends.cross_runner import cached_c_object
+
+    return cached_c_object(DRIVER, target.cc, target, stem="insncount-driver", what="instruction-count driver")
 
 
 def link(module, code, folder: str) -> str:
