@@ -17,12 +17,10 @@ x the board's cycles per instruction / clock): instruction counts, latency, ener
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -120,15 +118,12 @@ def board_table(rows: list[dict]) -> list[str]:
 
 
 def provenance() -> str:
-    import edgecc
+    """arm_insncount's date and commit, and the CPU (the host figures depend on it)."""
+    from arm_insncount import provenance as measured_at
 
-    tree = pathlib.Path(edgecc.__file__).resolve().parents[2]
-    commit = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    return (f"Measured {datetime.date.today().isoformat()} at commit {commit} on {cpu} ({os.cpu_count()} cores, "
-            f"shared with other jobs: re-take on a quiet machine).")
+    return f"{measured_at()[:-1]} on {cpu} ({os.cpu_count()} cores; the load is given with the host table)."
 
 
 def document(host: list[dict], boards: list[dict], command: str) -> str:
@@ -145,7 +140,7 @@ def document(host: list[dict], boards: list[dict], command: str) -> str:
              *host_table(host), "", f"{passed} of {len(host)} models within +-{TOLERANCE:.0%} of the median run, "
              f"{sum(r['quiet_ok'] for r in host)} of {len(host)} of the median unpreempted run, "
              f"{sum(r['cpu_ok'] for r in host)} of {len(host)} of the median thread CPU time. Load average when "
-             f"the table was written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. On a machine this busy "
+             f"the table was written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. On a busy machine "
              "the OS takes the CPU away from most runs of more than a few milliseconds, and the median of all runs "
              "measures the load. A run counts as unpreempted when its thread's CPU time (`time.thread_time`) is at "
              "least 90% of its wall time (`edgecc.estimate.unpreempted`); the estimate takes its per-node medians "
