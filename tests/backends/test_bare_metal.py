@@ -62,6 +62,18 @@ def _run_on_board(target: str, firmware, input_file=None):
     return run
 
 
+def run_on_cortex_m4(folder, model, x: np.ndarray, *options: str) -> np.ndarray:
+    """Compile the ONNX `model` with the CLI (and `options`) for cortex-m4, link it into the semihosting firmware
+    and run it on `x` (float32) under qemu-system-arm; the printed outputs, flat."""
+    import onnx
+
+    onnx.save(model, folder / "m.onnx")
+    x.astype(np.float32).tofile(folder / "input.bin")
+    assert main([str(folder / "m.onnx"), *options, "--target", "cortex-m4", "-o", str(folder / "model")]) == 0
+    run = _run_on_board("cortex-m4", _semihosting_firmware(folder, "cortex-m4"), folder / "input.bin")
+    return np.array([float(v) for v in run.stdout.split()], np.float32)
+
+
 @pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
                     reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (installed by .ci/run)")
 @pytest.mark.parametrize("target", sorted(FLAGS))

@@ -136,16 +136,10 @@ def test_arm_targets_under_qemu(target):
 @pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
                     reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm (installed by .ci/run)")
 def test_clustered_model_on_cortex_m4(tmp_path):
-    from test_bare_metal import _run_on_board, _semihosting_firmware
-
-    from edgecc.cli import main
+    from test_bare_metal import run_on_cortex_m4
 
     model, x = clustered_model()
-    onnx.save(model, tmp_path / "m.onnx")
-    x.tofile(tmp_path / "input.bin")
-    assert main([str(tmp_path / "m.onnx"), "-p", CLUSTER, "--target", "cortex-m4", "-o", str(tmp_path / "model")]) == 0
-    run = _run_on_board("cortex-m4", _semihosting_firmware(tmp_path, "cortex-m4"), tmp_path / "input.bin")
-    got = np.array([float(v) for v in run.stdout.split()], np.float32)
+    got = run_on_cortex_m4(tmp_path, model, x, "-p", CLUSTER)
     expected = dense_expected(model, edgecc.compile(model, passes=CLUSTER, runtime="reference"), x).reshape(-1)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
 

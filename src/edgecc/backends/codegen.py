@@ -277,12 +277,14 @@ class GlobalPool:
         self.module = module
         self._by_key: dict[tuple, ir.GlobalVariable] = {}
 
-    def constant(self, array: np.ndarray, name: str = "const") -> ir.GlobalVariable:
+    def constant(self, array: np.ndarray, name: str = "const", align: int = 64) -> ir.GlobalVariable:
+        """`align`: 64 (a cache line) for arrays kernels stream through; small per-call records (a shared kernel's
+        descriptor) take less, so that padding does not cost more flash than they hold."""
         array = np.ascontiguousarray(array)
         if array.dtype == np.bool_:
             array = array.astype(np.uint8)
         data = array.astype(array.dtype.newbyteorder("<")).tobytes()
-        key = (array.dtype.str, data)
+        key = (array.dtype.str, data, align)
         found = self._by_key.get(key)
         if found is not None:
             return found
@@ -291,7 +293,7 @@ class GlobalPool:
         var.global_constant = True
         var.linkage = "private"
         var.unnamed_addr = True
-        var.align = 64
+        var.align = align
         var.initializer = _ByteString(ty, data)
         self._by_key[key] = var
         return var

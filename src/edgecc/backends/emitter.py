@@ -16,6 +16,7 @@ from llvmlite import ir
 
 from edgecc.backends.codegen import I8, I32, I64, PTR, Buffer, GlobalPool, KernelBuilder
 from edgecc.backends.kernels import get_lowering
+from edgecc.backends.kernels.shared import SharedBuilder, plan as plan_shared
 from edgecc.errors import EdgeccError
 from edgecc.ir.core import Module, Node, Value
 from edgecc.ops.apply import opdef_of
@@ -68,13 +69,18 @@ class ModuleEmitter:
         return [str(self.llvm)] + [str(m) for m in self.kernel_modules]
 
     # -- kernels ----------------------------------------------------------------------------------------
-    def _kernel_for(self, node: Node) -> tuple[ir.Function, dict]:
-        """The kernel for `node` (built, or shared with an earlier node of the same signature) and the packings
-        it wants for constant inputs (input index -> packing function)."""
+    def _kernel_for(self, node: Node) -> tuple[ir.Function, dict, list]:
+        """The kernel for `node` (built, or shared with an earlier node of the same signature), the packings it
+        wants for constant inputs (input index -> packing function) and the arguments the call passes before the
+        node's buffers (a shared kernel's descriptor)."""
         opdef = opdef_of(node)
         attrs = opdef.complete_attrs(node.attrs, where=node.label)
         # An op the memory plan computes in place reads and writes one buffer: its pointers may not be noalias.
         in_place = any(v._id in self.module.memory_plan.in_place for v in node.outputs)
+        if self.target.optimise_for == "size":  # flash-bound: one kernel per family, shapes read at run time
+            shared = plan_shared(node, attrs)
+            if shared is not None:
+                return self._shared_kernel(node, attrs, shared, in_place)
         key = (node.op, node.domain, tuple(sorted((k, _freeze(v)) for k, v in attrs.items())),
                tuple(None if v is None else v.type for v in node.inputs), tuple(v.type for v in node.outputs),
                tuple(v is not None and v.is_const for v in node.inputs), in_place)
@@ -84,26 +90,8 @@ class ModuleEmitter:
 
         for reads, values, fn, packings in self.kernels.get(key, ()):
             if const_key(reads) == values:  # same op, types, and the constants the kernel was built from
-                return fn, packings
-        present = [v for v in node.inputs if v is not None]
-        fn_type = ir.FunctionType(ir.VoidType(), [PTR] * (len(present) + len(node.outputs)))
-        self.count += 1
-        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:8]
-        symbol = f"{self.name}_k{self.count}_{node.op}_{digest}"
-        # Each kernel gets its own module (with its own tables), so LLVM can optimise kernels in parallel; the
-        # entry module declares it, and after linking it becomes internal again. Kernels are never inlined into
-        # the entry: each is a whole loop nest, and inlining made optimisation time grow superlinearly.
-        module = ir.Module(name=symbol)
-        module.triple = self.target.triple
-        self.kernel_modules.append(module)
-        fn = ir.Function(module, fn_type, name=symbol)
-        fn.attributes.add("noinline")
-        for arg in fn.args if not in_place else ():
-            arg.add_attribute("noalias")
-        args = iter(fn.args)
-        inputs = [None if v is None else Buffer(next(args), v.type) for v in node.inputs]
-        outputs = [Buffer(next(args), v.type) for v in node.outputs]
-        kb = KernelBuilder(module, fn, node, attrs, inputs, outputs, self.target, GlobalPool(module))
+                return fn, packings, []
+        kb, declaration = self._new_kernel(node, attrs, repr(key), node.op, [], in_place)
         try:
             get_lowering(node.op)(kb)
         except EdgeccError as exc:
@@ -115,10 +103,49 @@ class ModuleEmitter:
             pointer_key = (node.inputs[index]._id, kb.packings[index])
             if pointer_key not in self.constant_pointers:
                 self.constant_pointers[pointer_key] = self.globals.constant(packed, "w")
-        declaration = ir.Function(self.llvm, fn_type, name=symbol)
         self.kernels.setdefault(key, []).append((kb.const_reads, const_key(kb.const_reads), declaration,
                                                  kb.packings))
-        return declaration, kb.packings
+        return declaration, kb.packings, []
+
+    def _shared_kernel(self, node: Node, attrs: dict, shared, in_place: bool) -> tuple[ir.Function, dict, list]:
+        """The family function of `shared` (built for the first node of the family) and this node's descriptor,
+        a read-only int32 array deduplicated by content (see kernels/shared.py)."""
+        key = ("shared", node.op, node.domain, shared.family, in_place)
+        declaration = self.kernels.get(key)
+        if declaration is None:
+            kb, declaration = self._new_kernel(node, attrs, repr(key), node.op, [PTR], in_place)
+            shared.emit(SharedBuilder(kb, kb.function.args[0], shared))
+            kb.b.ret_void()
+            self.kernels[key] = declaration
+        desc = self.globals.constant(shared.descriptor, "desc", align=4)
+        if not any(os_ in self.target.triple for os_ in ("apple", "darwin", "windows")):
+            desc.section = ".rodata.edgecc_desc"  # (ELF) apart from the 64-byte aligned weights: no padding between
+        return declaration, {}, [desc]
+
+    def _new_kernel(self, node: Node, attrs: dict, identity: str, label: str, leading: list,
+                    in_place: bool) -> tuple[KernelBuilder, ir.Function]:
+        """An empty kernel function `void k(leading..., inputs..., outputs...)` in a module of its own, a builder
+        positioned in it for `node`, and its declaration in the entry module."""
+        present = [v for v in node.inputs if v is not None]
+        fn_type = ir.FunctionType(ir.VoidType(), leading + [PTR] * (len(present) + len(node.outputs)))
+        self.count += 1
+        digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
+        symbol = f"{self.name}_k{self.count}_{label}_{digest}"
+        # Each kernel gets its own module (with its own tables), so LLVM can optimise kernels in parallel; the
+        # entry module declares it, and after linking it becomes internal again. Kernels are never inlined into
+        # the entry: each is a whole loop nest, and inlining made optimisation time grow superlinearly.
+        module = ir.Module(name=symbol)
+        module.triple = self.target.triple
+        self.kernel_modules.append(module)
+        fn = ir.Function(module, fn_type, name=symbol)
+        fn.attributes.add("noinline")
+        for arg in fn.args[len(leading):] if not in_place else ():
+            arg.add_attribute("noalias")
+        args = iter(fn.args[len(leading):])
+        inputs = [None if v is None else Buffer(next(args), v.type) for v in node.inputs]
+        outputs = [Buffer(next(args), v.type) for v in node.outputs]
+        kb = KernelBuilder(module, fn, node, attrs, inputs, outputs, self.target, GlobalPool(module))
+        return kb, ir.Function(self.llvm, fn_type, name=symbol)
 
     # -- entry ------------------------------------------------------------------------------------------
     def _entry(self, profiled: bool = False) -> None:
@@ -166,8 +193,8 @@ class ModuleEmitter:
         for index, node in enumerate(graph.nodes):
             # In-place views and Concats whose inputs were written into their slices run no code.
             if not (node.outputs and all(v._id in plan.aliases or v._id in plan.assembled for v in node.outputs)):
-                kernel, packings = self._kernel_for(node)
-                args = [pointer(v, packings.get(i)) for i, v in enumerate(node.inputs) if v is not None]
+                kernel, packings, leading = self._kernel_for(node)
+                args = leading + [pointer(v, packings.get(i)) for i, v in enumerate(node.inputs) if v is not None]
                 args += [pointer(v) for v in node.outputs]
                 b.call(kernel, args)
             if tick:
