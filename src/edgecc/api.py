@@ -249,7 +249,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             flash_bytes, ram_bytes, latency_ms, energy_mj and the per-op "estimate" (edgecc.estimate; it measures
             the generated code, so it adds to the compile time). Without it nothing is estimated.
         optimize_for: "speed" (default: O3, unrolled and vectorised kernels) or "size" (less code, for flash-bound
-            microcontrollers; the default under a flash budget).
+            microcontrollers: kernels shared across layer shapes; the default under a flash budget).
         max_flash: bytes (or "256K", "1M") of flash the model (weights + code) may take: each layer's precision and
             compression are chosen by a search on `calibration` (edgecc.budgets, docs/budgets.md); the report's
             "budget" entry has the chosen setting per layer and the Pareto front explored.
@@ -395,7 +395,9 @@ def _compile_within_budget(model, *, max_flash, max_latency_ms, validation, plot
 
         device = load_device(device)
         target = target_for(device, target)
-    compile_options["optimize_for"] = optimize_for or "size"
+    # flash-bound code (shared kernels, kernels/shared.py) only under a flash budget: it is slower, which a latency
+    # budget alone would pay for nothing
+    compile_options["optimize_for"] = optimize_for or ("size" if max_flash is not None else "speed")
     compiled, report = budgets.search(model, target=target, max_flash=max_flash, max_latency_ms=max_latency_ms,
                                       calibration=calibration, validation=validation, device=device,
                                       compile_options=compile_options)
