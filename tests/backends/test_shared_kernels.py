@@ -133,8 +133,8 @@ def test_int8_convolutions_share_one_kernel_and_stay_exact(x_dtype):
     assert kernel_count(compiled, "size") <= 4 < kernel_count(compiled, "speed")
 
 
-@pytest.mark.parametrize("shape, bits, entries", DECODE_CASES)
-def test_codebook_decode_shared(shape, bits, entries):
+@pytest.mark.parametrize("shape, bits, entries", DECODE_CASES + [((3, 100, 130), 1, 2), ((41000,), 4, 16)])
+def test_codebook_decode_shared(shape, bits, entries):  # the last two: sizes past int16 (numel_hi)
     model, x, expected = decode_model(shape, bits, entries)
     np.testing.assert_array_equal(edgecc.compile(model, optimize_for="size").run([x])[0], expected)
 

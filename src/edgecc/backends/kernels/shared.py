@@ -23,8 +23,7 @@ Families (`plan` decides whether a node belongs to one; anything else keeps its 
 The family key holds what stays compile-time: element types, which inputs are present, per-tensor vs per-channel
 parameters and the activations not chosen at run time; layers differing only in shape share one body. Loops and
 indices are i32: i64 arithmetic would double the code on 32-bit cores. Fields are int16 (a layer with a dimension
-above 32767 keeps its specialised kernel), indices i32 (the element counts of a model that fits a microcontroller
-are far below 2^31).
+above 32767 keeps its specialised kernel), indices i32 (tensors above MAX_ELEMENTS keep theirs too).
 """
 
 from __future__ import annotations
@@ -45,7 +44,10 @@ CONV_FIELDS = ("N", "C", "H", "W", "M", "KH", "KW", "SH", "SW", "PH", "PW", "DH"
 """The convolution descriptor's int16 fields, in order (act: RUNTIME_ACTIVATIONS' code)."""
 CONV_FLOATS = ("lo", "hi")
 """Its float32 parameters: the clip bounds of a run-time activation."""
-CODEBOOK_FIELDS = ("numel", "bits", "entries")
+CODEBOOK_FIELDS = ("numel_hi", "numel_lo", "bits", "entries")
+"""The decode's fields: numel = numel_hi * 2^15 + numel_lo (weights beyond int16's range), bits, codebook size."""
+MAX_ELEMENTS = 2 ** 31 // 8
+"""Tensors up to this many elements share (bit positions of 8-bit indices and flat indices stay within i32)."""
 RUNTIME_ACTIVATIONS = {"": 0, "Relu": 0, "Clip": 0, "HardSwish": 1}
 """Activations of the float convolution family chosen by the descriptor: 0 clip to [lo, hi], 1 HardSwish."""
 FIELD_MAX = 2 ** 15 - 1
@@ -165,6 +167,8 @@ def _conv_fields(node: Node, attrs: dict, x_index: int, w_index: int) -> list[in
     x, w, y = node.input(x_index), node.input(w_index), node.outputs[0]
     if x is None or w is None or x.type.rank != 4 or w.type.rank != 4 or y.type.rank != 4 or y.type.size == 0:
         return None
+    if max(x.type.size, w.type.size, y.type.size) > MAX_ELEMENTS:
+        return None
     call = Call(node.op, [v.type if v is not None else None for v in node.inputs], dict(attrs), 1, where=node.label)
     window = window_geometry(call, x.type.shape[2:], kernel_from_weights(call, w.type.shape))
     n, c, h, wd = x.type.shape
@@ -215,7 +219,9 @@ def _plan_codebook(node: Node, attrs: dict) -> SharedKernel | None:
     codebook, out = node.input(1), node.outputs[0]
     if bits not in (1, 2, 4, 8) or codebook is None or codebook.type.size == 0:
         return None  # the specialised lowering says what is wrong
-    desc = pack_descriptor([out.type.size, bits, codebook.type.size])
+    numel = out.type.size
+    desc = pack_descriptor([numel >> 15, numel & FIELD_MAX, bits, codebook.type.size]) if numel <= MAX_ELEMENTS \
+        else None
     return SharedKernel(("codebook",), desc, CODEBOOK_FIELDS, emit_codebook_decode) if desc is not None else None
 
 
@@ -344,7 +350,8 @@ def emit_codebook_decode(sb: SharedBuilder) -> None:
     bits = sb.field("bits")
     mask = b.sub(b.shl(sb.i32(1), bits), sb.i32(1))
     last = b.sub(sb.field("entries"), sb.i32(1))
-    with sb.loop(sb.field("numel"), "i") as i:
+    numel = b.or_(b.shl(sb.field("numel_hi"), sb.i32(15)), sb.field("numel_lo"))
+    with sb.loop(numel, "i") as i:
         position = sb.mul(i, bits)
         byte = b.zext(b.load(b.gep(packed.ptr, [b.lshr(position, sb.i32(3))], inbounds=True, source_etype=I8),
                              typ=I8), I32)
