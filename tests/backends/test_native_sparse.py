@@ -206,9 +206,60 @@ def test_sliced_matrix_vector_kernel_matches_onnxruntime(monkeypatch, m, k, n, t
     calls = []
     original = sparse_kernels.emit_sliced_rows
     monkeypatch.setattr(sparse_kernels, "emit_sliced_rows", lambda kb, *args: calls.append(1) or original(kb, *args))
+    monkeypatch.setattr(sparse_kernels, "permuted_product", lambda *args: False)  # (it takes cached K = 8i weights)
     rng = np.random.default_rng(zlib.crc32(f"sliced {m} {k} {n}".encode()))
     _check(*gemm_case(rng, m=m, k=k, n=n, trans_b=trans_b, level=0.9), "csr")
     assert calls, "the sliced kernel did not run"
+
+
+def _unpermute(words: np.ndarray, k: int, n: int) -> np.ndarray:
+    """numpy decoder of ops.sparse.pack_permuted back to the [K, N] matrix (padding slots add 0.0)."""
+    from edgecc.ops.sparse import PERMUTED_GROUP, PERMUTED_LANES as lanes, PERMUTED_UNIT_WORDS
+
+    slices = -(-n // lanes)
+    first = words[:slices + 1]
+    assert (np.diff(first) % PERMUTED_GROUP == 0).all()
+    units = words[-(-(slices + 1) // lanes) * lanes:].reshape(-1, PERMUTED_UNIT_WORDS)
+    out = np.zeros((k, slices * lanes), np.float32)
+    for s in range(slices):
+        for unit in units[first[s]:first[s + 1]]:
+            index = unit[:lanes].view(np.uint32)
+            k0 = int(index[0] >> 6)
+            for step in range(2):
+                values = unit[lanes * (1 + step):lanes * (2 + step)].view(np.float32)
+                rows = k0 + (index >> 3 * step & 7)
+                np.add.at(out, (rows, s * lanes + np.arange(lanes)), values)
+    return out[:, :n]
+
+
+@pytest.mark.parametrize("k, n", [(256, 37), (8, 3), (64, 16)])
+def test_permuted_layout_round_trips(k, n):
+    """The permuted layout holds every nonzero once, in its column and row; padding slots add 0.0; columns past a
+    multiple of 8, empty columns, a column full in one chunk (8 steps: 4 units of one block)."""
+    from edgecc.ops.sparse import pack_permuted, permuted_words
+
+    rng = np.random.default_rng(k + n)
+    w = _sparse(rng, (k, n), 0.9, zero_columns=(0, n - 1))
+    w[:8, 1] = np.arange(1, 9)
+    words = pack_permuted(w)
+    assert words.dtype == np.int32 and words.size == permuted_words(w)
+    np.testing.assert_array_equal(_unpermute(words, k, n), w)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_permuted(w[:k - 1])
+
+
+@pytest.mark.skipif(edgecc.backends.targets.resolve_target("host").vector_bits != 256,
+                    reason="the permuted matrix-vector kernel is for 8-lane (AVX2) hosts")
+@pytest.mark.parametrize("m, k, n, trans_b", [(1, 256, 40, 0), (1, 16, 5, 0), (3, 64, 13, 1), (1, 128, 10, 0)])
+def test_permuted_matrix_vector_kernel_matches_onnxruntime(monkeypatch, m, k, n, trans_b):
+    """CSR products with few rows, K a multiple of 8 and a cached weight take the permuted kernel: fewer columns than
+    a slice, columns past a multiple of 8, 3 rows, transposed B; fused activation, alpha and bias."""
+    calls = []
+    original = sparse_kernels.emit_permuted_rows
+    monkeypatch.setattr(sparse_kernels, "emit_permuted_rows", lambda kb, *args: calls.append(1) or original(kb, *args))
+    rng = np.random.default_rng(zlib.crc32(f"permuted {m} {k} {n}".encode()))
+    _check(*gemm_case(rng, m=m, k=k, n=n, trans_b=trans_b, level=0.9), "csr")
+    assert calls, "the permuted kernel did not run"
 
 
 def test_all_zero_weight(sparse_calls):

@@ -223,6 +223,95 @@ def pack_sliced(matrix: np.ndarray, lanes: int = SLICE_LANES) -> np.ndarray:
     return np.concatenate([steps, columns, body.reshape(-1).view("<i4").astype(np.int32)])
 
 
+PERMUTED_LANES = 8
+"""Columns of a slice and rows of a chunk in the permuted layout (`pack_permuted`): one AVX vector of float32, and
+the 8 entries vpermps selects from."""
+PERMUTED_GROUP = 4
+"""Units per iteration of the permuted layout's kernel (each slice holds a multiple of it): 8 accumulators, so no
+chain waits on the FMA latency (4 cycles on Zen 3)."""
+PERMUTED_UNIT_WORDS = 3 * PERMUTED_LANES
+"""int32 words of a unit: 8 index words, then two steps of 8 float32 values."""
+PERMUTED_MAX_CHUNKS = 1 << 23
+"""A unit's first index word stores the chunk's first row in its bits 6 and up."""
+PERMUTED_CACHED_BYTES = 262144
+"""The permuted layout stores about 19 bytes per nonzero at 90% zeros (a 32-byte index vector and 2 steps x 8 lanes
+of float32 per unit, padding included: 0.5 of the dense bytes) against the sliced layout's 5-6 per slot: it is
+chosen where the dense weight fits a Zen 3's L2 (512 KiB) and so does the layout, where its 5 loads per 16 slots
+beat the sliced kernel's 16 loads and 14 inserts (128 -> 10 and 256 -> 128 at 90%: 0.33 and 0.64 of dense against
+0.44 and 0.66); larger weights stream from L3 and the sliced layout's fewer bytes win (784 -> 256: 5.3 us against
+5.1)."""
+
+
+def permuted_product(width: int, rows: int, k: int, n: int, lanes: int, hosted: bool) -> bool:
+    """A matrix product takes the permuted layout (`pack_permuted`): the sliced kernel's cases (CSR, few rows of A,
+    an AVX host) with K a multiple of the 8-row chunks and a dense weight within PERMUTED_CACHED_BYTES."""
+    return sliced_product(width, rows, k, n, lanes, hosted) and k % PERMUTED_LANES == 0 and \
+        k // PERMUTED_LANES <= PERMUTED_MAX_CHUNKS and 4 * k * n <= PERMUTED_CACHED_BYTES
+
+
+def _permuted_blocks(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(blocks [slice, chunk, row, column] of the zero-padded matrix, steps of each block, units of each slice)."""
+    k, n = matrix.shape
+    lanes = PERMUTED_LANES
+    slices = -(-n // lanes)
+    padded = np.zeros((k, slices * lanes), np.float32)
+    padded[:, :n] = matrix
+    blocks = padded.reshape(k // lanes, lanes, slices, lanes).transpose(2, 0, 1, 3)
+    steps = np.count_nonzero(blocks, axis=2).max(axis=2)
+    units = (-(-steps // 2)).sum(axis=1)
+    return blocks, steps, units + -units % PERMUTED_GROUP
+
+
+def pack_permuted(matrix: np.ndarray) -> np.ndarray:
+    """The permuted matrix-vector layout of a float32 [K, N] CSR weight, for a product with few rows of A
+    (backends/kernels/sparse.py `emit_permuted_rows`). The columns are cut in slices of 8 (one output vector) and the
+    rows in chunks of 8 (one vector of A): a nonempty slice x chunk block is walked in steps, step t holding the t-th
+    nonzero of each of the slice's columns in the block (value 0.0 where a column has fewer), so one load of A's
+    chunk serves the block and vpermps picks each lane's element of it. A unit is two steps of a block; a block takes
+    ceil(steps / 2) units and a slice whole groups of PERMUTED_GROUP units (padding units: chunk 0, weights 0.0), so
+    the kernel has no remainder loop and no trip count to mispredict but the slice's end. As int32 words:
+
+        units[0 : S + 1]   first unit of each of the S = ceil(N / 8) slices (cumulative, multiples of 4; padded to a
+                           multiple of 8 words so units stay 32-byte aligned)
+        then per unit      8 index words, 8 float32 values of its first step, 8 of its second (PERMUTED_UNIT_WORDS)
+
+    Index word j holds lane j's row within the chunk for the first step in bits 0-2 and for the second in bits 3-5
+    (vpermps reads bits 0-2 only, so the second step's index is the word shifted right by 3); word 0 holds the chunk's
+    first row in bits 6 and up. Padding slots read rows of A the dense product also multiplies by a weight of that
+    column (0.0), so non-finite inputs give NaN    where the dense kernel's 0 x inf would."""
+    k, n = matrix.shape
+    lanes = PERMUTED_LANES
+    if k % lanes or k // lanes > PERMUTED_MAX_CHUNKS:
+        raise ValueError(f"K = {k} does not fit the permuted layout (a multiple of {lanes} below 2**26)")
+    blocks, steps, per_slice = _permuted_blocks(matrix)
+    slices = blocks.shape[0]
+    first = np.concatenate([[0], np.cumsum(per_slice)])
+    index = np.zeros((int(first[-1]), lanes), np.uint32)
+    values = np.zeros((int(first[-1]), 2, lanes), np.float32)
+    for s in range(slices):
+        u = int(first[s])
+        for c in np.flatnonzero(steps[s]):
+            block = blocks[s, c]
+            order = np.argsort(block == 0, axis=0, kind="stable")  # each column's nonzero rows first, in order
+            ordered = np.take_along_axis(block, order, axis=0)
+            for step0 in range(0, int(steps[s, c]), 2):
+                index[u] = order[step0] | order[step0 + 1] << 3  # (step0 + 1 < 8: a block has 8 rows)
+                index[u, 0] |= c * lanes << 6
+                values[u] = ordered[step0:step0 + 2]
+                u += 1
+    units = np.concatenate([index.view(np.int32), values.reshape(-1, 2 * lanes).view(np.int32)], axis=1)
+    head = np.zeros(-(-(slices + 1) // lanes) * lanes, np.int32)
+    head[:slices + 1] = first
+    return np.concatenate([head, units.reshape(-1)])
+
+
+def permuted_words(matrix: np.ndarray) -> int:
+    """int32 words `pack_permuted` stores for `matrix` (without packing it)."""
+    _, _, per_slice = _permuted_blocks(matrix)
+    return -(-(per_slice.size + 1) // PERMUTED_LANES) * PERMUTED_LANES + \
+        int(per_slice.sum()) * PERMUTED_UNIT_WORDS
+
+
 def int8_offset_bytes(k: int, blocks: int) -> int:
     """Bytes per offset of the int8 layout: 2 when no count can exceed a uint16 (K x J entries at most), else 4."""
     return 2 if k * blocks <= 0xFFFF else 4
