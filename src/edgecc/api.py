@@ -395,7 +395,8 @@ def _compile_within_budget(model, *, max_flash, max_latency_ms, validation, plot
 
         device = load_device(device)
         target = target_for(device, target)
-    compile_options["optimize_for"] = optimize_for or "size"
+    compile_options["optimize_for"] = optimize_for or ("size" if max_flash is not None else "speed")  # (a latency
+    # budget alone wants the fastest code)
     compiled, report = budgets.search(model, target=target, max_flash=max_flash, max_latency_ms=max_latency_ms,
                                       calibration=calibration, validation=validation, device=device,
                                       compile_options=compile_options)
