@@ -33,8 +33,10 @@ from edgecc.backends.kernels.conv import (Accumulators, Vec, add_i64, choose_blo
                                           i32_vector, intrinsic, lanes, mul_i64, vector_registers)
 from edgecc.ir.dtypes import DType
 from edgecc.ir.types import TensorType
-from edgecc.ops.sparse import (PERMUTED_GROUP, PERMUTED_LANES, PERMUTED_UNIT_WORDS, ROW_TILE_BYTES, SLICE_LANES, WEIGHT_INPUT, banded,
-                               matrix_view, pack, pack_permuted, pack_sliced, permuted_product, rows_in_vectors,
+from edgecc.ops.sparse import (PERMUTED_LANES, PERMUTED_OVERFLOW_GROUP, PERMUTED_UNIT_WORDS, ROW_TILE_BYTES,
+                               SLICE_LANES, WEIGHT_INPUT, banded, matrix_view, pack, pack_permuted, pack_sliced,
+                               permuted_main_group, permuted_main_words, permuted_product,
+                               permuted_run_words, PERMUTED_RUN_SLICES, rows_in_vectors,
                                sliced_index_bytes, sliced_product, sparse_capable)
 
 
@@ -243,56 +245,97 @@ def emit_sliced_rows(kb: KernelBuilder, a: Buffer, a_off, sam: int, m: int, k: i
 
 def emit_permuted_rows(kb: KernelBuilder, a: Buffer, a_off, sam: int, m: int, k: int, n: int, epilogue) -> None:
     """C = A @ B for few rows of A and a CSR B repacked in 8 x 8 blocks (ops.sparse.pack_permuted). The sliced
-    kernel builds A's vectors from scalar loads and inserts (16 loads and 14 inserts per 16 slots). Here a unit loads
-    its index vector (and its first word again as the chunk's row), the 8 elements of A of its chunk and two vectors
-    of 8 weights (5 loads for 2 x 8 slots), and vpermps moves each lane's element of A into place; four units per
-    iteration into eight accumulators, so the FMA latency is hidden and a slice's only branch is its loop's end. Each
-    slice's sum is 8 consecutive outputs, straight into the epilogue. Measured on a Zen 3 at 90% zeros (one row,
-    tools/bench_sparse.py): 128 -> 10 0.33 of dense (sliced 0.44), 256 -> 128 0.64 (sliced 0.66), where about 30% of
-    the slots hold a nonzero (a block's steps are its fullest column's count) and the 61 KiB of units stream from
-    L2. Variants measured slower there: an 8-byte index per unit expanded by vpmovzxbd and BMI2 pext (0.79: fewer
-    bytes, more vector uops), one broadcast 64-bit header and vpsrlvd (0.73), units pairing the odd last steps of two
-    blocks (0.74: a second chunk load per unit)."""
+    kernel builds A's vectors from scalar loads and inserts (16 loads and 14 inserts per 16 slots). Here vpermps moves
+    each lane's element of A's 8-element chunk into place: per chunk of a pair of slices' main run, one load of the
+    chunk, one index vector (shifted for each slice and step) and four vectors of weights into four FMAs; the pair's
+    loop runs K / 8 times whatever the pattern, with eight accumulators so the FMA latency is hidden. A block's steps
+    past its first two are its slice's overflow units (about a quarter of the units at 90% zeros), two at a time,
+    each reading its chunk's row from its index vector. Each slice's sum is 8 consecutive outputs, straight into the
+    epilogue.
+
+    Measured on a Zen 3 at 90% zeros (one row; tools/bench_sparse.py --only): 128 -> 10 0.28 of dense (sliced 0.44),
+    256 -> 128 0.59-0.60 (sliced 0.66). There about 35% of the slots hold a nonzero (a block's steps are its fullest
+    column's count) and vpermps is the bound: the same code with the in-lane vpermilps instead (wrong sums) took 0.44.
+    Variants measured slower: units of one block each with their chunk's row (0.64), an 8-byte index expanded by
+    vpmovzxbd and BMI2 pext (0.79: fewer bytes, more vector uops), a broadcast 64-bit header and vpsrlvd (0.73),
+    units pairing the odd last steps of two blocks (0.74), main runs of 4 slices (0.60)."""
     lanes_ = PERMUTED_LANES
     view = matrix_view(kb.node)
     words = kb.packed_input(WEIGHT_INPUT, lambda w: pack_permuted(view(w)))
     b, vec = kb.b, Vec(kb, DType.float32)
     slices = -(-n // lanes_)
+    chunks, group = k // lanes_, permuted_main_group(k)
     units0 = -(-(slices + 1) // lanes_) * lanes_
+    overflow0 = units0 + permuted_run_words(slices, chunks)
     fty, ity = vec.ty(lanes_), ir.VectorType(I32, lanes_)
     permps = intrinsic(kb, "llvm.x86.avx2.permps", fty, [fty, ity])
     accs = Accumulators(kb)
-    keys = [(u, step) for u in range(PERMUTED_GROUP) for step in range(2)]
 
-    def unit(row_ptr, record, u: int) -> None:
+    def overflow_unit(row_ptr, record, key) -> None:
+        """Overflow unit `record` (a word offset) into the accumulators `key`: its chunk's row is its first word's
+        bits 6 and up."""
         index = b.load(kb.element_ptr(words, record), typ=ity, align=32)
         k0 = b.zext(b.lshr(b.extract_element(index, ir.Constant(I32, 0)), ir.Constant(I32, 6)), I64)
         chunk = b.load(b.gep(row_ptr, [k0], source_etype=F32), typ=fty, align=4)
         for step in range(2):
             values = b.load(kb.element_ptr(words, add_i64(kb, record, lanes_ * (1 + step))), typ=fty, align=32)
             lane_index = b.lshr(index, i32_vector([3] * lanes_)) if step else index
-            accs.set((u, step), vec.fma(b.call(permps, [chunk, lane_index]), values, accs.get((u, step), fty)))
+            acc = (*key, step)
+            accs.set(acc, vec.fma(b.call(permps, [chunk, lane_index]), values, accs.get(acc, fty)))
+
+    def slices_(i, row_ptr, s0, widths: list[int]) -> None:
+        """Slice pair s0, s0 + 1 (or the last slice alone; `widths` their output columns): the pair's main run in
+        one loop over the chunks, each chunk of A and each index vector loaded once for both; then each slice's
+        overflow units."""
+        s0 = add_i64(kb, s0)
+        keys = [(j, u, step) for j in range(len(widths)) for u in range(group) for step in range(2)]
+        for key in keys:
+            accs.set(key, vec.zero(lanes_))
+        run_words = permuted_main_words(len(widths))
+        run = add_i64(kb, units0, mul_i64(kb, b.udiv(s0, kb.i64(PERMUTED_RUN_SLICES)),
+                                          chunks * permuted_main_words(PERMUTED_RUN_SLICES)))
+        with kb.loop(chunks // group, "pc") as g:
+            c0 = mul_i64(kb, g, group)
+            for u in range(group):
+                c = add_i64(kb, c0, u)
+                record = add_i64(kb, run, mul_i64(kb, c, run_words))
+                chunk = b.load(b.gep(row_ptr, [mul_i64(kb, c, lanes_)], source_etype=F32), typ=fty, align=4)
+                index = b.load(kb.element_ptr(words, record), typ=ity, align=32)
+                for j in range(len(widths)):
+                    for step in range(2):
+                        shift = 6 * j + 3 * step
+                        values = b.load(kb.element_ptr(words, add_i64(kb, record, lanes_ * (1 + 2 * j + step))),
+                                        typ=fty, align=32)
+                        lane_index = b.lshr(index, i32_vector([shift] * lanes_)) if shift else index
+                        acc = (j, u, step)
+                        accs.set(acc, vec.fma(b.call(permps, [chunk, lane_index]), values, accs.get(acc, fty)))
+        for j in range(len(widths)):
+            s = add_i64(kb, s0, j)
+            first = b.sext(kb.load(words, s), I64)
+            pairs = b.udiv(b.sub(b.sext(kb.load(words, add_i64(kb, s, 1)), I64), first),
+                           kb.i64(PERMUTED_OVERFLOW_GROUP))
+            start = add_i64(kb, overflow0, mul_i64(kb, first, PERMUTED_UNIT_WORDS))
+            with kb.loop(pairs, "po") as q:
+                pair = add_i64(kb, start, mul_i64(kb, q, PERMUTED_OVERFLOW_GROUP * PERMUTED_UNIT_WORDS))
+                for u in range(PERMUTED_OVERFLOW_GROUP):
+                    overflow_unit(row_ptr, add_i64(kb, pair, u * PERMUTED_UNIT_WORDS), (j, u % group))
+        for j, cols in enumerate(widths):
+            sums = [accs.get(key, fty) for key in keys if key[0] == j]
+            while len(sums) > 1:
+                sums = [vec.add(sums[t], sums[t + 1]) for t in range(0, len(sums), 2)]
+            epilogue(i, mul_i64(kb, add_i64(kb, s0, j), lanes_), cols, _first_lanes(kb, sums[0], cols))
 
     def row(i) -> None:
         row_ptr = kb.element_ptr(a, add_i64(kb, a_off, mul_i64(kb, i, sam)))
-
-        def slice_(s, cols: int) -> None:
-            s = add_i64(kb, s)
-            for key in keys:
-                accs.set(key, vec.zero(lanes_))
-            first = b.sext(kb.load(words, s), I64)
-            count = b.udiv(b.sub(b.sext(kb.load(words, add_i64(kb, s, 1)), I64), first), kb.i64(PERMUTED_GROUP))
-            start = add_i64(kb, units0, mul_i64(kb, first, PERMUTED_UNIT_WORDS))
-            with kb.loop(count, "pg") as g:
-                group = add_i64(kb, start, mul_i64(kb, g, PERMUTED_GROUP * PERMUTED_UNIT_WORDS))
-                for u in range(PERMUTED_GROUP):
-                    unit(row_ptr, add_i64(kb, group, u * PERMUTED_UNIT_WORDS), u)
-            sums = [accs.get(key, fty) for key in keys]
-            while len(sums) > 1:
-                sums = [vec.add(sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
-            epilogue(i, mul_i64(kb, s, lanes_), cols, _first_lanes(kb, sums[0], cols))
-
-        for_column_blocks(kb, n, lanes_, slice_)
+        tail = n % lanes_
+        widths = [lanes_] * (n // lanes_) + [tail] * (tail > 0)
+        runs = PERMUTED_RUN_SLICES
+        full_runs = slices // runs - (slices % runs == 0 and tail > 0)
+        if full_runs:
+            with kb.loop(full_runs, "pp") as p:
+                slices_(i, row_ptr, mul_i64(kb, p, runs), [lanes_] * runs)
+        if runs * full_runs < slices:
+            slices_(i, row_ptr, runs * full_runs, widths[runs * full_runs:])
 
     with kb.loop(m, "pi") as i:
         row(i)
