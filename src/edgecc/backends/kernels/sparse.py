@@ -258,7 +258,8 @@ def emit_permuted_rows(kb: KernelBuilder, a: Buffer, a_off, sam: int, m: int, k:
     column's count) and vpermps is the bound: the same code with the in-lane vpermilps instead (wrong sums) took 0.44.
     Variants measured slower: units of one block each with their chunk's row (0.64), an 8-byte index expanded by
     vpmovzxbd and BMI2 pext (0.79: fewer bytes, more vector uops), a broadcast 64-bit header and vpsrlvd (0.73),
-    units pairing the odd last steps of two blocks (0.74), main runs of 4 slices (0.60)."""
+    units pairing the odd last steps of two blocks (0.74), main runs of 4 slices (0.60), vpermilps on each 128-bit
+    half and on the swapped halves (0.62: one uop a step, but a column's nonzeros split by half need more steps)."""
     lanes_ = PERMUTED_LANES
     view = matrix_view(kb.node)
     words = kb.packed_input(WEIGHT_INPUT, lambda w: pack_permuted(view(w)))
