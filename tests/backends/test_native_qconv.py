@@ -291,3 +291,32 @@ def test_host_kernels_use_vpdpbusd():
     assert re.search(r"\bvpdpbusd\s+.*zmm", _kernel_asm(model, "host", "QLinearConv"))
     model, _ = qgemm_model((2, 64), 32)
     assert re.search(r"\bvpdpbusd\s+.*zmm", _kernel_asm(model, "host", "QGemm"))
+
+
+def _cortex_m4_measured():
+    """Cortex-M4 code (same CPU, features and kernels: stack_scratch False) linked for Linux, run by qemu-arm's A15."""
+    from edgecc.devices import load_device
+    from edgecc.estimate import measuring_target
+
+    return measuring_target(load_device("stm32f4"))
+
+
+@pytest.mark.slow
+def test_cortex_m4_kernels_use_smlad_with_small_scratch():
+    """Cortex-M4 (DSP extension, no vectors): the group-1, depthwise, one-input-channel and QGemm kernels run on
+    smlad over int16 pairs with a few KiB of stack scratch, and agree with the reference under qemu-arm."""
+    target = _cortex_m4_measured()
+    skip_unless_runnable("armv7")
+    for case in ("3x3_s2_odd_channels", "1x1", "narrow_7x7_map", "depthwise_s1", "depthwise_s2",
+                 "one_input_channel_5x5", "dilated_asymmetric_pads"):
+        x_shape, m, k, group, attrs = CONV_CASES[case]
+        check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, onnx_reference=False)
+    check_qconv(*qconv_model((1, 10, 8, 9), 12, 3, x_dtype=np.int8, y_dtype=np.int8, pads=[1, 1, 1, 1]),
+                target=target, onnx_reference=False)
+    model, feeds = qgemm_model((3, 37), 21)
+    assert_close_int(edgecc.compile(model, runtime="native", target=target).run(feeds)[0], reference(model, feeds))
+    model, _ = qconv_model((1, 16, 8, 8), 16, 1)
+    asm = _kernel_asm(model, "cortex-m4", "QLinearConv")
+    assert re.search(r"\bsmlad\b", asm)
+    frames = [int(v) for v in re.findall(r"\bsub(?:\.w|w)?\s+sp,\s*(?:sp,\s*)?#(\d+)", asm)]
+    assert frames and max(frames) <= 8192, frames

@@ -85,7 +85,7 @@ class _Entries:
 def stack_limit(kb: KernelBuilder, limit: int) -> int:
     """Stack bytes a kernel may take for scratch: `limit` on hosted targets, none on microcontrollers (as the int8
     kernels' bands, see qconv.emit_fast_qlinear_conv)."""
-    return limit if kb.target.hosted else 0
+    return limit if kb.target.large_scratch else 0
 
 
 def sparse_entries(kb: KernelBuilder) -> _Entries | None:
@@ -125,11 +125,11 @@ def emit_sparse_matmul(kb: KernelBuilder, found: tuple[Buffer, int, int, int], a
     words, width, blocks, k = found
     if sak == 1 and kb.target.triple.startswith("x86_64") and \
             "+avx2" in kb.target.features.split(",") and \
-            permuted_product(width, m, k, n, lanes(kb), kb.target.hosted):  # (vpermps)
+            permuted_product(width, m, k, n, lanes(kb), kb.target.large_scratch):  # (vpermps)
         emit_permuted_rows(kb, a, a_off, sam, m, k, n, epilogue)
         return
     if sak == 1 and kb.target.triple.startswith("x86_64") and \
-            sliced_product(width, m, k, n, lanes(kb), kb.target.hosted):  # (measured on x86 only)
+            sliced_product(width, m, k, n, lanes(kb), kb.target.large_scratch):  # (measured on x86 only)
         emit_sliced_rows(kb, a, a_off, sam, m, k, n, epilogue)
         return
     entries = _Entries(kb, words, width, blocks)
@@ -614,7 +614,7 @@ def sparse_direct_conv(kb: KernelBuilder, x: Buffer, y: Buffer, bias: Buffer | N
 
 
 def _banded(kb: KernelBuilder, x: Buffer, window) -> bool:
-    return banded(x.shape[1], window.kernel, window.strides, window.dilations, window.out[-1], kb.target.hosted)
+    return banded(x.shape[1], window.kernel, window.strides, window.dilations, window.out[-1], kb.target.large_scratch)
 
 
 def _emit_banded_conv(kb: KernelBuilder, entries: _Entries, x: Buffer, y: Buffer, bias: Buffer | None, window,
