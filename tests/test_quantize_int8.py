@@ -112,6 +112,15 @@ def test_int8_stays_close_to_float():
     assert report["output_sqnr_db"] > 20
 
 
+def test_int8_counts_the_same_macs():
+    """QLinearConv and edgecc.QGemm (the int8 fc) count the MACs of the float layers they replace."""
+    model = small_cnn()
+    fp32 = edgecc.compile(model, runtime="reference")
+    int8 = edgecc.compile(model, quantize="int8", calibration={"x": calibration()}, runtime="reference")
+    assert "QGemm" in {n.op for n in int8.module.graph.nodes}
+    assert int8.report["macs"] == fp32.report["macs"] > 0
+
+
 def test_weights_are_a_quarter_of_float():
     model = small_cnn()
     fp32 = edgecc.compile(model, runtime="reference")

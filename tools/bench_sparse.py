@@ -126,11 +126,13 @@ def encoding_of(compiled) -> str:
     return found[0].replace("sparse<", "").rstrip(">") if found else "dense"
 
 
-def bench_layers(levels, runs: int, lanes: int):
+def bench_layers(levels, runs: int, lanes: int, only: str = ""):
     rng = np.random.default_rng(0)
     rows = []
     for kind, shapes in (("fc", FC_LAYERS), ("conv", CONV_LAYERS)):
         for shape in shapes:
+            if only and not (kind == "fc" and f"{shape[0]} FC {shape[2]}->{shape[3]}".startswith(only)):
+                continue
             label = (f"{shape[0]} {shape[6]}x{shape[6]} {shape[1]}->{shape[2]} @{shape[3]}x{shape[4]}" +
                      (f" s{shape[5]}" if shape[5] > 1 else "")) if kind == "conv" else \
                 f"{shape[0]} FC {shape[2]}->{shape[3]} M={shape[1]}"
@@ -243,6 +245,9 @@ def main() -> int:
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--arm", default="", help="also count guest instructions on these targets (armv8,armv7)")
     parser.add_argument("--write", metavar="FILE.md")
+    parser.add_argument("--only", default="", metavar="'MODEL FC K->N'",
+                        help="only the fully connected layers whose label starts with this (e.g. 'mlp_mnist FC'), to "
+                             "re-measure a few rows after a kernel change; printed, not written")
     args = parser.parse_args()
     from edgecc.backends.targets import resolve_target
 
@@ -254,7 +259,7 @@ def main() -> int:
         out += ["| layer | pruning | sparsity | dense ms | sparse ms | sparse / dense | auto picks |",
                 "|---|---|---:|---:|---:|---:|---|"]
         print("\n".join(out), flush=True)
-        rows = bench_layers(levels, args.runs, lanes)
+        rows = bench_layers(levels, args.runs, lanes, args.only)
         out += [f"| {r[0]} | {r[1]} | {r[2]:.0%} | {r[3]:.4f} | {r[4]:.4f} | {r[4] / r[3]:.2f} | {r[5]} |" for r in rows]
     models = []
     if args.models:
@@ -268,7 +273,7 @@ def main() -> int:
                 print(models[-1], flush=True)
     if args.arm:
         models += bench_arm(args.arm.split(","), 0.9)
-    if args.write:
+    if args.write and not args.only:
         with open(args.write, "w") as f:
             f.write(f"# Sparse kernels\n\n`python tools/bench_sparse.py --runs {args.runs} --levels {args.levels} "
                     f"--models {args.models}" + (f" --arm {args.arm}" if args.arm else "") + f"` on {cpu_name()}, one thread, host target ({lanes} float lanes). "

@@ -168,7 +168,7 @@ PROFILE_RUNS = 25
 MIN_UNPREEMPTED = 5
 
 CORTEX_M4_COUNTED = dict(triple="thumbv7em-unknown-linux-gnueabihf", hosted=True, cc="arm-linux-gnueabihf-gcc",
-                         qemu="qemu-arm", qemu_cpu="cortex-a15", sysroot="/usr/arm-linux-gnueabihf")
+                         qemu="qemu-arm", qemu_cpu="cortex-a15", sysroot="/usr/arm-linux-gnueabihf", stack_scratch=False)
 """Cortex-M4 code (same CPU and features) linked for Linux so qemu-arm's Cortex-A15 runs it: the A-profile
 Thumb-2 and VFPv4 include every M4 instruction, and qemu-user refuses M-profile programs."""
 

@@ -206,18 +206,25 @@ def test_qgemm_generic_fallbacks_are_exact():
         edgecc.compile(model, runtime="native")
 
 
+def check_int8_kernels(target, cases, signed_x_shape, qgemm_shape) -> None:
+    """CONV_CASES `cases`, a signed-int8 3x3 padded conv on `signed_x_shape` and a QGemm (rows, K, N) compiled for
+    `target` (a name or a Target) against the reference interpreter."""
+    for case in cases:
+        x_shape, m, k, group, attrs = CONV_CASES[case]
+        check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, onnx_reference=False)
+    check_qconv(*qconv_model(signed_x_shape, signed_x_shape[1] + 3, 3, x_dtype=np.int8, y_dtype=np.int8,
+                             pads=[1, 1, 1, 1]), target=target, onnx_reference=False)
+    rows, k, n = qgemm_shape
+    model, feeds = qgemm_model((rows, k), n)
+    assert_close_int(edgecc.compile(model, runtime="native", target=target).run(feeds)[0], reference(model, feeds))
+
+
 @pytest.mark.parametrize("target", ["x86-64-v3", "x86-64"])
 def test_pmaddwd_without_vnni(target):
     """x86 without VNNI (AVX2, and SSE2's 128-bit form; both run on any x86-64 host): pmaddwd over int16 pairs
     (qconv.Dot4) in the group-1, channel-lanes, depthwise and QGemm kernels, never the saturating vpmaddubsw."""
-    for case in ("3x3_s2_odd_channels", "narrow_7x7_map", "depthwise_s1", "depthwise_s2", "dilated_depthwise",
-                 "one_input_channel_5x5"):
-        x_shape, m, k, group, attrs = CONV_CASES[case]
-        check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, onnx_reference=False)
-    check_qconv(*qconv_model((1, 9, 10, 11), 13, 3, x_dtype=np.int8, y_dtype=np.int8, pads=[1, 1, 1, 1]),
-                target=target, onnx_reference=False)
-    model, feeds = qgemm_model((3, 45), 19)
-    assert_close_int(edgecc.compile(model, runtime="native", target=target).run(feeds)[0], reference(model, feeds))
+    check_int8_kernels(target, ("3x3_s2_odd_channels", "narrow_7x7_map", "depthwise_s1", "depthwise_s2",
+                                "dilated_depthwise", "one_input_channel_5x5"), (1, 9, 10, 11), (3, 45, 19))
     asm = _kernel_asm(*qconv_model((1, 9, 10, 11), 13, 3, pads=[1, 1, 1, 1])[:1], target, "QLinearConv")
     assert re.search(r"\bv?pmaddwd\b", asm) and not re.search(r"pmaddubsw", asm)
 
@@ -256,13 +263,7 @@ def test_256_bit_vpdpbusd():
 @pytest.mark.parametrize("target", ["armv7", "armv8.2"])
 def test_arm_targets_under_qemu(target):
     skip_unless_runnable(target)
-    for case in ("3x3_s2_odd_channels", "depthwise_s1", "narrow_7x7_map"):
-        x_shape, m, k, group, attrs = CONV_CASES[case]
-        check_qconv(*qconv_model(x_shape, m, k, group, **attrs), target=target, onnx_reference=False)
-    check_qconv(*qconv_model((1, 10, 8, 9), 12, 3, x_dtype=np.int8, y_dtype=np.int8, pads=[1, 1, 1, 1]),
-                target=target, onnx_reference=False)
-    model, feeds = qgemm_model((3, 37), 21)
-    assert_close_int(edgecc.compile(model, runtime="native", target=target).run(feeds)[0], reference(model, feeds))
+    check_int8_kernels(target, ("3x3_s2_odd_channels", "depthwise_s1", "narrow_7x7_map"), (1, 10, 8, 9), (3, 37, 21))
 
 
 def _kernel_asm(model, target: str, op: str, mattr: str | None = None) -> str:
@@ -291,3 +292,26 @@ def test_host_kernels_use_vpdpbusd():
     assert re.search(r"\bvpdpbusd\s+.*zmm", _kernel_asm(model, "host", "QLinearConv"))
     model, _ = qgemm_model((2, 64), 32)
     assert re.search(r"\bvpdpbusd\s+.*zmm", _kernel_asm(model, "host", "QGemm"))
+
+
+def _cortex_m4_measured():
+    """Cortex-M4 code (same CPU, features and kernels: stack_scratch False) linked for Linux, run by qemu-arm's A15."""
+    from edgecc.devices import load_device
+    from edgecc.estimate import measuring_target
+
+    return measuring_target(load_device("stm32f4"))
+
+
+@pytest.mark.slow
+def test_cortex_m4_kernels_use_smlad_with_small_scratch():
+    """Cortex-M4 (DSP extension, no vectors): the group-1, depthwise, one-input-channel and QGemm kernels run on
+    smlad over int16 pairs with a few KiB of stack scratch, and agree with the reference under qemu-arm."""
+    target = _cortex_m4_measured()
+    skip_unless_runnable("armv7")
+    check_int8_kernels(target, ("3x3_s2_odd_channels", "1x1", "narrow_7x7_map", "depthwise_s1", "depthwise_s2",
+                                "one_input_channel_5x5", "dilated_asymmetric_pads"), (1, 10, 8, 9), (3, 37, 21))
+    model, _ = qconv_model((1, 16, 8, 8), 16, 1)
+    asm = _kernel_asm(model, "cortex-m4", "QLinearConv")
+    assert re.search(r"\bsmlad\b", asm)
+    frames = [int(v) for v in re.findall(r"\bsub(?:\.w|w)?\s+sp,\s*(?:sp,\s*)?#(\d+)", asm)]
+    assert frames and max(frames) <= 8192, frames

@@ -206,9 +206,76 @@ def test_sliced_matrix_vector_kernel_matches_onnxruntime(monkeypatch, m, k, n, t
     calls = []
     original = sparse_kernels.emit_sliced_rows
     monkeypatch.setattr(sparse_kernels, "emit_sliced_rows", lambda kb, *args: calls.append(1) or original(kb, *args))
+    monkeypatch.setattr(sparse_kernels, "permuted_product", lambda *args: False)  # (it takes cached K = 8i weights)
     rng = np.random.default_rng(zlib.crc32(f"sliced {m} {k} {n}".encode()))
     _check(*gemm_case(rng, m=m, k=k, n=n, trans_b=trans_b, level=0.9), "csr")
     assert calls, "the sliced kernel did not run"
+
+
+def _unpermute(words: np.ndarray, k: int, n: int) -> np.ndarray:
+    """numpy decoder of ops.sparse.pack_permuted back to the [K, N] matrix (padding slots add 0.0)."""
+    from edgecc.ops.sparse import (PERMUTED_LANES as lanes, PERMUTED_OVERFLOW_GROUP, PERMUTED_RUN_SLICES,
+                                   PERMUTED_UNIT_WORDS, permuted_main_words)
+
+    slices, chunks = -(-n // lanes), k // lanes
+    first = words[:slices + 1]
+    assert (np.diff(first) % PERMUTED_OVERFLOW_GROUP == 0).all()
+    at = -(-(slices + 1) // lanes) * lanes
+    out = np.zeros((k, slices * lanes), np.float32)
+
+    def add(rows, s, values):
+        np.add.at(out, (rows, s * lanes + np.arange(lanes)), values.view(np.float32))
+
+    for s0 in range(0, slices, PERMUTED_RUN_SLICES):
+        run = range(s0, min(s0 + PERMUTED_RUN_SLICES, slices))
+        for c in range(chunks):
+            record = words[at:at + permuted_main_words(len(run))]
+            at += record.size
+            index = record[:lanes].view(np.uint32)
+            for i, s in enumerate(run):
+                for step in range(2):
+                    add(c * lanes + (index >> 6 * i + 3 * step & 7), s,
+                        record[lanes * (1 + 2 * i + step):lanes * (2 + 2 * i + step)])
+    units = words[at:].reshape(-1, PERMUTED_UNIT_WORDS)
+    assert len(units) == first[-1]
+    for s in range(slices):
+        for unit in units[first[s]:first[s + 1]]:
+            index = unit[:lanes].view(np.uint32)
+            for step in range(2):
+                add(int(index[0] >> 6) + (index >> 3 * step & 7), s, unit[lanes * (1 + step):lanes * (2 + step)])
+    return out[:, :n]
+
+
+@pytest.mark.parametrize("k, n", [(256, 37), (8, 3), (64, 16), (40, 24)])
+def test_permuted_layout_round_trips(k, n):
+    """The permuted layout holds every nonzero once, in its column and row; padding slots add 0.0; columns past a
+    multiple of 8, empty columns, a column full in one chunk (8 steps: 3 overflow units of one block), an odd slice
+    count (the last main run of one slice)."""
+    from edgecc.ops.sparse import pack_permuted, permuted_words
+
+    rng = np.random.default_rng(k + n)
+    w = _sparse(rng, (k, n), 0.9, zero_columns=(0, n - 1))
+    w[:8, 1] = np.arange(1, 9)
+    words = pack_permuted(w)
+    assert words.dtype == np.int32 and words.size == permuted_words(w)
+    np.testing.assert_array_equal(_unpermute(words, k, n), w)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_permuted(w[:k - 1])
+
+
+@pytest.mark.skipif(edgecc.backends.targets.resolve_target("host").vector_bits != 256,
+                    reason="the permuted matrix-vector kernel is for 8-lane (AVX2) hosts")
+@pytest.mark.parametrize("m, k, n, trans_b", [(1, 256, 40, 0), (1, 16, 5, 0), (3, 64, 13, 1), (1, 128, 10, 0),
+                                              (1, 40, 24, 0), (1, 24, 17, 0)])
+def test_permuted_matrix_vector_kernel_matches_onnxruntime(monkeypatch, m, k, n, trans_b):
+    """CSR products with few rows, K a multiple of 8 and a cached weight take the permuted kernel: fewer columns than
+    a slice, columns past a multiple of 8, 3 rows, transposed B; fused activation, alpha and bias."""
+    calls = []
+    original = sparse_kernels.emit_permuted_rows
+    monkeypatch.setattr(sparse_kernels, "emit_permuted_rows", lambda kb, *args: calls.append(1) or original(kb, *args))
+    rng = np.random.default_rng(zlib.crc32(f"permuted {m} {k} {n}".encode()))
+    _check(*gemm_case(rng, m=m, k=k, n=n, trans_b=trans_b, level=0.9), "csr")
+    assert calls, "the permuted kernel did not run"
 
 
 def test_all_zero_weight(sparse_calls):

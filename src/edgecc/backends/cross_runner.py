@@ -103,6 +103,7 @@ class CrossRunner:
         obj = os.path.join(self._dir.name, "model.o")
         with open(obj, "wb") as f:
             f.write(code.obj)
+        strip_profile_attributes(target, obj)
         self._exe = os.path.join(self._dir.name, "run")
         result = subprocess.run([cc, "-static", "-o", self._exe, _driver_object(cc, target), obj,
                                  f"-Wl,--defsym=edgecc_entry={code.entry_symbol}"], capture_output=True, text=True)
@@ -128,3 +129,11 @@ class CrossRunner:
             outputs.append(np.frombuffer(data, dtype=t.dtype.numpy, count=t.size, offset=offset).reshape(t.shape).copy())
             offset += t.nbytes
         return outputs
+
+
+def strip_profile_attributes(target, obj: str) -> None:
+    """M-profile code linked into an A-profile Linux program (estimate.CORTEX_M4_COUNTED, run by qemu-arm's A15):
+    the linker refuses to merge the two profiles' build attributes, which only describe the object, so they go."""
+    if target.triple.startswith("thumbv7em") and target.hosted:
+        subprocess.run([target.cc.replace("-gcc", "-objcopy"), "--remove-section", ".ARM.attributes", obj],
+                       check=True)

@@ -180,15 +180,12 @@ def driver_object(target) -> str:
 def link(module, code, folder: str) -> str:
     """The model's object linked statically with the driver; returns the executable."""
     from edgecc.backends.artifacts import require_tool
+    from edgecc.backends.cross_runner import strip_profile_attributes
 
     require_tool(code.target.cc), require_tool(code.target.qemu)
     obj = os.path.join(folder, "model.o")
     pathlib.Path(obj).write_bytes(code.obj)
-    if code.target.triple.startswith("thumbv7em"):
-        # M-profile code linked into an A-profile Linux program (see estimate.CORTEX_M4_COUNTED): the linker
-        # refuses to merge the two profiles' build attributes, which only describe the object.
-        subprocess.run([code.target.cc.replace("-gcc", "-objcopy"), "--remove-section", ".ARM.attributes", obj],
-                       check=True)
+    strip_profile_attributes(code.target, obj)
     exe = os.path.join(folder, "run")
     subprocess.run([code.target.cc, "-static", "-o", exe, driver_object(code.target), obj,
                     f"-Wl,--defsym=edgecc_entry={code.entry_symbol}"], check=True, capture_output=True)

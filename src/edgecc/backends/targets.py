@@ -31,6 +31,15 @@ class Target:
     optimise_for: str = "speed"
     """"speed" (O3, vectorised and unrolled loops) or "size" (no unrolling or vectorisation: kernels take less
     flash, which counts on microcontrollers; see llvm_driver.optimise)."""
+    stack_scratch: bool | None = None
+    """Kernels may keep large stack scratch (bands of packed input, staged rows: up to hundreds of KiB). None: as
+    `hosted` says. False for a microcontroller's code linked for Linux only to be measured under qemu-user
+    (estimate.CORTEX_M4_COUNTED): it must be the same code as on the board."""
+
+    @property
+    def large_scratch(self) -> bool:
+        """Kernels may take large stack scratch (see stack_scratch)."""
+        return self.hosted if self.stack_scratch is None else self.stack_scratch
 
     @property
     def is_native(self) -> bool:
@@ -95,8 +104,11 @@ OPTIMISE_FOR = ("speed", "size")
 ALIASES = {"aarch64": "armv8", "arm64": "armv8", "armv7a": "armv7", "x86_64": "x86-64"}
 
 
-def resolve_target(name: str | None = None, mcpu: str | None = None, mattr: str | None = None) -> Target:
-    """A preset name, an alias, or an LLVM triple (then --mcpu/--mattr say the CPU and features)."""
+def resolve_target(name: "str | Target | None" = None, mcpu: str | None = None, mattr: str | None = None) -> Target:
+    """A preset name, an alias, or an LLVM triple (then --mcpu/--mattr say the CPU and features); a Target is taken
+    as it is (a variant such as estimate.measuring_target's)."""
+    if isinstance(name, Target):
+        return replace(name, cpu=mcpu or name.cpu, features=mattr or name.features)
     name = name or os.environ.get("EDGECC_TARGET") or "host"
     key = ALIASES.get(name, name)
     if key == "host":

@@ -31,6 +31,8 @@ def node_macs(node: Node) -> int:
         a = ins[0]
         k = a.shape[-1] if op not in ("Gemm", "FusedGemm") or not node.attrs.get("transA", 0) else a.shape[0]
         return _prod(outs[0].shape) * int(k)
+    if op == "QGemm":  # edgecc.QGemm: A [.., K] (input 0) times B (input 3), no transA
+        return _prod(outs[0].shape) * int(ins[0].shape[-1])
     return 0
 
 

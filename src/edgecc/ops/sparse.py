@@ -223,6 +223,136 @@ def pack_sliced(matrix: np.ndarray, lanes: int = SLICE_LANES) -> np.ndarray:
     return np.concatenate([steps, columns, body.reshape(-1).view("<i4").astype(np.int32)])
 
 
+PERMUTED_LANES = 8
+"""Columns of a slice and rows of a chunk in the permuted layout (`pack_permuted`): one AVX vector of float32, and
+the 8 entries vpermps selects from."""
+PERMUTED_GROUP = 4
+"""Units the permuted kernel walks per iteration of its loop over a slice's blocks: 8 accumulators, so no chain waits
+on the FMA latency (4 cycles on Zen 3). A slice's overflow units come in pairs (PERMUTED_OVERFLOW_GROUP)."""
+PERMUTED_OVERFLOW_GROUP = 2
+PERMUTED_UNIT_WORDS = 3 * PERMUTED_LANES
+"""int32 words of a unit: 8 index words, then two steps of 8 float32 values."""
+PERMUTED_MAX_CHUNKS = 1 << 23
+"""An overflow unit's first index word stores its chunk's first row in its bits 6 and up."""
+PERMUTED_CACHED_BYTES = 262144
+"""The permuted layout stores about 19 bytes per nonzero at 90% zeros (a 32-byte index vector and 2 steps x 8 lanes
+of float32 per unit, padding included: 0.5 of the dense bytes) against the sliced layout's 5-6 per slot: it is
+chosen where the dense weight fits a Zen 3's L2 (512 KiB) and so does the layout; larger weights stream from L3 and
+the sliced layout's fewer bytes win (784 -> 256 at 90%: 5.3 us against 5.1)."""
+
+
+def permuted_product(width: int, rows: int, k: int, n: int, lanes: int, hosted: bool) -> bool:
+    """A matrix product takes the permuted layout (`pack_permuted`): the sliced kernel's cases (CSR, few rows of A,
+    an AVX host) with K a multiple of the 8-row chunks and a dense weight within PERMUTED_CACHED_BYTES."""
+    return sliced_product(width, rows, k, n, lanes, hosted) and k % PERMUTED_LANES == 0 and \
+        k // PERMUTED_LANES <= PERMUTED_MAX_CHUNKS and 4 * k * n <= PERMUTED_CACHED_BYTES
+
+
+def _permuted_blocks(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(blocks [slice, chunk, row, column] of the zero-padded matrix, steps of each block, overflow units of each
+    slice: a block's units past its first, the slice's padded to pairs)."""
+    k, n = matrix.shape
+    lanes = PERMUTED_LANES
+    slices = -(-n // lanes)
+    padded = np.zeros((k, slices * lanes), np.float32)
+    padded[:, :n] = matrix
+    blocks = padded.reshape(k // lanes, lanes, slices, lanes).transpose(2, 0, 1, 3)
+    steps = np.count_nonzero(blocks, axis=2).max(axis=2)
+    overflow = np.maximum(-(-steps // 2) - 1, 0).sum(axis=1)
+    return blocks, steps, overflow + -overflow % PERMUTED_OVERFLOW_GROUP
+
+
+PERMUTED_RUN_SLICES = 2
+"""Slices sharing a main run: its index vectors (6 bits of each lane per slice) and its loads of A's chunks."""
+
+
+def permuted_main_group(k: int) -> int:
+    """Chunks per iteration of the loop over a main run (enough for 8 accumulators, or 1 when that does not divide
+    K / 8)."""
+    chunks, per = k // PERMUTED_LANES, max(1, PERMUTED_GROUP // PERMUTED_RUN_SLICES)
+    return per if chunks % per == 0 else 1
+
+
+def permuted_run_words(slices: int, chunks: int) -> int:
+    """int32 words of the main runs of `slices` slices."""
+    full, rest = divmod(slices, PERMUTED_RUN_SLICES)
+    return chunks * (full * permuted_main_words(PERMUTED_RUN_SLICES) + (permuted_main_words(rest) if rest else 0))
+
+
+def permuted_main_words(slices: int) -> int:
+    """int32 words of one chunk of a main run of `slices` (1 or 2) slices: a shared index vector and each slice's
+    two steps."""
+    return PERMUTED_LANES * (1 + 2 * slices)
+
+
+def pack_permuted(matrix: np.ndarray) -> np.ndarray:
+    """The permuted matrix-vector layout of a float32 [K, N] CSR weight, for a product with few rows of A
+    (backends/kernels/sparse.py `emit_permuted_rows`). The columns are cut in slices of 8 (one output vector) and the
+    rows in chunks of 8 (one vector of A): a slice x chunk block is walked in steps, step t holding the t-th nonzero
+    of each of the slice's columns in the block (value 0.0 where a column has fewer), and vpermps picks each lane's
+    element of A's chunk. Each block's first two steps are in the main run of its pair of slices (slices 2p and
+    2p + 1; the last alone when S is odd), chunk by chunk, so the kernel knows the chunk from its loop counter, loads
+    each chunk of A once for both slices, and every pair's loop has the same trip count, K / 8; a block's further
+    steps (about 27% of blocks at 90% zeros have more than two) are its slice's overflow units, which carry their
+    chunk. As int32 words:
+
+        overflow[0 : S + 1]  first overflow unit of each of the S = ceil(N / 8) slices (cumulative, in pairs; padded
+                             to a multiple of 8 words so vectors stay 32-byte aligned)
+        main runs            per pair of slices, per chunk: 8 index words, then per slice of the pair 8 float32
+                             values of the block's first step and 8 of its second (`permuted_main_words`)
+        overflow units       8 index words, 8 float32 values of the first step, 8 of the second
+                             (PERMUTED_UNIT_WORDS; padding units: chunk 0, weights 0.0)
+
+    In a main run, index word j holds lane j's row within the chunk in bits 6i + 3t .. 6i + 3t + 2 for step t of
+    slice i of the pair: vpermps reads bits 0-2 only, so the kernel shifts the word right by 6i + 3t. An overflow
+    unit's word j holds its two steps' rows in bits 0-5, and its word 0 its chunk's first row in bits 6 and up.
+    Padding slots read rows of A the dense product also multiplies by a weight of that column (0.0), so non-finite
+    inputs give NaN where the dense kernel's 0 x inf would."""
+    k, n = matrix.shape
+    lanes = PERMUTED_LANES
+    if k % lanes or k // lanes > PERMUTED_MAX_CHUNKS:
+        raise ValueError(f"K = {k} does not fit the permuted layout (a multiple of {lanes} below 2**26)")
+    blocks, steps, per_slice = _permuted_blocks(matrix)
+    slices, chunks = steps.shape
+    first = np.concatenate([[0], np.cumsum(per_slice)])
+    overflow_index = np.zeros((int(first[-1]), lanes), np.uint32)
+    overflow_values = np.zeros((int(first[-1]), 2, lanes), np.float32)
+    runs = []
+    for p in range(0, slices, PERMUTED_RUN_SLICES):
+        pair = range(p, min(p + PERMUTED_RUN_SLICES, slices))
+        run_index = np.zeros((chunks, lanes), np.uint32)
+        run_values = np.zeros((chunks, len(pair), 2, lanes), np.float32)
+        for i, s in enumerate(pair):
+            u = int(first[s])
+            for c in np.flatnonzero(steps[s]):
+                block = blocks[s, c]
+                order = np.argsort(block == 0, axis=0, kind="stable")  # each column's nonzero rows first, in order
+                ordered = np.take_along_axis(block, order, axis=0)
+                run_index[c] |= ((order[0] | order[1] << 3) << 6 * i).astype(np.uint32)
+                run_values[c, i] = ordered[:2]
+                for step0 in range(2, int(steps[s, c]), 2):
+                    overflow_index[u] = order[step0] | order[step0 + 1] << 3  # (step0 + 1 < 8: 8 rows a block)
+                    overflow_index[u, 0] |= c * lanes << 6
+                    overflow_values[u] = ordered[step0:step0 + 2]
+                    u += 1
+        runs.append(np.concatenate([run_index.view(np.int32), run_values.reshape(chunks, -1).view(np.int32)],
+                                   axis=1).reshape(-1))
+    overflow = np.concatenate([overflow_index.view(np.int32), overflow_values.reshape(-1, 2 * lanes).view(np.int32)],
+                              axis=1)
+    head = np.zeros(-(-(slices + 1) // lanes) * lanes, np.int32)
+    head[:slices + 1] = first
+    return np.concatenate([head, *runs, overflow.reshape(-1)])
+
+
+def permuted_words(matrix: np.ndarray) -> int:
+    """int32 words `pack_permuted` stores for `matrix` (without packing it)."""
+    _, steps, per_slice = _permuted_blocks(matrix)
+    slices, chunks = steps.shape
+    return -(-(slices + 1) // PERMUTED_LANES) * PERMUTED_LANES + \
+        permuted_run_words(slices, chunks) + \
+        int(per_slice.sum()) * PERMUTED_UNIT_WORDS
+
+
 def int8_offset_bytes(k: int, blocks: int) -> int:
     """Bytes per offset of the int8 layout: 2 when no count can exceed a uint16 (K x J entries at most), else 4."""
     return 2 if k * blocks <= 0xFFFF else 4

@@ -74,7 +74,7 @@ def target_info(target: str) -> tuple[int, bool]:
         resolved = resolve_target(target)
     except EdgeccError:  # an unknown name: the backend will report it; model a 128-bit hosted target meanwhile
         return 4, True
-    return max(1, resolved.vector_bits // 32), resolved.hosted
+    return max(1, resolved.vector_bits // 32), resolved.large_scratch
 
 
 def candidates(lanes: int) -> list[SparseEncoding]:

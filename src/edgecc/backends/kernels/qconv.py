@@ -11,6 +11,10 @@ Dot4 (`Dot4`): acc_i32[lane] += sum of 4 byte products (activation x int8 weight
   int16 x - x_zp, weights sign-extended; exact, see Dot4). vpmaddubsw is never used: its i16 pair sums saturate
   for 8-bit weights (u8 255 x s8 -128, twice, is below -2^15), and 7-bit weights would cost accuracy. LLVM does
   not form pmaddwd from the widened form below (it emitted vpmullw + blends + packs, 4-5x slower than fp32 on Zen 3);
+- Cortex-M4 (ARMv7E-M DSP extension, no vectors): `smlad`, the scalar pmaddwd (2 int16 x 2 int16 into an int32),
+  on the same int16 forms, with the kernels' stack scratch cut to a few KiB (MCU_SCRATCH_DIVISOR): digits_cnn int8
+  8.3 ms on stm32f4 (generic kernels 30.9; float32 17.0), digits_mobilenet 38.0 ms (75.9; float32 49.3); weights
+  are stored as int16 pairs, twice the int8 bytes, so code built for size (flash budgets) keeps the generic kernels;
 - elsewhere a widened form LLVM vectorises (i16 products, which cannot overflow: 255 * 128 < 2^15, then pairwise
   i32 sums: smull/saddlp on NEON).
 
@@ -148,6 +152,34 @@ def dot4_form(target) -> tuple[str, int, bool | None]:
 MADD = {128: ("llvm.x86.sse2.pmadd.wd", "+sse2"), 256: ("llvm.x86.avx2.pmadd.wd", "+avx2"),
         512: ("llvm.x86.avx512.pmaddw.d.512", "+avx512bw")}
 """x86 without VNNI: pmaddwd of each vector width (intrinsic, the feature it needs)."""
+SMLAD = "llvm.arm.smlad"
+"""Cortex-M4 (ARMv7E-M's DSP extension): two signed 16 x 16 multiply-adds into an int32 in one instruction, the
+scalar pmaddwd: activations packed as int16 x - x_zp pairs, weights as int16 pairs."""
+MCU_SCRATCH_DIVISOR = 16
+"""On a microcontroller the kernels' stack scratch is cut by this: 2 KiB bands of int16 rows, 2 KiB of staged
+output rows, 16 KiB for a one-row band at most, 256 output channels (20 bytes of parameters each)."""
+SMLAD_REGISTERS = 8
+"""Accumulators a Cortex-M4 tile keeps. It has 13 general registers, so 8 accumulators spill some pointers, yet
+measured fewer instructions than 2, 4 or 6 (digits_mobilenet int8 on stm32f4: 38.0 ms against 42.2-42.6)."""
+
+
+def smlad_target(target) -> bool:
+    """ARMv7E-M without vectors (Cortex-M4) built for speed: the int8 kernels run on smlad, with stack scratch cut
+    to fit (MCU_SCRATCH_DIVISOR). Built for size (a flash budget) the generic kernels stay: they read int8 weights,
+    where these store int16 pairs."""
+    return target.triple.startswith("thumbv7em") and target.vector_bits <= 32 and target.optimise_for == "speed"
+
+
+def fast_kernels_run(target) -> bool:
+    """The fast int8 kernels (here, qgemm.py, and the fixed-point requantisation qsparse.py shares) serve `target`:
+    where kernels may take large stack scratch, and on Cortex-M4 with it cut to a few KiB. Other microcontrollers
+    keep the generic kernels of quant.py."""
+    return target.large_scratch or smlad_target(target)
+
+
+def channel_limit(target) -> int:
+    """Output channels the fast kernels take (their requantisation parameters live on the stack)."""
+    return MAX_CHANNELS if target.large_scratch else MAX_CHANNELS // MCU_SCRATCH_DIVISOR
 
 
 class Dot4:
@@ -172,12 +204,20 @@ class Dot4:
             madd = MADD.get(kb.target.vector_bits)
             if kb.target.triple.startswith("x86_64") and madd and madd[1] in kb.target.features.split(","):
                 self.madd, self.per_word = madd[0], 2
+            elif smlad_target(kb.target):
+                self.madd, self.per_word = SMLAD, 2
         self.band_bytes = BAND_BYTES // 2 if self.per_word == 2 else BAND_BYTES
+        self.stage_bytes, self.max_scratch, self.max_channels = STAGE_BYTES, MAX_SCRATCH, MAX_CHANNELS
+        if not kb.target.large_scratch:  # a microcontroller's stack: a few KiB of scratch (MCU_SCRATCH_DIVISOR)
+            self.band_bytes //= MCU_SCRATCH_DIVISOR
+            self.stage_bytes //= MCU_SCRATCH_DIVISOR
+            self.max_scratch //= MCU_SCRATCH_DIVISOR
+            self.max_channels //= MCU_SCRATCH_DIVISOR
         """Packed input per band (and the largest map the channel-lanes kernel takes): 32 KiB for the int16 form,
         measured on Zen 3 (32 KiB L1D) against 64 KiB: ResNet-18 conv1 3.15 -> 2.30 ms, its 512-channel 7x7 layer
         2.52 -> 1.92 (positions in the lanes instead of channels), other 3x3 layers 5-10% faster, MobileNet-v2's
         first layer 0.28 -> 0.33 ms the one loss."""
-        self.registers = vector_registers(kb)
+        self.registers = vector_registers(kb) if self.madd != SMLAD else SMLAD_REGISTERS
 
     @property
     def centred(self) -> bool:
@@ -186,7 +226,7 @@ class Dot4:
 
     def accumulators(self) -> int:
         """Accumulator vectors a register tile may hold (the generic form needs temporaries of its own)."""
-        budget = 24 if self.registers >= 32 else 10
+        budget = 24 if self.registers >= 32 else 10 if self.registers >= 16 else self.registers
         if self.centred:
             return budget
         return budget // 2 if self.kind == "generic" else budget
@@ -201,6 +241,11 @@ class Dot4:
         """acc + dot4(x, w): x is 32 L bytes of activations (after the flip, or centred int16), w is <L x i32>
         weight words."""
         b, n = self.kb.b, self.lanes
+        if self.madd == SMLAD:  # one lane: acc + x.lo * w.lo + x.hi * w.hi (signed int16 halves)
+            fn = intrinsic(self.kb, SMLAD, I32, [I32, I32, I32])
+            word = lambda v: b.extract_element(b.bitcast(v, vec_ty(I32, 1)), ir.Constant(I32, 0))  # noqa: E731
+            total = b.call(fn, [word(x), word(w), word(acc)])
+            return b.insert_element(ir.Constant(vec_ty(I32, 1), ir.Undefined), total, ir.Constant(I32, 0))
         if self.madd:
             ty, pairs = vec_ty(I32, n), vec_ty(I16, 2 * n)
             fn = intrinsic(self.kb, self.madd, ty, [pairs, pairs])
@@ -680,12 +725,12 @@ def emit_dot_conv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params_in, y:
     c4 = -(-geo.c // dot.per_word)  # channel words
     phases = geo.sy * geo.sx
     bytes_per_row = c4 * phases * geo.wq * 4
-    if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
+    if (1 + geo.ey) * bytes_per_row > dot.max_scratch:
         return False
     L = dot.lanes
     budget = dot.accumulators()
     rows = band_rows(geo, bytes_per_row, min(dot.band_bytes,
-                                             (STAGE_BYTES // (budget * geo.wq) + geo.ey) * bytes_per_row))
+                                             (dot.stage_bytes // (budget * geo.wq) + geo.ey) * bytes_per_row))
     mr, nr = choose_tile(rows * geo.wq, L, budget, geo.m)
     T = nr * L
     n_tiles_max = -(-rows * geo.wq // T)
@@ -915,9 +960,9 @@ def emit_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer, params
     else:
         sx, wq, pack_geo = 1, geo.wq, geo
     bytes_per_row = pack_geo.sy * pack_geo.sx * pack_geo.wq
-    if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
+    if (1 + geo.ey) * bytes_per_row > dot.max_scratch:
         return False
-    rows = band_rows(geo, bytes_per_row)
+    rows = band_rows(geo, bytes_per_row, dot.band_bytes)
     budget = 12 if vector_registers(kb) >= 32 else 6
     _, nr = choose_tile(rows * wq, L, budget * 4, 4)
     nr = min(nr, budget)
@@ -1014,9 +1059,9 @@ def emit_paired_depthwise_qconv(kb: KernelBuilder, geo: ConvGeometry, x: Buffer,
     b = kb.b
     L = dot.lanes
     bytes_per_row = geo.sy * geo.sx * geo.wq * 2
-    if (1 + geo.ey) * bytes_per_row > MAX_SCRATCH:
+    if (1 + geo.ey) * bytes_per_row > dot.max_scratch:
         return False
-    rows = band_rows(geo, bytes_per_row)
+    rows = band_rows(geo, bytes_per_row, dot.band_bytes)
     budget = 12 if vector_registers(kb) >= 32 else 6  # accumulators: an even and an odd one per 2L positions
     positions = rows * geo.wq  # per band: padded positions plus a tile's fixed cost (its loop, requantisation
     # branch and the dependency chains one vector pair alone leaves waiting), counted as 2L positions
@@ -1081,7 +1126,7 @@ def emit_fast_qlinear_conv(kb: KernelBuilder) -> bool:
     all 0, group 1 or depthwise, per-tensor x/y parameters, K <= MAX_K, M <= MAX_CHANNELS); False leaves the node
     to the generic kernel."""
     node = kb.node
-    if not kb.target.hosted:  # the kernels keep up to ~150 KiB of stack scratch: too much for a microcontroller
+    if not fast_kernels_run(kb.target):
         return False
     x, x_s, x_zp, w, w_s, w_zp, y_s, y_zp = (kb.inputs + [None] * 9)[:8]
     bias = kb.optional_input(8)
@@ -1102,7 +1147,7 @@ def emit_fast_qlinear_conv(kb: KernelBuilder) -> bool:
         return False
     group = int(kb.attrs["group"])
     m, cg = w.shape[:2]
-    if m > MAX_CHANNELS or (w_s.size != 1 and w_s.size != m):
+    if m > channel_limit(kb.target) or (w_s.size != 1 and w_s.size != m):
         return False
     geo = conv_geometry(kb, x, w.shape, y)
     if geo is None or y.size == 0:

@@ -22,8 +22,8 @@ from llvmlite import ir
 from edgecc.backends.codegen import COMPUTE, I8, I16, I32, Buffer, KernelBuilder
 from edgecc.backends.kernels import lowering
 from edgecc.backends.kernels.conv import Accumulators, add_i64, for_blocks, mul_i64
-from edgecc.backends.kernels.qconv import MAX_CHANNELS, MAX_K, ActivationForm, Dot4, QuantParams, splat, store_to, \
-    vec_ty, weight_sums
+from edgecc.backends.kernels.qconv import MAX_K, ActivationForm, Dot4, QuantParams, channel_limit, fast_kernels_run, \
+    splat, store_to, vec_ty, weight_sums
 from edgecc.errors import EdgeccError
 from edgecc.ir.dtypes import DType
 
@@ -48,13 +48,13 @@ def emit_fast_qgemm(kb: KernelBuilder) -> bool:
     out = kb.outputs[0]
     trans_b = int(kb.attrs["transB"])
     bv = kb.node.input(3)
-    if not kb.target.hosted or not bv.is_const or b_.dtype is not DType.int8:  # (stack: 20 bytes per column)
+    if not fast_kernels_run(kb.target) or not bv.is_const or b_.dtype is not DType.int8:
         return False
     zp = kb.const_input(5)
     if zp is None or np.any(zp != 0):
         return False
     k, n = (b_.shape[1], b_.shape[0]) if trans_b else b_.shape
-    if k > MAX_K or n > MAX_CHANNELS or out.size == 0:
+    if k > MAX_K or n > channel_limit(kb.target) or out.size == 0:  # (stack: 32 bytes of parameters a column)
         return False
     rows = int(np.prod(a.shape[:-1]))
     dot = Dot4(kb)

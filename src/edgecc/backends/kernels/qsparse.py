@@ -26,8 +26,8 @@ from llvmlite import ir
 
 from edgecc.backends.codegen import I8, I32, I64, PTR, Buffer, KernelBuilder
 from edgecc.backends.kernels.conv import Accumulators, add_i64, mul_i64
-from edgecc.backends.kernels.qconv import MAX_CHANNELS, MAX_K, QuantParams, byte_ptr, conv_geometry, memset, splat, \
-    stack_array, store_to, vec_ty
+from edgecc.backends.kernels.qconv import MAX_K, QuantParams, byte_ptr, channel_limit, conv_geometry, \
+    fast_kernels_run, memset, splat, stack_array, store_to, vec_ty
 from edgecc.backends.kernels.qgemm import requantise_exact
 from edgecc.backends.kernels.sparse import for_column_blocks
 from edgecc.ir.dtypes import DType
@@ -200,12 +200,12 @@ def _uint16(kb: KernelBuilder, ptr: ir.Value) -> ir.Value:
 
 
 def _fixed_point(kb: KernelBuilder, padded: int, n: int, bias: Buffer | None) -> QuantParams | None:
-    """The dense fast kernel's QuantParams where it would run (hosted, at most MAX_CHANNELS columns, a reduction
+    """The dense fast kernel's QuantParams where it would run (qconv.fast_kernels_run, at most qconv.channel_limit columns, a reduction
     of at most qconv.MAX_K), with a zero column-sum correction (the zero point is taken off each activation
     instead); None: exact requantisation, as the generic kernel."""
     reduction = int(np.prod(kb.inputs[3].shape[1:])) if kb.node.op == "QLinearConv" else \
         matrix_view(kb.node)(kb.node.input(INT8_WEIGHT_INPUT).const).shape[0]
-    if not kb.target.hosted or padded > MAX_CHANNELS or reduction > MAX_K:
+    if not fast_kernels_run(kb.target) or padded > channel_limit(kb.target) or reduction > MAX_K:
         return None
     a_s, b_s, y_s, y_zp = kb.inputs[1], kb.inputs[4], kb.inputs[6], kb.inputs[7]
     zeros = stack_array(kb, I32, padded, "qzero")
