@@ -32,6 +32,11 @@ SHARED = pathlib.Path(os.environ.get("EDGECC_SHARED", ROOT.parent / "shared"))
 MODELS = ["digits_mlp", "digits_cnn", "digits_mobilenet"]
 
 
+def _commit() -> str:
+    """The checkout's short commit, for the "Measured with ... at commit" lines."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+
+
 def test_accuracy(model_path: str, module, test) -> tuple[float, float]:
     """(fp32 accuracy by onnxruntime, the compiled module's accuracy by the interpreter), in %."""
     import onnxruntime as ort
@@ -107,7 +112,7 @@ def evaluate_latency(name: str, fraction: float, device: str) -> dict:
 
 def latency_section(rows: list[dict], fraction: float, device: str) -> str:
     """The "## Latency budgets" section of docs/budgets-results.md."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    commit = _commit()
     lines = [LATENCY_HEADING, "",
              f"Measured with `python tools/budget_eval.py --latency {fraction} --models "
              f"{','.join(r['model'] for r in rows)} --write docs/budgets-results.md` at commit {commit.strip()} on "
@@ -156,7 +161,7 @@ def write_sections(path: str, main: str | None, parts: dict[str, str]) -> str:
 
 def validation_section(rows: list[dict], sections: list[str], args) -> str:
     """The "## Accuracy floor (--validation)" section of docs/budgets-results.md."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    commit = _commit()
     n = args.validation
     lines = [VALIDATION_HEADING, "",
              f"Measured with `python tools/budget_eval.py --validation {n} --max-accuracy-drop {args.max_accuracy_drop} "
@@ -229,7 +234,7 @@ def main() -> int:
         print(section)
         return 0
     error = impossible(args.device)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    commit = _commit()
     lines = ["# Flash budgets: results on the digits models", "",
              f"Measured with `python tools/budget_eval.py --write docs/budgets-results.md` at commit {commit.strip()} "
              f"on {platform.machine()} ({os.cpu_count()} cores, shared), Python {platform.python_version()}.",
