@@ -247,6 +247,18 @@ def test_a_budget_met_only_under_the_floor_is_a_budget_error(fp32_flash):
     assert "within the accuracy floor of 99.0%" in str(error) and "--max-accuracy-drop" in str(error)
 
 
+def test_cli_accuracy_floor_error_is_one_line(fp32_flash, tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(MODEL, str(path))
+    np.savez(tmp_path / "calib.npz", **CALIB)
+    np.savez(tmp_path / "val.npz", **VALIDATION)
+    code = main([str(path), "--target", TARGET, "--max-flash", str(int(0.3 * fp32_flash)), "--calibration",
+                 str(tmp_path / "calib.npz"), "--validation", str(tmp_path / "val.npz"), "--max-accuracy-drop", "0.5",
+                 "-o", str(tmp_path / "out" / "m")])
+    err = capsys.readouterr().err
+    assert code == 1 and "within the accuracy floor of 99.5%" in err and len(err.strip().splitlines()) == 1
+
+
 def _candidate(layer, name, drop, sqnr, delta=-100):
     return budgets.Candidate(layer, budgets.Setting(name, clusters=4), delta, sqnr, accuracy_drop=drop)
 
