@@ -164,15 +164,15 @@ def validation_section(rows: list[dict], sections: list[str], args) -> str:
     commit = _commit()
     n = args.validation
     lines = [VALIDATION_HEADING, "",
-             f"Measured with `python tools/budget_eval.py --validation {n} --max-accuracy-drop {args.max_accuracy_drop} "
-             f"--models {','.join(r['model'] for r in rows)} --write docs/budgets-results.md` at commit "
+             f"Measured with `python tools/budget_eval.py --validation {n} --max-accuracy-drop "
+             f"{args.max_accuracy_drop} --models {','.join(r['model'] for r in rows)} --write docs/budgets-results.md` at commit "
              f"{commit.strip()} on {platform.machine()} ({os.cpu_count()} cores, shared). Same budgets as above "
              f"({args.fraction:.0%} of the fp32 weights, `{args.device}`); the search gets the first {n} test images "
              f"with their labels as `validation` and may lose {args.max_accuracy_drop} point(s) of accuracy on them. "
              f"Held-out accuracy is on the other {500 - n} test images (fp32: onnxruntime; budget: the compiled IR "
              "run by edgecc's interpreter).", "",
-             "| model | budget | flash | validation acc % (fp32 / floor / chosen) | held-out fp32 acc % | held-out acc % | "
-             "settings ruled out | settings | search s |", "|---|---:|---:|---|---:|---:|---:|---|---:|"]
+             "| model | budget | flash | validation acc % (fp32 / floor / chosen) | held-out fp32 acc % | "
+             "held-out acc % | settings ruled out | settings | search s |", "|---|---:|---:|---|---:|---:|---:|---|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['budget']:,} | BudgetError |  |  |  |  | `{r['error']}` | "

@@ -5,12 +5,12 @@ of a few settings (SETTINGS: float32, float16 weights, int8, pruning then int8, 
 16/4/2-entry codebook); a setting's cost is the change of the stored weight bytes it causes, measured by compressing
 and quantising that one layer and running the -O3 pipeline for the target (encode-sparsity's encodings, counted by
 compression.stored_weight_bytes: the same functions the compiled model's bytes come from), and its loss the model's
-output SQNR on calibration samples when only that layer takes it (after the layer-wise re-fit). The search is greedy, in the spirit of HAQ/AMC but without
-training: from all-float32 it repeatedly takes the move (one layer to a smaller setting) with the most bytes saved
-per unit of added output noise (noise powers of independent layers add), until the estimated flash fits. The
-estimate is then checked by compiling the choice and reading the object's real flash (weights + code: int8 and
-codebook kernels add code the estimate does not know about); when it is over, the greedy continues towards a target
-lowered by the overshoot. Every compiled point and every greedy step is kept, and the report lists the Pareto front
+output SQNR on calibration samples when only that layer takes it (after the layer-wise re-fit). The search is
+greedy, in the spirit of HAQ/AMC but without training: from all-float32 it repeatedly takes the move (one layer to
+a smaller setting) with the most bytes saved per unit of added output noise (noise powers of independent layers
+add), until the estimated flash fits. The estimate is then checked by compiling the choice and reading the
+object's real flash (weights + code: int8 and codebook kernels add code the estimate does not know about); when it
+is over, the greedy continues towards a target lowered by the overshoot. Every compiled point and every greedy step is kept, and the report lists the Pareto front
 of flash, latency (when a device's cost model gives it) and SQNR/accuracy over the compiled points (the greedy's
 estimated steps are listed with them in "explored", but an estimate does not push a compiled point off the front).
 
