@@ -42,6 +42,32 @@ MODEL = mlp()
 CALIB = {"x": np.random.default_rng(1).standard_normal((64, 1, 64)).astype(np.float32)}
 
 
+def _float_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"x": v})[0] for v in x])
+
+
+def _validation() -> dict:
+    """Inputs labelled by onnxruntime's float model: float32 accuracy is 100%, and any flipped argmax costs 1 point."""
+    x = np.random.default_rng(5).standard_normal((100, 1, 64)).astype(np.float32)
+    return {"x": x, "label": np.argmax(_float_outputs(MODEL, x), axis=-1)}
+
+
+VALIDATION = _validation()
+
+
+def low_rank_mlp() -> onnx.ModelProto:
+    """MODEL with fc2's weight of rank 8 plus a little noise: a truncated SVD saves bytes there and not elsewhere."""
+    model = onnx.ModelProto()
+    model.CopyFrom(MODEL)
+    rng = np.random.default_rng(4)
+    w2 = (rng.standard_normal((64, 8)) @ rng.standard_normal((8, 64)) / 8 + 0.01 * rng.standard_normal((64, 64)))
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "w2":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w2.astype(np.float32), "w2"))
+    return model
+
+
 @pytest.fixture(scope="module")
 def fp32_flash() -> int:
     return flash_bytes(edgecc.compile(MODEL, target=TARGET, opt_level=3, optimize_for="size"))
@@ -68,6 +94,48 @@ def test_per_layer_option_values_are_checked():
         edgecc.compile(MODEL, runtime="reference", prune={"fc2": 1.5})
     with pytest.raises(EdgeccError, match="clusters"):
         edgecc.compile(MODEL, runtime="reference", cluster_weights={"fc2": 1})
+
+
+def test_per_layer_low_rank_fp16_and_int8_touch_only_the_named_layers():
+    """low_rank= and quantize= as {layer: value} dicts: fc2 factorised then int8 (both its products), fc1 float16
+    weights, fc3 float32; the outputs against onnxruntime's float model."""
+    model = low_rank_mlp()
+    compiled = edgecc.compile(model, runtime="reference", low_rank={"fc2": 0.95},
+                              quantize={"fc1": "fp16", "fc2": "int8"}, calibration=CALIB)
+    records = compiled.report["compression"]["layers"]
+    assert [(r["layer"], r["technique"]) for r in records] == [("fc2", "low-rank")] and not records[0]["skipped"]
+    assert records[0]["rank"] <= 16
+    nodes = {n.name: n for n in compiled.module.graph.nodes}
+    assert nodes["fc1"].input(1).type.dtype.short == "f16"
+    assert nodes["fc2_u"].op == nodes["fc2"].op == "QGemm"
+    assert nodes["fc3"].input(1).type.dtype.short == "f32"
+    assert compiled.report["precision"]["fp16"]["layers"] == ["fc1"]
+    x = np.random.default_rng(9).standard_normal((32, 1, 64)).astype(np.float32)
+    ours = np.concatenate(collect_values(compiled.module, [{"x": v} for v in x], set())["<outputs>"])
+    assert sqnr_db(_float_outputs(model, x).ravel(), ours.ravel()) > 25.0  # int8 and a 1% rank residual
+
+
+def test_per_layer_quantize_names_must_be_nodes():
+    with pytest.raises(EdgeccError, match="--quantize.*fc9"):
+        edgecc.compile(MODEL, runtime="reference", quantize={"fc9": "fp16"})
+    with pytest.raises(EdgeccError, match="unknown quantize mode 'int4'"):
+        edgecc.compile(MODEL, runtime="reference", quantize={"fc1": "int4"}, calibration=CALIB)
+
+
+def test_candidates_offer_fp16_and_low_rank_only_where_they_save_bytes():
+    from edgecc.frontend.onnx_import import import_model
+    from edgecc.precision import PREPARE_PIPELINE, run_pipeline
+
+    prepared = import_model(low_rank_mlp())
+    run_pipeline(prepared, PREPARE_PIPELINE)
+    probe = [{"x": v} for v in CALIB["x"][:8]]
+    table = budgets._candidates(prepared, ["fc1", "fc2", "fc3"], TARGET, probe, 3)
+    offered = {name: {c.setting.name: c for c in options} for name, options in table.items()}
+    for name, (n, k) in {"fc1": (64, 64), "fc2": (64, 64), "fc3": (10, 64)}.items():
+        fp16 = offered[name]["fp16"]
+        assert fp16.bytes_delta == -(n * k + n) * 2 and fp16.sqnr_db > 50  # weights and bias in half
+    assert "low rank 95%" in offered["fc2"] and offered["fc2"]["low rank 95%"].bytes_delta < -4096
+    assert "low rank 95%" not in offered["fc1"]  # a random 64x64 matrix needs most of its rank
 
 
 def test_optimising_for_size_takes_less_code():
@@ -139,11 +207,74 @@ def test_cli_impossible_budget_exits_1_with_one_line_and_writes_nothing(tmp_path
     (dict(validation="v.npz"), "--validation"),                               # no budget
     (dict(max_ram="64K", max_flash="10K", calibration=CALIB, prune=0.5), "--prune"),
     (dict(max_latency_ms=1.0, calibration=CALIB), "--max-latency"),          # no device: no cost model
+    (dict(max_accuracy_drop=1.0), "--max-accuracy-drop"),                     # no budget
+    (dict(max_flash="10K", calibration=CALIB, max_accuracy_drop=1.0), "--max-accuracy-drop"),  # no validation
+    (dict(max_flash="10K", calibration=CALIB, validation=VALIDATION, max_accuracy_drop=-1), "--max-accuracy-drop"),
 ])
 def test_budget_option_errors_name_the_option(kwargs, where):
     with pytest.raises(EdgeccError) as info:
         edgecc.compile(MODEL, target=TARGET, **kwargs)
     assert where in str(info.value)
+
+
+def test_validation_keeps_the_search_within_the_accuracy_floor(fp32_flash):
+    """With labels the chosen model's validation accuracy (checked here by running its IR on the labelled inputs)
+    stays within max_accuracy_drop of float32's (100% by construction); settings that alone lose more are not tried."""
+    compiled = edgecc.compile(MODEL, target=TARGET, max_flash=fp32_flash // 2, calibration=CALIB,
+                              validation=VALIDATION, max_accuracy_drop=1.0)
+    report = compiled.report["budget"]
+    feeds = [{"x": v} for v in VALIDATION["x"]]
+    assert report["accuracy"] == budgets.accuracy(compiled.module, feeds, VALIDATION["label"]) >= 99.0
+    assert report["fp32_accuracy"] == 100.0 and report["accuracy_floor"] == 99.0
+    assert report["flash_bytes"] <= fp32_flash // 2
+    assert all(c["accuracy_drop"] <= 1.0 for c in report["candidates"])
+    assert any("alone it loses" in r["why"] for r in report["rejected"])
+    assert "validation accuracy" in budgets.summary(report)
+
+
+def test_a_budget_met_only_under_the_floor_is_a_budget_error(fp32_flash):
+    """At 30% of the float32 flash the search without labels returns a model that loses 3 points on VALIDATION;
+    with a 1-point floor the same budget is a BudgetError naming the floor and the smallest point within it."""
+    budget = int(0.3 * fp32_flash)
+    free = edgecc.compile(MODEL, target=TARGET, max_flash=budget, calibration=CALIB)
+    feeds = [{"x": v} for v in VALIDATION["x"]]
+    assert budgets.accuracy(free.module, feeds, VALIDATION["label"]) < 99.0
+    assert free.report["budget"]["accuracy_floor"] is None
+    with pytest.raises(BudgetError) as info:
+        edgecc.compile(MODEL, target=TARGET, max_flash=budget, calibration=CALIB, validation=VALIDATION)
+    error = info.value
+    assert error.budget == "max_flash" and error.smallest > budget and error.within
+    assert "within the accuracy floor of 99.0%" in str(error) and "--max-accuracy-drop" in str(error)
+
+
+def test_cli_accuracy_floor_error_is_one_line(fp32_flash, tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(MODEL, str(path))
+    np.savez(tmp_path / "calib.npz", **CALIB)
+    np.savez(tmp_path / "val.npz", **VALIDATION)
+    code = main([str(path), "--target", TARGET, "--max-flash", str(int(0.3 * fp32_flash)), "--calibration",
+                 str(tmp_path / "calib.npz"), "--validation", str(tmp_path / "val.npz"), "--max-accuracy-drop", "0.5",
+                 "-o", str(tmp_path / "out" / "m")])
+    err = capsys.readouterr().err
+    assert code == 1 and "within the accuracy floor of 99.5%" in err and len(err.strip().splitlines()) == 1
+
+
+def _candidate(layer, name, drop, sqnr, delta=-100):
+    return budgets.Candidate(layer, budgets.Setting(name, clusters=4), delta, sqnr, accuracy_drop=drop)
+
+
+def test_a_choice_under_the_floor_loses_its_worst_setting():
+    worst, mild = _candidate("a", "4 clusters", 0.8, 30.0), _candidate("b", "4 clusters", 0.2, 20.0)
+    candidates = {"a": [_candidate("a", "fp32", 0.0, float("inf"), 0), worst],
+                  "b": [_candidate("b", "fp32", 0.0, float("inf"), 0), mild]}
+    choice = {"a": worst.setting, "b": mild.setting}
+    rejected: list = []
+    assert budgets._ban(choice, candidates, rejected, {"label": "search round 1", "accuracy": 97.5})
+    assert choice == {"a": budgets.FP32, "b": mild.setting} and worst not in candidates["a"]
+    assert rejected[0]["layer"] == "a" and "97.5%" in rejected[0]["why"]
+    assert budgets._reject(candidates, 0.1) == [{"layer": "b", "setting": "4 clusters",
+                                                 "why": "alone it loses 0.2 points of validation accuracy"}]
+    assert budgets._ban({"a": budgets.FP32, "b": budgets.FP32}, candidates, rejected, {}) is False
 
 
 def test_plot_without_matplotlib_says_what_to_install(within_half, tmp_path):
@@ -167,7 +298,7 @@ def test_latency_budget_steers_the_search_to_int8_layers(monkeypatch):
     """A budget of 90% of the float32 estimate on a Cortex-A76 (sdot: int8 Gemms take fewer instructions) needs
     int8 on a layer: the search moves layers by their estimated latency, checks the choice by compiling, and keeps
     more SQNR than int8 everywhere (a layer stays float32). Settings limited to float32/int8 to keep it fast."""
-    monkeypatch.setattr(budgets, "SETTINGS", budgets.SETTINGS[:2])
+    monkeypatch.setattr(budgets, "SETTINGS", tuple(s for s in budgets.SETTINGS if s.name in ("fp32", "int8")))
     model = mlp(128, 128)
     calibration = {"x": np.random.default_rng(1).standard_normal((64, 1, 128)).astype(np.float32)}
     fp32 = edgecc.compile(model, device="a76-phone").report["latency_ms"]

@@ -510,3 +510,23 @@ def test_export_of_qgemm_with_batched_a_and_transposed_b():
     ours = run_module(module, {"a": a})[0]
     theirs = _ort_run(exported, {"a": a})
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
+def test_a_one_weight_convolution_keeps_its_weight_shape():
+    """A 1x1 convolution from one channel to one (a Tucker-2 factor of a first layer) has a single weight: lowered
+    to QLinearConv it stays 1x1x1x1 with a one-entry bias (a scalar fails the op's shape check), and matches
+    onnxruntime's run of the float model to int8 precision."""
+    import onnxruntime as ort
+
+    inits = [numpy_helper.from_array(np.array([[[[0.7]]]], np.float32), "w"),
+             numpy_helper.from_array(np.array([0.1], np.float32), "b")]
+    model = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+                       [tensor_info("x", [1, 1, 4, 4])], [tensor_info("y", [1, 1, 4, 4])], inits)
+    x = np.random.default_rng(2).standard_normal((16, 1, 1, 4, 4)).astype(np.float32)
+    compiled = edgecc.compile(model, quantize="int8", calibration={"x": x})
+    conv = next(n for n in compiled.module.graph.nodes if n.op == "QLinearConv")
+    assert conv.inputs[3].const.shape == (1, 1, 1, 1) and conv.inputs[8].const.shape == (1,)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for v in x[:4]:
+        ours, theirs = compiled.run({"x": v})[0], session.run(None, {"x": v})[0]
+        assert np.abs(ours - theirs).max() <= 0.02 * np.abs(theirs).max()

@@ -206,8 +206,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
             prune_channels: float | None = None,
             low_rank: float | None = None, tucker: bool = False, cluster_weights: int | None = None,
             reconstruct: bool | None = None, device=None, optimize_for: str | None = None, max_flash=None,
-            max_latency_ms: float | None = None, max_ram=None, validation=None, plot: str | None = None,
-            **options) -> CompiledModel:
+            max_latency_ms: float | None = None, max_ram=None, validation=None, max_accuracy_drop: float | None = None,
+            plot: str | None = None, **options) -> CompiledModel:
     """Compile an ONNX model (a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph).
 
     Args:
@@ -224,8 +224,10 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         passes: an explicit pipeline ("infer-shapes,fold-constants,dce") instead of the -O level's.
         progress: show a progress bar on stderr once the compile has taken a second (None: when stderr is a
             terminal).
-        quantize: "int8" (post-training quantisation from `calibration`) or "fp16" (weights stored as float16).
-            Models that arrive quantised (QDQ or QLinear ops) compile to integer kernels without it.
+        quantize: "int8" (post-training quantisation from `calibration`) or "fp16" (weights stored as float16),
+            or per layer {layer name: "int8" | "fp16"} (unnamed layers stay float32; fp16 layers store their weights
+            in half and compute in float32). Models that arrive quantised (QDQ or QLinear ops) compile to integer
+            kernels without it.
         calibration: for int8: an .npz path (one array per input, samples stacked on the first axis), a folder
             of .npy/.npz files, a dict of stacked arrays, or an iterable of feed dicts.
         calibration_method: how activation ranges are taken from calibration: minmax, percentile or entropy.
@@ -238,7 +240,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         prune_channels: structured pruning: remove this fraction of each layer's output channels (lowest L1 norm),
             shrinking every consumer.
         low_rank: factorise Gemm/MatMul and 1x1 Conv weights by truncated SVD keeping this fraction of their
-            energy, where that saves bytes and MACs.
+            energy, where that saves bytes and MACs (or per layer: {layer name: energy}, as prune takes).
         tucker: with low_rank, also split KxK convolutions by Tucker-2 (1x1, a smaller KxK core, 1x1).
         cluster_weights: share each weight tensor's values through a k-entry codebook (k-means), stored as
             packed indices.
@@ -256,7 +258,10 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         max_latency_ms: the latency the device's cost model must show (needs a device's cost model).
         max_ram: bytes of RAM the planned arena may take, met without touching numerics (edgecc.ram.fit_ram:
             memory-aware order, in-place ops, patch-based execution of the first stage); the report gains "ram".
-        validation: with a budget, an .npz of inputs and `label`: accuracy of the points explored.
+        validation: with a budget, an .npz of inputs and `label` (or a dict of such arrays): the search measures
+            each candidate's accuracy on it and keeps the result within `max_accuracy_drop` of float32's.
+        max_accuracy_drop: with `validation`, the points of top-1 accuracy (default 1.0) the chosen model may lose
+            against the float32 model on it; BudgetError when the budget cannot be met within that.
         plot: with a budget, write the explored points and the front to this PNG (needs matplotlib).
         **options: time_passes, print_after_all, print_after, verify_each, dump_ir, debug_rewrites,
             disable_passes, load_pass_plugin (list of files).
@@ -267,7 +272,7 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
     if max_flash is not None or max_latency_ms is not None:
         return _compile_within_budget(
             model, max_flash=max_flash, max_latency_ms=max_latency_ms, max_ram=max_ram, validation=validation,
-            device=device,
+            max_accuracy_drop=max_accuracy_drop, device=device,
             plot=plot, target=target, opt_level=opt_level, calibration=calibration, optimize_for=optimize_for,
             chosen={"quantize": quantize, "prune": prune, "prune_channels": prune_channels, "low_rank": low_rank,
                     "cluster_weights": cluster_weights, "keep_fp32": keep_fp32, "min_sqnr": min_sqnr},
@@ -277,9 +282,11 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
         from edgecc.devices import parse_size
 
         max_ram = parse_size(max_ram, "--max-ram")
-    if validation is not None or plot is not None:
-        raise EdgeccError("--validation and --plot go with a budget", where="--validation" if validation is not None
-                          else "--plot", hint="add --max-flash SIZE (or drop them)")
+    given = [o for o, v in (("--validation", validation), ("--max-accuracy-drop", max_accuracy_drop),
+                            ("--plot", plot)) if v is not None]
+    if given:
+        raise EdgeccError("--validation, --max-accuracy-drop and --plot go with a budget", where=given[0],
+                          hint="add --max-flash SIZE (or drop them)")
     start = time.perf_counter()
     if runtime not in RUNTIMES:
         raise EdgeccError(f"unknown runtime '{runtime}'", hint=f"use one of {', '.join(RUNTIMES)}")
@@ -326,14 +333,19 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
                 low_rank=low_rank,
                 tucker=tucker, cluster_weights=cluster_weights, calibration=calibration, reconstruct=reconstruct)
             bar.step("compress")
-        if quantize == "int8":
-            precision_report = precision.quantize_int8(module, calibration, calibration_method, keep_fp32, progress,
+        wanted = precision.modes(quantize)  # {"int8"/"fp16": layer names, None for all}
+        if "int8" in wanted:
+            keep = keep_fp32 if wanted["int8"] is None else precision.keep_for_layers(
+                module, keep_fp32, compression.layer_nodes(compression_report, wanted["int8"]))
+            precision_report = precision.quantize_int8(module, calibration, calibration_method, keep, progress,
                                                         min_sqnr)
         nodes_before = len(module.graph.nodes)
         module, manager = optimize(module, opt_level=int(opt_level), passes=passes, target=target, progress=bar,
                                    **options)
-        if quantize == "fp16":
-            precision_report = precision.convert_fp16(module, resolved)
+        if "fp16" in wanted:
+            fp16 = precision.convert_fp16(module, resolved, None if wanted["fp16"] is None else
+                                          compression.layer_nodes(compression_report, wanted["fp16"]))
+            precision_report = fp16 if precision_report is None else dict(precision_report, fp16=fp16)
         native = None
 
         def build(fitted):
@@ -373,8 +385,8 @@ def compile(model, target: str = "host", opt_level: int = 2, *, input_shapes=Non
     return compiled
 
 
-def _compile_within_budget(model, *, max_flash, max_latency_ms, validation, plot, target, chosen: dict,
-                           optimize_for, calibration, device, **compile_options) -> CompiledModel:
+def _compile_within_budget(model, *, max_flash, max_latency_ms, validation, max_accuracy_drop, plot, target,
+                           chosen: dict, optimize_for, calibration, device, **compile_options) -> CompiledModel:
     """compile() under device budgets: the per-layer search of edgecc.budgets (which compiles the candidates)."""
     from edgecc import budgets
 
@@ -399,7 +411,8 @@ def _compile_within_budget(model, *, max_flash, max_latency_ms, validation, plot
     # budget alone would pay for nothing
     compile_options["optimize_for"] = optimize_for or ("size" if max_flash is not None else "speed")
     compiled, report = budgets.search(model, target=target, max_flash=max_flash, max_latency_ms=max_latency_ms,
-                                      calibration=calibration, validation=validation, device=device,
+                                      calibration=calibration, validation=validation,
+                                      max_accuracy_drop=max_accuracy_drop, device=device,
                                       compile_options=compile_options)
     compiled.report["budget"] = report
     if plot is not None:

@@ -1,16 +1,16 @@
 """Flash and latency budgets: a search over per-layer precision and compression settings.
 
 `edgecc.compile(..., max_flash=...)` starts from a size, not from a list of passes. Each weight layer can take one
-of a few settings (SETTINGS: float32, int8, pruning then int8, a 16/4/2-entry codebook); a setting's cost is the
-change of the stored weight bytes it causes, measured by compressing and quantising that one layer and running the
--O3 pipeline for the target (encode-sparsity's encodings, counted by compression.stored_weight_bytes: the same
-functions the compiled model's bytes come from), and its loss the model's output SQNR on calibration samples when
-only that layer takes it (after the layer-wise re-fit). The search is greedy, in the spirit of HAQ/AMC but without
-training: from all-float32 it repeatedly takes the move (one layer to a smaller setting) with the most bytes saved
-per unit of added output noise (noise powers of independent layers add), until the estimated flash fits. The
-estimate is then checked by compiling the choice and reading the object's real flash (weights + code: int8 and
-codebook kernels add code the estimate does not know about); when it is over, the greedy continues towards a target
-lowered by the overshoot. Every compiled point and every greedy step is kept, and the report lists the Pareto front
+of a few settings (SETTINGS: float32, float16 weights, int8, pruning then int8, low rank (float, or then int8), a
+16/4/2-entry codebook); a setting's cost is the change of the stored weight bytes it causes, measured by compressing
+and quantising that one layer and running the -O3 pipeline for the target (encode-sparsity's encodings, counted by
+compression.stored_weight_bytes: the same functions the compiled model's bytes come from), and its loss the model's
+output SQNR on calibration samples when only that layer takes it (after the layer-wise re-fit). The search is
+greedy, in the spirit of HAQ/AMC but without training: from all-float32 it repeatedly takes the move (one layer to
+a smaller setting) with the most bytes saved per unit of added output noise (noise powers of independent layers
+add), until the estimated flash fits. The estimate is then checked by compiling the choice and reading the
+object's real flash (weights + code: int8 and codebook kernels add code the estimate does not know about); when it
+is over, the greedy continues towards a target lowered by the overshoot. Every compiled point and every greedy step is kept, and the report lists the Pareto front
 of flash, latency (when a device's cost model gives it) and SQNR/accuracy over the compiled points (the greedy's
 estimated steps are listed with them in "explored", but an estimate does not push a compiled point off the front).
 
@@ -22,8 +22,17 @@ and the compiled choice is checked (the Quantize/Dequantize nodes between layers
 any layer's cost, so the goal is lowered by the overshoot as for flash). Which settings are faster is the board's
 business: on the Cortex-M4 boards int8 kernels are slower than float32 and only 90%-pruned int8 layers are faster.
 
+With labelled `validation` data accuracy steers too, but does not replace SQNR in the ranking: top-1 accuracy on a
+few hundred samples moves in steps of several tenths of a point, most single-layer changes show no change at all,
+and accuracy losses do not add the way noise powers do. So each candidate's accuracy drop (that layer alone, on the
+validation set) rules out the settings that alone lose more than `max_accuracy_drop`; every compiled choice is
+checked against the floor (float32's validation accuracy minus `max_accuracy_drop`); a choice under it loses its
+setting that loses the most alone (accuracy, then noise), that layer goes back to float32 and the greedy chooses
+again. The refinement keeps a point only if it is within the floor and more accurate (then higher SQNR).
+
 When even the smallest (or, under a latency budget alone, the fastest) setting of every layer does not fit,
-BudgetError names the budget, the smallest flash or latency reached (compiled, not estimated) and what to try.
+BudgetError names the budget, the smallest flash or latency reached (compiled, not estimated; within the accuracy
+floor when there is one) and what to try.
 """
 
 from __future__ import annotations
@@ -39,29 +48,39 @@ from edgecc.ir.core import Module
 
 @dataclass(frozen=True)
 class Setting:
-    """One layer's precision/compression: `prune` (fraction of zero weights) then int8, or a `clusters`-entry
-    codebook (clustered weights stay float: they are no longer constants int8 could quantise)."""
+    """One layer's precision/compression: `prune` (fraction of zero weights) or `rank` (low-rank factorisation
+    keeping that fraction of the weight's energy; Tucker-2 for KxK convolutions), then int8 or float16 weights; or a
+    `clusters`-entry codebook (clustered weights stay float: they are no longer constants int8 could quantise)."""
 
     name: str
     prune: float | None = None
     clusters: int | None = None
     int8: bool = False
+    fp16: bool = False
+    rank: float | None = None
 
 
 FP32 = Setting("fp32")
-SETTINGS = (FP32, Setting("int8", int8=True), Setting("prune 80% + int8", prune=0.8, int8=True),
-            Setting("prune 90% + int8", prune=0.9, int8=True), Setting("16 clusters", clusters=16),
-            Setting("4 clusters", clusters=4), Setting("2 clusters", clusters=2))
-"""The per-layer candidates. int8 is about a quarter of the float bytes plus per-channel scales and int32 biases;
-pruned int8 weights are stored sparse where encode-sparsity finds it smaller and not slower (QGemm, 1x1 QLinearConv
-on microcontrollers); codebooks store 4, 2 or 1 bits per weight (docs/compression-results.md)."""
+SETTINGS = (FP32, Setting("fp16", fp16=True), Setting("int8", int8=True),
+            Setting("prune 80% + int8", prune=0.8, int8=True), Setting("prune 90% + int8", prune=0.9, int8=True),
+            Setting("low rank 95%", rank=0.95), Setting("low rank 90% + int8", rank=0.9, int8=True),
+            Setting("16 clusters", clusters=16), Setting("4 clusters", clusters=4), Setting("2 clusters", clusters=2))
+"""The per-layer candidates. fp16 halves the float bytes (weights widened at load, float32 arithmetic); int8 is
+about a quarter of them plus per-channel scales and int32 biases; pruned int8 weights are stored sparse where
+encode-sparsity finds it smaller and not slower (QGemm, 1x1 QLinearConv on microcontrollers); low rank stores
+r (K + N) instead of K N weights where the rank keeping that energy is small enough (only there is it a candidate);
+codebooks store 4, 2 or 1 bits per weight (docs/compression-results.md)."""
 
 PROBE_SAMPLES = 48
 """Calibration samples each candidate's SQNR is measured on (and its single layer re-fitted on): enough to rank
 settings, few enough that the interpreter runs each candidate in about a second on the digits models."""
 
-MAX_ROUNDS = 6
+MAX_ROUNDS = 8
 """Compiles of a greedy choice before the search gives up refining and tries the smallest setting everywhere."""
+
+DEFAULT_ACCURACY_DROP = 1.0
+"""Points of validation accuracy below float32 a budget search may lose when `validation` is given and
+`max_accuracy_drop` is not."""
 
 
 @dataclass
@@ -71,6 +90,7 @@ class Candidate:
     bytes_delta: int      # stored weight bytes, this setting minus float32 (negative: saves)
     sqnr_db: float        # the model's output SQNR with only this layer changed
     latency_delta_ms: float = 0.0  # the layer's estimated latency, this setting minus float32 (latency budgets)
+    accuracy_drop: float | None = None  # validation accuracy lost with only this layer changed (points)
 
     @property
     def noise(self) -> float:
@@ -79,9 +99,10 @@ class Candidate:
 
 
 def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, max_latency_ms: float | None = None,
-           calibration=None, validation=None, device=None, compile_options: dict | None = None,
-           log=None) -> tuple:
-    """Compile `model` within `max_flash` bytes (weights + code) and `max_latency_ms` (needs `device`'s cost model);
+           calibration=None, validation=None, max_accuracy_drop: float | None = None, device=None,
+           compile_options: dict | None = None, log=None) -> tuple:
+    """Compile `model` within `max_flash` bytes (weights + code) and `max_latency_ms` (needs `device`'s cost model)
+    and, with labelled `validation` data, within `max_accuracy_drop` points of the float32 accuracy on it;
     returns (CompiledModel, budget report). Raises BudgetError when no setting fits."""
     import edgecc
     from edgecc.calibration import load_calibration
@@ -92,6 +113,7 @@ def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, ma
         raise EdgeccError("a flash or latency budget needs calibration data", where="--max-flash",
                           hint="pass --calibration DATA.npz: each layer's sensitivity is measured on it, and "
                                "compressed layers are re-fitted on it")
+    max_accuracy_drop = check_accuracy_drop(max_accuracy_drop, validation)
     options = dict(compile_options or {})
     options.setdefault("opt_level", 3)
     options.setdefault("optimize_for", "size")
@@ -108,20 +130,34 @@ def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, ma
 
     def build(choice: dict[str, Setting], label: str) -> tuple:
         args = _compile_args(choice)
-        uses_data = "quantize" in args or args["prune"] or args["cluster_weights"]
+        uses_data = args["prune"] or args["cluster_weights"] or args["low_rank"] or \
+            "int8" in (args["quantize"] or {}).values()
         compiled = edgecc.compile(model, target=target, device=device, calibration=calibration if uses_data else None,
                                   **options, **args)
         point = _measure(compiled, choice, label, prepared, probe, labelled, device)
         points.append(point)
-        say(f"{label}: flash {point['flash_bytes']} bytes, output SQNR {point['sqnr_db']} dB")
+        say(f"{label}: flash {point['flash_bytes']} bytes, output SQNR {point['sqnr_db']} dB"
+            + ("" if point["accuracy"] is None else f", accuracy {point['accuracy']}%"))
         return compiled, point
 
     baseline, base_point = build({}, "float32")
-    if _fits(base_point, max_flash, max_latency_ms):
-        return baseline, _report(base_point, {}, points, [], max_flash, max_latency_ms)
+    floor = None if labelled is None else round(base_point["accuracy"] - max_accuracy_drop, 2)
+
+    def fits(point: dict) -> bool:
+        return _fits(point, max_flash, max_latency_ms, floor)
+
+    def report(point, choice, candidates=(), rejected=()) -> dict:
+        return _report(point, choice, points, list(candidates), max_flash, max_latency_ms,
+                       {"fp32_accuracy": base_point["accuracy"], "max_accuracy_drop": max_accuracy_drop,
+                        "accuracy_floor": floor, "rejected": list(rejected)})
+
+    if fits(base_point):
+        return baseline, report(base_point, {})
     layers = _layers(prepared)
-    say(f"measuring {len(layers)} layers x {len(SETTINGS) - 1} settings on {len(probe)} calibration samples")
-    candidates = _candidates(prepared, layers, target, probe, options["opt_level"])
+    say(f"measuring {len(layers)} layers x {len(SETTINGS) - 1} settings on {len(probe)} calibration samples"
+        + ("" if labelled is None else f" and {len(labelled[0])} validation samples"))
+    candidates = _candidates(prepared, layers, target, probe, options["opt_level"], labelled)
+    rejected = _reject(candidates, max_accuracy_drop) if labelled is not None else []
     choice = {name: FP32 for name in layers}
     goal = base_point["flash_bytes"] if max_flash is None else max_flash
     steer_latency = max_latency_ms is not None and base_point["latency_ms"] is not None
@@ -132,10 +168,11 @@ def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, ma
             f"every layer {setting.name}")[0])
     latency_goal = max_latency_ms
     compiled, point = baseline, base_point
+    banned = False  # the last compile was under the accuracy floor and a layer's setting was taken away
     for round_ in range(MAX_ROUNDS):
         if max_flash is None and not steer_latency:
             break
-        moved = False
+        moved = banned
         if max_flash is not None:
             moved |= _greedy(choice, candidates, "bytes_delta", base_point, goal, points)
         if steer_latency:
@@ -143,30 +180,55 @@ def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, ma
         if not moved and round_ > 0:
             break  # the goals moved but nothing cheaper is left: the last compile stands
         compiled, point = build(choice, f"search round {round_ + 1}")
-        if _fits(point, max_flash, max_latency_ms) or not moved:
+        if fits(point) or not moved:
             break
+        banned = floor is not None and point["accuracy"] < floor and _ban(choice, candidates, rejected, point)
+        if floor is not None and point["accuracy"] < floor and not banned:
+            break  # every layer is back at float32 as far as accuracy goes: nothing left to try
         if max_flash is not None and point["flash_bytes"] > max_flash:
             goal -= point["flash_bytes"] - max_flash  # what the estimate missed (kernel code), taken off the goal
         if steer_latency and point["latency_ms"] > max_latency_ms:
             latency_goal -= point["latency_ms"] - max_latency_ms  # the Quantize/Dequantize between layers
-    if not _fits(point, max_flash, max_latency_ms):
+    if not fits(point):
         cost = "bytes_delta" if max_flash is not None or not steer_latency else "latency_delta_ms"
         smallest = {name: min(candidates[name], key=lambda c: getattr(c, cost)).setting for name in layers}
         if smallest != choice:
             compiled, point = build(smallest, ("smallest" if cost == "bytes_delta" else "fastest")
                                     + " setting of every layer")
             choice = smallest
-        if not _fits(point, max_flash, max_latency_ms):
-            raise _error(points, max_flash, max_latency_ms)
+        if not fits(point):
+            raise _error(points, max_flash, max_latency_ms, floor)
     if max_flash is not None and point["flash_bytes"] < max_flash:
         # the greedy steps are coarse: spend the bytes left on the layers that lose the most, and keep it if it fits
         better = dict(choice)
         if _upgrade(better, candidates, max_flash - point["flash_bytes"]):
             trial, trial_point = build(better, "refined with the bytes left")
-            if _fits(trial_point, max_flash, max_latency_ms) and trial_point["sqnr_db"] > point["sqnr_db"]:
+            if fits(trial_point) and _quality(trial_point) > _quality(point):
                 compiled, point, choice = trial, trial_point, better
-    return compiled, _report(point, choice, points, [c for cs in candidates.values() for c in cs], max_flash,
-                             max_latency_ms)
+    return compiled, report(point, choice, [c for cs in candidates.values() for c in cs], rejected)
+
+
+def check_accuracy_drop(max_accuracy_drop, validation) -> float | None:
+    """The accuracy tolerance in points: DEFAULT_ACCURACY_DROP when validation data is given without one; None
+    without validation data (nothing to measure accuracy on: the search then minimises output noise only)."""
+    if validation is None:
+        if max_accuracy_drop is not None:
+            raise EdgeccError("--max-accuracy-drop needs labelled data to measure accuracy on",
+                              where="--max-accuracy-drop", hint="add --validation DATA.npz (inputs and `label`)")
+        return None
+    if max_accuracy_drop is None:
+        return DEFAULT_ACCURACY_DROP
+    ok = isinstance(max_accuracy_drop, (int, float)) and not isinstance(max_accuracy_drop, bool)
+    if not ok or not math.isfinite(max_accuracy_drop) or not 0 <= max_accuracy_drop <= 100:
+        raise EdgeccError(f"the accuracy drop must be a number of points in [0, 100], got {max_accuracy_drop!r}",
+                          where="--max-accuracy-drop", hint="e.g. --max-accuracy-drop 1.0 (one point of top-1 "
+                                                            "accuracy below float32)")
+    return float(max_accuracy_drop)
+
+
+def _quality(point: dict) -> tuple:
+    """What the refinement improves: validation accuracy first where known (the floor's measure), then SQNR."""
+    return (point["accuracy"] if point["accuracy"] is not None else 0.0, point["sqnr_db"])
 
 
 def _layers(module: Module) -> list[str]:
@@ -176,57 +238,85 @@ def _layers(module: Module) -> list[str]:
 
 
 def _compile_args(choice: dict[str, Setting]) -> dict:
-    """edgecc.compile's per-layer options for `choice` (which names every weight layer: the ones not int8 are
-    kept float32)."""
+    """edgecc.compile's per-layer options for `choice` (layers it does not name, or names as fp32, stay float32)."""
     prune = {name: s.prune for name, s in choice.items() if s.prune is not None}
     clusters = {name: s.clusters for name, s in choice.items() if s.clusters is not None}
-    int8 = {name for name, s in choice.items() if s.int8}
-    args: dict = {"prune": prune or None, "cluster_weights": clusters or None}
-    if int8:
-        args.update(quantize="int8", keep_fp32=sorted(name for name in choice if name not in int8))
-    return args
+    rank = {name: s.rank for name, s in choice.items() if s.rank is not None}
+    quantize = {name: "int8" if s.int8 else "fp16" for name, s in choice.items() if s.int8 or s.fp16}
+    return {"prune": prune or None, "cluster_weights": clusters or None, "low_rank": rank or None,
+            "tucker": bool(rank), "quantize": quantize or None}
 
 
-def _apply(prepared: Module, choice: dict[str, Setting], samples: list) -> Module:
-    """A copy of the prepared float module with `choice` applied (compressed, re-fitted, quantised), before -O."""
+def _apply(prepared: Module, choice: dict[str, Setting], samples: list, target: str, opt_level: int) -> Module:
+    """A copy of the prepared float module with `choice` applied as edgecc.compile applies it: compressed and
+    re-fitted, int8 layers quantised, the -O pipeline for `target` (encode-sparsity's encodings), fp16 weights."""
     from edgecc import compression, precision
+    from edgecc.api import optimize
 
     module = prepared.clone()
     args = _compile_args(choice)
-    if args["prune"] or args["cluster_weights"]:
-        compression.compress(module, prune=args["prune"], cluster_weights=args["cluster_weights"],
-                             calibration=samples)
-    if "quantize" in args:
-        precision.quantize_int8(module, samples, keep_fp32=args["keep_fp32"])
+    done = None
+    if args["prune"] or args["cluster_weights"] or args["low_rank"]:
+        done = compression.compress(module, prune=args["prune"], cluster_weights=args["cluster_weights"],
+                                    low_rank=args["low_rank"], tucker=args["tucker"], calibration=samples)
+    wanted = precision.modes(args["quantize"])
+    if "int8" in wanted:
+        precision.quantize_int8(module, samples, keep_fp32=precision.keep_for_layers(
+            module, None, compression.layer_nodes(done, wanted["int8"])))
+    module, _ = optimize(module, opt_level=opt_level, target=target)
+    if "fp16" in wanted:
+        precision.convert_fp16(module, None, compression.layer_nodes(done, wanted["fp16"]))
     return module
 
 
-def _stored_bytes(module: Module, target: str, opt_level: int) -> int:
-    """Weight bytes as the compiled model stores them: the -O pipeline for `target` (with its encode-sparsity),
-    counted by compression.stored_weight_bytes."""
-    from edgecc.api import optimize
-    from edgecc.compression import stored_weight_bytes
-
-    module, _ = optimize(module.clone(), opt_level=opt_level, target=target)
-    return stored_weight_bytes(module)
-
-
-def _candidates(prepared: Module, layers: list[str], target: str, probe: list, opt_level: int
+def _candidates(prepared: Module, layers: list[str], target: str, probe: list, opt_level: int, labelled=None
                 ) -> dict[str, list[Candidate]]:
-    """Each layer's settings with their bytes (against float32) and output SQNR when only that layer takes them;
-    settings that save nothing on this layer (skipped as too small, dense anyway) are left out."""
-    from edgecc.compression import output_sqnr
+    """Each layer's settings with their stored weight bytes (against float32, counted by
+    compression.stored_weight_bytes) and output SQNR when only that layer takes them, and with `labelled` data the
+    accuracy points lost; settings that save nothing on this layer (skipped as too small, dense anyway, a rank too
+    high to pay) are left out."""
+    from edgecc.compression import output_sqnr, stored_weight_bytes
 
-    base = _stored_bytes(prepared, target, opt_level)
+    float32 = _apply(prepared, {}, probe, target, opt_level)
+    base = stored_weight_bytes(float32)
+    base_accuracy = None if labelled is None else accuracy(float32, *labelled)
     table: dict[str, list[Candidate]] = {}
     for name in layers:
-        table[name] = [Candidate(name, FP32, 0, float("inf"))]
+        table[name] = [Candidate(name, FP32, 0, float("inf"), accuracy_drop=None if labelled is None else 0.0)]
         for setting in SETTINGS[1:]:
-            module = _apply(prepared, {**{other: FP32 for other in layers}, name: setting}, probe)
-            delta = _stored_bytes(module, target, opt_level) - base
+            module = _apply(prepared, {name: setting}, probe, target, opt_level)
+            delta = stored_weight_bytes(module) - base
             if delta < 0:
-                table[name].append(Candidate(name, setting, delta, output_sqnr(prepared, module, probe)))
+                drop = None if labelled is None else round(base_accuracy - accuracy(module, *labelled), 2)
+                table[name].append(Candidate(name, setting, delta, output_sqnr(prepared, module, probe),
+                                             accuracy_drop=drop))
     return table
+
+
+def _reject(candidates: dict[str, list[Candidate]], tolerance: float) -> list[dict]:
+    """Take out the settings that alone lose more validation accuracy than `tolerance`: no choice containing them
+    is likely to stay within the floor (accuracy losses rarely cancel). Returns what was taken out and why."""
+    rejected = []
+    for name, options in candidates.items():
+        for c in [c for c in options if c.accuracy_drop is not None and c.accuracy_drop > tolerance]:
+            options.remove(c)
+            rejected.append({"layer": name, "setting": c.setting.name,
+                             "why": f"alone it loses {c.accuracy_drop} points of validation accuracy"})
+    return rejected
+
+
+def _ban(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], rejected: list, point: dict) -> bool:
+    """A compiled choice fell under the accuracy floor: take away the chosen setting that loses the most on its own
+    (validation accuracy, then output noise), put its layer back to float32 and let the greedy choose again."""
+    chosen = [next(c for c in candidates[name] if c.setting == s) for name, s in choice.items() if s != FP32]
+    if not chosen:
+        return False
+    worst = max(chosen, key=lambda c: (c.accuracy_drop or 0.0, c.noise))
+    candidates[worst.layer].remove(worst)
+    choice[worst.layer] = FP32
+    rejected.append({"layer": worst.layer, "setting": worst.setting.name,
+                     "why": f"'{point['label']}' had {point['accuracy']}% validation accuracy, under the floor"})
+    return True
 
 
 def _latency_costs(candidates: dict[str, list[Candidate]], baseline, compile_all) -> None:
@@ -368,26 +458,48 @@ def accuracy(module: Module, feeds: list, labels: np.ndarray) -> float:
     return round(100.0 * float(np.mean(predicted == labels)), 2)
 
 
-def _fits(point: dict, max_flash, max_latency_ms) -> bool:
+def _fits(point: dict, max_flash, max_latency_ms, floor: float | None = None) -> bool:
     if max_flash is not None and point["flash_bytes"] > max_flash:
+        return False
+    if floor is not None and point["accuracy"] < floor:
         return False
     return max_latency_ms is None or point["latency_ms"] is None or point["latency_ms"] <= max_latency_ms
 
 
-def _error(points: list[dict], max_flash, max_latency_ms) -> BudgetError:
-    """The budget that failed, with the smallest value any compiled point reached."""
-    compiled = [p for p in points if p["measured"]]
+def _error(points: list[dict], max_flash, max_latency_ms, floor: float | None = None) -> BudgetError:
+    """The budget that failed, with the smallest value any compiled point reached (within the accuracy floor when
+    there is one: the float32 point always is)."""
+    measured = [p for p in points if p["measured"]]
+    compiled = [p for p in measured if floor is None or p["accuracy"] >= floor]
+    within = None if floor is None else f"within the accuracy floor of {floor}%"
+
+    def anyway(key: str, unit: str) -> str:
+        """Under a floor: the smallest point below it, so the user sees what the floor costs."""
+        if floor is None:
+            return ""
+        below = [q for q in measured if q["accuracy"] < floor and q[key] is not None]
+        if not below:
+            return ("; settings that alone lose more than the allowed drop were not tried: allow a larger drop "
+                    "(--max-accuracy-drop) or raise the budget")
+        p = min(below, key=lambda q: q[key])
+        return (f"; under the floor the smallest compiled was {p[key]:g} {unit} at {p['accuracy']}%: raise the "
+                "budget or allow a larger drop (--max-accuracy-drop)")
+
     smallest = min(compiled, key=lambda p: p["flash_bytes"])
     if max_flash is not None and smallest["flash_bytes"] > max_flash:
-        return BudgetError("max_flash", max_flash, smallest["flash_bytes"], where="--max-flash",
+        return BudgetError("max_flash", max_flash, smallest["flash_bytes"], where="--max-flash", within=within,
                            hint=f"the kernels' code alone is {smallest['code_bytes']} bytes there; raise the budget to "
                                 "at least the smallest reachable, use a board with more flash, or a smaller model "
-                                "(fewer or equal-shaped layers)")
-    fastest = min(p["latency_ms"] for p in compiled if p["latency_ms"] is not None)
-    return BudgetError("max_latency_ms", max_latency_ms, fastest, unit="ms", where="--max-latency",
+                                f"(fewer or equal-shaped layers){anyway('flash_bytes', 'bytes')}")
+    timed = [p["latency_ms"] for p in compiled if p["latency_ms"] is not None]
+    if max_latency_ms is None or not timed:  # the flash budget is met by some point, but not within the floor
+        return BudgetError("max_flash", max_flash, smallest["flash_bytes"], where="--max-accuracy-drop",
+                           within=within, hint="no compiled point met the budget and the accuracy floor together"
+                                               f"{anyway('flash_bytes', 'bytes')}")
+    return BudgetError("max_latency_ms", max_latency_ms, min(timed), unit="ms", where="--max-latency", within=within,
                        hint="no per-layer setting the search tried is fast enough on this board (its compiled "
                             "points are in the report's explored list); raise the budget, pick a faster board "
-                            "(--device), or a smaller model")
+                            f"(--device), or a smaller model{anyway('latency_ms', 'ms')}")
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
@@ -405,13 +517,14 @@ def pareto_front(points: list[dict]) -> list[dict]:
     return sorted((p for p in points if not any(beats(q, p) for q in points)), key=lambda p: p["flash_bytes"])
 
 
-def _report(point: dict, choice: dict[str, Setting], points: list, candidates: list, max_flash, max_latency_ms
-            ) -> dict:
+def _report(point: dict, choice: dict[str, Setting], points: list, candidates: list, max_flash, max_latency_ms,
+            accuracy_entries: dict) -> dict:
     return {"max_flash": max_flash, "max_latency_ms": max_latency_ms, "flash_bytes": point["flash_bytes"],
             "latency_ms": point["latency_ms"], "output_sqnr_db": point["sqnr_db"], "accuracy": point["accuracy"],
-            "settings": {name: s.name for name, s in choice.items()},
+            **accuracy_entries, "settings": {name: s.name for name, s in choice.items()},
             "candidates": [{"layer": c.layer, "setting": c.setting.name, "bytes_delta": c.bytes_delta,
-                            "sqnr_db": c.sqnr_db, "latency_delta_ms": c.latency_delta_ms} for c in candidates],
+                            "sqnr_db": c.sqnr_db, "latency_delta_ms": c.latency_delta_ms,
+                            "accuracy_drop": c.accuracy_drop} for c in candidates],
             "explored": points, "front": pareto_front([p for p in points if p["measured"]])}
 
 
@@ -463,5 +576,8 @@ def summary(report: dict) -> str:
     if report["max_latency_ms"] is not None:
         lines.append(f"edgecc: estimated latency {report['latency_ms']:.4g} ms (budget {report['max_latency_ms']:.4g} ms),"
                      f" output SQNR {report['output_sqnr_db']} dB on the calibration data")
+    if report.get("accuracy_floor") is not None:
+        lines.append(f"edgecc: validation accuracy {report['accuracy']}% (float32 {report['fp32_accuracy']}%, floor "
+                     f"{report['accuracy_floor']}%)")
     lines += [f"  {layer}: {setting}" for layer, setting in report["settings"].items()]
     return "\n".join(lines + ["Pareto front of the points explored:", front_table(report)])

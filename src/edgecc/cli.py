@@ -87,7 +87,10 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
                        help="latency the device's cost model must show")
     group.add_argument("--max-ram", metavar="SIZE", help="RAM (arena + stack) the model may take")
     group.add_argument("--validation", metavar="DATA.npz",
-                       help="with a budget: inputs and `label`, to report the accuracy of the points explored")
+                       help="with a budget: inputs and `label`; the search measures accuracy on them and keeps it "
+                            "within --max-accuracy-drop of float32's")
+    group.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                       help="with --validation: top-1 accuracy points the chosen model may lose (default 1.0)")
     group.add_argument("--plot", metavar="FILE.png", help="with a budget: draw the explored points and the front")
     group.add_argument("--optimize-for", choices=("speed", "size"), default=None,
                        help="kernel code: speed (default) or size (less flash; the default under --max-flash)")
@@ -133,7 +136,8 @@ def _compile_options(args) -> dict:
                 prune_channels=args.prune_channels, low_rank=args.low_rank, tucker=args.tucker,
                 cluster_weights=args.cluster_weights,
                 reconstruct=args.reconstruct, device=args.device, max_flash=args.max_flash,
-                max_latency_ms=args.max_latency_ms, max_ram=args.max_ram, validation=args.validation, plot=args.plot,
+                max_latency_ms=args.max_latency_ms, max_ram=args.max_ram, validation=args.validation,
+                max_accuracy_drop=args.max_accuracy_drop, plot=args.plot,
                 optimize_for=args.optimize_for)
 
 

@@ -28,8 +28,8 @@ def check_options(prune=None, prune_channels=None, low_rank=None, cluster_weight
         check_fraction(value, "--prune", "sparsity")
     if prune_channels is not None:
         check_fraction(prune_channels, "--prune-channels", "channel fraction")
-    if low_rank is not None:
-        check_fraction(low_rank, "--low-rank", "energy", upper_closed=True)
+    for value in per_layer(low_rank):
+        check_fraction(value, "--low-rank", "energy", upper_closed=True)
     for value in per_layer(cluster_weights):
         check_clusters(value)
     if prune_scope not in SCOPES:
@@ -92,10 +92,12 @@ def compress(module: Module, *, prune=None, prune_scope: str = "layer", prune_bl
     if low_rank is not None:
         from edgecc.passes.low_rank import low_rank as low_rank_of
 
-        options["low_rank"] = float(low_rank)
+        options["low_rank"] = _option_entry(low_rank, float)
         if tucker:
             options["tucker"] = True
-        layers += [dict(r, technique="low-rank") for r in low_rank_of(module, float(low_rank), tucker=bool(tucker))]
+        for value, names in per_layer(low_rank).items():
+            layers += [dict(r, technique="low-rank")
+                       for r in low_rank_of(module, float(value), tucker=bool(tucker), layers=names)]
     if prune is not None:
         from edgecc.passes.prune import prune_magnitude
 
@@ -177,6 +179,17 @@ def _reconstruct(original: Module, module: Module, layers: list[dict], samples: 
     pruned = frozenset(n for r in layers if r["technique"] == "prune" and not r.get("skipped")
                        and r.get("block", 1) == 1 for n in r.get("nodes") or [r["layer"]])
     return reconstruct(original, module, changed, samples, kept, reselect=pruned)
+
+
+def layer_nodes(report: dict | None, layers) -> list[str]:
+    """The nodes that compute `layers` after compression (from compress()'s records: a factorised layer is its
+    factors, e.g. `fc_u` then `fc`), so that per-layer precision reaches every product of a layer."""
+    nodes: dict[str, None] = {}
+    for layer in layers:
+        records = [r for r in (report or {}).get("layers", ()) if r["layer"] == layer and not r.get("skipped")]
+        for name in [n for r in records for n in r.get("nodes") or ()] or [layer]:
+            nodes[name] = None
+    return list(nodes)
 
 
 def stored_weight_bytes(module: Module) -> int:

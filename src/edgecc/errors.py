@@ -58,13 +58,14 @@ class BudgetError(EdgeccError):
     """
 
     def __init__(self, budget: str, limit: float, smallest: float, unit: str = "bytes", *,
-                 hint: str | None = None, where: str | None = None):
+                 hint: str | None = None, where: str | None = None, within: str | None = None):
         self.budget = budget
         self.limit = limit
         self.smallest = smallest
         self.unit = unit
-        super().__init__(f"{budget} of {_show(limit, unit)} cannot be met: the smallest reachable is "
-                         f"{_show(smallest, unit)}", hint=hint, where=where)
+        self.within = within  # a further condition the points had to meet, e.g. an accuracy floor
+        super().__init__(f"{budget} of {_show(limit, unit)} cannot be met{' ' + within if within else ''}: the "
+                         f"smallest reachable is {_show(smallest, unit)}", hint=hint, where=where)
 
 
 def _show(value: float, unit: str) -> str:

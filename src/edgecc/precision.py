@@ -21,17 +21,31 @@ PREPARE_PIPELINE = ("infer-shapes,lower-qdq,canonicalize,fold-constants,fold-bat
 """What runs before calibration: the float graph as it will be quantised (BatchNorm folded, no dead code)."""
 
 
-def check_options(quantize: str | None, calibration, method: str) -> None:
+def check_options(quantize, calibration, method: str) -> None:
     if quantize is None:
         if calibration is not None:
             raise EdgeccError("calibration data was given without quantize", where="--calibration",
                               hint="add --quantize int8 (or drop --calibration)")
         return
-    if quantize not in MODES:
-        raise EdgeccError(f"unknown quantize mode '{quantize}'", where="--quantize", hint="use int8 or fp16")
+    for mode in modes(quantize):
+        if mode not in MODES:
+            raise EdgeccError(f"unknown quantize mode '{mode}'", where="--quantize", hint="use int8 or fp16")
     if method not in CALIBRATION_METHODS:
         raise EdgeccError(f"unknown calibration method '{method}'", where="--calibration-method",
                           hint=f"use one of {', '.join(CALIBRATION_METHODS)}")
+
+
+def modes(quantize) -> dict[str, list[str] | None]:
+    """{mode: layer names, or None for every layer} of `quantize`: one mode ("int8", "fp16") for the whole model,
+    or a dict {layer name: mode} (per-layer precision, as edgecc.budgets chooses it; unnamed layers stay float32)."""
+    if quantize is None:
+        return {}
+    if not isinstance(quantize, dict):
+        return {quantize: None}
+    groups: dict[str, list[str]] = {}
+    for layer, mode in quantize.items():
+        groups.setdefault(mode, []).append(layer)
+    return groups
 
 
 def run_pipeline(module: Module, pipeline: str, ctx: PassContext | None = None) -> dict:
@@ -46,6 +60,23 @@ def _keep_list(keep_fp32) -> list[str]:
         return []
     names = keep_fp32.split(",") if isinstance(keep_fp32, str) else list(keep_fp32)
     return [n.strip() for n in names if n.strip()]
+
+
+def _check_names(module: Module, names, what: str) -> None:
+    known = {n.name for n in module.graph.nodes}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise EdgeccError(f"{what} names no node called {', '.join(unknown)}", where=what,
+                          hint="node names are the ONNX node names (see `edgecc MODEL --emit ir`)")
+
+
+def keep_for_layers(module: Module, keep_fp32, int8_nodes: list[str]) -> list[str]:
+    """keep_fp32 for per-layer int8 (`quantize={layer: "int8"}`): the given list plus every other Conv, Gemm and
+    MatMul, so that only `int8_nodes` are quantised (activations between them follow quantize-int8's rules)."""
+    _check_names(module, int8_nodes, "--quantize")
+    chosen = frozenset(int8_nodes)
+    return _keep_list(keep_fp32) + [n.name for n in module.graph.nodes
+                                    if n.op in ("Conv", "Gemm", "MatMul") and n.name not in chosen]
 
 
 SENSITIVITY_SAMPLES = 4
@@ -140,9 +171,17 @@ def quantize_int8(module: Module, calibration, method: str = "minmax", keep_fp32
             "output_sqnr_db": round(output_sqnr, 2), "min_sqnr_db": min_sqnr, "layers": layers, "passes": stats}
 
 
-def convert_fp16(module: Module, target) -> dict:
+def convert_fp16(module: Module, target, layers: list[str] | None = None) -> dict:
     """Store weights as float16 (after the -O pipeline, so the weights are the fused kernels' final ones); on
-    targets with half-precision arithmetic (+fullfp16) run the graph in float16 too."""
+    targets with half-precision arithmetic (+fullfp16) run the graph in float16 too. With `layers` (node names),
+    only those layers' weights are stored in half and everything computes in float32: per-layer precision."""
+    if layers is not None:
+        from edgecc.passes.convert_fp16 import store_weights_in_half
+
+        _check_names(module, layers, "--quantize")
+        converted, saved = store_weights_in_half(module.graph, layers)
+        return {"mode": "fp16", "compute": "fp32", "layers": list(layers),
+                "passes": {"convert-fp16": {"weights-fp16": converted, "bytes-saved": saved}}}
     compute = "fp16" if "+fullfp16" in target.features.split(",") else "fp32"
     stats = run_pipeline(module, f"convert-fp16{{compute={compute}}}")
     return {"mode": "fp16", "compute": compute, "passes": stats}

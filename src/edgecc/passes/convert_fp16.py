@@ -15,6 +15,7 @@ from edgecc.ops.apply import infer_node, opdef_of
 from edgecc.ops.fused import BASE_OP
 from edgecc.ops.registry import EDGECC_DOMAIN
 from edgecc.passes.base import SHAPES_INFERRED, TOPO_SORTED, Pass, PassContext, PassResult
+from edgecc.passes.prune import selected
 from edgecc.passes.registry import register_pass
 
 F16, F32 = DType.float16, DType.float32
@@ -100,13 +101,14 @@ class _Retyper:
         return self.made[key]
 
 
-def store_weights_in_half(graph: Graph) -> tuple[int, int]:
+def store_weights_in_half(graph: Graph, layers=None) -> tuple[int, int]:
     """Give every float32 weight and bias of a float32 Conv/ConvTranspose/Gemm/MatMul (and their fused forms) a
     float16 copy: the kernels widen it at load (F16C vcvtph2ps, AArch64 fcvtl). Returns (tensors, bytes saved).
-    Weights that do not fit in half (|w| > 65504) stay float32."""
+    Weights that do not fit in half (|w| > 65504) stay float32. `layers` (node names), when given, limits it to
+    those nodes: per-layer precision, as edgecc.budgets chooses it."""
     halves: dict[int, Value] = {}
     converted = saved = 0
-    for node in graph.nodes:
+    for node in selected(list(graph.nodes), layers):
         positions = STORED_WEIGHT_INPUTS.get((node.domain, node.op), ())
         if not positions or node.inputs[0].type.dtype != F32:
             continue

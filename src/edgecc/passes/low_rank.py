@@ -16,7 +16,7 @@ import numpy as np
 from edgecc.ir.core import Graph, Module, Node, Value
 from edgecc.ops.apply import infer_node, opdef_of
 from edgecc.ops.costs import node_macs
-from edgecc.passes.prune import CompressionPass, check_fraction, layer_record, weight_layers
+from edgecc.passes.prune import CompressionPass, check_fraction, layer_record, selected, weight_layers
 from edgecc.passes.registry import register_pass
 
 
@@ -137,16 +137,17 @@ def _tucker2(graph: Graph, node: Node, energy: float, record: dict) -> list[Node
     return [first, middle, node]
 
 
-def low_rank(module: Module, energy: float, tucker: bool = False) -> list[dict]:
+def low_rank(module: Module, energy: float, tucker: bool = False, layers=None) -> list[dict]:
     """Factorise every Gemm / MatMul (2-D constant weight) and 1x1 Conv (group=1) by truncated SVD, in place, where
     the rank keeping `energy` of the squared singular values saves bytes and MACs; one record per weight layer
     ("rank", "full_rank", "energy_kept"; "skipped" with the reason elsewhere). With `tucker`, KxK convolutions
     (group=1) are factorised too, by Tucker-2 (`_tucker2`; their rank and full rank are [input, output] pairs and
-    energy_kept is ||core||^2 / ||W||^2)."""
+    energy_kept is ||core||^2 / ||W||^2). `layers` (node names), when given, limits the factorisation to those layers
+    (the others get no record), so that a search can give each layer its own energy."""
     energy = check_fraction(energy, "--low-rank", "energy", upper_closed=True)
     graph = module.graph
     records = []
-    for node in weight_layers(graph):
+    for node in selected(weight_layers(graph), layers):
         matrix = _matrix(node)
         record = layer_record(node, rank=None, full_rank=None, energy_kept=None)
         records.append(record)

@@ -299,11 +299,13 @@ def match_linear(q: Node, graph: Graph) -> LinearMatch | str:
     return LinearMatch(q, y, core, x, w, weights, bias, bias_data, chain)
 
 
-def _constant(graph: Graph, original: Value | None, array, dtype, name: str) -> Value:
-    """A constant input for the integer op: per tensor as a scalar, per channel as a vector; the original
-    constant value when it already is exactly that (so the model's initializers are not duplicated)."""
+def _constant(graph: Graph, original: Value | None, array, dtype, name: str, shaped: bool = False) -> Value:
+    """A constant input for the integer op: per tensor as a scalar, per channel as a vector (`shaped`: as it is,
+    for weights and biases, whose shape the op checks even with one element); the original constant value when it
+    already is exactly that (so the model's initializers are not duplicated)."""
     array = np.asarray(array, dtype)
-    array = array.reshape(()) if array.size == 1 else array.reshape(-1) if array.ndim <= 1 else array
+    if not shaped:
+        array = array.reshape(()) if array.size == 1 else array.reshape(-1) if array.ndim <= 1 else array
     old = const_of(original)
     if old is not None and old.dtype == array.dtype and old.shape == array.shape and np.array_equal(old, array):
         return original
@@ -366,10 +368,10 @@ class LowerQuantisedLinear(MatchingRule):
         w_zp = _constant(graph, w.node.input(2), _uniform_as_scalar(w.zero_point), np.int8, f"{base}_w_zero_point")
         y_s = _constant(graph, y.node.input(1), y.scale, np.float32, f"{base}_y_scale")
         y_zp = _constant(graph, y.node.input(2), y.zero_point, y.dtype.numpy, f"{base}_y_zero_point")
-        weights = _constant(graph, w.data, m.weights, np.int8, f"{base}_wq")
+        weights = _constant(graph, w.data, m.weights, np.int8, f"{base}_wq", shaped=True)
         inputs = [x.data, x_s, x_zp, weights, w_s, w_zp, y_s, y_zp]
         if m.bias is not None:
-            inputs.append(_constant(graph, m.bias_data, m.bias, np.int32, f"{base}_bq"))
+            inputs.append(_constant(graph, m.bias_data, m.bias, np.int32, f"{base}_bq", shaped=True))
         if m.core.op == "Conv":
             replace_q(graph, node, "QLinearConv", inputs, dict(m.core.attrs), m.core.name)
         else:
