@@ -127,6 +127,31 @@ def test_refit_of_a_pruned_gemm_is_the_masked_least_squares_solution():
     assert layer["layer"] == "fc" and layer["error_after"] < layer["error_before"], layer
 
 
+def test_gptq_rounding_to_a_codebook_beats_nearest_entry_on_correlated_inputs():
+    """gptq_indices rounds to a fixed 4-entry grid with error feedback: with correlated inputs the output error,
+    measured with numpy's best codebook for each assignment (lstsq over the k values), is below that of
+    rounding each least-squares weight to its nearest entry (0.28 against 0.34 here)."""
+    from edgecc.reconstruct import gptq_indices
+
+    rng = np.random.default_rng(11)
+    mixing = rng.standard_normal((24, 24)) * 0.3 + np.eye(24)
+    a = rng.standard_normal((2000, 24)) @ mixing
+    w = rng.standard_normal((16, 24))
+    y = a @ w.T
+    codebook = np.array([-1.2, -0.4, 0.4, 1.2])
+
+    def best_error(indices):
+        one_hot = np.stack([np.stack([(indices[j] == e) for e in range(4)], axis=1) for j in range(16)])
+        design = np.concatenate([a @ one_hot[j] for j in range(16)])  # y_j = A E_j c, stacked over channels
+        c = np.linalg.lstsq(design, y.T.reshape(-1), rcond=None)[0]
+        return np.linalg.norm(design @ c - y.T.reshape(-1)) / np.linalg.norm(y)
+
+    nearest = np.abs(w[:, :, None] - codebook).argmin(axis=2)
+    chosen = gptq_indices(a, y, codebook, with_bias=False)
+    assert chosen.shape == (16, 24) and chosen.min() >= 0 and chosen.max() < 4
+    assert best_error(chosen) < 0.9 * best_error(nearest), (best_error(chosen), best_error(nearest))
+
+
 @pytest.mark.parametrize("technique", [dict(prune=0.7), dict(cluster_weights=8), dict(low_rank=0.8),
                                        dict(low_rank=0.8, tucker=True), dict(prune_channels=0.4)])
 def test_refit_brings_the_model_closer_to_the_original(technique):

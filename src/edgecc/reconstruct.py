@@ -8,7 +8,9 @@ the best weights under the compression's constraint are one linear solve per out
 
 - pruned or factorised weights: the non-zero weights of each output channel (zeros stay zeros, so sparsity and
   shapes are kept) and the bias;
-- clustered weights (edgecc.CodebookDecode): the k codebook values shared by the whole tensor (indices kept).
+- clustered weights (edgecc.CodebookDecode): the k codebook values shared by the whole tensor and the layer's
+  biases, in one solve; the indices are first chosen again from the calibration data (`gptq_indices`), and kept
+  only where that leaves a smaller output error than the k-means assignment.
 
 Each solve is ridge-regularised towards the current weights (lambda = RIDGE x mean diagonal of the Gram matrix),
 which keeps it well posed when a channel has more free weights than the calibration data pins down. Layers are
@@ -26,6 +28,8 @@ RIDGE = 1e-3
 MAX_RESELECT = 2304
 """Inputs per output channel (C/groups x kh x kw) up to which a pruned layer's non-zeros are chosen again by
 `obs_prune` (its inverses cost O(K^3) per channel); wider layers keep the magnitude mask and are only re-fitted."""
+GPTQ_DAMPING = 0.01
+"""Damping of the Gram matrix gptq_indices inverts, as a fraction of its mean diagonal (GPTQ's default)."""
 MAX_ROWS = 40000
 """Rows (samples x output positions) a layer's least squares is solved on; more are subsampled evenly."""
 
@@ -150,6 +154,79 @@ def _codebook_normal_equations(a: np.ndarray, y: np.ndarray, indices: np.ndarray
     return normal, rhs
 
 
+def _solve_codebook(sampled, indices: list[np.ndarray], codebook: np.ndarray, biases: list):
+    """The codebook values and (where the layer has one) the biases that best fit the groups' targets with the
+    given indices: one joint least-squares solve, ridge towards the current values. The bias unknowns matter once
+    upstream layers are compressed too: they absorb the shift in the mean of this layer's inputs."""
+    k = codebook.size
+    with_bias = biases[0] is not None
+    channels = sum(idx.shape[0] for idx in indices) if with_bias else 0
+    normal, rhs = np.zeros((k + channels, k + channels)), np.zeros(k + channels)
+    current = np.concatenate([codebook.astype(np.float64)] + ([np.concatenate(biases)] if with_bias else []))
+    row = k
+    for (a, y), idx in zip(sampled, indices):
+        n_g, r_g = _codebook_normal_equations(a, y, idx, k)
+        normal[:k, :k] += n_g
+        rhs[:k] += r_g
+        if with_bias:
+            column_sums = a.sum(axis=0)
+            for j in range(idx.shape[0]):
+                cross = np.bincount(idx[j], column_sums, minlength=k)
+                normal[:k, row] += cross
+                normal[row, :k] += cross
+                normal[row, row] = a.shape[0]
+                rhs[row] = y[:, j].sum()
+                row += 1
+    ridge = RIDGE * max(float(np.mean(np.diag(normal))), 1e-12)
+    solved = np.linalg.solve(normal + ridge * np.eye(normal.shape[0]), rhs + ridge * current)
+    if not with_bias:
+        return solved, biases
+    sizes = np.cumsum([idx.shape[0] for idx in indices])[:-1]
+    return solved[:k], np.split(solved[k:], sizes)
+
+
+def gptq_indices(a: np.ndarray, y: np.ndarray, codebook: np.ndarray, with_bias: bool) -> np.ndarray:
+    """Each weight's codebook entry chosen on the calibration data, not by distance alone: from the least-squares
+    weights of this group (inputs `a`, targets `y`), round one input column at a time to the nearest entry and
+    push its rounding error onto the columns not yet rounded, weighted by the inverse Gram matrix, so the output
+    error stays small (optimal brain surgeon's update as GPTQ applies it column by column, Frantar et al. 2023;
+    here to a fixed non-uniform grid). A bias, when the layer has one, is the last, never rounded, column."""
+    design = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1) if with_bias else a
+    gram = design.T @ design
+    gram += GPTQ_DAMPING * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(gram.shape[0])
+    weights = np.linalg.solve(gram, design.T @ y).T
+    upper = np.linalg.cholesky(np.linalg.inv(gram)).T  # inv(gram) = upper^T upper
+    entries = np.sort(codebook.astype(np.float64))
+    order = np.argsort(codebook.astype(np.float64), kind="stable")
+    cuts = (entries[1:] + entries[:-1]) / 2
+    chosen = np.empty((weights.shape[0], a.shape[1]), np.int64)
+    for j in range(a.shape[1]):
+        nearest = order[np.searchsorted(cuts, weights[:, j])]
+        chosen[:, j] = nearest
+        error = (weights[:, j] - codebook[nearest]) / upper[j, j]
+        weights[:, j + 1:] -= np.outer(error, upper[j, j + 1:])
+    return chosen
+
+
+def _refit_codebook(sampled, indices: list[np.ndarray], codebook: np.ndarray, biases: list):
+    """(codebook, per-group indices, per-group biases) of a clustered layer re-fitted on the calibration data: the
+    current indices with the codebook and biases solved, or indices chosen again by `gptq_indices` and then solved,
+    whichever leaves the smaller output error."""
+    with_bias = biases[0] is not None
+
+    def error(values, chosen, fitted_biases) -> float:
+        return _pairs_error([(y, a @ values[idx].T + (0.0 if b is None else b))
+                             for (a, y), idx, b in zip(sampled, chosen, fitted_biases)])
+
+    best = None
+    for chosen in (indices, [gptq_indices(a, y, codebook, with_bias) for a, y in sampled]):
+        values, fitted_biases = _solve_codebook(sampled, chosen, codebook, biases)
+        candidate = (error(values, chosen, fitted_biases), values, chosen, fitted_biases)
+        if best is None or candidate[0] < best[0]:
+            best = candidate
+    return best[1], best[2], best[3]
+
+
 def _weight_source(node: Node):
     """('dense', weight value) or ('codebook', the CodebookDecode node) or None."""
     from edgecc.passes.cluster_weights import decoder_of
@@ -179,7 +256,7 @@ def reconstruct(original: Module, compressed: Module, layers: list[str], samples
     original output channels a channel-pruned layer kept: its target is the original output on those. Layers in
     `reselect` (unstructured pruning) also have their non-zeros chosen again (`obs_prune`)."""
     kept_channels = kept_channels or {}
-    from edgecc.passes.cluster_weights import codebook_of, indices_of, set_codebook
+    from edgecc.passes.cluster_weights import codebook_of, indices_of, set_codebook, set_indices
 
     nodes = {n.name: n for n in compressed.graph.nodes}
     order = [n.name for n in compressed.graph.nodes if n.name in set(layers)]
@@ -225,15 +302,15 @@ def reconstruct(original: Module, compressed: Module, layers: list[str], samples
             sampled.append((both[:, :a.shape[1]], both[:, a.shape[1]:]))
         before = [(y, a @ w.T + (0.0 if b is None else b)) for (a, y), w, b in zip(sampled, weights, biases)]
         if kind == "codebook":
-            k = codebook.size
-            normal, rhs = np.zeros((k, k)), np.zeros(k)
-            for (a, y), idx, b in zip(sampled, view(indices), biases):
-                n_g, r_g = _codebook_normal_equations(a, y - (0.0 if b is None else b), idx, k)
-                normal, rhs = normal + n_g, rhs + r_g
-            ridge = RIDGE * max(float(np.mean(np.diag(normal))), 1e-12)
-            fitted = np.linalg.solve(normal + ridge * np.eye(k), rhs + ridge * codebook.astype(np.float64))
-            weights = view(fitted[indices])
+            fitted, chosen, biases = _refit_codebook(sampled, [idx for idx in view(indices)], codebook, biases)
+            weights = [fitted[idx] for idx in chosen]
             set_codebook(compressed, holder, fitted)
+            assembled = assemble(chosen)
+            if not np.array_equal(assembled, indices):
+                set_indices(compressed, holder, assembled)
+            if bias_value is not None:
+                node.set_input(2, compressed.graph.constant(np.concatenate(biases).astype(np.float32),
+                                                            bias_value.name))
         else:
             fits = [_refit_weights(a, y, w, b, name in reselect) for (a, y), w, b in zip(sampled, weights, biases)]
             weights, biases = [w for w, _ in fits], [b for _, b in fits]

@@ -20,7 +20,7 @@ from edgecc.interpreter import run_module
 from edgecc.ir.parser import parse_module
 from edgecc.ir.printer import print_module
 from edgecc.passes.cluster_weights import (cluster_weights, codebook_of, decoder_of, indices_of, kmeans_1d,
-                                           set_codebook)
+                                           set_codebook, set_indices)
 from edgecc.ops.codebook import decode_indices, pack_indices, with_dense_weights
 from edgecc.precision import PREPARE_PIPELINE
 
@@ -210,6 +210,20 @@ def test_set_codebook_changes_the_decoded_weights_only_there():
     assert any(n.op == "CodebookDecode" for n in module.graph.nodes)  # with_dense_weights copied
     with pytest.raises(EdgeccError, match="codebook has shape"):
         set_codebook(module, decode, np.zeros(3, np.float32))
+
+
+def test_set_indices_repacks_the_decoded_weights():
+    module = prepared(_model())
+    cluster_weights(module, 8)
+    decode = decoder_of(next(n for n in module.graph.nodes if n.name == "conv"))
+    index = indices_of(decode)
+    flipped = (7 - index).astype(np.int64)
+    set_indices(module, decode, flipped)
+    np.testing.assert_array_equal(indices_of(decode), flipped)
+    weights = next(n for n in with_dense_weights(module).graph.nodes if n.name == "conv").inputs[1].const
+    np.testing.assert_array_equal(weights, codebook_of(decode)[flipped])
+    with pytest.raises(EdgeccError, match="outside the codebook"):
+        set_indices(module, decode, flipped + 1)
 
 
 @pytest.mark.parametrize("clusters", [1, 0, 257, 2.5, True, "16"])

@@ -12,8 +12,8 @@ not a pass over every value. A cluster that empties is re-seeded at a value draw
 its squared distance from its centroid (k-means++'s rule; `seed` fixes the draw). A tensor with at most k distinct
 values keeps them exactly.
 
-The least-squares re-fit of codebook values (compression.py) reads and writes them with `codebook_of`,
-`indices_of` and `set_codebook`.
+The least-squares re-fit (reconstruct.py) reads and writes codebooks with `codebook_of`, `indices_of`,
+`set_codebook` and `set_indices`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from edgecc.passes.prune import selected
 from edgecc.passes.registry import register_pass
 
 __all__ = ["cluster_weights", "codebook_of", "decode_indices", "decoder_of", "indices_of", "kmeans_1d",
-           "set_codebook", "ClusterWeightsPass"]
+           "set_codebook", "set_indices", "ClusterWeightsPass"]
 
 WEIGHT_OPS = frozenset({("", "Conv"), ("", "Gemm"), ("", "MatMul"), (EDGECC_DOMAIN, "FusedConv"),
                         (EDGECC_DOMAIN, "FusedGemm"), (EDGECC_DOMAIN, "FusedMatMul")})
@@ -207,6 +207,17 @@ def set_codebook(module: Module, decode: Node, values: np.ndarray) -> None:
         raise EdgeccError(f"{decode.label}: new codebook has shape {list(values.shape)}, expected "
                           f"{list(decode.inputs[1].type.shape)}", where=OPTION)
     decode.set_input(1, module.graph.constant(values, decode.inputs[1].name))
+
+
+def set_indices(module: Module, decode: Node, indices: np.ndarray) -> None:
+    """Give `decode` new indices (the decoded weights' shape, each below its codebook's size), packed at its width;
+    a new constant, as in set_codebook."""
+    shape = tuple(int(d) for d in decode.attrs["shape"])
+    indices = np.asarray(indices, np.int64)
+    if indices.shape != shape or indices.min() < 0 or indices.max() >= codebook_of(decode).size:
+        raise EdgeccError(f"{decode.label}: new indices have shape {list(indices.shape)} (expected {list(shape)}) "
+                          f"or lie outside the codebook", where=OPTION)
+    decode.set_input(0, module.graph.constant(pack_indices(indices, int(decode.attrs["bits"])), decode.inputs[0].name))
 
 
 @register_pass

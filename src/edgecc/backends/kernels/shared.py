@@ -38,10 +38,14 @@ from llvmlite import ir
 from edgecc.backends.codegen import F32, I8, I16, I32, STORAGE, Buffer, KernelBuilder
 from edgecc.ir.core import Node
 from edgecc.ir.dtypes import DType
+from edgecc.ir.types import TensorType
 from edgecc.ops.fused import activation_params
 
 CONV_FIELDS = ("N", "C", "H", "W", "M", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "OH", "OW", "G", "act")
 """The convolution descriptor's int16 fields, in order (act: RUNTIME_ACTIVATIONS' code)."""
+FLOAT_CONV_FIELDS = CONV_FIELDS + ("bias_half",)
+"""The float convolution's: bias_half 1 when its bias is float16 (edgecc.budgets' fp16 settings on a clustered
+layer), read as such at run time, so layers with float32 and float16 biases still share one kernel."""
 CONV_FLOATS = ("lo", "hi")
 """Its float32 parameters: the clip bounds of a run-time activation."""
 CODEBOOK_FIELDS = ("numel_hi", "numel_lo", "bits", "entries")
@@ -180,19 +184,23 @@ def _conv_fields(node: Node, attrs: dict, x_index: int, w_index: int) -> list[in
 
 def _plan_float_conv(node: Node, attrs: dict) -> SharedKernel | None:
     ins, outs = _types(node)
-    if any(t not in (None, DType.float32) for t in ins) or outs != (DType.float32,) or _sparse(node.input(1)):
-        return None
+    if ins[0] is not DType.float32 or outs != (DType.float32,) or _sparse(node.input(1)) or \
+            any(t not in (None, DType.float32, DType.float16) for t in ins[1:3]) or \
+            any(t not in (None, DType.float32) for t in ins[3:]):
+        return None  # (float16 weights or bias, edgecc.budgets' fp16 settings, are widened as they are loaded)
     fields = _conv_fields(node, attrs, 0, 1)
     activation = attrs.get("activation", "") if node.op == "FusedConv" else ""
     params = activation_params(activation, attrs.get("activation_params")) if activation else {}
     code = RUNTIME_ACTIVATIONS.get(activation)
     bounds = (params.get("min", 0.0), params.get("max", np.inf)) if activation in ("Relu", "Clip") else (-np.inf, np.inf)
-    desc = pack_descriptor(fields + [code or 0], bounds) if fields is not None else None
+    half_bias = len(ins) > 2 and ins[2] is DType.float16
+    desc = pack_descriptor(fields + [code or 0, int(half_bias)], bounds) if fields is not None else None
     if desc is None:
         return None
     family = "runtime" if code is not None else (activation, tuple(sorted(params.items())))
     present = tuple(v is not None for v in node.inputs)
-    return SharedKernel(("conv_f32", present, family), desc, CONV_FIELDS, emit_float_conv, CONV_FLOATS)
+    return SharedKernel(("conv_f32", present, ins[1], family), desc, FLOAT_CONV_FIELDS, emit_float_conv,
+                        CONV_FLOATS)
 
 
 def _plan_qlinear_conv(node: Node, attrs: dict) -> SharedKernel | None:
@@ -306,7 +314,21 @@ def emit_float_conv(sb: SharedBuilder) -> None:
             value = b.fadd(value, sb.load(residual, y_index))
         sb.store(y, y_index, finish(value))
 
-    conv_outputs(sb, output, lambda m: sb.load(bias, m) if bias is not None else ir.Constant(F32, 0.0))
+    def bias_of(m) -> ir.Value:
+        """Bias m, float32 or float16 as the descriptor's bias_half says (one branch per output channel)."""
+        if bias is None:
+            return ir.Constant(F32, 0.0)
+        loaded = []
+        with b.if_else(b.icmp_signed("!=", sb.field("bias_half"), sb.i32(0))) as (half, single):
+            for arm, dtype in ((half, DType.float16), (single, DType.float32)):
+                with arm:
+                    loaded.append((sb.load(Buffer(bias.ptr, TensorType(dtype, bias.shape)), m), b.block))
+        value = b.phi(F32)
+        for v, block in loaded:
+            value.add_incoming(v, block)
+        return value
+
+    conv_outputs(sb, output, bias_of)
 
 
 def emit_qlinear_conv(sb: SharedBuilder) -> None:
