@@ -120,6 +120,27 @@ def test_float_convolutions_share_kernels_on_the_host():
     assert kernel_count(compiled, "speed") == 5  # speed mode keeps one kernel per shape
 
 
+def test_float16_and_float32_biases_share_one_kernel():
+    """A clustered layer with its bias in float16 (edgecc.budgets' "clusters + fp16 bias") and one with a float32
+    bias run through one float convolution function (the descriptor's bias_half picks the load); checked against
+    onnxruntime on the exported model (decoded weights, the float16 bias cast back)."""
+    inits = {"wa": f32(16, 16, 3, 3, scale=0.3), "ba": f32(16), "wb": f32(16, 16, 1, 1, scale=0.3), "bb": f32(16)}
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["c1"], pads=[1, 1, 1, 1], name="a"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "wb", "bb"], ["c2"], name="b"), helper.make_node("Relu", ["c2"], ["y"])]
+    graph = helper.make_graph(nodes, "half_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 9, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    compiled = edgecc.compile(model, optimize_for="size", cluster_weights={"a": 16, "b": 16}, quantize={"a": "fp16"})
+    biases = [n.inputs[2].type.dtype.name for n in compiled.module.graph.nodes if n.op == "FusedConv"]
+    assert biases == ["float16", "float32"], biases
+    x = f32(1, 16, 9, 7)
+    expected = onnxruntime(compiled.to_onnx(), {"x": x})
+    np.testing.assert_allclose(compiled.run([x])[0], expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+    assert kernel_count(compiled, "size") == 2  # one float convolution, one codebook decode
+
+
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
 def test_int8_convolutions_share_one_kernel_and_stay_exact(x_dtype):
     model, feeds = qconv_chain(x_dtype)
