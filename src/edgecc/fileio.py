@@ -1,4 +1,6 @@
-"""Output files are written whole or not at all: to a temporary name beside the target, then renamed."""
+"""Output files are written whole or not at all: to a temporary name beside the target, then renamed. They get the
+permissions a compiler's outputs get (0666, or 0777 for a shared library, less the umask), not the temporary
+file's private 0600."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ def atomic_outputs(paths: list[str]) -> Iterator[list[str]]:
             fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
             os.close(fd)
             temps.append(tmp)
+            os.chmod(tmp, output_mode(path))
         yield temps
         for tmp, path in zip(temps, paths):
             os.replace(tmp, path)
@@ -28,6 +31,16 @@ def atomic_outputs(paths: list[str]) -> Iterator[list[str]]:
         for tmp in temps:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+
+
+SHARED_LIBRARY_SUFFIXES = (".so", ".dylib", ".dll")
+
+
+def output_mode(path: str) -> int:
+    """0666 (0777 for a shared library, which the loader maps executable) less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if path.endswith(SHARED_LIBRARY_SUFFIXES) else 0o666) & ~mask
 
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
