@@ -10,7 +10,7 @@ greedy, in the spirit of HAQ/AMC but without training: from all-float32 it repea
 a smaller setting) with the most bytes saved per unit of added output noise (noise powers of independent layers
 add), until the estimated flash fits. The estimate is then checked by compiling the choice and reading the
 object's real flash (weights + code: int8 and codebook kernels add code the estimate does not know about); when it
-is over, the greedy continues towards a target lowered by the overshoot. Every compiled point and every greedy step is kept, and the report lists the Pareto front
+is over, the greedy continues towards the choice's estimate less the overshoot. Every compiled point and every greedy step is kept, and the report lists the Pareto front
 of flash, latency (when a device's cost model gives it) and SQNR/accuracy over the compiled points (the greedy's
 estimated steps are listed with them in "explored", but an estimate does not push a compiled point off the front).
 
@@ -190,10 +190,11 @@ def search(model, *, target: str = "cortex-m4", max_flash: int | None = None, ma
         # what the estimate missed (kernel code; the Quantize/Dequantize between layers) is taken off the goal, so
         # the next round's estimate lands under it by that much (the last estimate may already be under the old goal)
         if max_flash is not None and point["flash_bytes"] > max_flash:
-            goal = max_flash - (point["flash_bytes"] - _estimate(choice, candidates, base_point, "bytes_delta"))
+            goal = max_flash - (point["flash_bytes"]
+                                - _estimate(_chosen(choice, candidates), base_point, "bytes_delta"))
         if steer_latency and point["latency_ms"] > max_latency_ms:
-            latency_goal = max_latency_ms - (point["latency_ms"]
-                                             - _estimate(choice, candidates, base_point, "latency_delta_ms"))
+            latency_goal = max_latency_ms - (point["latency_ms"] - _estimate(_chosen(choice, candidates), base_point,
+                                                                             "latency_delta_ms"))
         banned = floor is not None and point["accuracy"] < floor and _ban(choice, candidates, rejected, point)
         if floor is not None and point["accuracy"] < floor and not banned:
             break  # every layer is back at float32 as far as accuracy goes: nothing left to try
@@ -316,7 +317,7 @@ def _reject(candidates: dict[str, list[Candidate]], tolerance: float) -> list[di
 def _ban(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], rejected: list, point: dict) -> bool:
     """A compiled choice fell under the accuracy floor: take away the chosen setting that loses the most on its own
     (validation accuracy, then output noise), put its layer back to float32 and let the greedy choose again."""
-    chosen = [next(c for c in candidates[name] if c.setting == s) for name, s in choice.items() if s != FP32]
+    chosen = list(_chosen({name: s for name, s in choice.items() if s != FP32}, candidates).values())
     if not chosen:
         return False
     worst = max(chosen, key=lambda c: (c.accuracy_drop or 0.0, c.noise))
@@ -346,11 +347,16 @@ def _latency_costs(candidates: dict[str, list[Candidate]], baseline, compile_all
                     options[i] = replace(c, latency_delta_ms=layer_ms[name] - float32[name])
 
 
-def _estimate(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], base: dict, cost: str) -> float:
-    """The flash bytes ("bytes_delta") or latency ("latency_delta_ms") of `choice` as the per-layer candidates
+def _chosen(choice: dict[str, Setting], candidates: dict[str, list[Candidate]]) -> dict[str, Candidate]:
+    """Each layer's candidate for the setting `choice` gives it."""
+    return {name: next(c for c in candidates[name] if c.setting == s) for name, s in choice.items()}
+
+
+def _estimate(current: dict[str, Candidate], base: dict, cost: str) -> float:
+    """The flash bytes ("bytes_delta") or latency ("latency_delta_ms") of the layers' `current` candidates as they
     predict it from the float32 point `base`."""
     start = base["flash_bytes"] if cost == "bytes_delta" else base["latency_ms"]
-    return start + sum(getattr(next(c for c in candidates[name] if c.setting == s), cost) for name, s in choice.items())
+    return start + sum(getattr(c, cost) for c in current.values())
 
 
 def _greedy(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], cost: str, base: dict, goal,
@@ -358,11 +364,10 @@ def _greedy(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], 
     """Move layers to settings that cost less by `cost` ("bytes_delta": flash, "latency_delta_ms": latency), most
     saved per added noise first, until the estimate (from the float32 point `base`) is at most `goal` (or nothing
     cheaper is left); `choice` is updated in place. Returns whether anything moved."""
-    start = base["flash_bytes"] if cost == "bytes_delta" else base["latency_ms"]
-    current = {name: next(c for c in candidates[name] if c.setting == s) for name, s in choice.items()}
+    current = _chosen(choice, candidates)
     moved = False
     while True:
-        if start + sum(getattr(c, cost) for c in current.values()) <= goal:
+        if _estimate(current, base, cost) <= goal:
             return moved
         best, best_score = None, -math.inf
         for name, now in current.items():
@@ -381,10 +386,9 @@ def _greedy(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], 
         choice[best.layer] = best.setting
         moved = True
         noise = sum(c.noise for c in current.values())
-        latency = None if base["latency_ms"] is None else round(
-            base["latency_ms"] + sum(c.latency_delta_ms for c in current.values()), 4)
+        latency = None if base["latency_ms"] is None else round(_estimate(current, base, "latency_delta_ms"), 4)
         points.append({"label": f"estimate: {best.layer} -> {best.setting.name}", "measured": False,
-                       "flash_bytes": int(base["flash_bytes"] + sum(c.bytes_delta for c in current.values())),
+                       "flash_bytes": int(_estimate(current, base, "bytes_delta")),
                        "sqnr_db": round(-10 * math.log10(noise), 2) if noise > 0 else float("inf"),
                        "latency_ms": latency if cost == "latency_delta_ms" else None, "accuracy": None})
 
@@ -392,7 +396,7 @@ def _greedy(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], 
 def _upgrade(choice: dict[str, Setting], candidates: dict[str, list[Candidate]], slack: int) -> bool:
     """Move layers to settings that lose less, most noise removed per byte first, within `slack` estimated bytes;
     `choice` is updated in place. Returns whether anything moved."""
-    current = {name: next(c for c in candidates[name] if c.setting == s) for name, s in choice.items()}
+    current = _chosen(choice, candidates)
     moved = False
     while True:
         best, best_score = None, 0.0

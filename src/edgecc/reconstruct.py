@@ -302,7 +302,7 @@ def reconstruct(original: Module, compressed: Module, layers: list[str], samples
             sampled.append((both[:, :a.shape[1]], both[:, a.shape[1]:]))
         before = [(y, a @ w.T + (0.0 if b is None else b)) for (a, y), w, b in zip(sampled, weights, biases)]
         if kind == "codebook":
-            fitted, chosen, biases = _refit_codebook(sampled, [idx for idx in view(indices)], codebook, biases)
+            fitted, chosen, biases = _refit_codebook(sampled, view(indices), codebook, biases)
             weights = [fitted[idx] for idx in chosen]
             set_codebook(compressed, holder, fitted)
             assembled = assemble(chosen)
